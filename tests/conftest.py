@@ -1,0 +1,63 @@
+"""Shared test helpers: every op under test runs through `run_checked` (checkify with all checks)."""
+
+from __future__ import annotations
+
+import os
+
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+
+hypothesis.settings.register_profile("ci", max_examples=12, deadline=None, print_blob=True, derandomize=True)
+hypothesis.settings.register_profile("thorough", max_examples=200, deadline=None, print_blob=True)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Tolerances per input dtype, for outputs computed in float32 and cast back to the input dtype.
+OUT_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+
+
+def _is_array_tree(x) -> bool:
+  leaves = jax.tree_util.tree_leaves(x)
+  return bool(leaves) and all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+
+
+def run_checked(fn, *args, **kwargs):
+  """Runs fn(*args, **kwargs) jitted under checkify.all_checks and raises any error it finds.
+
+  Array arguments (and pytrees of arrays such as a BlockLayout) are traced, so value checks on them run as
+  checkify checks inside the computation; everything else is static.
+  """
+  static = {name: value for name, value in kwargs.items() if not _is_array_tree(value)}
+  dynamic = {name: value for name, value in kwargs.items() if _is_array_tree(value)}
+
+  def call(args, dynamic):
+    return fn(*args, **dynamic, **static)
+
+  err, out = jax.jit(checkify.checkify(call, errors=checkify.all_checks))(args, dynamic)
+  err.throw()
+  return out
+
+
+def random_qkv(seed, *, B, T, S, N, K, H, dtype=jnp.float32, scale_q=1.0):
+  """Fresh random q [B,T,N,H], k/v [B,S,K,H] (never zeros)."""
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)) * scale_q, dtype)
+  k = jnp.asarray(rng.standard_normal((B, S, K, H)), dtype)
+  v = jnp.asarray(rng.standard_normal((B, S, K, H)), dtype)
+  return q, k, v
+
+
+def lengths_pair(seed, *, B, T, S, causal=True):
+  """Random (q_lens, kv_lens) int32 [B] with q_b <= k_b, q_b <= T, k_b <= S."""
+  rng = np.random.default_rng(seed)
+  kv = rng.integers(1, S + 1, size=B)
+  q = np.minimum(rng.integers(1, T + 1, size=B), kv)
+  return jnp.asarray(q, jnp.int32), jnp.asarray(kv, jnp.int32)
+
+
+@pytest.fixture
+def checked():
+  return run_checked

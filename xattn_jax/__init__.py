@@ -1,0 +1,18 @@
+"""xattn-jax: XAttention (block-sparse attention with antidiagonal scoring) for JAX."""
+
+from xattn_jax.config import XAttentionConfig
+from xattn_jax.layout import BlockLayout, allowed_blocks
+from xattn_jax.ops import antidiagonal_scores, block_sparse_attention, xattention
+from xattn_jax.selection import select_blocks
+from xattn_jax.nnx_attention import attention_fn
+
+__all__ = [
+    "BlockLayout",
+    "XAttentionConfig",
+    "allowed_blocks",
+    "antidiagonal_scores",
+    "attention_fn",
+    "block_sparse_attention",
+    "select_blocks",
+    "xattention",
+]

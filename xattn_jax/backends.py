@@ -1,0 +1,90 @@
+"""Backend registry: which implementation computes each op, tried in order with fallthrough.
+
+Every backend computes exactly SPEC on validated inputs with one signature per op:
+
+    antidiagonal_scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret)
+        -> f32 [B, N, nQb, nKb]
+    block_sparse_attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret)
+        -> (out [B, T, N, H], lse f32 [B, N, T])
+
+A backend raises NotImplementedError (at trace time) for a legal input it does not support, so that
+`implementation=("pallas_mosaic_gpu", "xla")` falls through to the next one. Backends are imported lazily: the
+Pallas kernels live in the `pallas_kernels` package and are registered here by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+import jax
+
+from xattn_jax.config import normalize_implementation
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  name: str
+  antidiagonal_scores: Callable
+  block_sparse_attention: Callable
+
+
+def _xla() -> Backend:
+  from xattn_jax import attention_xla, scoring_xla
+
+  def scores(q, k, geometry, *, interpret, **kw):
+    del interpret  # plain XLA runs the same everywhere
+    return scoring_xla.antidiagonal_scores(q, k, geometry, **kw)
+
+  def attention(q, k, v, layout, geometry, *, interpret, **kw):
+    del interpret
+    return attention_xla.block_sparse_attention(q, k, v, layout, geometry, **kw)
+
+  return Backend("xla", scores, attention)
+
+
+# name -> (module that builds the backend, or a factory). Kernel backends join as "module:function" strings.
+_REGISTRY: dict[str, Callable[[], Backend] | str] = {"xla": _xla}
+# Preferred order per JAX platform when `implementation=None`; names not registered are skipped.
+_DEFAULT_ORDER = {
+    "gpu": ("pallas_mosaic_gpu", "xla"),
+    "cuda": ("pallas_mosaic_gpu", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+}
+
+
+def available() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def _load(name: str) -> Backend:
+  entry = _REGISTRY[name]
+  if isinstance(entry, str):
+    module, _, attr = entry.partition(":")
+    entry = getattr(importlib.import_module(module), attr)
+  return entry()
+
+
+def resolve(implementation) -> tuple[str, ...]:
+  """The backend names to try, in order."""
+  implementation = normalize_implementation(implementation)
+  if implementation is None:
+    order = _DEFAULT_ORDER.get(jax.default_backend(), ("xla",))
+    return tuple(name for name in order if name in _REGISTRY)
+  names = (implementation,) if isinstance(implementation, str) else implementation
+  for name in names:
+    if name not in _REGISTRY:
+      raise ValueError(f"implementation={name!r} is not one of the available backends {available()}")
+  return names
+
+
+def dispatch(op: str, implementation, *args, **kwargs):
+  """Calls `op` on the first backend of `implementation` that does not raise NotImplementedError."""
+  reasons = []
+  for name in resolve(implementation):
+    try:
+      return getattr(_load(name), op)(*args, **kwargs)
+    except NotImplementedError as e:
+      reasons.append(f"{name}: {e}")
+  raise NotImplementedError(f"no backend of implementation={implementation!r} supports this {op} call: " + "; ".join(reasons))

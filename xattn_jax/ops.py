@@ -1,0 +1,277 @@
+"""The public ops: validation, then dispatch to a backend (see `backends`).
+
+Layout everywhere: q [B, T, N, H], k/v [B, S, K, H] with S >= T and N % K == 0 (query head n reads kv head
+n // (N/K)); query t sits at position k_b - q_b + t ("bottom-right", as flash-attention >= 2.1).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from xattn_jax import _checks, backends
+from xattn_jax.geometry import Geometry, block_bounds, cdiv
+from xattn_jax.layout import BlockLayout, validate_layout
+from xattn_jax.selection import dense_layout, select_layout
+
+# Bytes per query chunk of xattention's block tables (scores, sort keys, order, indices: ~6 words per block).
+_TABLE_BUDGET_BYTES = 256 * 2**20
+# Keyword arguments that Flax attention modules pass to an `attention_fn`; xattention accepts and checks them.
+_FLAX_KWARGS = frozenset(
+    {"dropout_rng", "dropout_rate", "broadcast_dropout", "deterministic", "dtype", "precision", "module", "promote_dtype"}
+)
+
+
+def antidiagonal_scores(
+    q,
+    k,
+    *,
+    stride: int = 8,
+    block_size: int = 128,
+    causal: bool = True,
+    scale: float | None = None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    implementation=None,
+    interpret: bool = False,
+) -> jax.Array:
+  """Antidiagonal block-importance scores (SPEC §1).
+
+  Args:
+    q: [B, T, N, H] queries.
+    k: [B, S, K, H] keys, S >= T, N % K == 0.
+    stride: s, the antidiagonal stride; must divide block_size.
+    block_size: tokens per block.
+    causal: mask strided cells above the (bottom-right aligned) diagonal.
+    scale: logit scale; default 1/sqrt(H).
+    query_seq_lengths: optional int [B], real queries per batch element (right padding).
+    key_value_seq_lengths: optional int [B], real keys per batch element.
+    implementation: None, a backend name or a sequence of names (see `xattn_jax.backends`).
+    interpret: run Pallas kernels in their CPU interpreter.
+
+  Returns:
+    float32 [B, N, ceil(T/block_size), ceil(S/block_size)]: per query block, the estimated attention mass of each
+    key block; a full real query block's row sums to block_size/stride.
+
+  Raises:
+    ValueError: a wrong rank, shape, dtype or value, naming the argument.
+    NotImplementedError: no backend of `implementation` supports the call.
+  """
+  dims = _checks.check_qkv(q, k)
+  stride, block_size = _checks.check_stride_block(stride, block_size)
+  scale = _checks.check_scale(scale, dims.H)
+  q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
+  return backends.dispatch(
+      "antidiagonal_scores", implementation, q, k, Geometry.from_lengths(q_lengths, kv_lengths), stride=stride,
+      block_size=block_size, causal=bool(causal), scale=scale, query_chunk_size=None, interpret=bool(interpret),
+  )
+
+
+def block_sparse_attention(
+    q,
+    k,
+    v,
+    layout: BlockLayout,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    return_lse: bool = False,
+    implementation=None,
+    interpret: bool = False,
+):
+  """Attention restricted to the key blocks of `layout` (SPEC §4), token-exact causal and padding masks.
+
+  Args:
+    q: [B, T, N, H] queries.
+    k: [B, S, K, H] keys.
+    v: [B, S, K, H] values.
+    layout: BlockLayout of shape (B, N, ceil(T/blk), ceil(S/blk)), blk = layout.block_size; validated against the
+      allowed blocks of this geometry before any kernel reads it.
+    causal: query t attends to keys j <= k_b - q_b + t.
+    scale: logit scale; default 1/sqrt(H).
+    query_seq_lengths: optional int [B].
+    key_value_seq_lengths: optional int [B].
+    return_lse: also return the float32 log-sum-exp [B, N, T] (-inf where a query attends to nothing).
+    implementation: None, a backend name or a sequence of names.
+    interpret: run Pallas kernels in their CPU interpreter.
+
+  Returns:
+    out [B, T, N, H] in q.dtype (zeros for padding queries), and lse if asked.
+  """
+  dims = _checks.check_qkv(q, k, v)
+  if not isinstance(layout, BlockLayout):
+    raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+  blk = layout.block_size
+  expected = (dims.B, dims.N, cdiv(dims.T, blk), cdiv(dims.S, blk))
+  if layout.shape != expected:
+    raise ValueError(
+        f"layout.shape={layout.shape} must be (B, N, ceil(T/blk), ceil(S/blk))={expected} for q.shape="
+        f"{tuple(q.shape)}, k.shape={tuple(k.shape)}, layout.block_size={blk}"
+    )
+  scale = _checks.check_scale(scale, dims.H)
+  q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
+  geometry = Geometry.from_lengths(q_lengths, kv_lengths)
+  last_allowed, _ = block_bounds(geometry, num_q_blocks=expected[2], block_size=blk, causal=bool(causal))
+  validate_layout(layout, last_allowed)
+  out, lse = backends.dispatch(
+      "block_sparse_attention", implementation, q, k, v, layout, geometry, causal=bool(causal), scale=scale,
+      query_chunk_size=None, interpret=bool(interpret),
+  )
+  return (out, lse) if return_lse else out
+
+
+def xattention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    threshold=0.9,
+    stride: int = 8,
+    block_size: int = 128,
+    keep_sink: bool = True,
+    keep_diagonal: bool = True,
+    query_chunk_size: int | None = None,
+    implementation=None,
+    interpret: bool = False,
+    return_block_layout: bool = False,
+    **kwargs,
+):
+  """XAttention: estimate block importance, select blocks, attend -- a drop-in for `jax.nn.dot_product_attention`.
+
+  One jittable function with no host round trip: the selection changes with the data without recompiling. Queries
+  are processed in chunks of `query_chunk_size` tokens so that scores and block tables never exceed a memory budget.
+  A decode step (T = 1) attends densely (XAttention is a prefill method).
+
+  Args:
+    query: [B, T, N, H] or [T, N, H].
+    key: [B, S, K, H] or [S, K, H], S >= T, N % K == 0.
+    value: like key.
+    bias: must be None (a dense bias cannot be honoured: NotImplementedError, so callers can fall back).
+    mask: must be None (likewise); use is_causal and the seq lengths.
+    scale: logit scale; default 1/sqrt(H).
+    is_causal: causal attention, bottom-right aligned (query t at position k_b - q_b + t).
+    query_seq_lengths: optional int [B], real queries per batch element (right padding).
+    key_value_seq_lengths: optional int [B], real keys per batch element.
+    threshold: tau, a float or a float array [N] in [0, inf); tau >= 1 is dense attention.
+    stride: antidiagonal stride (divides block_size).
+    block_size: tokens per block.
+    keep_sink: always keep key block 0.
+    keep_diagonal: always keep the diagonal block (causal always does).
+    query_chunk_size: queries per step (multiple of block_size); None picks one from a memory budget.
+    implementation: None, a backend name or a sequence of names.
+    interpret: run Pallas kernels in their CPU interpreter.
+    return_block_layout: also return the BlockLayout (B, N, nQb, nKb) that was used.
+    **kwargs: what Flax passes to an attention_fn (dropout_rng, dropout_rate, deterministic, dtype, precision,
+      module, ...); active dropout raises NotImplementedError.
+
+  Returns:
+    out like query (and the BlockLayout if asked).
+  """
+  unknown = set(kwargs) - _FLAX_KWARGS
+  if unknown:
+    raise TypeError(f"xattention() got unexpected keyword arguments {sorted(unknown)}")
+  if kwargs.get("dropout_rate", 0.0) and not kwargs.get("deterministic", False):
+    raise NotImplementedError(f"dropout_rate={kwargs['dropout_rate']} > 0 is not supported by xattention")
+  if bias is not None:
+    raise NotImplementedError("xattention cannot honour a dense bias; pass bias=None")
+  if mask is not None:
+    raise NotImplementedError("xattention cannot honour a dense mask; use is_causal and the seq lengths")
+  unbatched = getattr(query, "ndim", None) == 3
+  if unbatched:
+    if getattr(key, "ndim", None) != 3 or getattr(value, "ndim", None) != 3:
+      raise ValueError("with an unbatched query [T, N, H], key and value must be [S, K, H] too")
+    query, key, value = query[None], key[None], value[None]
+  dims = _checks.check_qkv(query, key, value, q_name="query", k_name="key", v_name="value")
+  stride, block_size = _checks.check_stride_block(stride, block_size)
+  scale = _checks.check_scale(scale, dims.H)
+  if query_chunk_size is not None:
+    query_chunk_size = _checks.check_static_int(query_chunk_size, "query_chunk_size")
+    if query_chunk_size % block_size:
+      raise ValueError(f"{query_chunk_size=} must be a multiple of {block_size=}")
+  q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
+  tau = _checks.threshold_array(threshold, dims.N)
+  nqb, nkb = cdiv(dims.T, block_size), cdiv(dims.S, block_size)
+  if query_chunk_size is None:
+    per_block = dims.B * dims.N * nkb * 4 * 6
+    query_chunk_size = max(1, _TABLE_BUDGET_BYTES // per_block) * block_size
+  result = _xattention(
+      query, key, value, Geometry.from_lengths(q_lengths, kv_lengths), tau, scale=scale, causal=bool(is_causal),
+      stride=stride, block_size=block_size, keep_sink=bool(keep_sink), keep_diagonal=bool(keep_diagonal),
+      chunk=min(query_chunk_size, nqb * block_size), implementation=backends.resolve(implementation),
+      interpret=bool(interpret), return_block_layout=bool(return_block_layout),
+  )
+  out = result[0][0] if unbatched else result[0]
+  return (out, result[1]) if return_block_layout else out
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "scale", "causal", "stride", "block_size", "keep_sink", "keep_diagonal", "chunk", "implementation",
+        "interpret", "return_block_layout",
+    ),
+)
+def _xattention(
+    q, k, v, geometry: Geometry, tau, *, scale, causal, stride, block_size, keep_sink, keep_diagonal, chunk,
+    implementation, interpret, return_block_layout,
+):
+  B, T, N, H = q.shape
+  S = k.shape[1]
+
+  def one_chunk(qc, geom):
+    t = qc.shape[1]
+    if T == 1:
+      layout = dense_layout(geom, num_heads=N, q_len=t, kv_len=S, block_size=block_size, causal=causal)
+    else:
+      scores = backends.dispatch(
+          "antidiagonal_scores", implementation, qc, k, geom, stride=stride, block_size=block_size, causal=causal,
+          scale=scale, query_chunk_size=None, interpret=interpret,
+      )
+      layout = select_layout(
+          scores, geom, tau, block_size=block_size, causal=causal, keep_sink=keep_sink, keep_diagonal=keep_diagonal
+      )
+    out, _ = backends.dispatch(
+        "block_sparse_attention", implementation, qc, k, v, layout, geom, causal=causal, scale=scale,
+        query_chunk_size=None, interpret=interpret,
+    )
+    return out, layout
+
+  if chunk >= T:
+    out, layout = one_chunk(q, geometry)
+    return (out, layout) if return_block_layout else (out,)
+
+  n_chunks = cdiv(T, chunk)
+  qs = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - T), (0, 0), (0, 0)))
+  qs = qs.reshape(B, n_chunks, chunk, N, H).swapaxes(0, 1)
+
+  def body(_, args):
+    qc, c = args
+    out, layout = one_chunk(qc, geometry.chunk(c * chunk, chunk))
+    return None, (out, layout if return_block_layout else None)
+
+  _, (outs, layouts) = lax.scan(body, None, (qs, jnp.arange(n_chunks, dtype=jnp.int32)))
+  out = outs.swapaxes(0, 1).reshape(B, n_chunks * chunk, N, H)[:, :T]
+  if not return_block_layout:
+    return (out,)
+  nqb = cdiv(T, block_size)
+
+  def join(x):  # [C, B, N, chunk/blk, ...] -> [B, N, nQb, ...]
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :nqb]
+
+  layout = BlockLayout(
+      counts=join(layouts.counts), indices=join(layouts.indices), num_allowed=join(layouts.num_allowed),
+      block_size=block_size,
+  )
+  return out, layout

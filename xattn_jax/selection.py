@@ -1,0 +1,143 @@
+"""Block selection from antidiagonal block scores (SPEC §2), shared by every backend.
+
+Per (b, n, query block r) with allowed prefix [0, last_allowed] and forced set F (diagonal, sink):
+
+    need = tau * sum(a[allowed])
+    visit order: F first, then the other allowed blocks by descending score (ties: lower index first)
+    a non-forced block is kept iff the mass kept before it is < need
+
+Example, a = [5, 1, 3, 0, 1], causal with the diagonal at 4 (so F = {0, 4}), tau = 0.8: total 10, need 8.
+    visit 0 (F, kept, mass 5), 4 (F, kept, mass 6), 2 (6 < 8: kept, mass 9), 1 (9 >= 8: dropped), 3 (dropped)
+    -> counts 3, indices [0, 2, 4, 4, 4].
+
+The visit order is one multi-key sort; the kept blocks are a prefix of it, so an exclusive cumulative sum decides
+them all at once, and a second sort of the kept ids gives the ascending index table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from xattn_jax import _checks
+from xattn_jax.geometry import Geometry, block_bounds, cdiv
+from xattn_jax.layout import BlockLayout, compress_ids
+
+
+def select_layout(
+    scores: jax.Array,  # f32 [B, N, nQb, nKb]
+    geometry: Geometry,
+    threshold: jax.Array,  # f32 [N]
+    *,
+    block_size: int,
+    causal: bool,
+    keep_sink: bool,
+    keep_diagonal: bool,
+) -> BlockLayout:
+  """SPEC §2 on validated inputs; jittable, no host round trip."""
+  B, N, nqb, nkb = scores.shape
+  last_allowed, diagonal = block_bounds(geometry, num_q_blocks=nqb, block_size=block_size, causal=causal)
+  last_allowed = last_allowed[:, None, :, None]  # [B, 1, nQb, 1]
+  diagonal = diagonal[:, None, :, None]
+  block_ids = jnp.arange(nkb, dtype=jnp.int32)
+  allowed = block_ids <= last_allowed  # [B, 1, nQb, nKb]
+  forced = jnp.zeros_like(allowed)
+  if keep_sink:
+    forced |= block_ids == 0
+  if causal or keep_diagonal:
+    forced |= block_ids == diagonal
+  forced &= allowed
+  allowed = jnp.broadcast_to(allowed, scores.shape)
+  forced = jnp.broadcast_to(forced, scores.shape)
+
+  mass = jnp.where(allowed, scores.astype(jnp.float32), 0.0)
+  need = threshold[None, :, None] * jnp.sum(mass, axis=-1)  # [B, N, nQb]
+  # Group 0: forced, 1: other allowed, 2: not allowed. Within group 1, descending score; ties by block id.
+  group = jnp.where(forced, 0, jnp.where(allowed, 1, 2)).astype(jnp.int32)
+  neg_score = jnp.where(group == 1, 0.0 - mass, 0.0)  # 0 - x: +0.0 for both signed zeros
+  ids = jnp.broadcast_to(block_ids, scores.shape)
+  group_sorted, _, order = lax.sort((group, neg_score, ids), dimension=-1, num_keys=3)
+  mass_sorted = jnp.take_along_axis(mass, order, axis=-1)
+  mass_before = jnp.cumsum(mass_sorted, axis=-1) - mass_sorted
+  keep = (group_sorted == 0) | ((group_sorted == 1) & (mass_before < need[..., None]))
+  # Without forced blocks a row whose mass is 0 (or tau = 0) would keep nothing and attend to nothing; keep its
+  # first visited allowed block instead (SPEC §3 wants counts >= 1 wherever something is allowed).
+  no_forced = ~jnp.any(forced, axis=-1, keepdims=True)
+  keep = keep.at[..., 0].set(keep[..., 0] | (no_forced[..., 0] & (group_sorted[..., 0] == 1)))
+  dense = threshold[None, :, None, None] >= 1.0  # tau >= 1: every allowed block, whatever the rounding
+  keep = jnp.where(dense, group_sorted <= 1, keep)
+  counts = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+  counts, indices = compress_ids(jnp.where(keep, order, nkb), counts)
+  num_allowed = jnp.broadcast_to(jnp.maximum(last_allowed[..., 0] + 1, 0), counts.shape).astype(jnp.int32)
+  return BlockLayout(counts=counts, indices=indices, num_allowed=num_allowed, block_size=block_size)
+
+
+def select_blocks(
+    scores,
+    *,
+    q_len: int,
+    kv_len: int,
+    threshold=0.9,
+    causal: bool = True,
+    block_size: int = 128,
+    keep_sink: bool = True,
+    keep_diagonal: bool = True,
+    key_value_seq_lengths=None,
+    query_seq_lengths=None,
+) -> BlockLayout:
+  """Selects, per query block, the fewest highest-scoring key blocks that hold `threshold` of the mass (SPEC §2).
+
+  Args:
+    scores: float [B, N, ceil(q_len/block_size), ceil(kv_len/block_size)], e.g. from `antidiagonal_scores`.
+    q_len: T, the query length the scores were computed for.
+    kv_len: S, the key length (S >= T).
+    threshold: tau, a float or a float array [N] (per query head), in [0, inf). tau >= 1 keeps every allowed block.
+    causal: causal attention (also forces the diagonal block).
+    block_size: tokens per block.
+    keep_sink: always keep key block 0.
+    keep_diagonal: always keep the diagonal block (non-causal; causal always keeps it).
+    key_value_seq_lengths: optional int [B], real keys per batch element.
+    query_seq_lengths: optional int [B], real queries per batch element (query t sits at k_b - q_b + t).
+
+  Returns:
+    BlockLayout with shape (B, N, nQb, nKb).
+
+  Raises:
+    ValueError: on a wrong shape, dtype or value (naming the argument).
+  """
+  _checks.check_rank(scores, 4, "scores", "[B, N, nQb, nKb]")
+  if not jnp.issubdtype(scores.dtype, jnp.floating):
+    raise ValueError(f"scores.dtype={scores.dtype} must be a floating dtype")
+  q_len = _checks.check_static_int(q_len, "q_len")
+  kv_len = _checks.check_static_int(kv_len, "kv_len")
+  block_size = _checks.check_static_int(block_size, "block_size")
+  B, N, nqb, nkb = scores.shape
+  if (nqb, nkb) != (cdiv(q_len, block_size), cdiv(kv_len, block_size)):
+    raise ValueError(
+        f"scores.shape[2:]={(nqb, nkb)} must be (ceil(q_len/block_size), ceil(kv_len/block_size))="
+        f"{(cdiv(q_len, block_size), cdiv(kv_len, block_size))} for {q_len=}, {kv_len=}, {block_size=}"
+    )
+  dims = _checks.Dims(B=B, T=q_len, S=kv_len, N=N, K=1, H=1)
+  if kv_len < q_len:
+    raise ValueError(f"{kv_len=} must be >= {q_len=}")
+  q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
+  tau = _checks.threshold_array(threshold, N)
+  _checks.enforce(jnp.all(jnp.isfinite(scores)), "scores must be finite")
+  return _select_jit(
+      scores, Geometry.from_lengths(q_lengths, kv_lengths), tau, block_size=block_size, causal=bool(causal),
+      keep_sink=bool(keep_sink), keep_diagonal=bool(keep_diagonal),
+  )
+
+
+_select_jit = jax.jit(select_layout, static_argnames=("block_size", "causal", "keep_sink", "keep_diagonal"))
+
+
+def dense_layout(geometry: Geometry, *, num_heads: int, q_len: int, kv_len: int, block_size: int, causal: bool):
+  """Every allowed block of every row: the layout of dense attention (what tau >= 1 selects)."""
+  nqb, nkb = cdiv(q_len, block_size), cdiv(kv_len, block_size)
+  last_allowed, _ = block_bounds(geometry, num_q_blocks=nqb, block_size=block_size, causal=causal)
+  last_allowed = jnp.broadcast_to(last_allowed[:, None], (geometry.q_lengths.shape[0], num_heads, nqb))
+  counts = last_allowed + 1
+  indices = jnp.minimum(jnp.arange(nkb, dtype=jnp.int32), jnp.maximum(last_allowed, 0)[..., None])
+  return BlockLayout(counts=counts, indices=indices, num_allowed=counts, block_size=block_size)
