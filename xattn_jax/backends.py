@@ -45,7 +45,10 @@ def _xla() -> Backend:
 
 
 # name -> (module that builds the backend, or a factory). Kernel backends join as "module:function" strings.
-_REGISTRY: dict[str, Callable[[], Backend] | str] = {"xla": _xla}
+_REGISTRY: dict[str, Callable[[], Backend] | str] = {
+    "xla": _xla,
+    "pallas_mosaic_gpu": "pallas_kernels.mosaic_gpu:backend",
+}
 # Preferred order per JAX platform when `implementation=None`; names not registered are skipped.
 _DEFAULT_ORDER = {
     "gpu": ("pallas_mosaic_gpu", "xla"),

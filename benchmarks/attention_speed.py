@@ -1,0 +1,180 @@
+"""Attention speed on one GPU: dense cuDNN vs our block-sparse kernel at fixed densities, the estimator, end to end.
+
+    python benchmarks/attention_speed.py --lengths 8192,32768,131072 --kv-heads 8,32 --out-dir benchmarks/results
+
+Shapes: B=1, 32 query heads, head dim 128, bf16, causal. Each entry is the median of --repeats timed calls after
+warm-up (host clock around `block_until_ready`; calls of 0.1 ms and up, so launch overhead is small), with the dense
+baseline timed the same way in the same process. Fixed-density layouts keep, in every query block row, the diagonal
+block and round(d * allowed) - 1 random other allowed blocks, so the density is d of the causal blocks.
+Writes <out-dir>/<card>-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import xattn_jax as xa
+from xattn_jax.synthetic import llm_like_qkv
+
+BLOCK = 128
+
+
+def timed(fn, *args, repeats: int, warmup: int = 3) -> dict:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return {"ms": statistics.median(times), "min_ms": min(times), "spread_ms": statistics.pstdev(times)}
+
+
+def fixed_density_layout(key, *, batch, heads, length, density) -> xa.BlockLayout:
+  """Causal layout with `density` of each row's allowed blocks, always holding the diagonal."""
+  nb = length // BLOCK
+  allowed = xa.allowed_blocks(q_len=length, kv_len=length, block_size=BLOCK)  # [1, 1, nb, nb]
+  u = jax.random.uniform(key, (batch, heads, nb, nb))
+  diag = jnp.eye(nb, dtype=bool)
+  u = jnp.where(diag, 2.0, jnp.where(allowed, u, -1.0))
+  rank = jnp.argsort(jnp.argsort(-u, axis=-1), axis=-1)
+  keep = jnp.maximum(1, jnp.round(density * jnp.sum(allowed, axis=-1, keepdims=True))).astype(jnp.int32)
+  return xa.BlockLayout.from_dense(rank < keep, block_size=BLOCK, allowed=allowed)
+
+
+def sparse_flops(layout: xa.BlockLayout, head_dim: int) -> float:
+  return 4.0 * head_dim * BLOCK * BLOCK * float(jnp.sum(layout.counts))
+
+
+def run(args) -> dict:
+  device = jax.devices()[0]
+  rows = []
+  key = jax.random.key(args.seed)
+  for length in args.lengths:
+    for kv_heads in args.kv_heads:
+      shape = dict(B=1, T=length, N=args.heads, K=kv_heads, H=args.head_dim)
+      kq, kk, kv, kl = jax.random.split(jax.random.fold_in(key, length * 1000 + kv_heads), 4)
+      q = jax.random.normal(kq, (1, length, args.heads, args.head_dim), jnp.bfloat16)
+      k = jax.random.normal(kk, (1, length, kv_heads, args.head_dim), jnp.bfloat16)
+      v = jax.random.normal(kv, (1, length, kv_heads, args.head_dim), jnp.bfloat16)
+      dense_flops = 4.0 * length * length * args.head_dim * args.heads / 2
+      dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation=args.dense_implementation))
+      base = timed(dense, q, k, v, repeats=args.repeats)
+      rows.append(dict(shape, what=f"dense {args.dense_implementation}", density=1.0, **base, ratio=1.0,
+                       tflops=dense_flops / base["ms"] / 1e9))
+      print(f"{length:>7} K={kv_heads:<2} dense {args.dense_implementation:<14} {base['ms']:9.3f} ms", flush=True)
+      if "sparse" in args.sections:
+        sparse = jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
+            q, k, v, layout, causal=True, implementation=args.implementation))
+        want_dense = dense(q, k, v) if length <= 32768 else None
+        for d in args.densities:
+          layout = fixed_density_layout(kl, batch=1, heads=args.heads, length=length, density=d / 100)
+          t = timed(sparse, q, k, v, layout, repeats=args.repeats)
+          real_d = float(layout.density())
+          entry = dict(shape, what="sparse kernel", density=real_d, **t, ratio=t["ms"] / base["ms"],
+                       target_ratio=1.15 * real_d if d < 100 else 1.05,
+                       tflops=sparse_flops(layout, args.head_dim) / t["ms"] / 1e9)
+          if d == 100 and want_dense is not None:
+            got = sparse(q, k, v, layout)
+            entry["rel_err_vs_cudnn"] = float(jnp.linalg.norm((got - want_dense).astype(jnp.float32))
+                                              / jnp.linalg.norm(want_dense.astype(jnp.float32)))
+          rows.append(entry)
+          print(f"{length:>7} K={kv_heads:<2} sparse d={real_d:5.3f}     {t['ms']:9.3f} ms  "
+                f"{entry['ratio']:.3f}x dense (target <= {entry['target_ratio']:.3f})  {entry['tflops']:.0f} TFLOP/s",
+                flush=True)
+      for stride in args.strides if "estimator" in args.sections else ():
+        est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride, implementation=args.implementation))
+        t = timed(est, q, k, repeats=args.repeats)
+        rows.append(dict(shape, what=f"estimator s={stride}", density=None, **t, ratio=t["ms"] / base["ms"]))
+        print(f"{length:>7} K={kv_heads:<2} estimator s={stride:<2}      {t['ms']:9.3f} ms  {t['ms'] / base['ms']:.3f}x dense",
+              flush=True)
+      if "e2e" in args.sections:
+        sq, sk, sv = llm_like_qkv(kq, seq_len=length, num_heads=args.heads, num_kv_heads=kv_heads,
+                                  head_dim=args.head_dim)
+        for stride in args.strides:
+          e2e = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=args.threshold, stride=stride,
+                                                      implementation=args.implementation, return_block_layout=True))
+          t = timed(e2e, sq, sk, sv, repeats=args.repeats)
+          base_s = timed(dense, sq, sk, sv, repeats=args.repeats)
+          out, layout = e2e(sq, sk, sv)
+          want = dense(sq, sk, sv)
+          err = float(jnp.linalg.norm((out - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
+          rows.append(dict(shape, what=f"xattention s={stride} tau={args.threshold}", density=float(layout.density()),
+                           **t, ratio=t["ms"] / base_s["ms"], dense_ms=base_s["ms"], rel_err_vs_dense=err))
+          print(f"{length:>7} K={kv_heads:<2} xattention s={stride:<2}     {t['ms']:9.3f} ms  "
+                f"{base_s['ms'] / t['ms']:.2f}x faster, density {float(layout.density()):.3f}, rel err {err:.2e}",
+                flush=True)
+  return dict(
+      card=device.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
+      command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]), rows=rows, heads=args.heads,
+      head_dim=args.head_dim,
+  )
+
+
+def to_markdown(result: dict) -> str:
+  lines = [
+      f"# Attention speed: {result['card']}, jax {result['jax']}, {result['date']}",
+      "",
+      f"Command: `python benchmarks/{result['command']}`",
+      "",
+      f"B=1, {result['heads']} query heads, head dim {result['head_dim']}, bf16, causal. ms = median; ratio = time / "
+      "dense time of the same shape in the same process (for xattention rows: of the same synthetic input).",
+      "",
+      "| T | K | what | density | ms | spread ms | ratio | target | TFLOP/s | note |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in result["rows"]:
+    note = ", ".join(f"{k}={r[k]:.2e}" for k in ("rel_err_vs_cudnn", "rel_err_vs_dense") if k in r)
+    dens = "" if r["density"] is None else f"{r['density']:.3f}"
+    lines.append(
+        f"| {r['T']} | {r['K']} | {r['what']} | {dens} | {r['ms']:.3f} | {r['spread_ms']:.3f} | {r['ratio']:.3f} | "
+        f"{r.get('target_ratio', '') and format(r['target_ratio'], '.3f')} | "
+        f"{'' if 'tflops' not in r else format(r['tflops'], '.0f')} | {note} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ints = lambda s: [int(x) for x in s.split(",") if x]
+  parser.add_argument("--lengths", type=ints, default=[8192, 32768, 131072])
+  parser.add_argument("--kv-heads", type=ints, default=[8, 32])
+  parser.add_argument("--heads", type=int, default=32)
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--densities", type=ints, default=[5, 10, 25, 50, 100])
+  parser.add_argument("--strides", type=ints, default=[8, 16])
+  parser.add_argument("--threshold", type=float, default=0.9)
+  parser.add_argument("--sections", default="sparse,estimator,e2e")
+  parser.add_argument("--implementation", type=lambda s: tuple(s.split(",")), default=("pallas_mosaic_gpu", "xla"),
+                      help="backends tried in order (comma separated)")
+  parser.add_argument("--dense-implementation", default="cudnn", help="jax.nn.dot_product_attention implementation")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out-dir", default="benchmarks/results")
+  args = parser.parse_args(argv)
+  if args.repeats < 20:
+    print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)
+  result = run(args)
+  out = pathlib.Path(args.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = f"{result['card'].replace(' ', '_')}-{result['date']}"
+  (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+  (out / f"{stem}.md").write_text(to_markdown(result))
+  print(to_markdown(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

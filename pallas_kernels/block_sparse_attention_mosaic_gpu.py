@@ -1,0 +1,285 @@
+"""Block-sparse flash attention forward for Hopper (Pallas Mosaic GPU, `plgpu.kernel`, warp specialized).
+
+One CTA per (query head n, query block r, batch b) -- one row of the BlockLayout. Three warpgroups:
+
+    WG0, WG1 (consumers)  rows [r*128, r*128+64) and [r*128+64, r*128+128) of the query block:
+                          S = Q K^T (wgmma, f32 acc) -> online softmax (m_i, l_i in registers) -> acc += P V (wgmma)
+    WG2 (producer)        TMA copies of the selected K and V blocks, read from the layout's index row, into a ring
+                          of `num_stages` SMEM slots; k/v barriers say "loaded", k/v consumed barriers say "free"
+
+Every warpgroup reads the same trip count `counts[b, n, r]`, so producer and consumers agree on the number of
+steps (a row may have 0 steps: padding query blocks; the output is then 0 and the lse -inf).
+
+Masking is token exact but only where needed: the selected indices ascend, so the key blocks that cross the causal
+diagonal of the CTA's first query or the key padding form a suffix of the row. The launcher counts the unmasked
+prefix per row (`n_full`, one XLA reduction over the layout) and the consumers run two loops: [0, n_full) without
+a mask and [n_full, count) with the iota mask.
+
+Two P @ V variants: "registers" keeps P in registers as the wgmma A operand (FA3; GPU only), "smem" stores P to
+SMEM first (about 5% slower on an H200, and the variant the CPU interpreter can run).
+
+Numerics: logits are scaled by scale * log2(e) and exponentiated with exp2; the lse is returned in natural log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from xattn_jax.geometry import Geometry, cdiv
+from xattn_jax.layout import BlockLayout
+
+_LOG2E = math.log2(math.e)
+_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+_SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TuningConfig:
+  """Kernel tiles. block_kv is the layout's block size; a CTA covers one layout query block with two warpgroups."""
+
+  block_kv: int = 128
+  num_stages: int = 2  # K/V ring depth (SMEM: 2 * num_stages * block_kv * H * 2 bytes)
+  pv_operand: str = "registers"  # "registers" (FA3) or "smem" (interpretable)
+  producer_registers: int = 40
+  consumer_registers: int = 232
+
+  def __post_init__(self):
+    if self.pv_operand not in ("registers", "smem"):
+      raise ValueError(f"pv_operand={self.pv_operand!r} must be 'registers' or 'smem'")
+    if self.num_stages < 1:
+      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+  @property
+  def block_q(self) -> int:  # rows per consumer warpgroup
+    return self.block_kv // 2
+
+
+def _kernel(
+    q_ref, k_ref, v_ref, counts_ref, indices_ref, n_full_ref, q_len_ref, kv_len_ref, q_pos_ref,  # inputs (GMEM)
+    out_ref, lse_ref,  # outputs (GMEM)
+    qo_smem, k_smem, v_smem, p_smem, lse_smem,  # scratch
+    k_barriers, v_barriers, q_barriers, k_consumed_barriers, v_consumed_barriers, schedule_barrier,
+    *, causal: bool, qk_scale: float, group: int, config: TuningConfig,
+):
+  block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
+  n = lax.axis_index("heads")
+  r = lax.axis_index("q_blocks")
+  b = lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  count = counts_ref[b, n, r]
+  dtype = q_ref.dtype
+  head_dim = q_ref.shape[-1]
+
+  def schedule():  # ping-pong the two consumers so one's softmax overlaps the other's wgmma
+    plgpu.barrier_arrive(schedule_barrier)
+    plgpu.barrier_wait(schedule_barrier)
+
+  @pl.when(wg < 2)
+  def _consumer():
+    plgpu.set_max_registers(config.consumer_registers, action="increase")
+    q_smem = qo_smem.at[wg]
+    q_base = r * block_kv + wg * block_q
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem, q_barriers.at[wg])
+    kv_len = kv_len_ref[b]
+    q_position = q_pos_ref[b] + q_base  # position of this warpgroup's first query
+    n_full = n_full_ref[b, n, r]
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
+    l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row_layout)
+    acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    plgpu.barrier_wait(q_barriers.at[wg])
+
+    @pl.when(count > 0)
+    def _():
+      plgpu.barrier_wait(k_barriers.at[0])
+
+    pl.when(wg == 1)(schedule)
+
+    def step(j, carry, *, masked: bool):
+      acc, m_i, l_i = carry
+      slot = lax.rem(j, stages)
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        schedule()
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+      plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+      s = s * qk_scale
+      if masked:
+        first_key = indices_ref[b, n, r, j] * block_kv
+        rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+        keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + first_key
+        ok = keys < kv_len
+        if causal:
+          ok &= keys <= rows + q_position
+        s = jnp.where(ok, s, -jnp.inf)
+      m_new = jnp.maximum(m_i, s.max(axis=1))
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows masked so far: exp2(-inf - 0) = 0, not NaN
+      alpha = jnp.exp2(m_i - m_use)
+      p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+      l_i = l_i * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      p16 = p.astype(dtype)
+      plgpu.barrier_arrive(schedule_barrier)
+      plgpu.barrier_wait(v_barriers.at[slot])
+      plgpu.barrier_wait(schedule_barrier)
+
+      def wait_next_k():
+        @pl.when(j + 1 < count)
+        def _():
+          plgpu.barrier_wait(k_barriers.at[lax.rem(j + 1, stages)])
+
+      if config.pv_operand == "registers":
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          wait_next_k()
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      else:
+        p_smem.at[wg][...] = p16
+        plgpu.commit_smem()
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+          wait_next_k()
+          return acc_ref[...]
+
+        acc = acc + pl.run_scoped(pv, plgpu.ACC((block_q, head_dim), jnp.float32))
+      plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+      return acc, m_new, l_i
+
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
+    acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
+    pl.when(wg == 0)(schedule)
+
+    rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=row_layout) + q_base
+    live = (l_i > 0) & (rows < q_len_ref[b])  # padding queries and queries that attend to nothing
+    l_safe = jnp.where(live, l_i, 1.0)
+    out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    out = jnp.where(lax.broadcast_in_dim(live, acc.shape, [0]), out, 0.0)
+    q_smem[...] = out.astype(dtype)  # Q is dead: its SMEM tile stages the output
+    lse_smem.at[wg][...] = jnp.where(live, (m_i + jnp.log2(l_safe)) * (1.0 / _LOG2E), -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, n, pl.ds(q_base, block_q)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 2)
+  def _producer():
+    plgpu.set_max_registers(config.producer_registers, action="decrease")
+    kv_head = lax.div(n, group)
+
+    def load(j, slot, wait_free: bool):
+      keys = (b, pl.ds(indices_ref[b, n, r, j] * block_kv, block_kv), kv_head)
+      if wait_free:
+        plgpu.barrier_wait(k_consumed_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+      if wait_free:
+        plgpu.barrier_wait(v_consumed_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+
+    for j in range(stages):
+      pl.when(j < count)(functools.partial(load, j, j, False))
+
+    @pl.loop(stages, jnp.maximum(count, stages))
+    def _(j):
+      load(j, lax.rem(j, stages), True)
+
+    # Observe the last consumed phases: a no-op on the GPU, required by the interpreter's barrier bookkeeping.
+    @pl.loop(jnp.maximum(count - stages, 0), count)
+    def _(j):
+      slot = lax.rem(j, stages)
+      plgpu.barrier_wait(k_consumed_barriers.at[slot])
+      plgpu.barrier_wait(v_consumed_barriers.at[slot])
+
+
+def supports(q, k, layout: BlockLayout) -> str | None:
+  """Why this kernel cannot run the call (None if it can)."""
+  if q.dtype not in _SUPPORTED_DTYPES:
+    return f"q.dtype={q.dtype} (the kernel takes bfloat16 or float16)"
+  if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
+    return f"head dim {q.shape[-1]} (the kernel takes {_SUPPORTED_HEAD_DIMS})"
+  if layout.block_size != 128:
+    return f"layout.block_size={layout.block_size} (the kernel takes 128)"
+  return None
+
+
+def unmasked_prefix(layout: BlockLayout, geometry: Geometry, *, causal: bool) -> jax.Array:
+  """int32 [B, N, nQb]: leading selected blocks whose keys are all visible to every query of the block."""
+  blk = layout.block_size
+  nqb = layout.indices.shape[2]
+  first_query = jnp.arange(nqb, dtype=jnp.int32)[None, :] * blk  # [1, nQb]
+  visible = jnp.broadcast_to(geometry.kv_lengths[:, None], (geometry.kv_lengths.shape[0], nqb))
+  if causal:  # keys up to the first query's position
+    visible = jnp.minimum(visible, geometry.q_positions[:, None] + first_query + 1)
+  full_blocks = (visible // blk)[:, None, :, None]  # blocks [0, full_blocks) need no mask
+  steps = jnp.arange(layout.indices.shape[-1], dtype=jnp.int32)
+  full = (layout.indices < full_blocks) & (steps < layout.counts[..., None])
+  return jnp.sum(full, axis=-1, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
+def block_sparse_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    layout: BlockLayout,
+    geometry: Geometry,
+    *,
+    causal: bool,
+    scale: float,
+    config: TuningConfig = TuningConfig(),
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """SPEC §4 on validated inputs; raises NotImplementedError for what the kernel does not cover."""
+  reason = supports(q, k, layout)
+  if reason is not None:
+    raise NotImplementedError(f"pallas_mosaic_gpu block_sparse_attention does not support {reason}")
+  B, T, N, H = q.shape
+  _, S, K, _ = k.shape
+  blk = config.block_kv
+  nqb, nkb = cdiv(T, blk), cdiv(S, blk)
+  # TMA boxes are whole blocks: pad ragged ends (the padding is masked: it lies past q_len / kv_len).
+  pad = lambda x, length: x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+  q, k, v = pad(q, nqb * blk), pad(k, nkb * blk), pad(v, nkb * blk)
+  block_q, stages = config.block_q, config.num_stages
+  dtype = q.dtype
+  scratch = dict(
+      qo_smem=plgpu.SMEM((2, block_q, H), dtype),
+      k_smem=plgpu.SMEM((stages, blk, H), dtype),
+      v_smem=plgpu.SMEM((stages, blk, H), dtype),
+      p_smem=plgpu.SMEM((2, block_q, blk), dtype) if config.pv_operand == "smem" else None,
+      lse_smem=plgpu.SMEM((2, block_q), jnp.float32),
+      k_barriers=plgpu.Barrier(num_barriers=stages),
+      v_barriers=plgpu.Barrier(num_barriers=stages),
+      q_barriers=plgpu.Barrier(num_barriers=2),
+      k_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      v_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      schedule_barrier=plgpu.Barrier(num_arrivals=2),
+  )
+  kernel = functools.partial(
+      _kernel, causal=causal, qk_scale=scale * _LOG2E, group=N // K, config=config
+  )
+  out, lse = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, nqb * blk), jnp.float32)),
+      scratch_types=list(scratch.values()),
+      grid=(N, nqb, B),  # heads vary fastest: the G heads of one kv head run together and share K/V in L2
+      grid_names=("heads", "q_blocks", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
+  )(q, k, v, layout.counts, layout.indices, unmasked_prefix(layout, geometry, causal=causal), geometry.q_lengths,
+    geometry.kv_lengths, geometry.q_positions)
+  return out[:, :T], lse[:, :, :T]

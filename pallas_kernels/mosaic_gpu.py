@@ -1,0 +1,30 @@
+"""The "pallas_mosaic_gpu" backend: Hopper kernels behind the backend interface of `xattn_jax.backends`."""
+
+from __future__ import annotations
+
+import jax
+
+from xattn_jax.backends import Backend
+
+
+def _check_platform(interpret: bool) -> None:
+  if not interpret and jax.default_backend() != "gpu":
+    raise NotImplementedError(f"pallas_mosaic_gpu needs a CUDA GPU (default backend is {jax.default_backend()!r}); "
+                              "pass interpret=True to run the kernels in the CPU interpreter")
+
+
+def backend() -> Backend:
+  from pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
+
+  def scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret):
+    raise NotImplementedError("pallas_mosaic_gpu has no antidiagonal scoring kernel yet")
+
+  def attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret):
+    del query_chunk_size  # the kernel's memory does not grow with T
+    _check_platform(interpret)
+    config = attention_kernel.TuningConfig(pv_operand="smem" if interpret else "registers")
+    return attention_kernel.block_sparse_attention(
+        q, k, v, layout, geometry, causal=causal, scale=scale, config=config, interpret=interpret
+    )
+
+  return Backend("pallas_mosaic_gpu", scores, attention)

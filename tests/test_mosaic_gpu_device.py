@@ -1,0 +1,75 @@
+"""Hopper-only checks of the pallas_mosaic_gpu kernels against the XLA reference, on fresh random inputs.
+
+Skipped without a CUDA GPU (CI has none); run on the device machine with
+    python -m pytest -q tests/test_mosaic_gpu_device.py
+Every variant of each kernel (P @ V from registers or from SMEM), bf16 and fp16, causal and not, GQA, T not a
+multiple of 128, T < S, batch 2 with different lengths.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xattn_jax as xa
+from tests.conftest import random_qkv
+from tests.suites import random_layout
+from xattn_jax import attention_xla
+from xattn_jax.geometry import Geometry
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+
+SHAPES = [  # B, T, S, N, K, H, with_lengths
+    (2, 1000, 1300, 8, 2, 128, True),
+    (1, 2048, 2048, 4, 4, 64, False),
+    (1, 384, 1024, 4, 1, 128, False),
+    (2, 640, 640, 6, 3, 64, True),
+]
+
+
+@pytest.mark.parametrize("pv_operand", ["registers", "smem"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}T{s[1]}S{s[2]}N{s[3]}K{s[4]}H{s[5]}" for s in SHAPES])
+def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand):
+  from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
+
+  B, T, S, N, K, H, with_lengths = shape
+  seed = hash((shape, causal, str(dtype), pv_operand)) % 2**31
+  q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
+  if with_lengths:
+    lens = (jnp.array([T, T - 77], jnp.int32), jnp.array([S, S - 200], jnp.int32))
+  else:
+    lens = (jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32))
+  geometry = Geometry.from_lengths(*lens)
+  layout, _ = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.4)
+  scale = H**-0.5
+  got, got_lse = kernel.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale,
+                                               config=kernel.TuningConfig(pv_operand=pv_operand))
+  want, want_lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert not np.isnan(got).any()
+  tol = 3e-2 if dtype == jnp.bfloat16 else 5e-3
+  np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+  rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+  assert rel < (1e-2 if dtype == jnp.bfloat16 else 2e-3), rel
+  got_lse, want_lse = np.asarray(got_lse), np.asarray(want_lse)
+  np.testing.assert_array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
+  live = np.isfinite(want_lse)
+  np.testing.assert_allclose(got_lse[live], want_lse[live], atol=2e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_public_op_end_to_end(causal):
+  B, T, N, K, H = 2, 1500, 8, 2, 128
+  q, k, v = random_qkv(7, B=B, T=T, S=T, N=N, K=K, H=H, dtype=jnp.bfloat16)
+  lens = jnp.array([1500, 1111], jnp.int32)
+  kw = dict(is_causal=causal, threshold=0.9, query_seq_lengths=lens, key_value_seq_lengths=lens,
+            return_block_layout=True)
+  got, lay_got = xa.xattention(q, k, v, implementation=("pallas_mosaic_gpu", "xla"), **kw)
+  want = xa.block_sparse_attention(q, k, v, lay_got, causal=causal, query_seq_lengths=lens,
+                                   key_value_seq_lengths=lens, implementation="xla")
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
+  assert 0 < float(lay_got.density()) <= 1
