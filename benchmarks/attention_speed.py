@@ -119,7 +119,7 @@ def run(args) -> dict:
   return dict(
       card=device.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
       command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]), rows=rows, heads=args.heads,
-      head_dim=args.head_dim,
+      head_dim=args.head_dim, traced_checks=args.traced_checks,
   )
 
 
@@ -130,7 +130,8 @@ def to_markdown(result: dict) -> str:
       f"Command: `python benchmarks/{result['command']}`",
       "",
       f"B=1, {result['heads']} query heads, head dim {result['head_dim']}, bf16, causal. ms = median; ratio = time / "
-      "dense time of the same shape in the same process (for xattention rows: of the same synthetic input).",
+      "dense time of the same shape in the same process (for xattention rows: of the same synthetic input). "
+      f"Traced value checks: {result.get('traced_checks', 'on')}.",
       "",
       "| T | K | what | density | ms | spread ms | ratio | target | TFLOP/s | note |",
       "|---|---|---|---|---|---|---|---|---|---|",
@@ -163,7 +164,10 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out-dir", default="benchmarks/results")
+  parser.add_argument("--traced-checks", choices=["on", "off"], default="off",
+                      help="xattn_jax's checkify value checks in the traced ops (on costs ~0.2-0.3 ms of dispatch)")
   args = parser.parse_args(argv)
+  xa.set_traced_checks(args.traced_checks == "on")
   if args.repeats < 20:
     print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)
   result = run(args)

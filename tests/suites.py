@@ -325,3 +325,59 @@ class XAttentionSuite:
     b = f(q, k, v, jnp.full((N,), 0.95), jnp.array([50], jnp.int32))
     assert f._cache_size() == 1
     assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+# Kernel backends: block 128, head dims 64/128, 16-bit inputs (what the Pallas kernels take); few cases, because
+# the CPU interpreters are slow.
+KERNEL_CASES = [  # B, T, S, N, K, H, dtype, causal, with_lengths
+    (2, 200, 300, 4, 2, 64, jnp.bfloat16, True, True),
+    (1, 256, 384, 2, 1, 128, jnp.float16, True, False),
+    (2, 130, 260, 2, 2, 64, jnp.float16, False, True),
+]
+KERNEL_IDS = [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}"
+              for c in KERNEL_CASES]
+
+
+class KernelAttentionSuite:
+  """block_sparse_attention of a Pallas backend (run in its CPU interpreter) against the float64 oracle."""
+
+  implementation = None
+  interpret = True
+
+  def attend(self, q, k, v, layout, **kw):
+    return run_checked(xa.block_sparse_attention, q, k, v, layout, implementation=self.implementation,
+                       interpret=self.interpret, **kw)
+
+  def after_run(self):
+    """Backend hook: e.g. assert the interpreter recorded no race."""
+
+  @pytest.mark.parametrize("case", KERNEL_CASES, ids=KERNEL_IDS)
+  def test_matches_oracle(self, case):
+    B, T, S, N, K, H, dtype, causal, with_lengths = case
+    q, k, v = random_qkv(51, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
+    lens = lengths_pair(52, B=B, T=T, S=S) if with_lengths else (None, None)
+    layout, mask = random_layout(53, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.5)
+    out, lse = self.attend(q, k, v, layout, causal=causal, return_lse=True, **_lengths_kwargs(lens))
+    self.after_run()
+    want, want_lse = oracle.attention(q, k, v, mask, block_size=128, causal=causal, q_lens=lens[0], kv_lens=lens[1])
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = 3 * OUT_TOL[dtype]  # P is rounded to the input dtype before P @ V
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=tol, rtol=tol)
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(want_lse))
+    live = np.isfinite(want_lse)
+    np.testing.assert_allclose(np.asarray(lse)[live], want_lse[live], atol=1e-3, rtol=1e-4)
+
+  def test_skipped_blocks_are_never_read(self):
+    B, T, S, N, H = 1, 128, 640, 2, 64
+    q, k, v = random_qkv(54, B=B, T=T, S=S, N=N, K=N, H=H, dtype=jnp.bfloat16)
+    mask = np.zeros((B, N, 1, 5), bool)
+    mask[:, 0, 0, [0, 4]] = True  # head 0 skips blocks 1-3, head 1 skips 0-2
+    mask[:, 1, 0, [3, 4]] = True
+    layout = xa.BlockLayout.from_dense(jnp.asarray(mask))
+    out = self.attend(q, k, v, layout)
+    poison = np.zeros((B, S, N, 1), bool)
+    poison[:, 128:512, 0] = True
+    poison[:, :384, 1] = True
+    k2, v2 = jnp.where(poison, 300.0, k), jnp.where(poison, -300.0, v)
+    np.testing.assert_array_equal(np.asarray(self.attend(q, k2, v2, layout), np.float32),
+                                  np.asarray(out, np.float32))

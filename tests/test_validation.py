@@ -184,3 +184,17 @@ def test_config_is_hashable_and_normalized():
   a = xa.XAttentionConfig(threshold=[0.9, 0.8], implementation=["xla"])
   b = xa.XAttentionConfig(threshold=(0.9, 0.8), implementation=("xla",))
   assert a == b and hash(a) == hash(b) and a.threshold == (0.9, 0.8)
+
+
+def test_traced_checks_can_be_turned_off_for_fast_dispatch():
+  bad = dict(query_seq_lengths=jnp.array([33, 1]))
+  with xa.traced_checks(False):
+    err, _ = jax.jit(checkify.checkify(lambda lens: scores(query_seq_lengths=lens), errors=checkify.all_checks))(
+        bad["query_seq_lengths"])
+    assert err.get() is None  # no check was traced
+    assert not jax.make_jaxpr(lambda lens: scores(query_seq_lengths=lens))(bad["query_seq_lengths"]).effects
+  with pytest.raises(checkify.JaxRuntimeError):
+    run_checked(scores, **bad)
+  with pytest.raises(ValueError):  # eager calls always check
+    with xa.traced_checks(False):
+      scores(**bad)

@@ -1,5 +1,6 @@
 """xattn-jax: XAttention (block-sparse attention with antidiagonal scoring) for JAX."""
 
+from xattn_jax._checks import set_traced_checks, traced_checks
 from xattn_jax.config import XAttentionConfig
 from xattn_jax.layout import BlockLayout, allowed_blocks
 from xattn_jax.ops import antidiagonal_scores, block_sparse_attention, xattention
@@ -14,5 +15,7 @@ __all__ = [
     "attention_fn",
     "block_sparse_attention",
     "select_blocks",
+    "set_traced_checks",
+    "traced_checks",
     "xattention",
 ]

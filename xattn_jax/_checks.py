@@ -4,12 +4,15 @@ Two kinds of checks:
 - static ones (ranks, shapes, dtypes, Python scalars) raise ValueError at trace time;
 - value checks (sequence lengths, block tables, thresholds given as arrays) raise ValueError when the values are
   concrete (eager calls) and become `checkify.debug_check`s when traced: no-ops under plain `jax.jit`, real checks
-  when the caller wraps the computation in `checkify.checkify` (the tests always do).
+  when the caller wraps the computation in `checkify.checkify` (the tests always do). `traced_checks(False)` drops
+  them from new traces (faster dispatch; see `set_traced_checks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,28 @@ import numpy as np
 from jax.experimental import checkify
 
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+# Traced value checks give the enclosing jitted computation an effect, and JAX dispatches effectful computations on
+# a slower path (measured: +0.03 ms per call on a CPU, +0.2-0.3 ms on an H100). On by default so that checkify
+# always sees them; production code that wants the fast dispatch turns them off before tracing.
+_traced_checks = os.environ.get("XATTN_JAX_TRACED_CHECKS", "1") != "0"
+
+
+def set_traced_checks(enabled: bool) -> bool:
+  """Turns the checkify value checks of traced inputs on or off (for later traces); returns the previous setting."""
+  global _traced_checks
+  previous, _traced_checks = _traced_checks, bool(enabled)
+  return previous
+
+
+@contextlib.contextmanager
+def traced_checks(enabled: bool):
+  """Context manager form of `set_traced_checks`. Affects functions traced inside it (jit caches keep the old)."""
+  previous = set_traced_checks(enabled)
+  try:
+    yield
+  finally:
+    set_traced_checks(previous)
 
 
 def concrete_value(x) -> np.ndarray | None:
@@ -33,7 +58,8 @@ def enforce(pred, message: str) -> None:
   """Raises ValueError(message) if concrete `pred` has a False entry; a checkify debug check if traced."""
   value = concrete_value(pred)
   if value is None:
-    checkify.debug_check(jnp.all(pred), message)
+    if _traced_checks:
+      checkify.debug_check(jnp.all(pred), message)
   elif not bool(np.all(value)):
     raise ValueError(message)
 

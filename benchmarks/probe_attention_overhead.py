@@ -1,0 +1,57 @@
+"""Where does the fixed cost of the sparse attention call go? (probe for benchmarks/notes_attention_mosaic_gpu.md)
+
+Times, per length, with one selected block per query block (the diagonal): the kernel alone (backend function with
+n_full precomputed), the whole public op under jit, the XLA prologue (`unmasked_prefix`) alone, and a trivial
+jitted op for the host dispatch floor.
+"""
+
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import xattn_jax as xa
+from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
+from xattn_jax.geometry import Geometry
+
+
+def timed(fn, *args, repeats=30):
+  for _ in range(3):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append((time.perf_counter() - t) * 1e3)
+  return statistics.median(ts)
+
+
+def main():
+  heads, kv_heads, head_dim = 32, 8, 128
+  tiny = jax.jit(lambda x: x + 1)
+  print(f"host floor (x+1): {timed(tiny, jnp.ones(8)):.3f} ms")
+  for length in [int(x) for x in sys.argv[1].split(",")]:
+    nb = length // 128
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (1, length, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (1, length, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (1, length, kv_heads, head_dim), jnp.bfloat16)
+    geometry = Geometry.from_lengths(jnp.array([length], jnp.int32), jnp.array([length], jnp.int32))
+    for name, blocks in (("diag only", 1), ("4 blocks", 4)):
+      mask = jnp.broadcast_to(
+          (jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None]) & (jnp.arange(nb)[None, :] > jnp.arange(nb)[:, None] - blocks),
+          (1, heads, nb, nb))
+      layout = xa.BlockLayout.from_dense(mask)
+      direct = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
+          q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5))
+      public = jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
+          q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu"))
+      prefix = jax.jit(lambda layout: kernel.unmasked_prefix(layout, geometry, causal=True))
+      print(f"T={length:>6} {name:>9}: kernel {timed(direct, q, k, v, layout):7.3f} ms   public op "
+            f"{timed(public, q, k, v, layout):7.3f} ms   unmasked_prefix {timed(prefix, layout):7.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,80 @@
+"""The pallas_mosaic_gpu backend on a CPU: its kernels in the Mosaic GPU interpreter against the oracle, and the
+real Mosaic GPU lowering ("cuda") at production shapes. The GPU itself: tests/test_mosaic_gpu_device.py."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xattn_jax as xa
+from pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
+from tests import suites
+from tests.conftest import random_qkv, run_checked
+from xattn_jax.geometry import Geometry
+from xattn_jax.layout import BlockLayout
+
+
+def _races_found() -> bool:
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+  races = gpu_callbacks.get_races()
+  return bool(races is not None and races.races_found)
+
+
+class TestAttentionMosaicGpuInterpret(suites.KernelAttentionSuite):
+  implementation = "pallas_mosaic_gpu"
+  interpret = True
+
+  def after_run(self):
+    assert not _races_found(), "the Mosaic GPU interpreter recorded a race"
+
+
+def test_unsupported_inputs_fall_through_to_xla():
+  q, k, v = random_qkv(61, B=1, T=64, S=64, N=2, K=2, H=16)  # float32, head dim 16: not for this kernel
+  layout = BlockLayout.from_dense(jnp.ones((1, 2, 1, 1), bool))
+  with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
+    xa.block_sparse_attention(q, k, v, layout, implementation="pallas_mosaic_gpu", interpret=True)
+  out = run_checked(xa.block_sparse_attention, q, k, v, layout, implementation=("pallas_mosaic_gpu", "xla"),
+                    interpret=True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(jax.nn.dot_product_attention(q, k, v, is_causal=True)),
+                             atol=2e-5)
+
+
+def test_needs_a_gpu_unless_interpreted():
+  if jax.default_backend() == "gpu":
+    pytest.skip("has a GPU")
+  q, k, v = random_qkv(62, B=1, T=128, S=128, N=2, K=2, H=64, dtype=jnp.bfloat16)
+  layout = BlockLayout.from_dense(jnp.ones((1, 2, 1, 1), bool))
+  with pytest.raises(NotImplementedError, match="needs a CUDA GPU"):
+    xa.block_sparse_attention(q, k, v, layout, implementation="pallas_mosaic_gpu")
+
+
+def test_xattention_with_the_kernel_matches_xla():
+  B, T, N, K, H = 1, 300, 2, 1, 64
+  q, k, v = random_qkv(63, B=B, T=T, S=T, N=N, K=K, H=H, dtype=jnp.bfloat16)
+  kw = dict(is_causal=True, threshold=0.8, stride=8, return_block_layout=True)
+  got, layout = run_checked(xa.xattention, q, k, v, implementation=("pallas_mosaic_gpu", "xla"), interpret=True, **kw)
+  want, want_layout = run_checked(xa.xattention, q, k, v, implementation="xla", **kw)
+  np.testing.assert_array_equal(np.asarray(layout.indices), np.asarray(want_layout.indices))
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("length,kv_heads,head_dim,pv_operand", [
+    (32768, 8, 128, "registers"), (131072, 8, 128, "registers"), (32768, 32, 128, "smem"), (32768, 8, 64, "registers"),
+])
+def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_operand):
+  """The real Mosaic GPU lowering (layouts, wgmma shapes, the 227 KiB shared-memory budget), no GPU needed."""
+  heads, nb = 32, length // 128
+  sds = jax.ShapeDtypeStruct
+  layout = BlockLayout(counts=sds((1, heads, nb), jnp.int32), indices=sds((1, heads, nb, nb), jnp.int32),
+                       num_allowed=sds((1, heads, nb), jnp.int32), block_size=128)
+  geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
+  f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=head_dim**-0.5,
+                        config=attention_kernel.TuningConfig(pv_operand=pv_operand))
+  qkv = [sds((1, length, n, head_dim), jnp.bfloat16) for n in (heads, kv_heads, kv_heads)]
+  lowered = jax.jit(f).trace(*qkv, layout, geometry).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()[:200000]
