@@ -5,9 +5,7 @@ n_full precomputed), the whole public op under jit, the XLA prologue (`unmasked_
 jitted op for the host dispatch floor.
 """
 
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,22 +14,13 @@ import xattn_jax as xa
 from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 from xattn_jax.geometry import Geometry
 
-
-def timed(fn, *args, repeats=30):
-  for _ in range(3):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append((time.perf_counter() - t) * 1e3)
-  return statistics.median(ts)
+from attention_speed import timed  # run as `python benchmarks/probe_attention_overhead.py`: benchmarks/ is on the path
 
 
 def main():
   heads, kv_heads, head_dim = 32, 8, 128
   tiny = jax.jit(lambda x: x + 1)
-  print(f"host floor (x+1): {timed(tiny, jnp.ones(8)):.3f} ms")
+  print(f"host floor (x+1): {timed(tiny, jnp.ones(8), repeats=30)['ms']:.3f} ms")
   for length in [int(x) for x in sys.argv[1].split(",")]:
     nb = length // 128
     ks = jax.random.split(jax.random.key(0), 3)
@@ -49,8 +38,8 @@ def main():
       public = jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
           q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu"))
       prefix = jax.jit(lambda layout: kernel.unmasked_prefix(layout, geometry, causal=True))
-      print(f"T={length:>6} {name:>9}: kernel {timed(direct, q, k, v, layout):7.3f} ms   public op "
-            f"{timed(public, q, k, v, layout):7.3f} ms   unmasked_prefix {timed(prefix, layout):7.3f} ms", flush=True)
+      print(f"T={length:>6} {name:>9}: kernel {timed(direct, q, k, v, layout, repeats=30)['ms']:7.3f} ms   public op "
+            f"{timed(public, q, k, v, layout, repeats=30)['ms']:7.3f} ms   unmasked_prefix {timed(prefix, layout, repeats=30)['ms']:7.3f} ms", flush=True)
 
 
 if __name__ == "__main__":
