@@ -1,0 +1,144 @@
+"""Model configs: the Llama family (Llama 2/3/3.1, SmolLM2, Qwen2), and the attention choice per layer.
+
+Einsum legend everywhere in `models/`: B batch, T query length, S key length, N query heads, K kv heads, H head dim,
+D model dim, F MLP hidden dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from xattn_jax import XAttentionConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+  """Llama 3.1 "llama3" RoPE scaling (Hugging Face rope_scaling with rope_type "llama3")."""
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if not (self.factor >= 1 and self.high_freq_factor > self.low_freq_factor > 0):
+      raise ValueError(f"invalid llama3 rope scaling {self}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+  """Which attention each layer runs.
+
+  Attributes:
+    kind: "dense" (jax.nn.dot_product_attention) or "xattention".
+    xattention: the XAttention knobs (stride, block size, threshold, keep_sink, implementation).
+    layer_thresholds: optional per-layer thresholds, one entry per layer, each a float or a per-head tuple
+      (overrides xattention.threshold; e.g. from calibration).
+    dense_layers: the first n layers stay dense (the reference does this for video models).
+  """
+
+  kind: str = "dense"
+  xattention: XAttentionConfig = XAttentionConfig()
+  layer_thresholds: tuple | None = None
+  dense_layers: int = 0
+
+  def __post_init__(self):
+    if self.kind not in ("dense", "xattention"):
+      raise ValueError(f"attention kind={self.kind!r} must be 'dense' or 'xattention'")
+    if self.dense_layers < 0:
+      raise ValueError(f"dense_layers={self.dense_layers} must be >= 0")
+    if self.layer_thresholds is not None:
+      object.__setattr__(self, "layer_thresholds", tuple(
+          tuple(float(x) for x in t) if isinstance(t, (list, tuple)) else float(t) for t in self.layer_thresholds))
+
+  def for_layer(self, layer: int) -> XAttentionConfig | None:
+    """The XAttention config of `layer`, or None where the layer is dense."""
+    if self.kind == "dense" or layer < self.dense_layers:
+      return None
+    if self.layer_thresholds is None:
+      return self.xattention
+    if layer >= len(self.layer_thresholds):
+      raise ValueError(f"layer_thresholds has {len(self.layer_thresholds)} entries; layer {layer} has none")
+    return dataclasses.replace(self.xattention, threshold=self.layer_thresholds[layer])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """A decoder-only Llama-family transformer."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  tie_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2
+  max_seq_len: int = 8192
+  attention: AttentionConfig = AttentionConfig()
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                 "max_seq_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name}={getattr(self, name)} must be positive")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+
+  def with_attention(self, attention: AttentionConfig) -> ModelConfig:
+    return dataclasses.replace(self, attention=attention)
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> ModelConfig:
+    """From a Hugging Face config.json dict (architectures LlamaForCausalLM or Qwen2ForCausalLM)."""
+    arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
+    if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
+      raise NotImplementedError(f"unsupported architecture {arch!r} (supported: LlamaForCausalLM, Qwen2ForCausalLM)")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if k not in hf]
+    if missing:
+      raise ValueError(f"config.json lacks {missing}")
+    heads = hf["num_attention_heads"]
+    scaling = hf.get("rope_scaling") or None
+    rope_scaling = None
+    if scaling is not None:
+      kind = scaling.get("rope_type", scaling.get("type"))
+      if kind == "llama3":
+        rope_scaling = RopeScaling(
+            factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
+            high_freq_factor=scaling["high_freq_factor"],
+            original_max_position_embeddings=scaling["original_max_position_embeddings"])
+      elif kind not in (None, "default"):
+        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
+    config = dict(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
+        rope_scaling=rope_scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        max_seq_len=hf.get("max_position_embeddings", 8192),
+    )
+    return cls(**(config | overrides))
+
+
+def llama3_1_8b(**overrides) -> ModelConfig:
+  """Llama-3.1-8B (for shape tests; no weights here)."""
+  return ModelConfig(
+      vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14336,
+      rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(), max_seq_len=131072, **overrides)
+
+
+def smollm2_135m(**overrides) -> ModelConfig:
+  """SmolLM2-135M(-Instruct): Llama architecture, 9 query / 3 kv heads, tied embeddings."""
+  return ModelConfig(
+      vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, mlp_dim=1536,
+      rms_norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192, **overrides)

@@ -1,0 +1,112 @@
+"""Modules: the attention block (GQA, RoPE, optional q/k/v biases, dense or XAttention per layer, KV cache writes)
+and the decoder block."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import xattn_jax
+from models.config import ModelConfig
+from models.layers import MLP, RMSNorm, apply_rope, rope_frequencies
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+  """One layer's keys and values, fixed size."""
+
+  k: jax.Array  # [B, S_max, K, H]
+  v: jax.Array  # [B, S_max, K, H]
+
+
+def _write(cache: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
+  """cache [B, S, K, H] with new [B, T, K, H] written at rows [offsets[b], offsets[b] + T) of each batch element."""
+  return jax.vmap(lambda c, n, o: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), o, axis=0))(
+      cache, new, offsets)
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    D, N, K, H = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    linear = lambda i, o, bias: nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = linear(D, N * H, config.qkv_bias)
+    self.k_proj = linear(D, K * H, config.qkv_bias)
+    self.v_proj = linear(D, K * H, config.qkv_bias)
+    self.o_proj = linear(N * H, D, False)
+    self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
+    self.rope = (H, config.rope_theta, config.rope_scaling)  # static; frequencies are built at trace time
+    self.xattention = config.attention.for_layer(layer)  # None: dense
+
+  def __call__(
+      self,
+      x: jax.Array,  # [B, T, D]
+      *,
+      positions: jax.Array,  # int32 [B, T]
+      q_lengths: jax.Array,  # int32 [B]: real tokens of x
+      cache: LayerCache | None = None,
+      offsets: jax.Array | None = None,  # int32 [B]: where x's keys go in the cache (positions[:, 0])
+      self_attention: bool = True,
+  ) -> tuple[jax.Array, LayerCache | None, jax.Array]:
+    """Attention of x to itself (a prompt from position 0) or to the cache (a later chunk, a decode step).
+
+    Returns (out [B, T, D], the cache with x's keys and values written, density of the selected blocks, -1 when
+    the layer attended densely).
+    """
+    B, T, _ = x.shape
+    N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+    inv_freq = rope_frequencies(*self.rope)
+    q = apply_rope(self.q_proj(x).reshape(B, T, N, H), positions, inv_freq)
+    k = apply_rope(self.k_proj(x).reshape(B, T, K, H), positions, inv_freq)
+    v = self.v_proj(x).reshape(B, T, K, H)
+    if cache is not None:
+      cache = LayerCache(_write(cache.k, k, offsets), _write(cache.v, v, offsets))
+    if self_attention:  # T == S, query t at position t
+      keys, values, kv_lengths = k, v, q_lengths
+    else:  # everything in the cache up to and including x
+      keys, values, kv_lengths = cache.k, cache.v, offsets + q_lengths
+    out, density = self._attend(q, keys.astype(q.dtype), values.astype(q.dtype), q_lengths, kv_lengths,
+                                self_attention=self_attention)
+    return self.o_proj(out.reshape(B, T, N * H)), cache, density
+
+  def _attend(self, q, k, v, q_lengths, kv_lengths, *, self_attention: bool):
+    T, S = q.shape[1], k.shape[1]
+    if self.xattention is not None and T > 1:
+      cfg = self.xattention
+      out, layout = xattn_jax.xattention(
+          q, k, v, is_causal=True, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
+          threshold=cfg.threshold, stride=cfg.stride, block_size=cfg.block_size, keep_sink=cfg.keep_sink,
+          keep_diagonal=cfg.keep_diagonal, query_chunk_size=cfg.query_chunk_size,
+          implementation=cfg.implementation, return_block_layout=True)
+      return out, layout.density()
+    if self_attention:  # T == S and q_len == kv_len: jax's top-left causal mask is the bottom-right one
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=q_lengths,
+                                         key_value_seq_lengths=kv_lengths)
+    elif T == 1:  # decode: the new token sees every cached key
+      out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths)
+    else:  # a prefill chunk after earlier chunks: query t sits at position kv_len - q_len + t
+      t = jnp.arange(T)[None, :, None]
+      key = jnp.arange(S)[None, None, :]
+      start = (kv_lengths - q_lengths)[:, None, None]
+      mask = (key <= start + t) & (key < kv_lengths[:, None, None])
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+      out = jnp.where((jnp.arange(T)[None, :] < q_lengths[:, None])[..., None, None], out, 0)
+    return out, jnp.float32(-1.0)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, param_dtype=param_dtype)
+    self.attn = Attention(config, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, param_dtype=param_dtype)
+    self.mlp = MLP(config.d_model, config.mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, **attn_kwargs):
+    attn_out, cache, density = self.attn(self.attn_norm(x), **attn_kwargs)
+    x = x + attn_out
+    return x + self.mlp(self.mlp_norm(x)), cache, density
