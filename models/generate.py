@@ -55,8 +55,9 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
 
 class Generator:
   def __init__(self, model: Transformer, *, max_len: int, chunk_size: int = 4096, bucket: int = 128):
-    if chunk_size % bucket or max_len % bucket:
-      raise ValueError(f"chunk_size={chunk_size} and max_len={max_len} must be multiples of bucket={bucket}")
+    if chunk_size % bucket or max_len % chunk_size:
+      raise ValueError(f"{chunk_size=} must be a multiple of {bucket=} and divide {max_len=} (chunks never run "
+                       "past the cache)")
     self.graphdef, self.state = nnx.split(model)
     self.max_len, self.chunk_size, self.bucket = max_len, chunk_size, bucket
     self._prefill = jax.jit(self._prefill_fn, donate_argnames=("cache",))

@@ -5,7 +5,7 @@ from xattn_jax.config import XAttentionConfig
 from xattn_jax.layout import BlockLayout, allowed_blocks
 from xattn_jax.ops import antidiagonal_scores, block_sparse_attention, xattention
 from xattn_jax.selection import select_blocks
-from xattn_jax.nnx_attention import attention_fn
+from xattn_jax.flax_attention import attention_fn
 
 __all__ = [
     "BlockLayout",

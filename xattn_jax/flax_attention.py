@@ -1,8 +1,14 @@
-"""Flax adapter: XAttention as the `attention_fn` of `flax.nnx.MultiHeadAttention` (or any module with that hook).
+"""Flax adapter: XAttention as the `attention_fn` of `flax.nnx.MultiHeadAttention` and of
+`flax.linen.MultiHeadDotProductAttention` (or any module with that hook).
 
+    # NNX: nnx.MultiHeadAttention forwards its `is_causal` call argument
     attn = nnx.MultiHeadAttention(num_heads=32, in_features=4096, decode=False, rngs=rngs,
                                   attention_fn=xattn_jax.attention_fn(XAttentionConfig(threshold=0.9)))
-    y = attn(x, is_causal=True)   # no mask: causality comes from is_causal (or from the adapter's is_causal)
+    y = attn(x, is_causal=True)
+
+    # Linen: MultiHeadDotProductAttention passes no is_causal, so fix it in the adapter
+    attn = nn.MultiHeadDotProductAttention(num_heads=32, attention_fn=xattn_jax.attention_fn(is_causal=True))
+    y = attn.apply(params, x)
 
 Flax passes a dense `mask` when you give one (and builds one itself in decode mode); XAttention cannot honour it and
 raises NotImplementedError, so leave the mask out and let `is_causal` and the seq lengths say what is masked.
@@ -32,14 +38,20 @@ def attention_fn(config: XAttentionConfig | None = None, *, is_causal: bool | No
     raise ValueError(f"{is_causal=} must be None or a bool")
   forced_causal = is_causal
 
-  def fn(query, key, value, bias=None, mask=None, *, is_causal: bool = False, input_positions=None, **flax_kwargs):
+  # The Flax keywords are named (not only swallowed by **kwargs): Linen passes an attention_fn only the keywords
+  # its signature names, and dropout must reach xattention to be refused rather than silently dropped.
+  def fn(query, key, value, bias=None, mask=None, *, is_causal: bool = False, dropout_rng=None,
+         dropout_rate: float = 0.0, broadcast_dropout: bool = True, deterministic: bool = False, dtype=None,
+         precision=None, module=None, input_positions=None, **unused):
     if input_positions is not None:
       raise NotImplementedError("xattention takes positions from the seq lengths, not input_positions")
     return xattention(
         query, key, value, bias, mask, is_causal=is_causal if forced_causal is None else forced_causal,
         threshold=config.threshold, stride=config.stride, block_size=config.block_size, keep_sink=config.keep_sink,
         keep_diagonal=config.keep_diagonal, query_chunk_size=config.query_chunk_size,
-        implementation=config.implementation, **overrides, **flax_kwargs,
+        implementation=config.implementation, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
+        broadcast_dropout=broadcast_dropout, deterministic=deterministic, dtype=dtype, precision=precision,
+        module=module, **overrides, **unused,
     )
 
   return fn

@@ -1,4 +1,4 @@
-"""XAttention as the attention_fn of flax.nnx.MultiHeadAttention."""
+"""XAttention as the attention_fn of flax.nnx.MultiHeadAttention and flax.linen.MultiHeadDotProductAttention."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import nnx
 
 import xattn_jax as xa
@@ -46,3 +47,19 @@ def test_a_dense_mask_is_refused():
     xa.attention_fn({"threshold": 0.9})
   with pytest.raises(ValueError, match="is_causal=1"):
     xa.attention_fn(is_causal=1)
+
+
+def test_linen_multi_head_attention():
+  x = jax.random.normal(jax.random.key(3), (2, 80, 32))
+  config = xa.XAttentionConfig(threshold=1.0, block_size=16, stride=4)
+  sparse = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=64, attention_fn=xa.attention_fn(
+      config, is_causal=True))
+  dense = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=64)
+  params = dense.init(jax.random.key(0), x)
+  want = dense.apply(params, x, mask=nn.make_causal_mask(jnp.ones((2, 80))))
+  got = run_checked(lambda p, x: sparse.apply(p, x), params, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+  sparse_dropout = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=64, dropout_rate=0.1,
+                                                   attention_fn=xa.attention_fn(config, is_causal=True))
+  with pytest.raises(NotImplementedError, match="dropout"):
+    sparse_dropout.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})

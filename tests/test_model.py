@@ -1,0 +1,145 @@
+"""The Flax model: shapes at real sizes, KV cache, chunked prefill, buckets, per-layer attention choice, sampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import xattn_jax as xa
+from models.config import AttentionConfig, ModelConfig, llama3_1_8b, smollm2_135m
+from models.generate import Generator, sample
+from models.transformer import Transformer
+from tests.conftest import run_checked
+
+TINY = ModelConfig(vocab_size=97, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
+                   qkv_bias=True)
+XATTN = AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(threshold=0.8, block_size=16, stride=4))
+
+
+def _model(config=TINY, seed=0):
+  return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def _forward(model, tokens, lengths=None):
+  graphdef, state = nnx.split(model)
+  return run_checked(lambda state, tokens, lengths: nnx.merge(graphdef, state)(tokens, lengths=lengths),
+                     state, jnp.asarray(tokens, jnp.int32),
+                     jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32) if lengths is None else lengths)
+
+
+def _prompts(seed, lengths, vocab=97):
+  rng = np.random.default_rng(seed)
+  return [list(rng.integers(1, vocab, size=n)) for n in lengths]
+
+
+@pytest.mark.parametrize("config_fn,params", [(llama3_1_8b, 8_030_261_248), (smollm2_135m, 134_515_008)])
+def test_shapes_at_real_sizes(config_fn, params):
+  config = config_fn(attention=AttentionConfig(kind="xattention"))
+  model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                             rngs=nnx.Rngs(0)))
+  count = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+  assert count == params
+  tokens = jax.ShapeDtypeStruct((1, 8192), jnp.int32)
+  logits = nnx.eval_shape(lambda m, t: m(t), model, tokens)
+  assert logits.shape == (1, 8192, config.vocab_size) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("attention", [AttentionConfig(), XATTN], ids=["dense", "xattention"])
+def test_prefill_then_decode_equals_full_forward(attention):
+  model = _model(TINY.with_attention(attention))
+  prompts = _prompts(1, [45, 30])
+  gen = Generator(model, max_len=128, chunk_size=64, bucket=16)
+  logits, cache, _ = gen.prefill(prompts)
+  next_tokens = jnp.array([5, 9], jnp.int32)
+  graphdef, state = nnx.split(model)
+  step_logits, _ = run_checked(lambda state, t, c: nnx.merge(graphdef, state).decode(t, c), state, next_tokens, cache)
+  for b, p in enumerate(prompts):
+    full = _forward(model, np.asarray([p + [int(next_tokens[b])]]))[0]
+    np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(full[len(p) - 1]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(step_logits[b]), np.asarray(full[len(p)]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", [AttentionConfig(), XATTN], ids=["dense", "xattention"])
+def test_chunked_prefill_equals_one_shot(attention):
+  model = _model(TINY.with_attention(attention))
+  prompts = _prompts(2, [100, 61])
+  one_shot = Generator(model, max_len=256, chunk_size=128, bucket=16)
+  chunked = Generator(model, max_len=256, chunk_size=32, bucket=16)
+  a, cache_a, dens_a = one_shot.prefill(prompts)
+  b, cache_b, dens_b = chunked.prefill(prompts)
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(cache_a.lengths), np.asarray(cache_b.lengths))
+  for la, lb in zip(cache_a.layers, cache_b.layers):  # the real tokens' keys (padding rows differ, never read)
+    for b, n in enumerate((100, 61)):
+      np.testing.assert_allclose(np.asarray(lb.k[b, :n]), np.asarray(la.k[b, :n]), atol=1e-5)
+      np.testing.assert_allclose(np.asarray(lb.v[b, :n]), np.asarray(la.v[b, :n]), atol=1e-5)
+  out_a = one_shot.generate(prompts, max_new_tokens=6)
+  out_b = chunked.generate(prompts, max_new_tokens=6)
+  assert out_a.tokens == out_b.tokens
+
+
+def test_bucket_padding_changes_nothing_and_buckets_compile_once():
+  model = _model(TINY.with_attention(XATTN))
+  gen = Generator(model, max_len=512, chunk_size=512, bucket=128)
+  wide = Generator(model, max_len=512, chunk_size=512, bucket=256)
+  prompts = _prompts(3, [100])
+  np.testing.assert_allclose(np.asarray(gen.prefill(prompts)[0]), np.asarray(wide.prefill(prompts)[0]),
+                             atol=1e-5, rtol=1e-5)
+  for n in (70, 128, 111):  # same bucket (128): no recompilation
+    gen.prefill(_prompts(n, [n]))
+  assert gen._prefill._cache_size() == 1
+  gen.prefill(_prompts(4, [129]))  # next bucket
+  assert gen._prefill._cache_size() == 2
+
+
+def test_generation_matches_naive_greedy_and_stops():
+  model = _model()
+  prompt = _prompts(5, [20])[0]
+  naive = list(prompt)
+  for _ in range(5):
+    naive.append(int(jnp.argmax(_forward(model, np.asarray([naive]))[0, -1])))
+  gen = Generator(model, max_len=128, chunk_size=64, bucket=16)
+  result = gen.generate([prompt], max_new_tokens=5)
+  assert result.tokens == [naive[20:]]
+  stopped = gen.generate([prompt], max_new_tokens=5, stop_tokens=(naive[22],))
+  assert stopped.tokens == [naive[20:22]]
+
+
+def test_first_layers_dense_and_densities():
+  model = _model(TINY.with_attention(AttentionConfig(kind="xattention", dense_layers=1,
+                                                     xattention=XATTN.xattention)))
+  _, _, densities = Generator(model, max_len=256, chunk_size=256, bucket=16).prefill(_prompts(6, [200]))
+  densities = np.asarray(densities)
+  assert densities[0] == -1 and np.all((densities[1:] > 0) & (densities[1:] <= 1))
+
+
+def test_threshold_one_model_equals_dense():
+  dense = _model()
+  sparse = _model(TINY.with_attention(AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(
+      threshold=1.0, block_size=16, stride=4))))
+  tokens = np.asarray(_prompts(7, [70, 70]))
+  lengths = jnp.array([70, 52], jnp.int32)
+  np.testing.assert_allclose(np.asarray(_forward(sparse, tokens, lengths))[1, :52],
+                             np.asarray(_forward(dense, tokens, lengths))[1, :52], atol=1e-5, rtol=1e-5)
+
+
+def test_per_layer_thresholds_validation():
+  config = AttentionConfig(kind="xattention", layer_thresholds=(0.9, (0.5, 0.6, 0.7, 0.8), 1.0))
+  assert config.for_layer(1).threshold == (0.5, 0.6, 0.7, 0.8)
+  with pytest.raises(ValueError, match="layer_thresholds has 3 entries"):
+    config.for_layer(3)
+  with pytest.raises(ValueError, match="kind='sparse'"):
+    AttentionConfig(kind="sparse")
+
+
+def test_sampling():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  keys = jax.random.split(jax.random.key(0), 1)[0]
+  assert set(np.asarray(sample(logits, keys, temperature=0.0, top_p=1.0)).tolist()) == {0}
+  top = np.asarray(sample(logits, keys, temperature=1.0, top_p=0.7))  # keeps tokens 0 and 1 only
+  assert set(top.tolist()) == {0, 1} and 0.55 < np.mean(top == 0) < 0.70
+  full = np.asarray(sample(logits, keys, temperature=1.0, top_p=1.0))
+  assert set(full.tolist()) == {0, 1, 2, 3}
