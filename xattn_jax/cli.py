@@ -1,7 +1,10 @@
 """`xattn-jax` command line. Subcommands:
 
-  op    run the public op on LLM-like synthetic inputs (xattn_jax.synthetic) next to dense attention and print
-        density, error and time; runs on a CPU in seconds.
+  generate       load a model (Hugging Face directory, .gguf, or "smollm2") and answer a prompt file, printing the
+                 answer, prefill time, decode tokens/s and the selected block density per layer
+  prefill-bench  dense vs XAttention prefill of one prompt: time, density, max logit difference
+  needle-prompt  write a needle-in-a-haystack prompt (offline, from Python's own documentation)
+  op             the bare op on LLM-like synthetic inputs next to dense attention
 """
 
 from __future__ import annotations
@@ -52,6 +55,120 @@ def _op(args) -> int:
   return 0
 
 
+def _progress(label: str, done: int, total: int) -> None:
+  width = 30
+  filled = width * done // max(total, 1)
+  print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="" if done < total else "\n",
+        file=sys.stderr, flush=True)
+
+
+def _attention_config(args, attention: str):
+  from models.config import AttentionConfig
+
+  if attention == "dense":
+    return AttentionConfig()
+  return AttentionConfig(kind="xattention", dense_layers=args.dense_layers, xattention=xa.XAttentionConfig(
+      stride=args.stride, threshold=args.threshold, block_size=args.block_size, implementation=args.implementation))
+
+
+def _load(args, attention: str):
+  from models.loading import from_pretrained, load_tokenizer
+
+  dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}[args.dtype]
+  model = from_pretrained(args.model, dtype=dtype, attention=_attention_config(args, attention))
+  return model, load_tokenizer(args.model)
+
+
+def _prompt_ids(args, tokenizer) -> list[int]:
+  with open(args.prompt_file, encoding="utf-8") as f:
+    text = f.read()
+  if args.chat:
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+  return tokenizer.encode(text)
+
+
+def _max_len(n_prompt: int, args) -> int:
+  chunk = args.chunk_size
+  return max(chunk, -(-(n_prompt + args.max_new_tokens) // chunk) * chunk)
+
+
+def _generate(args) -> int:
+  from models.generate import Generator
+
+  model, tokenizer = _load(args, args.attention)
+  ids = _prompt_ids(args, tokenizer)
+  gen = Generator(model, max_len=_max_len(len(ids), args), chunk_size=args.chunk_size)
+  result = gen.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        stop_tokens=tokenizer.stop_token_ids, seed=args.seed)
+  print(tokenizer.decode(result.tokens[0]).strip())
+  print(f"\nprompt: {len(ids)} tokens; attention: {args.attention}; device: {jax.devices()[0].device_kind}",
+        file=sys.stderr)
+  print(f"prefill: {result.prefill_seconds:.2f} s (includes compilation); decode: {result.decode_steps} steps, "
+        f"{result.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+  dens = " ".join("dense" if d < 0 else f"{d:.2f}" for d in result.densities)
+  print(f"selected block density per layer: {dens}", file=sys.stderr)
+  return 0
+
+
+def _prefill_bench(args) -> int:
+  from models.generate import Generator
+
+  rows = []
+  last = {}
+  for attention in ("dense", "xattention"):
+    model, tokenizer = _load(args, attention)
+    ids = _prompt_ids(args, tokenizer)
+    gen = Generator(model, max_len=_max_len(len(ids), args), chunk_size=args.chunk_size)
+    times = []
+    for i in range(args.repeats + 1):  # the first run compiles
+      _progress(f"{attention:>10} prefill", i, args.repeats + 1)
+      start = time.perf_counter()
+      logits, _, densities = gen.prefill([ids])
+      jax.block_until_ready(logits)
+      times.append(time.perf_counter() - start)
+    _progress(f"{attention:>10} prefill", args.repeats + 1, args.repeats + 1)
+    last[attention] = logits[0]
+    dens = [float(d) for d in densities if d >= 0]
+    rows.append((attention, statistics.median(times[1:]), times[0], sum(dens) / len(dens) if dens else 1.0))
+  diff = float(jnp.max(jnp.abs(last["dense"] - last["xattention"])))
+  same = int(jnp.argmax(last["dense"])) == int(jnp.argmax(last["xattention"]))
+  print(f"model {args.model}, prompt {len(ids)} tokens, {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  print(f"{'attention':12}{'prefill (s)':>13}{'first run (s)':>15}{'density':>9}")
+  for name, t, first, d in rows:
+    print(f"{name:12}{t:13.3f}{first:15.3f}{d:9.3f}")
+  print(f"speedup {rows[0][1] / rows[1][1]:.2f}x; max |logit difference| at the last token {diff:.3e}; "
+        f"same next token: {same}")
+  return 0
+
+
+def _needle_prompt(args) -> int:
+  from models.haystack import needle_prompt
+
+  prompt = needle_prompt(chars=args.chars, depth=args.depth, haystack=args.haystack, seed=args.seed)
+  with open(args.out, "w", encoding="utf-8") as f:
+    f.write(prompt.text)
+  print(f"wrote {args.out}: {len(prompt.text)} characters, needle at depth {prompt.depth}; expected answer "
+        f"{prompt.answer}")
+  return 0
+
+
+def _model_args(p, *, attention: bool) -> None:
+  p.add_argument("--model", required=True, help='Hugging Face directory, .gguf file, or "smollm2"')
+  p.add_argument("--prompt-file", required=True)
+  if attention:
+    p.add_argument("--attention", choices=["dense", "xattention"], default="xattention")
+  p.add_argument("--stride", type=int, default=8)
+  p.add_argument("--threshold", type=float, default=0.9)
+  p.add_argument("--block-size", type=int, default=128)
+  p.add_argument("--dense-layers", type=int, default=0, help="keep the first n layers dense")
+  p.add_argument("--implementation", default=None)
+  p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+  p.add_argument("--chunk-size", type=int, default=4096, help="prefill chunk (prompts longer than this are chunked)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
+  p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="xattn-jax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +186,22 @@ def main(argv=None) -> int:
   op.add_argument("--repeats", type=int, default=3)
   op.add_argument("--seed", type=int, default=0)
   op.set_defaults(run=_op)
+  gen = sub.add_parser("generate", help="answer a prompt file with a model")
+  _model_args(gen, attention=True)
+  gen.add_argument("--temperature", type=float, default=0.0)
+  gen.add_argument("--top-p", type=float, default=1.0)
+  gen.set_defaults(run=_generate)
+  bench = sub.add_parser("prefill-bench", help="dense vs XAttention prefill of one prompt")
+  _model_args(bench, attention=False)
+  bench.add_argument("--repeats", type=int, default=3)
+  bench.set_defaults(run=_prefill_bench)
+  needle = sub.add_parser("needle-prompt", help="write a needle-in-a-haystack prompt file")
+  needle.add_argument("--out", required=True)
+  needle.add_argument("--chars", type=int, default=12000, help="haystack size (about 4 characters per token)")
+  needle.add_argument("--depth", type=float, default=0.5)
+  needle.add_argument("--haystack", choices=["prose", "noise"], default="prose")
+  needle.add_argument("--seed", type=int, default=0)
+  needle.set_defaults(run=_needle_prompt)
   args = parser.parse_args(argv)
   try:
     return args.run(args)
