@@ -47,15 +47,27 @@ def test_shapes_at_real_sizes(config_fn, params):
   assert logits.shape == (1, 8192, config.vocab_size) and logits.dtype == jnp.float32
 
 
+def _method(model, name, *args):
+  """model.<name>(*args) jitted under the checkify helper."""
+  graphdef, state = nnx.split(model)
+  return run_checked(lambda state, *args: getattr(nnx.merge(graphdef, state), name)(*args), state, *args)
+
+
+def _padded(prompts, width):
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+
 @pytest.mark.parametrize("attention", [AttentionConfig(), XATTN], ids=["dense", "xattention"])
 def test_prefill_then_decode_equals_full_forward(attention):
   model = _model(TINY.with_attention(attention))
   prompts = _prompts(1, [45, 30])
-  gen = Generator(model, max_len=128, chunk_size=64, bucket=16)
-  logits, cache, _ = gen.prefill(prompts)
+  tokens, lengths = _padded(prompts, 48)
+  logits, cache, _ = _method(model, "prefill", tokens, lengths, model.init_cache(2, 128))
   next_tokens = jnp.array([5, 9], jnp.int32)
-  graphdef, state = nnx.split(model)
-  step_logits, _ = run_checked(lambda state, t, c: nnx.merge(graphdef, state).decode(t, c), state, next_tokens, cache)
+  step_logits, _ = _method(model, "decode", next_tokens, cache)
   for b, p in enumerate(prompts):
     full = _forward(model, np.asarray([p + [int(next_tokens[b])]]))[0]
     np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(full[len(p) - 1]), atol=1e-4, rtol=1e-4)
@@ -66,19 +78,23 @@ def test_prefill_then_decode_equals_full_forward(attention):
 def test_chunked_prefill_equals_one_shot(attention):
   model = _model(TINY.with_attention(attention))
   prompts = _prompts(2, [100, 61])
-  one_shot = Generator(model, max_len=256, chunk_size=128, bucket=16)
-  chunked = Generator(model, max_len=256, chunk_size=32, bucket=16)
-  a, cache_a, dens_a = one_shot.prefill(prompts)
-  b, cache_b, dens_b = chunked.prefill(prompts)
-  np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=1e-4)
+  tokens, lengths = _padded(prompts, 128)
+  a, cache_a, _ = _method(model, "prefill", tokens, lengths, model.init_cache(2, 256))
+  cache_b = model.init_cache(2, 256)
+  for c in range(4):  # four chunks of 32 through the checkify helper; the second prompt ends inside chunk 1
+    chunk_lengths = jnp.clip(lengths - 32 * c, 0, 32)
+    logits, cache_b, _ = _method(model, "extend", tokens[:, 32 * c:32 * (c + 1)], chunk_lengths, cache_b)
+    if c == 1:
+      np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(a[1]), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(a[0]), atol=1e-4, rtol=1e-4)
   np.testing.assert_array_equal(np.asarray(cache_a.lengths), np.asarray(cache_b.lengths))
   for la, lb in zip(cache_a.layers, cache_b.layers):  # the real tokens' keys (padding rows differ, never read)
     for b, n in enumerate((100, 61)):
       np.testing.assert_allclose(np.asarray(lb.k[b, :n]), np.asarray(la.k[b, :n]), atol=1e-5)
       np.testing.assert_allclose(np.asarray(lb.v[b, :n]), np.asarray(la.v[b, :n]), atol=1e-5)
-  out_a = one_shot.generate(prompts, max_new_tokens=6)
-  out_b = chunked.generate(prompts, max_new_tokens=6)
-  assert out_a.tokens == out_b.tokens
+  one_shot = Generator(model, max_len=256, chunk_size=128, bucket=16)
+  chunked = Generator(model, max_len=256, chunk_size=32, bucket=16)
+  assert one_shot.generate(prompts, max_new_tokens=6).tokens == chunked.generate(prompts, max_new_tokens=6).tokens
 
 
 def test_bucket_padding_changes_nothing_and_buckets_compile_once():
