@@ -1,8 +1,8 @@
 """Where does the fixed cost of the sparse attention call go? (probe for benchmarks/notes_attention_mosaic_gpu.md)
 
-Times, per length, with one selected block per query block (the diagonal): the kernel alone (backend function with
-n_full precomputed), the whole public op under jit, the XLA prologue (`unmasked_prefix`) alone, and a trivial
-jitted op for the host dispatch floor.
+Times, per length, with one or four selected blocks per query block: the kernel alone (persistent grid, and one CTA
+per layout row), the whole public op under jit, the XLA prologue (`unmasked_prefix`) alone, and a trivial jitted op
+for the host dispatch floor.
 """
 
 import sys
@@ -18,6 +18,7 @@ from attention_speed import timed  # run as `python benchmarks/probe_attention_o
 
 
 def main():
+  xa.set_traced_checks(False)  # the public op timed without the dispatch cost of traced checks (see notes)
   heads, kv_heads, head_dim = 32, 8, 128
   tiny = jax.jit(lambda x: x + 1)
   print(f"host floor (x+1): {timed(tiny, jnp.ones(8), repeats=30)['ms']:.3f} ms")
@@ -35,10 +36,14 @@ def main():
       layout = xa.BlockLayout.from_dense(mask)
       direct = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
           q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5))
+      per_row = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
+          q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5,
+          config=kernel.TuningConfig(num_ctas=None)))
       public = jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
           q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu"))
       prefix = jax.jit(lambda layout: kernel.unmasked_prefix(layout, geometry, causal=True))
-      print(f"T={length:>6} {name:>9}: kernel {timed(direct, q, k, v, layout, repeats=30)['ms']:7.3f} ms   public op "
+      print(f"T={length:>6} {name:>9}: kernel {timed(direct, q, k, v, layout, repeats=30)['ms']:7.3f} ms   "
+            f"one CTA per row {timed(per_row, q, k, v, layout, repeats=30)['ms']:7.3f} ms   public op "
             f"{timed(public, q, k, v, layout, repeats=30)['ms']:7.3f} ms   unmasked_prefix {timed(prefix, layout, repeats=30)['ms']:7.3f} ms", flush=True)
 
 

@@ -1,11 +1,13 @@
 """Block-sparse flash attention forward for Hopper (Pallas Mosaic GPU, `plgpu.kernel`, warp specialized).
 
-One CTA per (query head n, query block r, batch b) -- one row of the BlockLayout. Three warpgroups:
+A tile is one row of the BlockLayout: (batch b, query head n, query block r). A persistent grid of CTAs (one per
+SM) walks the tiles, longest rows first; each CTA has three warpgroups:
 
     WG0, WG1 (consumers)  rows [r*128, r*128+64) and [r*128+64, r*128+128) of the query block:
                           S = Q K^T (wgmma, f32 acc) -> online softmax (m_i, l_i in registers) -> acc += P V (wgmma)
     WG2 (producer)        TMA copies of the selected K and V blocks, read from the layout's index row, into a ring
-                          of `num_stages` SMEM slots; k/v barriers say "loaded", k/v consumed barriers say "free"
+                          of `num_stages` SMEM slots; k/v barriers say "loaded", k/v consumed barriers say "free".
+                          The ring runs on across tiles, so the next tile's first blocks arrive early.
 
 Every warpgroup reads the same trip count `counts[b, n, r]`, so producer and consumers agree on the number of
 steps (a row may have 0 steps: padding query blocks; the output is then 0 and the lse -inf).
@@ -50,12 +52,15 @@ class TuningConfig:
   pv_operand: str = "registers"  # "registers" (FA3) or "smem" (interpretable)
   producer_registers: int = 40
   consumer_registers: int = 232
+  num_ctas: int | None = 132  # persistent grid (the SM count of H100 SXM and H200); None: one CTA per layout row
 
   def __post_init__(self):
     if self.pv_operand not in ("registers", "smem"):
       raise ValueError(f"pv_operand={self.pv_operand!r} must be 'registers' or 'smem'")
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+    if self.num_ctas is not None and self.num_ctas < 1:
+      raise ValueError(f"num_ctas={self.num_ctas} must be None or >= 1")
 
   @property
   def block_q(self) -> int:  # rows per consumer warpgroup
@@ -63,20 +68,29 @@ class TuningConfig:
 
 
 def _kernel(
-    q_ref, k_ref, v_ref, counts_ref, indices_ref, n_full_ref, q_len_ref, kv_len_ref, q_pos_ref,  # inputs (GMEM)
-    out_ref, lse_ref,  # outputs (GMEM)
+    q_ref, k_ref, v_ref, order_ref, counts_ref, indices_ref, n_full_ref, q_len_ref, kv_len_ref, q_pos_ref,  # GMEM in
+    out_ref, lse_ref,  # GMEM out
     qo_smem, k_smem, v_smem, p_smem, lse_smem,  # scratch
     k_barriers, v_barriers, q_barriers, k_consumed_barriers, v_consumed_barriers, schedule_barrier,
-    *, causal: bool, qk_scale: float, group: int, config: TuningConfig,
+    *, causal: bool, qk_scale: float, group: int, num_tiles: int, grid: int, config: TuningConfig,
 ):
+  """Persistent: CTA c runs tiles order[c], order[c + G], ... (G = grid size); a tile is one layout row.
+
+  The K/V ring and its barriers run on across tiles (global step counter), so the producer prefetches the next
+  tile's first blocks while the consumers finish the current one. Q/O staging is double buffered per consumer:
+  tile i's output store drains while tile i+1 loads and computes.
+  """
   block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
-  n = lax.axis_index("heads")
-  r = lax.axis_index("q_blocks")
-  b = lax.axis_index("batch")
+  num_heads, num_q_blocks = counts_ref.shape[1], counts_ref.shape[2]
+  cta = lax.axis_index("cta")
   wg = lax.axis_index("wg")
-  count = counts_ref[b, n, r]
+  my_tiles = (num_tiles - cta + grid - 1) // grid
   dtype = q_ref.dtype
   head_dim = q_ref.shape[-1]
+
+  def tile_coords(i):
+    tile = order_ref[cta + i * grid]  # (b * nQb + r) * N + n
+    return tile // (num_q_blocks * num_heads), (tile // num_heads) % num_q_blocks, tile % num_heads
 
   def schedule():  # ping-pong the two consumers so one's softmax overlaps the other's wgmma
     plgpu.barrier_arrive(schedule_barrier)
@@ -85,122 +99,161 @@ def _kernel(
   @pl.when(wg < 2)
   def _consumer():
     plgpu.set_max_registers(config.consumer_registers, action="increase")
-    q_smem = qo_smem.at[wg]
-    q_base = r * block_kv + wg * block_q
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem, q_barriers.at[wg])
-    kv_len = kv_len_ref[b]
-    q_position = q_pos_ref[b] + q_base  # position of this warpgroup's first query
-    n_full = n_full_ref[b, n, r]
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
-    l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row_layout)
-    acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-    plgpu.barrier_wait(q_barriers.at[wg])
 
-    @pl.when(count > 0)
-    def _():
-      plgpu.barrier_wait(k_barriers.at[0])
+    def run_tile(i, first_step):
+      b, r, n = tile_coords(i)
+      count = counts_ref[b, n, r]
+      buffers = qo_smem.shape[1]
+      buf = lax.rem(i, buffers)
+      q_smem = qo_smem.at[wg, buf]
+      q_base = r * block_kv + wg * block_q
+      # The stores (O, lse: two groups per tile) of the tile that last used this buffer must have read it.
+      plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem, q_barriers.at[wg * buffers + buf])
+      kv_len = kv_len_ref[b]
+      q_position = q_pos_ref[b] + q_base  # position of this warpgroup's first query
+      n_full = n_full_ref[b, n, r]
+      m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
+      l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row_layout)
+      acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+      plgpu.barrier_wait(q_barriers.at[wg * buffers + buf])
 
-    pl.when(wg == 1)(schedule)
+      @pl.when(count > 0)
+      def _():
+        plgpu.barrier_wait(k_barriers.at[lax.rem(first_step, stages)])
 
-    def step(j, carry, *, masked: bool):
-      acc, m_i, l_i = carry
-      slot = lax.rem(j, stages)
+      pl.when(wg == 1)(schedule)
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-        schedule()
-        return acc_ref[...]
+      def step(j, carry, *, masked: bool):
+        acc, m_i, l_i = carry
+        slot = lax.rem(first_step + j, stages)
 
-      s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-      plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-      s = s * qk_scale
-      if masked:
-        first_key = indices_ref[b, n, r, j] * block_kv
-        rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-        keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + first_key
-        ok = keys < kv_len
-        if causal:
-          ok &= keys <= rows + q_position
-        s = jnp.where(ok, s, -jnp.inf)
-      m_new = jnp.maximum(m_i, s.max(axis=1))
-      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows masked so far: exp2(-inf - 0) = 0, not NaN
-      alpha = jnp.exp2(m_i - m_use)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-      l_i = l_i * alpha + p.sum(axis=1)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      p16 = p.astype(dtype)
-      plgpu.barrier_arrive(schedule_barrier)
-      plgpu.barrier_wait(v_barriers.at[slot])
-      plgpu.barrier_wait(schedule_barrier)
-
-      def wait_next_k():
-        @pl.when(j + 1 < count)
-        def _():
-          plgpu.barrier_wait(k_barriers.at[lax.rem(j + 1, stages)])
-
-      if config.pv_operand == "registers":
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          wait_next_k()
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      else:
-        p_smem.at[wg][...] = p16
-        plgpu.commit_smem()
-
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
-          wait_next_k()
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          schedule()
           return acc_ref[...]
 
-        acc = acc + pl.run_scoped(pv, plgpu.ACC((block_q, head_dim), jnp.float32))
-      plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-      return acc, m_new, l_i
+        s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+        s = s * qk_scale
+        if masked:
+          first_key = indices_ref[b, n, r, j] * block_kv
+          rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+          keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + first_key
+          ok = keys < kv_len
+          if causal:
+            ok &= keys <= rows + q_position
+          s = jnp.where(ok, s, -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows masked so far: exp2(-inf - 0) = 0, not NaN
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        p16 = p.astype(dtype)
+        plgpu.barrier_arrive(schedule_barrier)
+        plgpu.barrier_wait(v_barriers.at[slot])
+        plgpu.barrier_wait(schedule_barrier)
 
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
-    acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
-    pl.when(wg == 0)(schedule)
+        def wait_next_k():
+          @pl.when(j + 1 < count)
+          def _():
+            plgpu.barrier_wait(k_barriers.at[lax.rem(first_step + j + 1, stages)])
 
-    rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=row_layout) + q_base
-    live = (l_i > 0) & (rows < q_len_ref[b])  # padding queries and queries that attend to nothing
-    l_safe = jnp.where(live, l_i, 1.0)
-    out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-    out = jnp.where(lax.broadcast_in_dim(live, acc.shape, [0]), out, 0.0)
-    q_smem[...] = out.astype(dtype)  # Q is dead: its SMEM tile stages the output
-    lse_smem.at[wg][...] = jnp.where(live, (m_i + jnp.log2(l_safe)) * (1.0 / _LOG2E), -jnp.inf)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, n, pl.ds(q_base, block_q)])
+        if config.pv_operand == "registers":
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            wait_next_k()
+
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        else:
+          p_smem.at[wg][...] = p16
+          plgpu.commit_smem()
+
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+            wait_next_k()
+            return acc_ref[...]
+
+          acc = acc + pl.run_scoped(pv, plgpu.ACC((block_q, head_dim), jnp.float32))
+        plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+        return acc, m_new, l_i
+
+      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
+      acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
+      pl.when(wg == 0)(schedule)
+
+      rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=row_layout) + q_base
+      live = (l_i > 0) & (rows < q_len_ref[b])  # padding queries and queries that attend to nothing
+      l_safe = jnp.where(live, l_i, 1.0)
+      out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+      out = jnp.where(lax.broadcast_in_dim(live, acc.shape, [0]), out, 0.0)
+      q_smem[...] = out.astype(dtype)  # Q is dead: its SMEM tile stages the output
+      lse_smem.at[wg, buf][...] = jnp.where(live, (m_i + jnp.log2(l_safe)) * (1.0 / _LOG2E), -jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, n, pl.ds(q_base, block_q)])
+      return first_step + count
+
+    lax.fori_loop(0, my_tiles, run_tile, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == 2)
   def _producer():
     plgpu.set_max_registers(config.producer_registers, action="decrease")
-    kv_head = lax.div(n, group)
 
-    def load(j, slot, wait_free: bool):
-      keys = (b, pl.ds(indices_ref[b, n, r, j] * block_kv, block_kv), kv_head)
-      if wait_free:
-        plgpu.barrier_wait(k_consumed_barriers.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
-      if wait_free:
-        plgpu.barrier_wait(v_consumed_barriers.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+    def load_tile(i, g):  # g: blocks loaded so far by this CTA (ring position)
+      b, r, n = tile_coords(i)
+      kv_head = lax.div(n, group)
 
-    for j in range(stages):
-      pl.when(j < count)(functools.partial(load, j, j, False))
+      def load(j, g):
+        slot = lax.rem(g, stages)
+        keys = (b, pl.ds(indices_ref[b, n, r, j] * block_kv, block_kv), kv_head)
 
-    @pl.loop(stages, jnp.maximum(count, stages))
-    def _(j):
-      load(j, lax.rem(j, stages), True)
+        @pl.when(g >= stages)  # the slot's previous block must be consumed
+        def _():
+          plgpu.barrier_wait(k_consumed_barriers.at[slot])
+
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+
+        @pl.when(g >= stages)
+        def _():
+          plgpu.barrier_wait(v_consumed_barriers.at[slot])
+
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+        return g + 1
+
+      return lax.fori_loop(0, counts_ref[b, n, r], load, g)
+
+    total = lax.fori_loop(0, my_tiles, load_tile, jnp.int32(0))
 
     # Observe the last consumed phases: a no-op on the GPU, required by the interpreter's barrier bookkeeping.
-    @pl.loop(jnp.maximum(count - stages, 0), count)
-    def _(j):
-      slot = lax.rem(j, stages)
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _(g):
+      slot = lax.rem(g, stages)
       plgpu.barrier_wait(k_consumed_barriers.at[slot])
       plgpu.barrier_wait(v_consumed_barriers.at[slot])
+
+
+_SMEM_BYTES = 227 * 1024  # per CTA on sm_90 (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+
+
+def smem_bytes(config: TuningConfig, head_dim: int, dtype, *, q_buffers: int) -> int:
+  """SMEM of one CTA, each allocation rounded up to 1 KiB as Mosaic GPU does, plus the reduction scratch.
+
+  Head dim 128, bf16, 2 stages, P in registers, 2 Q buffers: Q/O 2 x 2 x 64 x 128 x 2 = 64 KiB, K and V
+  2 x 128 x 128 x 2 = 64 KiB each, lse 1 KiB, barriers 1 KiB each group: ~196 KiB of 227. With P in SMEM
+  (+32 KiB) only one Q buffer fits.
+  """
+  itemsize = jnp.dtype(dtype).itemsize
+  kib = lambda n: -(-n // 1024) * 1024
+  total = kib(2 * q_buffers * config.block_q * head_dim * itemsize)
+  total += 2 * kib(config.num_stages * config.block_kv * head_dim * itemsize)
+  if config.pv_operand == "smem":
+    total += kib(2 * config.block_q * config.block_kv * itemsize)
+  total += kib(2 * q_buffers * config.block_q * 4) + 6 * 1024 + 128 * 4 * 4  # lse, barrier groups, reductions
+  return total
 
 
 def supports(q, k, layout: BlockLayout) -> str | None:
@@ -254,32 +307,42 @@ def block_sparse_attention(
   q, k, v = pad(q, nqb * blk), pad(k, nkb * blk), pad(v, nkb * blk)
   block_q, stages = config.block_q, config.num_stages
   dtype = q.dtype
+  num_tiles = B * N * nqb
+  # Longest rows first (a greedy balance of the causal triangle); ties keep (b, r, n) order, so the G query heads
+  # of one kv head stay next to each other and share K/V blocks in L2.
+  work = layout.counts.transpose(0, 2, 1).reshape(-1)  # tile id (b * nQb + r) * N + n
+  order = jnp.argsort(-work, stable=True).astype(jnp.int32)
+  grid = num_tiles if config.num_ctas is None else min(config.num_ctas, num_tiles)
+  buffers = 2 if smem_bytes(config, H, dtype, q_buffers=2) <= _SMEM_BYTES else 1
+  if smem_bytes(config, H, dtype, q_buffers=buffers) > _SMEM_BYTES:
+    raise NotImplementedError(f"{config} needs {smem_bytes(config, H, dtype, q_buffers=1)} bytes of SMEM at head dim "
+                              f"{H} (the budget is {_SMEM_BYTES})")
   scratch = dict(
-      qo_smem=plgpu.SMEM((2, block_q, H), dtype),
+      qo_smem=plgpu.SMEM((2, buffers, block_q, H), dtype),  # [consumer, buffer]
       k_smem=plgpu.SMEM((stages, blk, H), dtype),
       v_smem=plgpu.SMEM((stages, blk, H), dtype),
       p_smem=plgpu.SMEM((2, block_q, blk), dtype) if config.pv_operand == "smem" else None,
-      lse_smem=plgpu.SMEM((2, block_q), jnp.float32),
+      lse_smem=plgpu.SMEM((2, buffers, block_q), jnp.float32),
       k_barriers=plgpu.Barrier(num_barriers=stages),
       v_barriers=plgpu.Barrier(num_barriers=stages),
-      q_barriers=plgpu.Barrier(num_barriers=2),
+      q_barriers=plgpu.Barrier(num_barriers=2 * buffers),
       k_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       v_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       schedule_barrier=plgpu.Barrier(num_arrivals=2),
   )
   kernel = functools.partial(
-      _kernel, causal=causal, qk_scale=scale * _LOG2E, group=N // K, config=config
+      _kernel, causal=causal, qk_scale=scale * _LOG2E, group=N // K, num_tiles=num_tiles, grid=grid, config=config
   )
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, nqb * blk), jnp.float32)),
       scratch_types=list(scratch.values()),
-      grid=(N, nqb, B),  # heads vary fastest: the G heads of one kv head run together and share K/V in L2
-      grid_names=("heads", "q_blocks", "batch"),
+      grid=(grid,),
+      grid_names=("cta",),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
-  )(q, k, v, layout.counts, layout.indices, unmasked_prefix(layout, geometry, causal=causal), geometry.q_lengths,
-    geometry.kv_lengths, geometry.q_positions)
+  )(q, k, v, order, layout.counts, layout.indices, unmasked_prefix(layout, geometry, causal=causal),
+    geometry.q_lengths, geometry.kv_lengths, geometry.q_positions)
   return out[:, :T], lse[:, :, :T]

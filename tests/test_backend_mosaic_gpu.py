@@ -78,3 +78,34 @@ def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_ope
   qkv = [sds((1, length, n, head_dim), jnp.bfloat16) for n in (heads, kv_heads, kv_heads)]
   lowered = jax.jit(f).trace(*qkv, layout, geometry).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()[:200000]
+
+
+@pytest.mark.parametrize("num_ctas", [1, 3, None])
+def test_persistent_grid_runs_several_tiles_per_cta(num_ctas):
+  """Rows of different lengths (and empty padding rows) walked by few CTAs: the K/V ring crosses tiles."""
+  from xattn_jax import attention_xla
+
+  B, T, S, N, K, H = 2, 300, 400, 2, 1, 64
+  q, k, v = random_qkv(64, B=B, T=T, S=S, N=N, K=K, H=H, dtype=jnp.bfloat16)
+  lens = (jnp.array([300, 100], jnp.int32), jnp.array([400, 150], jnp.int32))
+  geometry = Geometry.from_lengths(*lens)
+  layout, _ = suites.random_layout(65, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens, density=0.7)
+  assert int(jnp.min(layout.counts)) == 0 and int(jnp.max(layout.counts)) >= 3
+  config = attention_kernel.TuningConfig(pv_operand="smem", num_ctas=num_ctas)
+  out, lse = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry, causal=True,
+                         scale=H**-0.5, config=config, interpret=True)
+  assert not _races_found()
+  want, want_lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=True, scale=H**-0.5)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
+  np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(want_lse)))
+  live = np.isfinite(np.asarray(want_lse))
+  np.testing.assert_allclose(np.asarray(lse)[live], np.asarray(want_lse)[live], atol=1e-3)
+
+
+def test_smem_budget():
+  """The SMEM arithmetic of the docstring, and the fallback to one Q buffer when P goes through SMEM."""
+  fast = attention_kernel.TuningConfig()
+  assert attention_kernel.smem_bytes(fast, 128, jnp.bfloat16, q_buffers=2) <= 227 * 1024
+  interp = attention_kernel.TuningConfig(pv_operand="smem")
+  assert attention_kernel.smem_bytes(interp, 128, jnp.bfloat16, q_buffers=2) > 227 * 1024
+  assert attention_kernel.smem_bytes(interp, 128, jnp.bfloat16, q_buffers=1) <= 227 * 1024
