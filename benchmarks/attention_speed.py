@@ -164,6 +164,7 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out-dir", default="benchmarks/results")
+  parser.add_argument("--name", default="", help="suffix of the result files, <card>-<date>-<name>.json/.md")
   parser.add_argument("--traced-checks", choices=["on", "off"], default="off",
                       help="xattn_jax's checkify value checks in the traced ops (on costs ~0.2-0.3 ms of dispatch)")
   args = parser.parse_args(argv)
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
   result = run(args)
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  stem = f"{result['card'].replace(' ', '_')}-{result['date']}"
+  stem = f"{result['card'].replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")
   (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
   (out / f"{stem}.md").write_text(to_markdown(result))
   print(to_markdown(result))
