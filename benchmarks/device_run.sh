@@ -11,7 +11,7 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/env.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/env.txt"
-tests=${1:-skip}; probe=${2:-skip}; shift 2 || true
+tests=${1-skip}; probe=${2-skip}; shift 2 || true
 if [ "$tests" != "skip" ]; then
   timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_mosaic_gpu_device.py ${tests:+-k "$tests"} 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -8
