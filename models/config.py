@@ -37,12 +37,16 @@ class AttentionConfig:
     layer_thresholds: optional per-layer thresholds, one entry per layer, each a float or a per-head tuple
       (overrides xattention.threshold; e.g. from calibration).
     dense_layers: the first n layers stay dense (the reference does this for video models).
+    batch_axis, head_axis: mesh axes XAttention is shard_mapped over when a mesh is set (`jax.set_mesh`); axes the
+      mesh lacks are ignored.
   """
 
   kind: str = "dense"
   xattention: XAttentionConfig = XAttentionConfig()
   layer_thresholds: tuple | None = None
   dense_layers: int = 0
+  batch_axis: str | None = "data"  # under jax.set_mesh(mesh): XAttention runs per device over these mesh axes
+  head_axis: str | None = "tensor"
 
   def __post_init__(self):
     if self.kind not in ("dense", "xattention"):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -22,7 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.transformer import KVCache, Transformer
+from jax.sharding import NamedSharding
+
+from models.sharding import cache_spec, check_divisible, shard_state
+from models.transformer import Transformer
 
 
 @dataclasses.dataclass
@@ -54,19 +58,36 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
 
 
 class Generator:
-  def __init__(self, model: Transformer, *, max_len: int, chunk_size: int = 4096, bucket: int = 128):
+  def __init__(self, model: Transformer, *, max_len: int, chunk_size: int = 4096, bucket: int = 128, mesh=None):
+    """mesh: optional `jax.sharding.Mesh` with "data" and "tensor" axes (models.sharding.make_mesh): parameters
+    and the KV cache are sharded by models.sharding's rules and XAttention runs per device."""
     if chunk_size % bucket or max_len % chunk_size:
       raise ValueError(f"{chunk_size=} must be a multiple of {bucket=} and divide {max_len=} (chunks never run "
                        "past the cache)")
     self.graphdef, self.state = nnx.split(model)
+    self.mesh = mesh
+    if mesh is not None:
+      check_divisible(model.config, mesh)
+      self.state = shard_state(self.state, mesh)
     self.max_len, self.chunk_size, self.bucket = max_len, chunk_size, bucket
     self._prefill = jax.jit(self._prefill_fn, donate_argnames=("cache",))
     self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
     self._decode = jax.jit(self._decode_fn, donate_argnames=("cache",),
                            static_argnames=("max_new_tokens", "temperature", "top_p"))
     self._compiled_decode = {}
-    self._init_cache = jax.jit(lambda state, batch: nnx.merge(self.graphdef, state).init_cache(batch, max_len),
-                               static_argnums=1)
+    self._init_cache = jax.jit(self._init_cache_fn, static_argnums=1)
+
+  def _init_cache_fn(self, state, batch):
+    cache = nnx.merge(self.graphdef, state).init_cache(batch, self.max_len)
+    if self.mesh is None:
+      return cache
+    check_divisible(self._model(state).config, self.mesh, batch=batch)
+    spec = NamedSharding(self.mesh, cache_spec())
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.with_sharding_constraint(x, spec) if x.ndim == 4 else x, cache)
+
+  def _context(self):
+    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
   def _model(self, state) -> Transformer:
     return nnx.merge(self.graphdef, state)
@@ -101,6 +122,10 @@ class Generator:
 
   def prefill(self, prompts: Sequence[Sequence[int]]):
     """Returns (last-token logits [B, V], cache, per-layer densities [L])."""
+    with self._context():
+      return self._prefill_prompts(prompts)
+
+  def _prefill_prompts(self, prompts):
     lengths = np.array([len(p) for p in prompts], np.int32)
     if lengths.min() < 1:
       raise ValueError("every prompt needs at least one token")
@@ -133,8 +158,12 @@ class Generator:
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > self.max_len:
       raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds max_len={self.max_len}")
+    with self._context():
+      return self._generate(prompts, max_new_tokens, temperature, top_p, stop_tokens, seed)
+
+  def _generate(self, prompts, max_new_tokens, temperature, top_p, stop_tokens, seed):
     start = time.perf_counter()
-    logits, cache, densities = self.prefill(prompts)
+    logits, cache, densities = self._prefill_prompts(prompts)
     jax.block_until_ready(logits)
     prefill_s = time.perf_counter() - start
     stop = jnp.asarray(list(stop_tokens) or [-2], jnp.int32)

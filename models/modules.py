@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import xattn_jax
+from xattn_jax.sharding import current_mesh, sharded_xattention
 from models.config import ModelConfig
 from models.layers import MLP, RMSNorm, apply_rope, rope_frequencies
 
@@ -41,6 +42,7 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
     self.rope = (H, config.rope_theta, config.rope_scaling)  # static; frequencies are built at trace time
     self.xattention = config.attention.for_layer(layer)  # None: dense
+    self.mesh_axes = (config.attention.batch_axis, config.attention.head_axis)
 
   def __call__(
       self,
@@ -77,11 +79,17 @@ class Attention(nnx.Module):
     T, S = q.shape[1], k.shape[1]
     if self.xattention is not None and T > 1:
       cfg = self.xattention
-      out, layout = xattn_jax.xattention(
-          q, k, v, is_causal=True, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
-          threshold=cfg.threshold, stride=cfg.stride, block_size=cfg.block_size, keep_sink=cfg.keep_sink,
-          keep_diagonal=cfg.keep_diagonal, query_chunk_size=cfg.query_chunk_size,
-          implementation=cfg.implementation, return_block_layout=True)
+      kw = dict(is_causal=True, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
+                threshold=cfg.threshold, stride=cfg.stride, block_size=cfg.block_size, keep_sink=cfg.keep_sink,
+                keep_diagonal=cfg.keep_diagonal, query_chunk_size=cfg.query_chunk_size,
+                implementation=cfg.implementation, return_block_layout=True)
+      mesh = current_mesh()
+      if mesh is None:
+        out, layout = xattn_jax.xattention(q, k, v, **kw)
+      else:  # per device, over its batch elements and heads
+        axes = lambda a: a if a in mesh.axis_names else None
+        out, layout = sharded_xattention(q, k, v, mesh=mesh, batch_axis=axes(self.mesh_axes[0]),
+                                         head_axis=axes(self.mesh_axes[1]), **kw)
       return out, layout.density()
     if self_attention:  # T == S and q_len == kv_len: jax's top-left causal mask is the bottom-right one
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=q_lengths,

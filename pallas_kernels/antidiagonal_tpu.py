@@ -37,8 +37,9 @@ VMEM (bytes; d = input dtype size, q_rows = kv_rows = 256, L = 1024 (G = 4), s*H
     m, l scratch              2 * 8 * L * 4               = 64 KiB
     z, p temporaries          2 * kv_rows * L * 4         = 2 MiB
     => ~12 MiB at 128K, asserted <= 48 MiB (fits v5e/v6e's 128 MiB and v7x's 64 MiB VMEM); the scoped-VMEM limit
-    of the call is raised to the budget. acc grows with S: S beyond ~700K tokens (s = 8, G = 4) raises
-    NotImplementedError (the dispatcher falls back to "xla").
+    of the call is raised to the budget. acc and the out block grow with S (~36 KiB per 1K keys at s = 8,
+    G = 4): S beyond ~1.1M tokens (bf16; ~0.95M for f32) raises NotImplementedError, and the dispatcher falls
+    back to "xla".
 
 SMEM: only the scalar-prefetched geometry, 3 * B * 4 bytes.
 """
@@ -222,7 +223,7 @@ def _kernel(
     l_ref[...] = l_ref[...] * jnp.exp(m_prev - m_use) + jnp.sum(p, axis=0, keepdims=True)
     m_ref[...] = m_next
     mhist_ref[pl.ds(t, 1), :] = m_next
-    acc_ref[pl.ds(t * kpt, kpt), :] = jnp.sum(p.reshape(kpt, per, L), axis=1)  # block sums, relative to m_next
+    acc_ref[pl.ds(pl.multiple_of(t * kpt, kpt), kpt), :] = jnp.sum(p.reshape(kpt, per, L), axis=1)  # block sums, relative to m_next
 
   needed = (t <= last_needed) if skip else True
   full = ((t + 1) * tiles.kv_rows - 1) * s <= see_all  # the tile's last cell is visible to the first row
@@ -238,7 +239,7 @@ def _kernel(
     m_fin = jnp.where(m == -jnp.inf, 0.0, m)
 
     def normalize(u, carry):
-      rows = pl.ds(u * kpt, kpt)
+      rows = pl.ds(pl.multiple_of(u * kpt, kpt), kpt)
       factor = jnp.exp(mhist_ref[pl.ds(u, 1), :] - m_fin) * inv_l
       acc_ref[rows, :] = jnp.where(u <= last_visited, acc_ref[rows, :] * factor, 0.0)  # never-visited: 0
       return carry

@@ -5,6 +5,7 @@ from xattn_jax.config import XAttentionConfig
 from xattn_jax.layout import BlockLayout, allowed_blocks
 from xattn_jax.ops import antidiagonal_scores, block_sparse_attention, xattention
 from xattn_jax.selection import select_blocks
+from xattn_jax.sharding import sharded_xattention
 from xattn_jax.flax_attention import attention_fn
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "block_sparse_attention",
     "select_blocks",
     "set_traced_checks",
+    "sharded_xattention",
     "traced_checks",
     "xattention",
 ]

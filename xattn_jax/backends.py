@@ -48,6 +48,7 @@ def _xla() -> Backend:
 _REGISTRY: dict[str, Callable[[], Backend] | str] = {
     "xla": _xla,
     "pallas_mosaic_gpu": "pallas_kernels.mosaic_gpu:backend",
+    "pallas_tpu": "pallas_kernels.tpu:backend",
 }
 # Preferred order per JAX platform when `implementation=None`; names not registered are skipped.
 _DEFAULT_ORDER = {

@@ -1,0 +1,48 @@
+"""The "pallas_tpu" backend: Mosaic TPU kernels behind the backend interface of `xattn_jax.backends`.
+
+On a TPU the kernels compile through Mosaic. Elsewhere they run only in the Pallas TPU interpreter (`interpret=True`),
+which this backend always runs in its strict form: race detection, out-of-bounds reads raise, scratch memory starts
+as NaN. Inputs the kernels do not cover raise NotImplementedError, so `implementation=("pallas_tpu", "xla")` falls
+through to the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental.pallas import tpu as pltpu
+
+from xattn_jax.backends import Backend
+
+
+def interpret_params() -> pltpu.InterpretParams:
+  """The interpreter settings of `interpret=True`."""
+  return pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise", uninitialized_memory="nan")
+
+
+def _interpret(interpret: bool) -> pltpu.InterpretParams | bool:
+  if interpret:
+    return interpret_params()
+  if jax.default_backend() != "tpu":
+    raise NotImplementedError(f"pallas_tpu needs a TPU (default backend is {jax.default_backend()!r}); "
+                              "pass interpret=True to run the kernels in the Pallas TPU interpreter")
+  return False
+
+
+def backend() -> Backend:
+  from pallas_kernels import antidiagonal_tpu as scoring_kernel
+  from pallas_kernels import block_sparse_attention_tpu as attention_kernel
+
+  def scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret):
+    del query_chunk_size  # the kernel's memory does not grow with T (its VMEM accumulator grows with S)
+    return scoring_kernel.antidiagonal_scores(
+        q, k, geometry, stride=stride, block_size=block_size, causal=causal, scale=scale,
+        interpret=_interpret(interpret),
+    )
+
+  def attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret):
+    del query_chunk_size  # neither VMEM nor SMEM grows with T
+    return attention_kernel.block_sparse_attention(
+        q, k, v, layout, geometry, causal=causal, scale=scale, interpret=_interpret(interpret)
+    )
+
+  return Backend("pallas_tpu", scores, attention)

@@ -1,0 +1,70 @@
+"""Sharded == unsharded on 4 CPU devices; run by tests/test_sharding.py in a fresh process with
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag must be set before JAX starts).
+
+    python tests/multidevice_check.py DATA TENSOR
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import xattn_jax as xa
+from models.config import AttentionConfig, ModelConfig
+from models.generate import Generator
+from models.sharding import make_mesh
+from models.transformer import Transformer
+from tests.conftest import random_qkv, run_checked
+from xattn_jax.sharding import sharded_xattention
+
+
+def check_op(mesh):
+  q, k, v = random_qkv(0, B=4, T=200, S=260, N=8, K=4, H=16)
+  lens = (jnp.array([200, 150, 90, 200], jnp.int32), jnp.array([260, 200, 260, 230], jnp.int32))
+  kw = dict(is_causal=True, threshold=jnp.linspace(0.4, 1.0, 8), block_size=32, stride=8,
+            query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], return_block_layout=True)
+  want, want_layout = run_checked(xa.xattention, q, k, v, **kw)
+  # mesh= explicitly: checkify of a shard_map under jax.set_mesh fails in jax 0.11/0.12 (context vs manual mesh).
+  got, layout = run_checked(sharded_xattention, q, k, v, mesh=mesh, **kw)
+  with jax.set_mesh(mesh):  # the ambient-mesh path, unchecked
+    ambient = jax.jit(lambda q, k, v: sharded_xattention(q, k, v, **kw)[0])(q, k, v)
+  np.testing.assert_allclose(np.asarray(ambient), np.asarray(want), atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(layout.indices), np.asarray(want_layout.indices))
+  try:
+    sharded_xattention(q[:, :, :2], k[:, :, :1], v[:, :, :1], mesh=mesh, is_causal=True)
+    assert mesh.shape["tensor"] == 1, "K=1 over a tensor axis > 1 must fail"
+  except ValueError as e:
+    assert "must be divisible by the size" in str(e), e
+
+
+def check_model(mesh):
+  config = ModelConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16,
+                       mlp_dim=128, qkv_bias=True, attention=AttentionConfig(
+                           kind="xattention", xattention=xa.XAttentionConfig(threshold=0.8, block_size=16, stride=4)))
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(1, 97, size=n)) for n in (70, 41, 100, 64)]
+  plain = Generator(model, max_len=256, chunk_size=64, bucket=16)
+  sharded = Generator(model, max_len=256, chunk_size=64, bucket=16, mesh=mesh)
+  a, cache_a, _ = plain.prefill(prompts)
+  b, cache_b, _ = sharded.prefill(prompts)
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-4, rtol=2e-4)
+  shard = cache_b.layers[0].k.addressable_shards[0].data  # the KV cache is split by batch and kv heads
+  assert shard.shape == (4 // mesh.shape["data"], 256, 4 // mesh.shape["tensor"], 16), shard.shape
+  assert plain.generate(prompts, max_new_tokens=4).tokens == sharded.generate(prompts, max_new_tokens=4).tokens
+
+
+def main():
+  data, tensor = int(sys.argv[1]), int(sys.argv[2])
+  assert jax.device_count() == 4, jax.devices()
+  mesh = make_mesh(data, tensor)
+  check_op(mesh)
+  check_model(mesh)
+  print(f"mesh ({data}, {tensor}): sharded == unsharded")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,83 @@
+"""XAttention on a device mesh: `jax.shard_map` over the batch and the kv heads.
+
+Each device estimates, selects and attends for its own batch elements and heads: block selection is per
+(batch, query head) and GQA keeps query head n with kv head n // G, so splitting the N query heads and the K kv
+heads into the same number of contiguous chunks keeps every group on one device, and no communication happens inside
+attention. Works with every backend (the Pallas kernels run per device).
+
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"))
+    with jax.set_mesh(mesh):
+      out = sharded_xattention(q, k, v, is_causal=True, threshold=0.9)  # q [B, T, N, H] sharded or not
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from xattn_jax import _checks
+from xattn_jax.layout import BlockLayout
+from xattn_jax.ops import xattention
+
+
+def _axis_size(mesh, axis) -> int:
+  if axis is None:
+    return 1
+  if axis not in mesh.axis_names:
+    raise ValueError(f"mesh axis {axis!r} is not one of the mesh's axes {mesh.axis_names}")
+  return mesh.shape[axis]
+
+
+def _placed(x, spec: P, mesh):
+  """x laid out as `spec`: Explicit mesh axes need an explicit reshard before shard_map; Auto axes reshard there."""
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  used = [a for a in spec if a is not None]
+  if used and all(types[a] == jax.sharding.AxisType.Explicit for a in used):
+    return jax.reshard(x, jax.sharding.NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)
+  return x
+
+
+def current_mesh():
+  """The mesh set with `jax.set_mesh`, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def sharded_xattention(
+    query, key, value, *, mesh=None, batch_axis: str | None = "data", head_axis: str | None = "tensor",
+    query_seq_lengths=None, key_value_seq_lengths=None, threshold=0.9, return_block_layout: bool = False,
+    **kwargs,
+):
+  """`xattention` with batch split over `batch_axis` and heads over `head_axis` of `mesh` (default: the mesh set
+  with `jax.set_mesh`). Arguments and results as `xattn_jax.xattention` (4D inputs); an array threshold is [N].
+
+  Raises:
+    ValueError: no mesh, an axis the mesh lacks, or a batch / kv-head count not divisible by its axis size.
+  """
+  mesh = mesh if mesh is not None else current_mesh()
+  if mesh is None:
+    raise ValueError("sharded_xattention needs a mesh: pass mesh= or call it under jax.set_mesh(mesh)")
+  dims = _checks.check_qkv(query, key, value, q_name="query", k_name="key", v_name="value")
+  dp, tp = _axis_size(mesh, batch_axis), _axis_size(mesh, head_axis)
+  if dims.K % tp:
+    raise ValueError(f"the number of kv heads K={dims.K} must be divisible by the size {tp} of mesh axis "
+                     f"{head_axis!r} (each device keeps whole GQA groups)")
+  if dims.B % dp:
+    raise ValueError(f"the batch size B={dims.B} must be divisible by the size {dp} of mesh axis {batch_axis!r}")
+  B, T, N, _ = query.shape
+  q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
+  tau = _checks.threshold_array(threshold, N)
+  heads = P(batch_axis, None, head_axis, None)
+  table = P(batch_axis, head_axis, None)
+  out_specs = (heads, BlockLayout(counts=table, indices=P(batch_axis, head_axis, None, None), num_allowed=table,
+                                  block_size=kwargs.get("block_size", 128))) if return_block_layout else heads
+
+  def local(q, k, v, q_lengths, kv_lengths, tau):
+    # The inputs were validated above, on the whole arrays; checkify's error flag cannot cross this shard_map.
+    with _checks.traced_checks(False):
+      return xattention(q, k, v, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths, threshold=tau,
+                        return_block_layout=return_block_layout, **kwargs)
+
+  in_specs = (heads, heads, heads, P(batch_axis), P(batch_axis), P(head_axis))
+  args = [_placed(x, spec, mesh) for x, spec in zip((query, key, value, q_lengths, kv_lengths, tau), in_specs)]
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
