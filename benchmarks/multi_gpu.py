@@ -45,6 +45,7 @@ def main(argv=None) -> int:
   parser.add_argument("--length", type=int, default=16384)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out-dir", default="benchmarks/results")
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on CPU devices")
   args = parser.parse_args(argv)
   xa.set_traced_checks(False)
   n = jax.device_count()
@@ -64,12 +65,17 @@ def main(argv=None) -> int:
                      rel_err=err))
   config = ModelConfig(vocab_size=32000, d_model=2048, num_layers=8, num_heads=32, num_kv_heads=8, head_dim=64,
                        mlp_dim=5632, attention=AttentionConfig(kind="xattention"))
+  prompt_len, max_len = 8192, 16384
+  if args.smoke:
+    config = ModelConfig(vocab_size=500, d_model=128, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16,
+                         mlp_dim=256, attention=config.attention)
+    prompt_len, max_len = 512, 1024
   model = Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  prompts = [list(np.random.default_rng(i).integers(1, 32000, size=8192)) for i in range(2)]
+  prompts = [list(np.random.default_rng(i).integers(1, config.vocab_size, size=prompt_len)) for i in range(2)]
   results = {}
   for name, mesh in (("model prefill, 1 GPU", None), (f"model prefill, mesh data=1 tensor={n}", make_mesh(1, n)),
                      (f"model prefill, mesh data={n} tensor=1", make_mesh(n, 1))):
-    gen = Generator(model, max_len=16384, chunk_size=8192, mesh=mesh)
+    gen = Generator(model, max_len=max_len, chunk_size=prompt_len, mesh=mesh)
     logits = gen.prefill(prompts)[0]
     results[name] = np.asarray(logits, np.float32)
     ms = timed(lambda: gen.prefill(prompts)[0], repeats=args.repeats)
