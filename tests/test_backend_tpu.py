@@ -82,14 +82,17 @@ def _geometry(B, T, S, seed):
   return Geometry.from_lengths(*lengths_pair(seed, B=B, T=T, S=S))
 
 
-@pytest.mark.parametrize("stride,causal", [(8, True), (4, False)])
-def test_scores_small_tiles_and_skipping_do_not_change_the_answer(stride, causal):
+@pytest.mark.parametrize("stride,causal,heads_per_step", [(8, True, 2), (4, False, 1)])
+def test_scores_small_tiles_and_skipping_do_not_change_the_answer(stride, causal, heads_per_step):
   """Several query and key tiles per head: matches the reference, and skipping tiles changes no bit."""
   B, T, S, N, K, H = 2, 600, 700, 4, 2, 64
   q, k, _ = random_qkv(81, B=B, T=T, S=S, N=N, K=K, H=H)
   geometry = _geometry(B, T, S, 82)
   kw = dict(stride=stride, block_size=128, causal=causal, scale=0.125)
-  tiles = dict(q_rows=256 // stride, kv_rows=256 // stride, max_lanes=256 // stride)  # 256-token tiles, 1 head/step
+  rows = 256 // stride  # 256-token tiles: 3 query tiles, 3 key tiles
+  tiles = dict(q_rows=rows, kv_rows=rows, max_lanes=heads_per_step * rows)
+  assert scoring_kernel.tiles_for(scoring_kernel.ScoringConfig(**tiles), stride=stride, group=N // K, q_len=T,
+                                  kv_len=S).heads_per_step == heads_per_step
   skipped = run_checked(scoring_kernel.antidiagonal_scores, q, k, geometry,
                         config=scoring_kernel.ScoringConfig(**tiles), interpret=tpu_backend.interpret_params(), **kw)
   _no_race()
@@ -255,7 +258,7 @@ def test_scores_refuse_keys_beyond_the_vmem_budget():
   length = 2**21  # 2M keys: the [nKb, 1024] f32 accumulator alone would take 64 MiB of VMEM
   f = functools.partial(scoring_kernel.antidiagonal_scores, stride=8, block_size=128, causal=True, scale=0.1)
   with pytest.raises(NotImplementedError, match="VMEM"):
-    jax.eval_shape(f, sds((1, 128, 32, 128), jnp.bfloat16), sds((1, length, 8, 128), jnp.bfloat16),
+    jax.eval_shape(f, sds((1, 8192, 32, 128), jnp.bfloat16), sds((1, length, 8, 128), jnp.bfloat16),
                    Geometry(*(sds((1,), jnp.int32),) * 3))
 
 
