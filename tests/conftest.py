@@ -41,6 +41,18 @@ def run_checked(fn, *args, **kwargs):
   return out
 
 
+def checked_jit(fn):
+  """fn jitted once under checkify.all_checks (all arguments traced); each call raises any error found."""
+  jitted = jax.jit(checkify.checkify(fn, errors=checkify.all_checks))
+
+  def call(*args):
+    err, out = jitted(*args)
+    err.throw()
+    return out
+
+  return call
+
+
 def random_qkv(seed, *, B, T, S, N, K, H, dtype=jnp.float32, scale_q=1.0):
   """Fresh random q [B,T,N,H], k/v [B,S,K,H] (never zeros)."""
   rng = np.random.default_rng(seed)

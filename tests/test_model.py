@@ -12,7 +12,7 @@ import xattn_jax as xa
 from models.config import AttentionConfig, ModelConfig, llama3_1_8b, smollm2_135m
 from models.generate import Generator, sample
 from models.transformer import Transformer
-from tests.conftest import run_checked
+from tests.conftest import checked_jit, run_checked
 
 TINY = ModelConfig(vocab_size=97, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
                    qkv_bias=True)
@@ -47,10 +47,16 @@ def test_shapes_at_real_sizes(config_fn, params):
   assert logits.shape == (1, 8192, config.vocab_size) and logits.dtype == jnp.float32
 
 
+_METHODS = {}
+
+
 def _method(model, name, *args):
-  """model.<name>(*args) jitted under the checkify helper."""
+  """model.<name>(*args) jitted under the checkify helper (compiled once per model, method and shapes)."""
   graphdef, state = nnx.split(model)
-  return run_checked(lambda state, *args: getattr(nnx.merge(graphdef, state), name)(*args), state, *args)
+  key = (id(model), name)
+  if key not in _METHODS:
+    _METHODS[key] = (model, checked_jit(lambda state, *args: getattr(nnx.merge(graphdef, state), name)(*args)))
+  return _METHODS[key][1](state, *args)
 
 
 def _padded(prompts, width):
