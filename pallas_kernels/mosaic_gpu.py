@@ -14,10 +14,14 @@ def _check_platform(interpret: bool) -> None:
 
 
 def backend() -> Backend:
+  from pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
   from pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
 
   def scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret):
-    raise NotImplementedError("pallas_mosaic_gpu has no antidiagonal scoring kernel yet")
+    del query_chunk_size  # the caller (xattention) bounds the per-row partial sums by chunking the queries
+    _check_platform(interpret)
+    return scores_kernel.antidiagonal_scores(q, k, geometry, stride=stride, block_size=block_size, causal=causal,
+                                             scale=scale, interpret=interpret)
 
   def attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret):
     del query_chunk_size  # the kernel's memory does not grow with T

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 
-import hypothesis
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from jax.experimental import checkify
+# The Mosaic GPU interpreter simulates warpgroups and TMA engines as threads that block on each other; with XLA's
+# default CPU thread pool on a 2-core machine a kernel with several pipeline stages can deadlock (seen with the
+# scoring kernel: 0% CPU, no progress). More host devices give XLA more threads. Set before JAX starts.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import hypothesis  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax.experimental import checkify  # noqa: E402
 
 hypothesis.settings.register_profile("ci", max_examples=12, deadline=None, print_blob=True, derandomize=True)
 hypothesis.settings.register_profile("thorough", max_examples=200, deadline=None, print_blob=True)

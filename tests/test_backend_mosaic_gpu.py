@@ -33,6 +33,16 @@ class TestAttentionMosaicGpuInterpret(suites.KernelAttentionSuite):
     assert not _races_found(), "the Mosaic GPU interpreter recorded a race"
 
 
+class TestScoresMosaicGpuInterpret(suites.KernelScoresSuite):
+  implementation = "pallas_mosaic_gpu"
+  interpret = True
+  input_dtypes = (jnp.bfloat16, jnp.float16)
+  atol = {jnp.bfloat16: 5e-4, jnp.float16: 5e-4}  # P is rounded to f16 for the block-sum wgmma
+
+  def after_run(self):
+    assert not _races_found(), "the Mosaic GPU interpreter recorded a race"
+
+
 def test_unsupported_inputs_fall_through_to_xla():
   q, k, v = random_qkv(61, B=1, T=64, S=64, N=2, K=2, H=16)  # float32, head dim 16: not for this kernel
   layout = BlockLayout.from_dense(jnp.ones((1, 2, 1, 1), bool))
@@ -61,6 +71,19 @@ def test_xattention_with_the_kernel_matches_xla():
   want, want_layout = run_checked(xa.xattention, q, k, v, implementation="xla", **kw)
   np.testing.assert_array_equal(np.asarray(layout.indices), np.asarray(want_layout.indices))
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("length,stride", [(32768, 8), (131072, 8), (131072, 16)])
+def test_scores_kernel_lowers_for_cuda_at_production_shapes(length, stride):
+  from pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+
+  sds = jax.ShapeDtypeStruct
+  geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
+  f = functools.partial(scores_kernel.antidiagonal_scores, stride=stride, block_size=128, causal=True,
+                        scale=128**-0.5)
+  lowered = jax.jit(f).trace(sds((1, length, 32, 128), jnp.bfloat16), sds((1, length, 8, 128), jnp.bfloat16),
+                             geometry).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()[:200000]
 
 
 @pytest.mark.parametrize("length,kv_heads,head_dim,pv_operand", [
