@@ -53,6 +53,18 @@ def fixed_density_layout(key, *, batch, heads, length, density) -> xa.BlockLayou
   return xa.BlockLayout.from_dense(rank < keep, block_size=BLOCK, allowed=allowed)
 
 
+def calibrate_threshold(q, k, *, stride, density, implementation) -> float:
+  """Bisection on tau (selection only, the scores computed once) for about `density` of the causal blocks."""
+  length = q.shape[1]
+  scores = xa.antidiagonal_scores(q, k, stride=stride, implementation=implementation)
+  select = jax.jit(lambda tau: xa.select_blocks(scores, q_len=length, kv_len=length, threshold=tau).density())
+  lo, hi = 0.0, 1.0
+  for _ in range(14):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if float(select(jnp.float32(mid))) < density else (lo, mid)
+  return (lo + hi) / 2
+
+
 def sparse_flops(layout: xa.BlockLayout, head_dim: int) -> float:
   return 4.0 * head_dim * BLOCK * BLOCK * float(jnp.sum(layout.counts))
 
@@ -104,14 +116,18 @@ def run(args) -> dict:
         sq, sk, sv = llm_like_qkv(kq, seq_len=length, num_heads=args.heads, num_kv_heads=kv_heads,
                                   head_dim=args.head_dim)
         for stride in args.strides:
-          e2e = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=args.threshold, stride=stride,
+          tau = args.threshold
+          if args.e2e_density is not None:  # the tau that keeps about this fraction of causal blocks on this input
+            tau = calibrate_threshold(sq, sk, stride=stride, density=args.e2e_density,
+                                      implementation=args.implementation)
+          e2e = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=tau, stride=stride,
                                                       implementation=args.implementation, return_block_layout=True))
           t = timed(e2e, sq, sk, sv, repeats=args.repeats)
           base_s = timed(dense, sq, sk, sv, repeats=args.repeats)
           out, layout = e2e(sq, sk, sv)
           want = dense(sq, sk, sv)
           err = float(jnp.linalg.norm((out - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
-          rows.append(dict(shape, what=f"xattention s={stride} tau={args.threshold}", density=float(layout.density()),
+          rows.append(dict(shape, what=f"xattention s={stride} tau={tau:.3g}", density=float(layout.density()),
                            **t, ratio=t["ms"] / base_s["ms"], dense_ms=base_s["ms"], rel_err_vs_dense=err))
           print(f"{length:>7} K={kv_heads:<2} xattention s={stride:<2}     {t['ms']:9.3f} ms  "
                 f"{base_s['ms'] / t['ms']:.2f}x faster, density {float(layout.density()):.3f}, rel err {err:.2e}",
@@ -157,6 +173,8 @@ def main(argv=None) -> int:
   parser.add_argument("--densities", type=ints, default=[5, 10, 25, 50, 100])
   parser.add_argument("--strides", type=ints, default=[8, 16])
   parser.add_argument("--threshold", type=float, default=0.9)
+  parser.add_argument("--e2e-density", type=float, default=None,
+                      help="instead of --threshold, calibrate tau per stride to keep this fraction of causal blocks")
   parser.add_argument("--sections", default="sparse,estimator,e2e")
   parser.add_argument("--implementation", type=lambda s: tuple(s.split(",")), default=("pallas_mosaic_gpu", "xla"),
                       help="backends tried in order (comma separated)")

@@ -17,8 +17,9 @@ from xattn_jax.geometry import Geometry, block_bounds, cdiv
 from xattn_jax.layout import BlockLayout, validate_layout
 from xattn_jax.selection import dense_layout, select_layout
 
-# Bytes per query chunk of xattention's block tables (scores, sort keys, order, indices: ~6 words per block).
-_TABLE_BUDGET_BYTES = 256 * 2**20
+# Bytes per query chunk of xattention's block-level buffers: scores, sort keys, order, indices (~6 words per
+# block) plus a scoring kernel's per-strided-row partial block sums (block_size / stride words per block).
+_TABLE_BUDGET_BYTES = 1024 * 2**20
 # Keyword arguments that Flax attention modules pass to an `attention_fn`; xattention accepts and checks them.
 _FLAX_KWARGS = frozenset(
     {"dropout_rng", "dropout_rate", "broadcast_dropout", "deterministic", "dtype", "precision", "module", "promote_dtype"}
@@ -203,7 +204,7 @@ def xattention(
   tau = _checks.threshold_array(threshold, dims.N)
   nqb, nkb = cdiv(dims.T, block_size), cdiv(dims.S, block_size)
   if query_chunk_size is None:
-    per_block = dims.B * dims.N * nkb * 4 * 6
+    per_block = dims.B * dims.N * nkb * 4 * (6 + block_size // stride)
     query_chunk_size = max(1, _TABLE_BUDGET_BYTES // per_block) * block_size
   result = _xattention(
       query, key, value, Geometry.from_lengths(q_lengths, kv_lengths), tau, scale=scale, causal=bool(is_causal),

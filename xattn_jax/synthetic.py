@@ -42,6 +42,7 @@ def llm_like_qkv(
     sink_strength: float = 14.0,
     stripe_strength: float = 10.0,
     noise: float = 0.5,
+    band_pairs: int | None = None,
 ):
   """Returns q [B, T, N, H], k, v [B, T, K, H] with sinks, a local band and vertical stripes (see module doc).
 
@@ -53,7 +54,12 @@ def llm_like_qkv(
   keys = jax.random.split(key, 7)
   # Directions of norm H^(1/4): a product of two of them is sqrt(H), i.e. 1 after the 1/sqrt(H) logit scale.
   unit = lambda k, shape: (x := jax.random.normal(k, shape)) / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  d = unit(keys[0], (K, H)) * H**0.25  # band direction per kv head
+  # Band direction per kv head on the `band_pairs` fastest-rotating RoPE pairs (pair f holds dims f and f + H/2,
+  # frequency theta^(-2f/H)); default all. Few pairs do not give a narrower band: a sum of few cosines does not
+  # decay, it fluctuates (measured: 8 pairs -> 89% density at tau 0.9, all 64 -> 37-42%).
+  fast = (jnp.arange(H) % (H // 2)) < (H // 2 if band_pairs is None else band_pairs)
+  d = unit(keys[0], (K, H)) * fast
+  d = d / jnp.linalg.norm(d, axis=-1, keepdims=True) * H**0.25
   w = unit(keys[1], (K, H)) * H**0.25  # sink / stripe direction per kv head
   pos = jnp.arange(T)
   qn = noise * jax.random.normal(keys[2], (B, T, N, H))  # noise logits have std noise^2
