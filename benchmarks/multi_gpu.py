@@ -13,9 +13,7 @@ import argparse
 import datetime
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +27,7 @@ from models.sharding import make_mesh
 from models.transformer import Transformer
 from xattn_jax.synthetic import llm_like_qkv
 
-
-def timed(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+from attention_speed import timed  # run as `python benchmarks/multi_gpu.py`: benchmarks/ is on the path
 
 
 def main(argv=None) -> int:
@@ -54,14 +44,14 @@ def main(argv=None) -> int:
   kw = dict(is_causal=True, threshold=0.9, stride=8)
   one = jax.jit(lambda q, k, v: xa.xattention(q, k, v, **kw))
   want = one(q, k, v)
-  t_one = timed(one, q, k, v, repeats=args.repeats)
+  t_one = timed(one, q, k, v, repeats=args.repeats)['ms']
   rows.append(dict(what="op, 1 GPU", ms=t_one, rel_err=0.0))
   for data, tensor in ((1, n), (n, 1)):
     mesh = make_mesh(data, tensor)
     sharded = jax.jit(lambda q, k, v, mesh=mesh: xa.sharded_xattention(q, k, v, mesh=mesh, **kw))
     got = sharded(q, k, v)
     err = float(jnp.linalg.norm((got - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
-    rows.append(dict(what=f"op, mesh data={data} tensor={tensor}", ms=timed(sharded, q, k, v, repeats=args.repeats),
+    rows.append(dict(what=f"op, mesh data={data} tensor={tensor}", ms=timed(sharded, q, k, v, repeats=args.repeats)['ms'],
                      rel_err=err))
   config = ModelConfig(vocab_size=32000, d_model=2048, num_layers=8, num_heads=32, num_kv_heads=8, head_dim=64,
                        mlp_dim=5632, attention=AttentionConfig(kind="xattention"))
@@ -78,7 +68,7 @@ def main(argv=None) -> int:
     gen = Generator(model, max_len=max_len, chunk_size=prompt_len, mesh=mesh)
     logits = gen.prefill(prompts)[0]
     results[name] = np.asarray(logits, np.float32)
-    ms = timed(lambda: gen.prefill(prompts)[0], repeats=args.repeats)
+    ms = timed(lambda: gen.prefill(prompts)[0], repeats=args.repeats)['ms']
     base = results["model prefill, 1 GPU"]
     rows.append(dict(what=name, ms=ms, rel_err=float(np.linalg.norm(results[name] - base) / np.linalg.norm(base)),
                      same_argmax=bool(np.all(results[name].argmax(-1) == base.argmax(-1)))))
