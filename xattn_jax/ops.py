@@ -10,9 +10,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from xattn_jax import _checks, backends
+from xattn_jax import _checks, attention_xla_bwd, backends
 from xattn_jax.geometry import Geometry, block_bounds, cdiv
 from xattn_jax.layout import BlockLayout, validate_layout
 from xattn_jax.selection import dense_layout, select_layout
@@ -24,6 +25,37 @@ _TABLE_BUDGET_BYTES = 1024 * 2**20
 _FLAX_KWARGS = frozenset(
     {"dropout_rng", "dropout_rate", "broadcast_dropout", "deterministic", "dtype", "precision", "module", "promote_dtype"}
 )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, layout, geometry, causal, scale, implementation, interpret):
+  """Block-sparse attention of any backend, differentiable in q, k, v (the layout is a constant).
+
+  The backward recomputes the probabilities blockwise from the saved lse (`attention_xla_bwd`), whatever backend ran
+  the forward; memory O(T) per head besides the inputs.
+  """
+  return backends.dispatch(
+      "block_sparse_attention", implementation, q, k, v, layout, geometry, causal=causal, scale=scale,
+      query_chunk_size=None, interpret=interpret,
+  )
+
+
+def _attention_fwd(q, k, v, layout, geometry, causal, scale, implementation, interpret):
+  out, lse = _attention(q, k, v, layout, geometry, causal, scale, implementation, interpret)
+  return (out, lse), (q, k, v, out, lse, layout, geometry)
+
+
+def _attention_bwd(causal, scale, implementation, interpret, residuals, cotangents):
+  del implementation, interpret  # one backward for every forward backend (Pallas backward kernels: not yet)
+  q, k, v, out, lse, layout, geometry = residuals
+  d_out, d_lse = cotangents
+  dq, dk, dv = attention_xla_bwd.block_sparse_attention_bwd(
+      q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale)
+  no_gradient = lambda tree: jax.tree_util.tree_map(lambda x: np.zeros(x.shape, jax.dtypes.float0), tree)
+  return dq, dk, dv, no_gradient(layout), no_gradient(geometry)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def antidiagonal_scores(
@@ -119,10 +151,8 @@ def block_sparse_attention(
   geometry = Geometry.from_lengths(q_lengths, kv_lengths)
   last_allowed, _ = block_bounds(geometry, num_q_blocks=expected[2], block_size=blk, causal=bool(causal))
   validate_layout(layout, last_allowed)
-  out, lse = backends.dispatch(
-      "block_sparse_attention", implementation, q, k, v, layout, geometry, causal=bool(causal), scale=scale,
-      query_chunk_size=None, interpret=bool(interpret),
-  )
+  out, lse = _attention(q, k, v, layout, geometry, bool(causal), scale, backends.resolve(implementation),
+                        bool(interpret))
   return (out, lse) if return_lse else out
 
 
@@ -235,17 +265,14 @@ def _xattention(
     if T == 1:
       layout = dense_layout(geom, num_heads=N, q_len=t, kv_len=S, block_size=block_size, causal=causal)
     else:
-      scores = backends.dispatch(
-          "antidiagonal_scores", implementation, qc, k, geom, stride=stride, block_size=block_size, causal=causal,
-          scale=scale, query_chunk_size=None, interpret=interpret,
+      scores = backends.dispatch(  # the selection is a constant of the attention: no gradient through it
+          "antidiagonal_scores", implementation, lax.stop_gradient(qc), lax.stop_gradient(k), geom, stride=stride,
+          block_size=block_size, causal=causal, scale=scale, query_chunk_size=None, interpret=interpret,
       )
       layout = select_layout(
           scores, geom, tau, block_size=block_size, causal=causal, keep_sink=keep_sink, keep_diagonal=keep_diagonal
       )
-    out, _ = backends.dispatch(
-        "block_sparse_attention", implementation, qc, k, v, layout, geom, causal=causal, scale=scale,
-        query_chunk_size=None, interpret=interpret,
-    )
+    out, _ = _attention(qc, k, v, layout, geom, causal, scale, implementation, interpret)
     return out, layout
 
   if chunk >= T:
