@@ -1,0 +1,83 @@
+"""The training step: loss decreases, gradient accumulation == one big batch, bf16 params with f32 master weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import xattn_jax as xa
+from models.config import AttentionConfig, ModelConfig
+from models.training import TrainConfig, Trainer, next_token_loss
+from models.transformer import Transformer
+from tests.conftest import checked_jit
+
+TINY = ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
+XATTN = AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(threshold=0.9, block_size=16, stride=4))
+
+
+def _batch(seed, B=4, T=64, vocab=64):
+  """Sequences following a fixed rule (next = 5 * token + 3 mod vocab) from random starts; the loss skips the first
+  quarter of each sequence."""
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((B, T), np.int32)
+  tokens[:, 0] = rng.integers(0, vocab, size=B)
+  for t in range(1, T):
+    tokens[:, t] = (5 * tokens[:, t - 1] + 3) % vocab
+  mask = np.zeros((B, T), bool)
+  mask[:, T // 4:] = True
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("attention", [AttentionConfig(), XATTN], ids=["dense", "xattention"])
+def test_loss_decreases(attention):
+  model = Transformer(TINY.with_attention(attention), rngs=nnx.Rngs(0))
+  trainer = Trainer(model, TrainConfig(learning_rate=3e-3, warmup_steps=5, total_steps=60))
+  state = trainer.init()
+  losses = []
+  for step in range(40):
+    state, metrics = trainer.step(state, *_batch(step))
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all() and int(state.step) == 40
+  assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_gradient_accumulation_equals_one_batch():
+  model = Transformer(TINY.with_attention(XATTN), rngs=nnx.Rngs(1))
+  tokens, mask = _batch(0, B=4)
+  mask = mask.at[0, 40:].set(False)  # micro-batches with different token counts: the mean is token weighted
+  one = Trainer(model, TrainConfig(warmup_steps=0, total_steps=10, grad_accum=1))
+  two = Trainer(model, TrainConfig(warmup_steps=0, total_steps=10, grad_accum=2))
+  s1, m1 = one.step(one.init(), tokens, mask)
+  s2, m2 = two.step(two.init(), tokens, mask)
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(s1.master), jax.tree_util.tree_leaves(s2.master)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_bf16_params_keep_f32_master_weights_and_the_step_passes_checkify():
+  model = Transformer(TINY.with_attention(XATTN), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
+  trainer = Trainer(model, TrainConfig(warmup_steps=0, total_steps=10))
+  state = trainer.init()
+  leaves = jax.tree_util.tree_leaves
+  assert all(x.dtype == jnp.bfloat16 for x in leaves(state.params))
+  assert all(x.dtype == jnp.float32 for x in leaves(state.master))
+  assert all(x.dtype == jnp.float32 for x in leaves(state.opt_state) if hasattr(x, "dtype") and x.ndim > 0)
+  state, metrics = checked_jit(trainer._step)(state, *_batch(3))
+  assert np.isfinite(float(metrics["loss"])) and all(x.dtype == jnp.bfloat16 for x in leaves(state.params))
+
+
+def test_next_token_loss_and_validation():
+  logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+  tokens = jnp.array([[0, 0, 1]])
+  loss, count = next_token_loss(logits, tokens, jnp.array([[True, True, True]]))
+  np.testing.assert_allclose(float(loss), -(np.log(0.5) + np.log(0.1)) / 2, rtol=1e-6)
+  assert int(count) == 2
+  with pytest.raises(ValueError, match="warmup_steps=10"):
+    TrainConfig(warmup_steps=10, total_steps=10)
+  trainer = Trainer(Transformer(TINY, rngs=nnx.Rngs(0)), TrainConfig(warmup_steps=0, total_steps=5, grad_accum=3))
+  with pytest.raises(ValueError, match="divisible by grad_accum=3"):
+    trainer.step(trainer.init(), *_batch(0, B=4))
