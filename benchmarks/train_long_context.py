@@ -1,0 +1,150 @@
+"""Does XAttention train like dense attention? Trains the same model from the same initialisation twice on a
+synthetic long-context task, once with dense attention and once with XAttention in the forward and the backward.
+
+    python benchmarks/train_long_context.py --preset cpu-small --out-dir benchmarks/results
+    python benchmarks/train_long_context.py --preset gpu --out-dir benchmarks/results     # on the GPU machine
+
+Task ("copy"): each sequence is T/2 random tokens followed by the same T/2 tokens again; the loss counts the second
+half. Solving it needs attention T/2 tokens back -- a long-range, block-sparse pattern (one off-diagonal band) that
+the estimator has to find, while early in training attention is diffuse (high density). Logged every
+--log-every steps: loss, gradient norm, step time, and the selected block density per layer (a prefill of a batch).
+Writes <out-dir>/train-<preset>-<card>-<date>.json/.md and a PNG of the loss curves; saves the final parameters of
+each run with orbax under <out-dir>/checkpoints/ (skipped with --no-checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import xattn_jax as xa
+from models.config import AttentionConfig, ModelConfig
+from models.generate import Generator
+from models.training import TrainConfig, Trainer
+from models.transformer import Transformer
+
+PRESETS = {
+    "cpu-small": dict(length=1024, batch=8, steps=300, d_model=128, layers=2, heads=4, kv_heads=2, head_dim=32,
+                      vocab=128, block_size=64, stride=8, lr=3e-3, warmup=30),
+    "gpu": dict(length=8192, batch=8, steps=1000, d_model=512, layers=6, heads=8, kv_heads=4, head_dim=64,
+                vocab=1024, block_size=128, stride=8, lr=1e-3, warmup=100),
+}
+
+
+def copy_batch(rng: np.random.Generator, *, batch: int, length: int, vocab: int):
+  first = rng.integers(1, vocab, size=(batch, length // 2))
+  tokens = np.concatenate([first, first], axis=1).astype(np.int32)
+  mask = np.zeros((batch, length), bool)
+  mask[:, length // 2 + 1:] = True  # the first copied token is not predictable
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, checkpoint_dir: pathlib.Path | None,
+        name: str) -> dict:
+  config = ModelConfig(vocab_size=preset["vocab"], d_model=preset["d_model"], num_layers=preset["layers"],
+                       num_heads=preset["heads"], num_kv_heads=preset["kv_heads"], head_dim=preset["head_dim"],
+                       mlp_dim=4 * preset["d_model"], max_seq_len=preset["length"], attention=attention)
+  dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  model = Transformer(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
+  trainer = Trainer(model, TrainConfig(learning_rate=preset["lr"], warmup_steps=preset["warmup"],
+                                       total_steps=preset["steps"]))
+  state = trainer.init()
+  rng = np.random.default_rng(seed)
+  probe_tokens, _ = copy_batch(np.random.default_rng(12345), batch=2, length=preset["length"], vocab=preset["vocab"])
+  log = []
+  for step in range(1, preset["steps"] + 1):
+    tokens, mask = copy_batch(rng, batch=preset["batch"], length=preset["length"], vocab=preset["vocab"])
+    start = time.perf_counter()
+    state, metrics = trainer.step(state, tokens, mask)
+    loss = float(metrics["loss"])  # blocks until the step is done
+    step_s = time.perf_counter() - start
+    if step % log_every == 0 or step == 1:
+      gen = Generator(trainer.model(state), max_len=preset["length"], chunk_size=preset["length"],
+                      bucket=preset["block_size"])
+      densities = np.asarray(gen.prefill([list(map(int, row)) for row in np.asarray(probe_tokens)])[2])
+      log.append(dict(step=step, loss=loss, grad_norm=float(metrics["grad_norm"]), step_s=step_s,
+                      densities=[float(d) for d in densities]))
+      dens = " ".join("dense" if d < 0 else f"{d:.2f}" for d in densities)
+      print(f"{name:>10} step {step:5d}  loss {loss:.4f}  {step_s * 1e3:8.1f} ms/step  density {dens}", flush=True)
+  if checkpoint_dir is not None:
+    import orbax.checkpoint as ocp
+
+    path = (checkpoint_dir / name).resolve()
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(path, nnx.to_pure_dict(state.params), force=True)
+  return dict(name=name, log=log, median_step_s=float(np.median([r["step_s"] for r in log[1:]] or [np.nan])))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+  parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--threshold", type=float, default=0.9)
+  parser.add_argument("--log-every", type=int, default=20)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out-dir", default="benchmarks/results")
+  parser.add_argument("--no-checkpoint", action="store_true")
+  args = parser.parse_args(argv)
+  xa.set_traced_checks(False)
+  preset = dict(PRESETS[args.preset])
+  if args.steps:
+    preset["steps"] = args.steps
+    preset["warmup"] = min(preset["warmup"], args.steps // 10)
+  out = pathlib.Path(args.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  checkpoints = None if args.no_checkpoint else out / "checkpoints"
+  xcfg = xa.XAttentionConfig(threshold=args.threshold, stride=preset["stride"], block_size=preset["block_size"])
+  runs = [run(preset, attention, seed=args.seed, log_every=args.log_every, checkpoint_dir=checkpoints, name=name)
+          for name, attention in (("dense", AttentionConfig()),
+                                  ("xattention", AttentionConfig(kind="xattention", xattention=xcfg)))]
+  card = jax.devices()[0].device_kind
+  result = dict(card=card, jax=jax.__version__, date=datetime.date.today().isoformat(), preset=args.preset,
+                settings=preset, threshold=args.threshold,
+                command=" ".join(["train_long_context.py"] + (argv if argv is not None else sys.argv[1:])), runs=runs)
+  stem = f"train-{args.preset}-{card.replace(' ', '_')}-{result['date']}"
+  (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+  lines = [f"# Training dense vs XAttention: {args.preset}, {card}, jax {jax.__version__}, {result['date']}", "",
+           f"Command: `python benchmarks/{result['command']}`", "", f"Settings: {preset}, tau {args.threshold}", "",
+           "| step | dense loss | xattention loss | xattention density per layer |", "|---|---|---|---|"]
+  for a, b in zip(runs[0]["log"], runs[1]["log"]):
+    lines.append(f"| {a['step']} | {a['loss']:.4f} | {b['loss']:.4f} | "
+                 f"{' '.join(f'{d:.2f}' for d in b['densities'])} |")
+  lines += ["", f"Median step time: dense {runs[0]['median_step_s'] * 1e3:.1f} ms, xattention "
+                f"{runs[1]['median_step_s'] * 1e3:.1f} ms."]
+  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in runs:
+      ax1.plot([x["step"] for x in r["log"]], [x["loss"] for x in r["log"]], label=r["name"])
+    ax1.set(xlabel="step", ylabel="loss (copied half)", yscale="log", title="training loss")
+    ax1.legend()
+    xr = runs[1]["log"]
+    for layer in range(len(xr[0]["densities"])):
+      ax2.plot([x["step"] for x in xr], [x["densities"][layer] for x in xr], label=f"layer {layer}")
+    ax2.set(xlabel="step", ylabel="selected block density", title=f"XAttention density (tau {args.threshold})")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=100)
+  except ImportError:
+    print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
