@@ -10,8 +10,8 @@ Example, a = [5, 1, 3, 0, 1], causal with the diagonal at 4 (so F = {0, 4}), tau
     visit 0 (F, kept, mass 5), 4 (F, kept, mass 6), 2 (6 < 8: kept, mass 9), 1 (9 >= 8: dropped), 3 (dropped)
     -> counts 3, indices [0, 2, 4, 4, 4].
 
-The visit order is one multi-key sort; the kept blocks are a prefix of it, so an exclusive cumulative sum decides
-them all at once, and a second sort of the kept ids gives the ascending index table.
+The visit order is one stable (key, id) sort; the kept blocks are a prefix of it, so an exclusive cumulative sum
+decides them all at once, and a second sort of the kept ids gives the ascending index table.
 """
 
 from __future__ import annotations
@@ -53,11 +53,15 @@ def select_layout(
 
   mass = jnp.where(allowed, scores.astype(jnp.float32), 0.0)
   need = threshold[None, :, None] * jnp.sum(mass, axis=-1)  # [B, N, nQb]
-  # Group 0: forced, 1: other allowed, 2: not allowed. Within group 1, descending score; ties by block id.
-  group = jnp.where(forced, 0, jnp.where(allowed, 1, 2)).astype(jnp.int32)
-  neg_score = jnp.where(group == 1, 0.0 - mass, 0.0)  # 0 - x: +0.0 for both signed zeros
+  # One float key: forced blocks first (-inf), then the other allowed blocks by descending score, then the rest
+  # (+inf). The sort is stable and the ids start ascending, so equal scores keep the lower block id first. A single
+  # (key, id) sort is what XLA can hand to a radix sort on GPUs; 0 - x maps both signed zeros to +0.0.
+  key = jnp.where(forced, -jnp.inf, jnp.where(allowed, 0.0 - mass, jnp.inf))
   ids = jnp.broadcast_to(block_ids, scores.shape)
-  group_sorted, _, order = lax.sort((group, neg_score, ids), dimension=-1, num_keys=3)
+  _, order = lax.sort((key, ids), dimension=-1, is_stable=True, num_keys=1)
+  forced_sorted = jnp.take_along_axis(forced, order, axis=-1)
+  allowed_sorted = jnp.take_along_axis(allowed, order, axis=-1)
+  group_sorted = jnp.where(forced_sorted, 0, jnp.where(allowed_sorted, 1, 2))
   mass_sorted = jnp.take_along_axis(mass, order, axis=-1)
   mass_before = jnp.cumsum(mass_sorted, axis=-1) - mass_sorted
   keep = (group_sorted == 0) | ((group_sorted == 1) & (mass_before < need[..., None]))
