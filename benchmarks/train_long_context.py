@@ -35,7 +35,7 @@ from models.transformer import Transformer
 
 PRESETS = {
     "cpu-small": dict(length=1024, batch=8, steps=300, d_model=128, layers=2, heads=4, kv_heads=2, head_dim=32,
-                      vocab=128, block_size=64, stride=8, lr=3e-3, warmup=30),
+                      vocab=32, block_size=64, stride=8, lr=1e-2, warmup=20),
     "gpu": dict(length=8192, batch=8, steps=1000, d_model=512, layers=6, heads=8, kv_heads=4, head_dim=64,
                 vocab=1024, block_size=128, stride=8, lr=1e-3, warmup=100),
 }
