@@ -130,3 +130,13 @@ def test_gradient_through_a_kernel_forward():
   xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(kernel, xla):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=5e-2, rtol=5e-2)
+
+
+def test_gradients_do_not_depend_on_query_chunking():
+  q, k, v = random_qkv(11, B=1, T=100, S=100, N=2, K=1, H=16)
+  kw = dict(is_causal=True, threshold=0.7, block_size=16, stride=4)
+  loss = lambda chunk: lambda q, k, v: _loss(xa.xattention(q, k, v, query_chunk_size=chunk, **kw), jnp.zeros(()))
+  whole = jax.grad(loss(None), argnums=(0, 1, 2))(q, k, v)
+  chunked = run_checked(jax.grad(loss(32), argnums=(0, 1, 2)), q, k, v)
+  for a, b in zip(whole, chunked):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5)
