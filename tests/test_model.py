@@ -120,9 +120,12 @@ def test_bucket_padding_changes_nothing_and_buckets_compile_once():
 def test_generation_matches_naive_greedy_and_stops():
   model = _model()
   prompt = _prompts(5, [20])[0]
+  graphdef, state = nnx.split(model)
+  forward = checked_jit(lambda state, tokens, lengths: nnx.merge(graphdef, state)(tokens, lengths=lengths))
   naive = list(prompt)
-  for _ in range(5):
-    naive.append(int(jnp.argmax(_forward(model, np.asarray([naive]))[0, -1])))
+  for _ in range(5):  # full forwards of the growing sequence, padded to one shape (one compilation)
+    tokens, lengths = _padded([naive], 32)
+    naive.append(int(jnp.argmax(forward(state, tokens, lengths)[0, len(naive) - 1])))
   gen = Generator(model, max_len=128, chunk_size=64, bucket=16)
   result = gen.generate([prompt], max_new_tokens=5)
   assert result.tokens == [naive[20:]]
