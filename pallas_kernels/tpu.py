@@ -3,7 +3,9 @@
 On a TPU the kernels compile through Mosaic. Elsewhere they run only in the Pallas TPU interpreter (`interpret=True`),
 which this backend always runs in its strict form: race detection, out-of-bounds reads raise, scratch memory starts
 as NaN. Inputs the kernels do not cover raise NotImplementedError, so `implementation=("pallas_tpu", "xla")` falls
-through to the reference.
+through to the reference. The backward of block_sparse_attention (the dQ and dK/dV kernels of
+`block_sparse_attention_bwd_tpu`) serves `jax.grad` through the ops' custom_vjp; where it refuses a call, the XLA
+backward takes over.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def _interpret(interpret: bool) -> pltpu.InterpretParams | bool:
 
 def backend() -> Backend:
   from pallas_kernels import antidiagonal_tpu as scoring_kernel
+  from pallas_kernels import block_sparse_attention_bwd_tpu as backward_kernels
   from pallas_kernels import block_sparse_attention_tpu as attention_kernel
 
   def scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret):
@@ -45,4 +48,12 @@ def backend() -> Backend:
         q, k, v, layout, geometry, causal=causal, scale=scale, interpret=_interpret(interpret)
     )
 
-  return Backend("pallas_tpu", scores, attention)
+  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale, query_chunk_size,
+                    interpret):
+    del query_chunk_size  # the dQ and dK/dV kernels' memory does not grow with T or S
+    return backward_kernels.block_sparse_attention_bwd(
+        q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale,
+        interpret=_interpret(interpret),
+    )
+
+  return Backend("pallas_tpu", scores, attention, attention_bwd)

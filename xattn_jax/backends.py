@@ -6,6 +6,8 @@ Every backend computes exactly SPEC on validated inputs with one signature per o
         -> f32 [B, N, nQb, nKb]
     block_sparse_attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret)
         -> (out [B, T, N, H], lse f32 [B, N, T])
+    block_sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale,
+                               query_chunk_size, interpret) -> (dq, dk, dv)      [optional; see `dispatch_backward`]
 
 A backend raises NotImplementedError (at trace time) for a legal input it does not support, so that
 `implementation=("pallas_mosaic_gpu", "xla")` falls through to the next one. Backends are imported lazily: the
@@ -28,6 +30,7 @@ class Backend:
   name: str
   antidiagonal_scores: Callable
   block_sparse_attention: Callable
+  block_sparse_attention_bwd: Callable | None = None  # None: the XLA backward serves this backend's forward
 
 
 def _xla() -> Backend:
@@ -92,3 +95,20 @@ def dispatch(op: str, implementation, *args, **kwargs):
     except NotImplementedError as e:
       reasons.append(f"{name}: {e}")
   raise NotImplementedError(f"no backend of implementation={implementation!r} supports this {op} call: " + "; ".join(reasons))
+
+
+def dispatch_backward(implementation, *args, **kwargs):
+  """The backward of block_sparse_attention: the first backend of `implementation` that has one and does not raise
+  NotImplementedError, else the XLA backward (`attention_xla_bwd`), which serves every forward."""
+  for name in resolve(implementation):
+    backward = _load(name).block_sparse_attention_bwd
+    if backward is None:
+      continue
+    try:
+      return backward(*args, query_chunk_size=None, **kwargs)
+    except NotImplementedError:
+      pass
+  from xattn_jax import attention_xla_bwd
+
+  kwargs.pop("interpret", None)
+  return attention_xla_bwd.block_sparse_attention_bwd(*args, **kwargs)

@@ -163,3 +163,41 @@ def validate_layout(layout: BlockLayout, last_allowed: jax.Array, *, name: str =
       f"{name}.counts must lie in [1, allowed blocks] (0 only for query blocks that allow nothing, e.g. padding)",
   )
   _checks.enforce((counts > 0) | jnp.all(indices == 0, axis=-1), f"{name}.indices of an empty row must be all 0")
+
+
+def transposed_layout(layout: BlockLayout) -> tuple[jax.Array, jax.Array]:
+  """The layout seen from the key side: for each (b, n, key block c), the query blocks that selected c (jittable).
+
+  The backward's dK/dV kernels walk this table: a key block accumulates its gradient over exactly the query blocks
+  whose rows list it. Same conventions as a layout row: ascending, padded with the last valid entry (0 for a key
+  block nobody selected). For one (b, n), nQb = 4, nKb = 3:
+
+      layout (rows r)              counts  indices        transposed (rows c)          counts  indices
+             c=0 c=1 c=2                                          r=0 r=1 r=2 r=3
+      r=0  [  x   .   .  ]         1       [0 0 0]        c=0  [  x   x   x   .  ]     3       [0 1 2 2]
+      r=1  [  x   x   .  ]         2       [0 1 1]        c=1  [  .   x   .   .  ]     1       [1 1 1 1]
+      r=2  [  x   .   x  ]         2       [0 2 2]        c=2  [  .   .   x   .  ]     1       [2 2 2 2]
+      r=3  [  .   .   .  ]         0       [0 0 0]        (r=3 is padding: it selects nothing, so no c lists it)
+
+  Built by a binary search of each key block in each row, giving the dense [B, N, nQb, nKb] mask (never the
+  [.., nKb, nKb] one-hot of `to_dense`), then the same sort-compress as `from_dense` along the query axis. Memory: a
+  few temporaries and one result of the layout's size (int32 [B, N, nKb, nQb]); kernels DMA single rows of it.
+
+  Returns:
+    counts: int32 [B, N, nKb], how many query blocks selected each key block.
+    indices: int32 [B, N, nKb, nQb], those query blocks, ascending, padded with the last one.
+  """
+  indices, counts = layout.indices, layout.counts[..., None]
+  nkb = indices.shape[-1]
+  blocks = jnp.broadcast_to(jnp.arange(nkb, dtype=jnp.int32), indices.shape)
+  # Binary search of every key block c in every (ascending) row: pos = selected entries < c. Gathers only (a
+  # batched scatter trips checkify), log2(nKb) steps over tables of the layout's size.
+  pos = jnp.zeros(indices.shape, jnp.int32)
+  step = 1 << (nkb.bit_length() - 1)
+  while step:
+    ahead = pos + step
+    below = jnp.take_along_axis(indices, jnp.minimum(ahead, nkb) - 1, axis=-1) < blocks
+    pos = jnp.where((ahead <= counts) & below, ahead, pos)
+    step >>= 1
+  selected = (pos < counts) & (jnp.take_along_axis(indices, jnp.minimum(pos, nkb - 1), axis=-1) == blocks)
+  return _compress(jnp.swapaxes(selected, -1, -2))  # rows: key blocks; entries: query blocks

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from xattn_jax import _checks, attention_xla_bwd, backends
+from xattn_jax import _checks, backends
 from xattn_jax.geometry import Geometry, block_bounds, cdiv
 from xattn_jax.layout import BlockLayout, validate_layout
 from xattn_jax.selection import dense_layout, select_layout
@@ -31,8 +31,9 @@ _FLAX_KWARGS = frozenset(
 def _attention(q, k, v, layout, geometry, causal, scale, implementation, interpret):
   """Block-sparse attention of any backend, differentiable in q, k, v (the layout is a constant).
 
-  The backward recomputes the probabilities blockwise from the saved lse (`attention_xla_bwd`), whatever backend ran
-  the forward; memory O(T) per head besides the inputs.
+  The backward recomputes the probabilities blockwise from the saved lse: the backward kernels of the first backend of
+  `implementation` that has them and supports the call, else `attention_xla_bwd` (which serves any forward); memory
+  O(T) per head besides the inputs.
   """
   return backends.dispatch(
       "block_sparse_attention", implementation, q, k, v, layout, geometry, causal=causal, scale=scale,
@@ -46,11 +47,11 @@ def _attention_fwd(q, k, v, layout, geometry, causal, scale, implementation, int
 
 
 def _attention_bwd(causal, scale, implementation, interpret, residuals, cotangents):
-  del implementation, interpret  # one backward for every forward backend (Pallas backward kernels: not yet)
   q, k, v, out, lse, layout, geometry = residuals
   d_out, d_lse = cotangents
-  dq, dk, dv = attention_xla_bwd.block_sparse_attention_bwd(
-      q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale)
+  dq, dk, dv = backends.dispatch_backward(  # a backend's backward kernels, else the XLA backward
+      implementation, q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale,
+      interpret=interpret)
   no_gradient = lambda tree: jax.tree_util.tree_map(lambda x: np.zeros(x.shape, jax.dtypes.float0), tree)
   return dq, dk, dv, no_gradient(layout), no_gradient(geometry)
 
