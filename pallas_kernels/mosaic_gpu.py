@@ -1,4 +1,10 @@
-"""The "pallas_mosaic_gpu" backend: Hopper kernels behind the backend interface of `xattn_jax.backends`."""
+"""The "pallas_mosaic_gpu" backend: Hopper kernels behind the backend interface of `xattn_jax.backends`.
+
+The backward of block_sparse_attention (the dQ and dK/dV kernels of `block_sparse_attention_bwd_mosaic_gpu`) serves
+`jax.grad` through the ops' custom_vjp; where it refuses a call (NotImplementedError), the XLA backward takes over.
+In the CPU interpreter both directions stage their register matmul operands through SMEM (the interpreter's wgmma
+takes SMEM operands only).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ def _check_platform(interpret: bool) -> None:
 
 def backend() -> Backend:
   from pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+  from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as backward_kernels
   from pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
 
   def scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret):
@@ -31,4 +38,14 @@ def backend() -> Backend:
         q, k, v, layout, geometry, causal=causal, scale=scale, config=config, interpret=interpret
     )
 
-  return Backend("pallas_mosaic_gpu", scores, attention)
+  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale, query_chunk_size,
+                    interpret):
+    del query_chunk_size  # neither kernel's memory grows with T or S
+    _check_platform(interpret)
+    config = backward_kernels.BackwardConfig(operand="smem" if interpret else "registers")
+    return backward_kernels.block_sparse_attention_bwd(
+        q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale, config=config,
+        interpret=interpret,
+    )
+
+  return Backend("pallas_mosaic_gpu", scores, attention, attention_bwd)

@@ -122,7 +122,7 @@ def test_low_precision_gradients_keep_the_input_dtype():
 
 
 def test_gradient_through_a_kernel_forward():
-  """Mosaic GPU forward (in its CPU interpreter) + the XLA backward == the XLA forward + backward."""
+  """Mosaic GPU forward and backward kernels (in the CPU interpreter) == the XLA forward + backward."""
   q, k, v = random_qkv(10, B=1, T=256, S=256, N=2, K=1, H=64, dtype=jnp.bfloat16)
   loss = lambda impl: lambda q, k, v: jnp.sum(xa.xattention(
       q, k, v, is_causal=True, threshold=0.8, implementation=impl, interpret=True).astype(jnp.float32) ** 2)

@@ -3,10 +3,13 @@
 Skipped without a CUDA GPU (CI has none); run on the device machine with
     python -m pytest -q tests/test_mosaic_gpu_device.py
 Every variant of each kernel (P @ V from registers or from SMEM), bf16 and fp16, causal and not, GQA, T not a
-multiple of 128, T < S, batch 2 with different lengths.
+multiple of 128, T < S, batch 2 with different lengths. The backward: the dQ and dK/dV kernels (P and dS from
+registers or from SMEM) against the XLA backward (also T = 4096), and jax.grad end to end (`-k backward or gradients`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +110,76 @@ def test_scores_kernel_matches_xla(case, dtype, options):
   got, want = np.asarray(got), np.asarray(want)
   assert np.isfinite(got).all()
   np.testing.assert_allclose(got, want, atol=5e-4, rtol=1e-3)
+
+
+BWD_SHAPES = [  # B, T, S, N, K, H, with_lengths
+    (2, 1000, 1300, 8, 2, 128, True),
+    (1, 4096, 4096, 8, 2, 128, False),
+    (1, 384, 1024, 4, 1, 64, False),
+    (2, 640, 640, 6, 3, 64, True),
+]
+# Max-normalized error of each gradient vs the float32 XLA backward, and its relative Frobenius error.
+BWD_TOL = {jnp.bfloat16: (2e-2, 1e-2), jnp.float16: (4e-3, 2e-3)}
+
+
+@pytest.mark.parametrize("operand", ["registers", "smem"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=[f"B{s[0]}T{s[1]}S{s[2]}N{s[3]}K{s[4]}H{s[5]}" for s in BWD_SHAPES])
+def test_backward_kernels_match_xla(shape, causal, dtype, operand):
+  """The dQ and dK/dV kernels vs the XLA backward, given the same forward (out, lse) and random cotangents."""
+  from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernels
+  from xattn_jax import attention_xla_bwd
+
+  B, T, S, N, K, H, with_lengths = shape
+  seed = (sum(shape) * 31 + 7 * causal + 3 * (dtype == jnp.float16) + (operand == "smem")) % 2**31
+  q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
+  if with_lengths:
+    lens = (jnp.array([T, T - 177], jnp.int32), jnp.array([S, S - 100], jnp.int32))
+  else:
+    lens = (jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32))
+  geometry = Geometry.from_lengths(*lens)
+  layout, _ = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.4)
+  kw = dict(causal=causal, scale=H**-0.5)
+  out, lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, **kw)
+  rng = np.random.default_rng(seed + 2)
+  d_out = jnp.asarray(rng.standard_normal(out.shape), dtype)
+  d_lse = jnp.asarray(rng.standard_normal(lse.shape), jnp.float32)
+  args = (q, k, v, out, lse, d_out, d_lse, layout, geometry)
+  got = bwd_kernels.block_sparse_attention_bwd(*args, **kw, config=bwd_kernels.BackwardConfig(operand=operand))
+  want = attention_xla_bwd.block_sparse_attention_bwd(*args, **kw)
+  max_tol, rel_tol = BWD_TOL[dtype]
+  for name, a, b, x in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
+    assert a.dtype == x.dtype and a.shape == x.shape, name
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.isfinite(a).all(), f"{name}: not finite"
+    err = np.abs(a - b).max() / np.abs(b).max()
+    assert err <= max_tol, f"{name}: max error {err:.2e} of the largest entry"
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert rel <= rel_tol, f"{name}: relative error {rel:.2e}"
+  dq, dk = np.asarray(got[0], np.float32), np.asarray(got[1], np.float32)
+  for b in range(B):  # padding queries and keys get exactly zero
+    assert np.all(dq[b, int(lens[0][b]):] == 0) and np.all(dk[b, int(lens[1][b]):] == 0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_end_to_end(causal):
+  """jax.grad through xattention: the Mosaic GPU forward and backward vs the XLA ones on the same layout."""
+  B, T, N, K, H = 2, 1500, 8, 2, 128
+  q, k, v = random_qkv(17, B=B, T=T, S=T, N=N, K=K, H=H, dtype=jnp.bfloat16)
+  lens = jnp.array([1500, 1111], jnp.int32)
+  _, layout = xa.xattention(q, k, v, is_causal=causal, threshold=0.9, query_seq_lengths=lens,
+                            key_value_seq_lengths=lens, return_block_layout=True, implementation="xla")
+  weights = jnp.sin(jnp.arange(q.size, dtype=jnp.float32).reshape(q.shape))
+
+  def loss(q, k, v, implementation):
+    out = xa.block_sparse_attention(q, k, v, layout, causal=causal, query_seq_lengths=lens,
+                                    key_value_seq_lengths=lens, implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32) * weights)
+
+  got = jax.jit(jax.grad(functools.partial(loss, implementation="pallas_mosaic_gpu"), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(functools.partial(loss, implementation="xla"), argnums=(0, 1, 2)))(q, k, v)
+  for name, a, b in zip("qkv", got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    err = np.abs(a - b).max() / np.abs(b).max()
+    assert err <= 2e-2, f"d{name}: max error {err:.2e} of the largest entry"

@@ -1,0 +1,250 @@
+"""The pallas_mosaic_gpu backward (dQ and dK/dV kernels) on a CPU: the Mosaic GPU interpreter (race detection,
+out-of-bounds reads raise) against the XLA backward and dense masked gradients, the backend dispatch of the
+custom_vjp, and the real Mosaic GPU lowering ("cuda") at production shapes. The GPU itself:
+tests/test_mosaic_gpu_device.py."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xattn_jax as xa
+from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernels
+from tests.conftest import random_qkv, run_checked
+from tests.suites import random_layout
+from tests.test_backend_mosaic_gpu import _races_found
+from tests.test_gradients import dense_masked, token_mask
+from xattn_jax import attention_xla, attention_xla_bwd
+from xattn_jax.geometry import Geometry
+from xattn_jax.layout import BlockLayout, allowed_blocks, transposed_layout
+
+SCALE = 0.125
+# Max-normalized error per input dtype: the kernels round P and dS to the input dtype before their matmuls, the XLA
+# backward stays in float32.
+GRAD_TOL = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+INTERPRET = bwd_kernels.BackwardConfig(operand="smem")
+
+
+def _close(got, want, dtype, what):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert not np.isnan(got).any(), f"{what}: NaN"
+  err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
+  assert err <= GRAD_TOL[dtype], f"{what}: max error {err:.2e} of the largest entry > {GRAD_TOL[dtype]:.0e}"
+
+
+def _cotangents(seed, out, lse):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal(out.shape), out.dtype),
+          jnp.asarray(rng.standard_normal(lse.shape), jnp.float32))
+
+
+# B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty rows (b, n, r) forced to select nothing
+KERNEL_CASES = [
+    (2, 300, 384, 4, 2, 64, jnp.bfloat16, True, (300, 190), (384, 250), ()),  # ragged, GQA 2, T < S, batch lengths
+    (1, 256, 256, 4, 1, 128, jnp.float16, False, (256,), (256,), ((0, 1, 1),)),  # GQA 4, H 128 (1-stage ring)
+    (1, 384, 384, 2, 2, 64, jnp.float16, True, (384,), (384,), ((0, 0, 2), (0, 1, 0))),  # 3 blocks, empty rows
+    (2, 256, 300, 2, 1, 64, jnp.bfloat16, False, (200, 130), (300, 140), ()),  # non-causal, padded keys
+]
+
+
+def _case_inputs(case, seed):
+  B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty = case
+  q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
+  lens = (jnp.asarray(q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32))
+  layout, mask = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.6)
+  if empty:
+    for b, n, r in empty:
+      mask[b, n, r] = False
+    allowed = allowed_blocks(q_len=T, kv_len=S, block_size=128, causal=causal, query_seq_lengths=lens[0],
+                             key_value_seq_lengths=lens[1])
+    layout = BlockLayout.from_dense(jnp.asarray(mask), allowed=allowed)
+  return q, k, v, lens, layout, mask
+
+
+@pytest.mark.parametrize(
+    "case", KERNEL_CASES,
+    ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}"
+         for c in KERNEL_CASES])
+def test_kernels_match_the_xla_backward(case):
+  """Given the same forward (out, lse) and random cotangents (dO and dlse), the kernels' (dq, dk, dv) equal XLA's."""
+  B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty = case
+  q, k, v, lens, layout, _ = _case_inputs(case, seed=T + S + N)
+  for b, n, r in empty:
+    assert int(layout.counts[b, n, r]) == 0
+  geometry = Geometry.from_lengths(*lens)
+  kw = dict(causal=causal, scale=SCALE)
+  out, lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, **kw)
+  d_out, d_lse = _cotangents(T, out, lse)
+  args = (q, k, v, out, lse, d_out, d_lse, layout, geometry)
+  got = run_checked(bwd_kernels.block_sparse_attention_bwd, *args, **kw, config=INTERPRET, interpret=True)
+  assert not _races_found(), "the Mosaic GPU interpreter recorded a race"
+  want = attention_xla_bwd.block_sparse_attention_bwd(*args, **kw)
+  for name, a, b, x in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
+    assert a.dtype == x.dtype and a.shape == x.shape
+    _close(a, b, dtype, name)
+  dq, dk, dv = (np.asarray(x, np.float32) for x in got)
+  for b in range(B):  # padding queries and keys get exactly zero
+    assert np.all(dq[b, q_lens[b]:] == 0) and np.all(dk[b, kv_lens[b]:] == 0) and np.all(dv[b, kv_lens[b]:] == 0)
+  for b, n, r in empty:  # a row that selected nothing: zero dq
+    assert np.all(dq[b, r * 128:(r + 1) * 128, n] == 0)
+
+
+def _loss(out, lse):  # weights every output element differently, and uses the finite lse
+  weights = jnp.sin(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+  return jnp.sum(out.astype(jnp.float32) * weights) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+
+def test_block_sparse_attention_gradients():
+  """jax.grad through the public op: pallas_mosaic_gpu (kernel forward + kernel backward) == xla == dense masked."""
+  B, T, S, N, K, H, dtype, causal = 2, 200, 300, 4, 2, 64, jnp.float16, True
+  q, k, v = random_qkv(81, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
+  lens = (jnp.array([200, 120], jnp.int32), jnp.array([300, 170], jnp.int32))
+  layout, mask = random_layout(82, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.6)
+
+  def loss(q, k, v, implementation):
+    out, lse = xa.block_sparse_attention(q, k, v, layout, causal=causal, scale=SCALE, query_seq_lengths=lens[0],
+                                         key_value_seq_lengths=lens[1], return_lse=True,
+                                         implementation=implementation, interpret=True)
+    return _loss(out, lse)
+
+  grad = lambda impl: jax.grad(functools.partial(loss, implementation=impl), argnums=(0, 1, 2))
+  calls = []
+  original = bwd_kernels.block_sparse_attention_bwd
+
+  def counting(*args, **kwargs):
+    calls.append(kwargs["config"])
+    return original(*args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(bwd_kernels, "block_sparse_attention_bwd", counting)
+    got = run_checked(grad("pallas_mosaic_gpu"), q, k, v)
+  assert calls == [INTERPRET], "jax.grad did not reach the Mosaic GPU backward"
+  assert not _races_found()
+  xla = run_checked(grad("xla"), q, k, v)
+  tm = token_mask(mask, T=T, S=S, blk=128, causal=causal, q_lens=lens[0], kv_lens=lens[1])
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  dense = jax.grad(lambda q, k, v: _loss(*dense_masked(q, k, v, tm, scale=SCALE)), argnums=(0, 1, 2))(*f32)
+  for name, a, b, c in zip("qkv", got, xla, dense):
+    assert a.dtype == dtype
+    _close(a, b, dtype, f"d{name} vs xla")
+    _close(a, c, dtype, f"d{name} vs dense")
+
+
+def test_unsupported_calls_fall_back_to_the_xla_backward():
+  q, k, v = random_qkv(91, B=1, T=64, S=64, N=2, K=1, H=16)  # float32, head dim 16: not for these kernels
+  layout = BlockLayout.from_dense(jnp.ones((1, 2, 1, 1), bool))
+  out, lse = attention_xla.block_sparse_attention(q, k, v, layout, Geometry.from_lengths(
+      jnp.array([64], jnp.int32), jnp.array([64], jnp.int32)), causal=True, scale=SCALE)
+  geometry = Geometry.from_lengths(jnp.array([64], jnp.int32), jnp.array([64], jnp.int32))
+  with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
+    bwd_kernels.block_sparse_attention_bwd(q, k, v, out, lse, out, lse, layout, geometry, causal=True, scale=SCALE,
+                                           interpret=True)
+  grad = lambda impl: jax.grad(lambda q, k, v: jnp.sum(xa.block_sparse_attention(
+      q, k, v, layout, implementation=impl, interpret=True)), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(grad(("pallas_mosaic_gpu", "xla")), grad("xla")):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_needs_a_gpu_unless_interpreted():
+  if jax.default_backend() == "gpu":
+    pytest.skip("has a GPU")
+  from pallas_kernels import mosaic_gpu
+
+  q, k, v = random_qkv(92, B=1, T=128, S=128, N=2, K=2, H=64, dtype=jnp.bfloat16)
+  layout = BlockLayout.from_dense(jnp.ones((1, 2, 1, 1), bool))
+  geometry = Geometry.from_lengths(jnp.array([128], jnp.int32), jnp.array([128], jnp.int32))
+  lse = jnp.zeros((1, 2, 128), jnp.float32)
+  with pytest.raises(NotImplementedError, match="needs a CUDA GPU"):
+    mosaic_gpu.backend().block_sparse_attention_bwd(q, k, v, q, lse, q, lse, layout, geometry, causal=True,
+                                                    scale=SCALE, query_chunk_size=None, interpret=False)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_masked_visits_are_the_pairs_that_need_the_token_mask(causal):
+  """masked_visits == a brute-force count over the transposed rows, and those visits form a prefix of each row."""
+  B, T, S, N = 2, 700, 900, 3
+  lens = (jnp.array([700, 333], jnp.int32), jnp.array([900, 500], jnp.int32))
+  layout, _ = random_layout(93, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.5)
+  geometry = Geometry.from_lengths(*lens)
+  t_counts, t_indices = transposed_layout(layout)
+  got = np.asarray(bwd_kernels.masked_visits(t_counts, t_indices, geometry, causal=causal))
+  t_counts, t_indices = np.asarray(t_counts), np.asarray(t_indices)
+  kv, qp = np.asarray(geometry.kv_lengths), np.asarray(geometry.q_positions)
+  for b in range(B):
+    for n in range(N):
+      for c in range(t_counts.shape[2]):
+        needs = []
+        for r in t_indices[b, n, c, :t_counts[b, n, c]]:
+          keys = c * 128 + np.arange(128)
+          first_query = qp[b] + r * 128
+          needs.append(bool((keys >= kv[b]).any() or (causal and (keys > first_query).any())))
+        assert needs == sorted(needs, reverse=True)  # a prefix
+        assert got[b, n, c] == sum(needs), (b, n, c)
+
+
+def test_config_validates_itself():
+  with pytest.raises(ValueError, match="operand='tmem'"):
+    bwd_kernels.BackwardConfig(operand="tmem")
+  with pytest.raises(ValueError, match="num_stages=0"):
+    bwd_kernels.BackwardConfig(num_stages=0)
+  with pytest.raises(ValueError, match="dkv_block_q=32"):
+    bwd_kernels.BackwardConfig(dkv_block_q=32)
+
+
+def test_smem_budget():
+  """The docstring's arithmetic: both kernels fit 227 KiB with a 2-stage ring at head dim 128, bf16, P/dS in
+  registers; the SMEM-staged variant keeps 2 stages in the dK/dV kernel and drops to 1 in the dQ kernel."""
+  budget = 227 * 1024
+  fast = bwd_kernels.BackwardConfig()
+  dq, dkv = bwd_kernels.smem_bytes(fast, 128, jnp.bfloat16)
+  assert dq == dkv == 196 * 1024 and max(dq, dkv) <= budget
+  staged = bwd_kernels.BackwardConfig(operand="smem")
+  assert bwd_kernels._stages(staged, 128, jnp.bfloat16, 0) == 1
+  assert bwd_kernels._stages(staged, 128, jnp.bfloat16, 1) == 2
+  assert bwd_kernels._stages(staged, 64, jnp.float16, 0) == 2
+
+
+@pytest.mark.parametrize("head_dim,operand", [(128, "registers"), (128, "smem"), (64, "registers")])
+def test_lowers_for_cuda_at_production_shapes(head_dim, operand):
+  """Both kernels through the real Mosaic GPU lowering (layouts, wgmma shapes, TMA boxes) at B=1, N=32, K=8,
+  32K tokens, bf16, causal: no GPU needed."""
+  B, N, K, length = 1, 32, 8, 32768
+  nb = length // 128
+  sds = jax.ShapeDtypeStruct
+  layout = BlockLayout(counts=sds((B, N, nb), jnp.int32), indices=sds((B, N, nb, nb), jnp.int32),
+                       num_allowed=sds((B, N, nb), jnp.int32), block_size=128)
+  geometry = Geometry(*(sds((B,), jnp.int32),) * 3)
+  f = functools.partial(bwd_kernels.block_sparse_attention_bwd, causal=True, scale=head_dim**-0.5,
+                        config=bwd_kernels.BackwardConfig(operand=operand))
+  q_like, kv_like = sds((B, length, N, head_dim), jnp.bfloat16), sds((B, length, K, head_dim), jnp.bfloat16)
+  rows = sds((B, N, length), jnp.float32)
+  lowered = jax.jit(f).trace(q_like, kv_like, kv_like, q_like, rows, q_like, rows, layout, geometry).lower(
+      lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert text.count("mosaic_gpu") >= 2 and "wgmma" in text
+  assert [a.shape for a in lowered.out_info] == [(B, length, N, head_dim), (B, length, K, head_dim),
+                                                 (B, length, K, head_dim)]
+
+
+def test_benchmark_script_runs_on_cpu(tmp_path):
+  """benchmarks/attention_bwd_speed.py end to end at a toy shape with XLA on both sides (the GPU run uses cuDNN)."""
+  import importlib.util
+  import json
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attention_bwd_speed.py"
+  spec = importlib.util.spec_from_file_location("attention_bwd_speed", path)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  assert script.main(["--lengths", "256", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--densities",
+                      "50,100", "--repeats", "1", "--implementation", "xla", "--dense-implementation", "xla",
+                      "--out-dir", str(tmp_path)]) == 0
+  (result_file,) = tmp_path.glob("*-bwd.json")
+  rows = json.loads(result_file.read_text())["rows"]
+  assert [r["what"] for r in rows] == ["dense xla fwd+bwd", "dense xla bwd"] + ["sparse fwd+bwd", "sparse bwd"] * 2
+  assert rows[-2]["density"] == 1.0 and max(rows[-2]["rel_err_vs_dense"]) < 2e-2  # all blocks == dense
+  assert (tmp_path / result_file.name.replace(".json", ".md")).exists()
