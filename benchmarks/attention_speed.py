@@ -132,6 +132,16 @@ def run(args) -> dict:
           print(f"{length:>7} K={kv_heads:<2} xattention s={stride:<2}     {t['ms']:9.3f} ms  "
                 f"{base_s['ms'] / t['ms']:.2f}x faster, density {float(layout.density()):.3f}, rel err {err:.2e}",
                 flush=True)
+          # The selection and layout building alone (XLA), from the scores the estimator produced.
+          scores = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride,
+                                                               implementation=args.implementation))(sq, sk)
+          select = jax.jit(lambda s: xa.select_blocks(s, q_len=length, kv_len=length, threshold=tau))
+          t = timed(select, scores, repeats=args.repeats)
+          rows.append(dict(shape, what=f"selection s={stride} tau={tau:.3g}", density=None, **t,
+                           ratio=t["ms"] / base_s["ms"], target_ratio=0.02))
+          print(f"{length:>7} K={kv_heads:<2} selection s={stride:<2}      {t['ms']:9.3f} ms  "
+                f"{t['ms'] / base_s['ms']:.3f}x dense (target <= 0.02)", flush=True)
+          del scores
   return dict(
       card=device.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
       command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]), rows=rows, heads=args.heads,

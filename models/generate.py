@@ -77,6 +77,12 @@ class Generator:
     self._compiled_decode = {}
     self._init_cache = jax.jit(self._init_cache_fn, static_argnums=1)
 
+  def set_thresholds(self, thresholds=None) -> None:
+    """`Transformer.set_thresholds` on the generator's model: later prompts use them, without recompiling."""
+    model = self._model(self.state)
+    model.set_thresholds(thresholds)
+    _, self.state = nnx.split(model)
+
   def _init_cache_fn(self, state, batch):
     cache = nnx.merge(self.graphdef, state).init_cache(batch, self.max_len)
     if self.mesh is None:

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import AttentionConfig, ModelConfig
+from models.modules import XAttentionThreshold
 from models.transformer import Transformer
 
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
@@ -353,7 +354,7 @@ def _build(config: ModelConfig, ckpt, *, dtype, param_dtype, source, display=lam
   specs = _param_specs(config)
   _check(ckpt, specs, config, source, display)
   abstract = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, params, thresholds, rest = nnx.split(abstract, nnx.Param, XAttentionThreshold, ...)
   flat = getattr(nnx, "to_flat_state", None) or (lambda state: state.flat_state())
   variables = dict(flat(params))
   if set(variables) != {s.path for s in specs.values()} or len(flat(rest)):
@@ -365,7 +366,9 @@ def _build(config: ModelConfig, ckpt, *, dtype, param_dtype, source, display=lam
       array = array.T
     variables[spec.path].set_value(jnp.asarray(array, dtype=param_dtype))
     del array
-  return nnx.merge(graphdef, params, rest)
+  model = nnx.merge(graphdef, params, thresholds, rest)
+  model.set_thresholds()  # the config's (eval_shape left them abstract)
+  return model
 
 
 def from_pretrained(path_or_name: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,

@@ -7,12 +7,27 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import xattn_jax
 from xattn_jax.sharding import current_mesh, sharded_xattention
 from models.config import ModelConfig
 from models.layers import MLP, RMSNorm, apply_rope, rope_frequencies
+
+
+def threshold_vector(threshold, num_heads: int) -> jax.Array:
+  """A threshold (float, or one value per query head) as float32 [num_heads]; ValueError names what is wrong."""
+  if isinstance(threshold, jax.core.Tracer):
+    value = threshold.astype(jnp.float32)
+  else:
+    value = np.asarray(threshold, np.float32)
+    if not np.all(np.isfinite(value) & (value >= 0)):
+      raise ValueError(f"thresholds must be finite and >= 0, got {threshold}")
+  if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != num_heads):
+    raise ValueError(f"threshold of shape {value.shape} must be a float or have one value per query head "
+                     f"({num_heads})")
+  return jnp.broadcast_to(jnp.asarray(value), (num_heads,))
 
 
 @jax.tree_util.register_dataclass
@@ -31,6 +46,11 @@ def _write(cache: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
   return cache.at[jnp.arange(B)[:, None], rows].set(new.astype(cache.dtype), mode="promise_in_bounds")
 
 
+class XAttentionThreshold(nnx.Variable):
+  """One layer's XAttention thresholds, float32 [query heads]. Model state, not a parameter: no gradient, optimizers
+  skip it, and new values (`Transformer.set_thresholds`, a calibration) reuse the compiled prefill."""
+
+
 class Attention(nnx.Module):
   def __init__(self, config: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     D, N, K, H = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
@@ -41,7 +61,11 @@ class Attention(nnx.Module):
     self.o_proj = linear(N * H, D, False)
     self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
     self.rope = (H, config.rope_theta, config.rope_scaling)  # static; frequencies are built at trace time
-    self.xattention = config.attention.for_layer(layer)  # None: dense
+    xattention = config.attention.for_layer(layer)  # None: dense
+    # The static part of the layer's config; its threshold lives in self.threshold (traced), so that models that
+    # differ only in their thresholds share one graph definition and one compilation.
+    self.xattention = None if xattention is None else dataclasses.replace(xattention, threshold=1.0)
+    self.threshold = None if xattention is None else XAttentionThreshold(threshold_vector(xattention.threshold, N))
     self.mesh_axes = (config.attention.batch_axis, config.attention.head_axis)
 
   def __call__(
@@ -80,7 +104,7 @@ class Attention(nnx.Module):
     if self.xattention is not None and T > 1:
       cfg = self.xattention
       kw = dict(is_causal=True, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
-                threshold=cfg.threshold, stride=cfg.stride, block_size=cfg.block_size, keep_sink=cfg.keep_sink,
+                threshold=self.threshold.get_value(), stride=cfg.stride, block_size=cfg.block_size, keep_sink=cfg.keep_sink,
                 keep_diagonal=cfg.keep_diagonal, query_chunk_size=cfg.query_chunk_size,
                 implementation=cfg.implementation, return_block_layout=True)
       mesh = current_mesh()

@@ -78,7 +78,8 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) 
 class Trainer:
   def __init__(self, model: Transformer, config: TrainConfig):
     self.config = config
-    self.graphdef, self._params = nnx.split(model)
+    # Only parameters train; the rest of the state (XAttention thresholds) rides along unchanged.
+    self.graphdef, self._params, self._fixed = nnx.split(model, nnx.Param, ...)
     self.tx = optimizer(config)
     self.step = jax.jit(self._step, donate_argnames=("state",))
 
@@ -89,10 +90,10 @@ class Trainer:
     return TrainState(jnp.int32(0), params, master, self.tx.init(master))
 
   def model(self, state: TrainState) -> Transformer:
-    return nnx.merge(self.graphdef, state.params)
+    return nnx.merge(self.graphdef, state.params, self._fixed)
 
   def loss(self, params, tokens, loss_mask):
-    logits = nnx.merge(self.graphdef, params)(tokens)
+    logits = nnx.merge(self.graphdef, params, self._fixed)(tokens)
     return next_token_loss(logits, tokens, loss_mask)
 
   def _step(self, state: TrainState, tokens: jax.Array, loss_mask: jax.Array):

@@ -10,7 +10,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.layers import RMSNorm
-from models.modules import Block, LayerCache
+from models.modules import Block, LayerCache, threshold_vector
 
 
 @jax.tree_util.register_dataclass
@@ -37,6 +37,46 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, param_dtype=param_dtype)
     self.lm_head = None if config.tie_embeddings else nnx.Linear(
         config.d_model, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def set_thresholds(self, thresholds=None) -> None:
+    """Sets the XAttention thresholds of every XAttention layer in place (no recompilation: they are state).
+
+    thresholds: None (back to the config's), a float (every head of every layer), or per layer [L] / [L, N] (a
+    float or one value per query head each, e.g. a calibration table); entries of dense layers are ignored.
+    """
+    L, N = self.config.num_layers, self.config.num_heads
+    if thresholds is not None and not isinstance(thresholds, (int, float)):
+      thresholds = list(thresholds)
+      if len(thresholds) != L:
+        raise ValueError(f"thresholds have {len(thresholds)} layers; the model has {L}")
+    for i, block in enumerate(self.layers):
+      attn = block.attn
+      if attn.threshold is None:
+        continue
+      if thresholds is None:
+        value = self.config.attention.for_layer(i).threshold
+      elif isinstance(thresholds, (int, float)):
+        value = thresholds
+      else:
+        value = thresholds[i]
+      try:
+        attn.threshold.set_value(threshold_vector(value, N))
+      except ValueError as e:
+        raise ValueError(f"thresholds[{i}]: {e}") from None
+
+  def with_attention(self, attention) -> "Transformer":
+    """The same weights (shared, not copied) under another `AttentionConfig`, thresholds from that config."""
+    config = self.config.with_attention(attention)
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype=self.dtype, rngs=nnx.Rngs(0)))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    _, params, _ = nnx.split(self, nnx.Param, ...)
+    model = nnx.merge(graphdef, params, rest)
+    model.set_thresholds()
+    return model
+
+  def thresholds(self) -> list:
+    """The current thresholds, float32 [N] per XAttention layer and None per dense layer."""
+    return [None if b.attn.threshold is None else b.attn.threshold.get_value() for b in self.layers]
 
   def _logits(self, h: jax.Array) -> jax.Array:
     h = self.final_norm(h)

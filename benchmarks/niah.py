@@ -1,0 +1,571 @@
+"""Accuracy of XAttention on RULER-style long-context tasks with a real model, against dense attention.
+
+    python benchmarks/niah.py --model smollm2 --lengths 2048,4096 --tasks single,multikey --samples 10 \
+        --configs dense,s8_t0.9,cal0.9 --tag niah-first
+
+Tasks (`models.haystack`, generated offline and seeded): single needle, multi-key (4 needles, one asked),
+multi-value (one key, 4 values, all asked), variable tracking (a 5-variable chain, all asked); haystacks: RULER's
+noise sentences and CPython's pydoc_data.topics prose; depths cycle over 0.1 .. 0.9. Scoring: RULER's
+string_match_all (fraction of expected values found in the greedy answer).
+
+Configs (--configs, comma separated):
+  dense            jax.nn.dot_product_attention
+  s{S}_t{TAU}      XAttention, stride S, one threshold TAU for every head (e.g. s8_t0.9, s16_t0.95)
+  cal{T}           XAttention with per-(layer, head) thresholds calibrated to cover T of the exact attention mass
+                   (`models.calibration.calibrate`, --cal-method, --cal-stride; cached in the output directory)
+  file:PATH        XAttention with the thresholds of a file written by `xattn-jax calibrate`
+Default: dense, s{8,16} x t{0.8,0.9,0.95}, cal0.9.
+
+Resumable: every (sample, config) result is one line of {tag}.jsonl, and a rerun skips the lines already there, so
+a run can be stopped and continued, or extended with more samples, lengths, tasks or configs. Then it writes:
+  {tag}.json / {tag}.md        accuracy per task x length x config (samples, binomial standard error, the paired
+                               difference to dense and its standard error), block density per config, timings
+  {tag}-accuracy-density.png   accuracy vs measured block density
+  {tag}-masks.png              the selected block masks of a few heads (one prompt) as heat maps
+  {tag}-fidelity.json          per layer and head: exact attention mass inside the selected blocks (recall) and
+                               relative error of the attention output vs dense, on real activations
+`--report-only` rebuilds the outputs from the JSONL without running the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_CONFIGS = ("dense", "s8_t0.8", "s8_t0.9", "s8_t0.95", "s16_t0.8", "s16_t0.9", "s16_t0.95", "cal0.9")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  name: str
+  kind: str  # "dense", "flat", "calibrated"
+  stride: int = 8
+  threshold: float | None = None  # flat
+  target: float | None = None  # calibrated
+  path: str | None = None  # calibrated from a file
+
+  def stride_of(self, runner) -> int:
+    return runner.settings(self)[0] if self.kind == "calibrated" else self.stride
+
+
+def parse_config(name: str, *, cal_stride: int) -> RunConfig:
+  if name == "dense":
+    return RunConfig(name, "dense")
+  if m := re.fullmatch(r"s(\d+)_t([0-9.]+)", name):
+    return RunConfig(name, "flat", stride=int(m[1]), threshold=float(m[2]))
+  if m := re.fullmatch(r"cal([0-9.]+)", name):
+    return RunConfig(name, "calibrated", stride=cal_stride, target=float(m[1]))
+  if name.startswith("file:"):
+    return RunConfig(name, "calibrated", path=name[5:])
+  raise ValueError(f"config {name!r}: expected dense, s<stride>_t<tau>, cal<target> or file:<path>")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring and statistics (pure functions; tested)
+
+
+def cell_stats(scores) -> dict:
+  """Mean score with the binomial standard error sqrt(p (1 - p) / n) (RULER scores are 0/1 for single-answer
+  tasks; for multi-answer tasks the same formula bounds the error of a mean of values in [0, 1] from above)."""
+  n = len(scores)
+  p = float(np.mean(scores)) if n else float("nan")
+  return dict(n=n, accuracy=p, se=math.sqrt(p * (1 - p) / n) if n else float("nan"))
+
+
+def paired_stats(scores, reference) -> dict:
+  """Mean of score - reference over the same samples, its standard error, and how many samples differ."""
+  d = np.asarray(scores, float) - np.asarray(reference, float)
+  n = len(d)
+  return dict(n=n, diff=float(d.mean()) if n else float("nan"),
+              se=float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+              discordant=int(np.sum(d != 0)))
+
+
+def samples_needed(delta: float, *, p: float = 0.9, discordance: float | None = None, z: float = 2.0) -> int:
+  """Samples per config for a difference `delta` to stand `z` standard errors out: unpaired binomial
+  (2 p (1 - p) / n per difference), or paired with a discordance rate d (variance <= d / n)."""
+  var = discordance if discordance is not None else 2 * p * (1 - p)
+  return math.ceil(var * (z / delta) ** 2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def _log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _load_jsonl(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interrupted run: its sample is simply redone
+          pass
+  return records
+
+
+class Runner:
+  def __init__(self, args):
+    import jax.numpy as jnp
+
+    from models.loading import from_pretrained, load_tokenizer
+
+    self.args = args
+    self.model = from_pretrained(args.model, dtype={"f32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype])
+    self.tok = load_tokenizer(args.model)
+    self.out = pathlib.Path(args.out_dir)
+    self.out.mkdir(parents=True, exist_ok=True)
+    self.thresholds: dict[str, dict] = {}
+    self._generators: dict = {}
+    self._compiled: set = set()
+    self.configs = [parse_config(c, cal_stride=args.cal_stride) for c in args.configs]
+
+  def path(self, suffix: str) -> pathlib.Path:
+    return self.out / f"{self.args.tag}{suffix}"
+
+  def count_tokens(self, sample) -> int:
+    from models.calibration import prompt_ids
+
+    return len(prompt_ids(self.tok, sample))
+
+  # -- thresholds ---------------------------------------------------------------------------------------------------
+
+  def threshold_record(self, config: RunConfig) -> dict:
+    from models.calibration import calibrate, task_prompts
+    from xattn_jax.calibration import load_thresholds, save_thresholds
+
+    if config.name in self.thresholds:
+      return self.thresholds[config.name]
+    if config.path:
+      record = load_thresholds(config.path)
+    else:
+      a = self.args
+      path = self.path(f"-thresholds-{config.name}-s{config.stride}.json")
+      want = dict(target=config.target, method=a.cal_method, prompts=a.cal_prompts, length=a.cal_length,
+                  aggregate="max", stride=config.stride, block_size=a.block_size)
+      record = load_thresholds(path) if path.exists() else None
+      if record is None or any(record.get(k) != v for k, v in want.items()):
+        _log(f"calibrating {config.name}: {a.cal_prompts} prompts of {a.cal_length} tokens, method {a.cal_method}")
+        start = time.perf_counter()
+        samples = task_prompts(self.tok, n=a.cal_prompts, length=a.cal_length, tasks=a.cal_tasks)
+        from models.calibration import prompt_ids
+
+        result = calibrate(self.model, [prompt_ids(self.tok, s) for s in samples], target=config.target,
+                           stride=config.stride, block_size=a.block_size, method=a.cal_method, aggregate="max",
+                           progress=_log)
+        record = save_thresholds(
+            path, result.thresholds, stride=config.stride, block_size=a.block_size, target=config.target,
+            method=a.cal_method, aggregate="max", prompts=a.cal_prompts, length=a.cal_length, model=a.model,
+            calibration_samples=[s.id for s in samples], seconds=round(time.perf_counter() - start, 1))
+        _log(f"wrote {path} (mean tau {np.mean(result.thresholds):.3f})")
+    self.thresholds[config.name] = record
+    return record
+
+  def settings(self, config: RunConfig):
+    """(stride, thresholds) for the fidelity metrics."""
+    if config.kind == "flat":
+      return config.stride, config.threshold
+    record = self.threshold_record(config)
+    return record["stride"], np.asarray(record["layer_thresholds"])
+
+  # -- samples ------------------------------------------------------------------------------------------------------
+
+  def samples(self, length: int):
+    from models.haystack import ruler_sample
+
+    a = self.args
+    return [ruler_sample(task, haystack=hay, length=length, index=i, count_tokens=self.count_tokens, seed=a.seed,
+                         max_new_tokens=a.max_new_tokens)
+            for i in range(a.samples) for task in a.tasks for hay in a.haystacks]
+
+  def generator(self, config: RunConfig):
+    """One Generator per kind (dense, or XAttention of one stride) for every length: prefill compiles once per
+    length bucket and the decode loop once; thresholds are set per config at run time (model state)."""
+    import xattn_jax as xa
+    from models.config import AttentionConfig
+    from models.generate import Generator
+
+    key = "dense" if config.kind == "dense" else config.stride_of(self)
+    if key not in self._generators:
+      attention = AttentionConfig() if config.kind == "dense" else AttentionConfig(
+          kind="xattention", xattention=xa.XAttentionConfig(stride=key, block_size=self.args.block_size))
+      lengths = sorted(self.args.lengths)
+      bucket = lengths[0]
+      for L in lengths:
+        bucket = math.gcd(bucket, L)
+      self._generators[key] = Generator(self.model.with_attention(attention), max_len=lengths[-1],
+                                        chunk_size=lengths[-1], bucket=bucket)
+    gen = self._generators[key]
+    if config.kind != "dense":
+      gen.set_thresholds(self.settings(config)[1])
+    return gen
+
+  def run(self) -> None:
+    import jax
+
+    from models.calibration import prompt_ids
+    from models.haystack import string_match_all
+
+    jsonl = self.path(".jsonl")
+    done = {(r["id"], r["config"]) for r in _load_jsonl(jsonl)}
+    for config in self.configs:  # calibrate up front (cached), so that a long run fails early if it cannot
+      if config.kind == "calibrated":
+        self.threshold_record(config)
+    device = jax.devices()[0].device_kind
+    size = self.args.batch
+    for length in self.args.lengths:
+      samples = self.samples(length)
+      ids = {s.id: prompt_ids(self.tok, s) for s in samples}
+      todo = [(s, c) for c in self.configs for s in samples if (s.id, c.name) not in done]
+      _log(f"length {length}: {len(samples)} samples x {len(self.configs)} configs, {len(todo)} to run")
+      start_all, finished = time.perf_counter(), 0
+      for config in self.configs:
+        mine = [s for s, c in todo if c is config]
+        for b in range(0, len(mine), size):
+          batch = mine[b:b + size]
+          gen = self.generator(config)
+          prompts = [ids[s.id] for s in batch]
+          prompts += [prompts[-1]] * (size - len(prompts))  # fixed batch shape: no recompilation for the last one
+          first = (config.kind, config.stride, length) not in self._compiled
+          self._compiled.add((config.kind, config.stride, length))
+          start = time.perf_counter()
+          result = gen.generate(prompts, max_new_tokens=self.args.max_new_tokens,
+                                stop_tokens=self.tok.stop_token_ids)
+          seconds = time.perf_counter() - start
+          layer_density = [float(d) for d in result.densities]
+          density = 1.0 if config.kind == "dense" else float(np.mean([d for d in layer_density if d >= 0]))
+          lines = []
+          for sample, out_ids in zip(batch, result.tokens):
+            output = self.tok.decode(out_ids)
+            lines.append(dict(
+                id=sample.id, config=config.name, task=sample.task, haystack=sample.haystack, length=length,
+                depth=sample.depth, prompt_tokens=len(ids[sample.id]), answers=list(sample.answers), output=output,
+                score=string_match_all(output, sample.answers), density=density,
+                layer_density=[round(d, 4) for d in layer_density], batch=size,
+                seconds=round(seconds / size, 4), prefill_seconds=round(result.prefill_seconds / size, 4),
+                decode_steps=result.decode_steps, compiled=first, device=device))
+          with open(jsonl, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in lines))
+          finished += len(batch)
+          elapsed = time.perf_counter() - start_all
+          _log(f"{length} {finished}/{len(todo)} {config.name} x{len(batch)}: mean score "
+               f"{np.mean([r['score'] for r in lines]):.2f} density {density:.3f} {seconds:.1f}s "
+               f"(eta {elapsed / finished * (len(todo) - finished) / 60:.0f} min) {lines[-1]['output'].strip()[:50]!r}")
+
+  # -- fidelity and masks -------------------------------------------------------------------------------------------
+
+  def fidelity(self) -> None:
+    from models.calibration import fidelity, prompt_ids, task_prompts
+
+    a = self.args
+    path = self.path("-fidelity.json")
+    sparse = [c for c in self.configs if c.kind != "dense"]
+    settings = {c.name: self.settings(c) for c in sparse}
+    if path.exists():
+      old = json.loads(path.read_text())
+      if (old.get("prompts") == a.fidelity_prompts and old.get("length") == a.fidelity_length
+          and set(old["configs"]) >= set(settings)):
+        _log(f"{path} is up to date")
+        return
+    samples = task_prompts(self.tok, n=a.fidelity_prompts, length=a.fidelity_length, tasks=a.tasks, seed=2000)
+    _log(f"fidelity: {len(samples)} prompts of {a.fidelity_length} tokens, {len(settings)} settings")
+    start = time.perf_counter()
+    result = fidelity(self.model, [prompt_ids(self.tok, s) for s in samples], settings, block_size=a.block_size)
+    record = dict(prompts=a.fidelity_prompts, length=a.fidelity_length, samples=[s.id for s in samples],
+                  seconds=round(time.perf_counter() - start, 1), configs={})
+    for name, metrics in result.items():
+      record["configs"][name] = {m: np.round(v.mean(axis=0), 5).tolist() for m, v in metrics.items()}  # [L, N]
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    _log(f"wrote {path} ({record['seconds']} s)")
+
+  def masks(self) -> None:
+    import jax.numpy as jnp
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import xattn_jax as xa
+    from models.calibration import iter_layer_qkv, prompt_ids, task_prompts
+
+    a = self.args
+    sparse = [c for c in self.configs if c.kind != "dense"][:3]
+    if not sparse:
+      return
+    sample = task_prompts(self.tok, n=1, length=a.fidelity_length, tasks=a.tasks[:1], seed=2000)[0]
+    ids = prompt_ids(self.tok, sample)
+    L, N = self.model.config.num_layers, self.model.config.num_heads
+    heads = a.mask_heads or [(0, 0), (L // 3, N // 2), (2 * L // 3, N - 1), (L - 1, 1 % N)]
+    wanted = {layer for layer, _ in heads}
+    masks = {}
+    for layer in iter_layer_qkv(self.model, jnp.asarray([ids], jnp.int32)):
+      if layer.layer not in wanted:
+        continue
+      for config in sparse:
+        stride, tau = self.settings(config)
+        tau = np.asarray(tau, np.float32)
+        tau = tau[layer.layer] if tau.ndim == 2 else np.full((N,), tau, np.float32)
+        _, layout = xa.xattention(layer.q, layer.k, layer.v, is_causal=True, threshold=jnp.asarray(tau),
+                                  stride=stride, block_size=a.block_size, return_block_layout=True)
+        dense = np.asarray(layout.to_dense()[0])
+        for l, h in heads:
+          if l == layer.layer:
+            masks[(config.name, l, h)] = (dense[h], float(tau[h]))
+    fig, axes = plt.subplots(len(sparse), len(heads), figsize=(3 * len(heads), 3 * len(sparse)), squeeze=False)
+    for i, config in enumerate(sparse):
+      for j, (l, h) in enumerate(heads):
+        mask, tau = masks[(config.name, l, h)]
+        nq = mask.shape[0]
+        allowed = np.tril(np.ones_like(mask, bool))
+        ax = axes[i, j]
+        ax.imshow(np.where(allowed, mask.astype(float), np.nan), cmap="Blues", vmin=0, vmax=1.2,
+                  interpolation="nearest")
+        ax.set_title(f"{config.name} L{l} H{h} tau={tau:.2f}\ndensity {mask.sum() / allowed.sum():.2f}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if j == 0:
+          ax.set_ylabel(f"query block (of {nq})", fontsize=8)
+    fig.suptitle(f"Selected blocks ({len(ids)}-token {sample.task} prompt, block {a.block_size})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(self.path("-masks.png"), dpi=110)
+    plt.close(fig)
+    _log(f"wrote {self.path('-masks.png')}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def summarize(records: list[dict], configs: list[str]) -> dict:
+  by = {}
+  for r in records:
+    by.setdefault((r["task"], r["length"], r["config"]), []).append(r)
+  tasks = sorted({r["task"] for r in records})
+  lengths = sorted({r["length"] for r in records})
+  configs = [c for c in configs if any(r["config"] == c for r in records)] + sorted(
+      {r["config"] for r in records} - set(configs))
+  dense_scores = {r["id"]: r["score"] for r in records if r["config"] == "dense"}
+
+  def block(rs):
+    stats = cell_stats([r["score"] for r in rs])
+    stats["density"] = float(np.mean([r["density"] for r in rs])) if rs else float("nan")
+    common = [r for r in rs if r["id"] in dense_scores]
+    if common and rs and rs[0]["config"] != "dense":
+      stats["vs_dense"] = paired_stats([r["score"] for r in common], [dense_scores[r["id"]] for r in common])
+    timed = [r for r in rs if not r.get("compiled")]
+    if timed:
+      stats["seconds_median"] = statistics.median(r["seconds"] for r in timed)
+      stats["prefill_seconds_median"] = statistics.median(r["prefill_seconds"] for r in timed)
+    return stats
+
+  cells = []
+  for task in tasks + ["all"]:
+    for length in lengths:
+      for config in configs:
+        rs = [r for r in records if r["config"] == config and r["length"] == length and task in ("all", r["task"])]
+        if rs:
+          cells.append(dict(task=task, length=length, config=config, **block(rs)))
+  per_config = {c: block([r for r in records if r["config"] == c]) for c in configs}
+  for c in configs:
+    layers = [r["layer_density"] for r in records if r["config"] == c and c != "dense"]
+    if layers:
+      per_config[c]["layer_density"] = np.round(np.mean(layers, axis=0), 4).tolist()
+  return dict(tasks=tasks, lengths=lengths, configs=configs, cells=cells, per_config=per_config)
+
+
+def _fmt_acc(c) -> str:
+  return f"{100 * c['accuracy']:.1f} ± {100 * c['se']:.1f} (n={c['n']})"
+
+
+def write_report(path_md: pathlib.Path, summary: dict, env: dict, fidelity: dict | None, run_args: dict) -> None:
+  lines = [f"# RULER-style accuracy, dense vs XAttention: {env['model']}, {env['device']}", "",
+           f"Date {env['date']}; jax {env['jax']}; host {env['host']}.", "",
+           f"Command: `{env['command']}`", "",
+           f"Settings: {json.dumps(run_args)}", "",
+           "Accuracy in % (RULER string_match_all), ± the binomial standard error, n samples; Δ = paired difference "
+           "to dense on the same samples (± its standard error, [discordant samples]); density = selected / allowed "
+           "causal blocks of each generate call's batch, mean over layers and batches.", ""]
+  configs, lengths = summary["configs"], summary["lengths"]
+  for task in summary["tasks"] + ["all"]:
+    lines += [f"## {task}", "", "| config | " + " | ".join(f"{L} acc | {L} Δ vs dense | {L} density" for L in lengths)
+              + " |", "|---|" + "---|---|---|" * len(lengths)]
+    for config in configs:
+      row = [config]
+      for L in lengths:
+        c = next((c for c in summary["cells"] if (c["task"], c["length"], c["config"]) == (task, L, config)), None)
+        if c is None:
+          row += ["", "", ""]
+          continue
+        v = c.get("vs_dense")
+        delta = f"{100 * v['diff']:+.1f} ± {100 * v['se']:.1f} [{v['discordant']}]" if v else ""
+        row += [_fmt_acc(c), delta, f"{c['density']:.3f}"]
+      lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+  lines += [f"## Time per sample (median, compilation excluded; prompt + answer, {run_args['dtype']}, batches of "
+            f"{run_args.get('batch', 1)} on this device)", "",
+            "| config | " + " | ".join(f"{L} total (s) | {L} prefill (s)" for L in lengths) + " |",
+            "|---|" + "---|---|" * len(lengths)]
+  for config in configs:
+    row = [config]
+    for L in lengths:
+      c = next((c for c in summary["cells"] if (c["task"], c["length"], c["config"]) == ("all", L, config)), None)
+      row += [f"{c['seconds_median']:.2f}", f"{c['prefill_seconds_median']:.2f}"] if c and "seconds_median" in c \
+          else ["", ""]
+    lines.append("| " + " | ".join(row) + " |")
+  lines.append("")
+  if fidelity:
+    lines += [f"## Fidelity on real activations ({fidelity['prompts']} prompt(s) of {fidelity['length']} tokens; "
+              "each layer on the dense model's own q/k/v)", "",
+              "recall = exact attention mass inside the selected blocks; rel. error = ||out - dense|| / ||dense|| "
+              "of the attention output; over layers x heads: mean, and the worst head.", "",
+              "| config | recall mean | recall min | rel. error mean | rel. error max | density mean |",
+              "|---|---|---|---|---|---|"]
+    for name, m in fidelity["configs"].items():
+      r, e, d = (np.asarray(m[k]) for k in ("recall", "rel_error", "density"))
+      lines.append(f"| {name} | {r.mean():.4f} | {r.min():.4f} | {e.mean():.4f} | {e.max():.4f} | {d.mean():.3f} |")
+    lines.append("")
+  path_md.write_text("\n".join(lines) + "\n")
+
+
+def plot_accuracy_density(path: pathlib.Path, summary: dict) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for L in summary["lengths"]:
+    cells = [c for c in summary["cells"] if c["task"] == "all" and c["length"] == L]
+    xs = [c["density"] for c in cells]
+    ys = [100 * c["accuracy"] for c in cells]
+    es = [100 * c["se"] for c in cells]
+    line = ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=f"{L} tokens")
+    for c, x, y in zip(cells, xs, ys):
+      ax.annotate(c["config"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                  color=line[0].get_color())
+  ax.set_xlabel("selected block density (fraction of causal blocks)")
+  ax.set_ylabel("accuracy (%), all tasks pooled")
+  ax.set_title("RULER-style accuracy vs XAttention block density")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def report(args, env: dict) -> dict:
+  out = pathlib.Path(args.out_dir)
+  records = _load_jsonl(out / f"{args.tag}.jsonl")
+  if not records:
+    raise SystemExit(f"no results in {out / f'{args.tag}.jsonl'}")
+  summary = summarize(records, list(args.configs))
+  fid_path = out / f"{args.tag}-fidelity.json"
+  fidelity = json.loads(fid_path.read_text()) if fid_path.exists() else None
+  run_args = dict(tasks=args.tasks, haystacks=args.haystacks, lengths=args.lengths, samples=args.samples,
+                  configs=args.configs, block_size=args.block_size, seed=args.seed, cal_method=args.cal_method,
+                  cal_prompts=args.cal_prompts, cal_length=args.cal_length, dtype=args.dtype, batch=args.batch,
+                  max_new_tokens=args.max_new_tokens)
+  (out / f"{args.tag}.json").write_text(json.dumps(dict(env=env, args=run_args, **summary), indent=1) + "\n")
+  write_report(out / f"{args.tag}.md", summary, env, fidelity, run_args)
+  plot_accuracy_density(out / f"{args.tag}-accuracy-density.png", summary)
+  _log(f"wrote {out / args.tag}.json, .md, -accuracy-density.png")
+  return summary
+
+
+def _csv(kind):
+  return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="smollm2", help='"smollm2", a Hugging Face directory or a .gguf file')
+  p.add_argument("--tasks", type=_csv(str), default=["single", "multikey", "multivalue", "vartrack"])
+  p.add_argument("--haystacks", type=_csv(str), default=["noise", "prose"])
+  p.add_argument("--lengths", type=_csv(int), default=[2048, 4096, 8192])
+  p.add_argument("--samples", type=int, default=10, help="samples per task x haystack x length")
+  p.add_argument("--batch", type=int, default=8, help="prompts per generate call (one length, one config)")
+  p.add_argument("--max-new-tokens", type=int, default=64,
+                 help="answer budget of every task (the prompt fills the rest of the length)")
+  p.add_argument("--configs", type=_csv(str), default=list(DEFAULT_CONFIGS))
+  p.add_argument("--block-size", type=int, default=128)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+  p.add_argument("--cal-method", choices=["reference", "selection"], default="selection")
+  p.add_argument("--cal-stride", type=int, default=8)
+  p.add_argument("--cal-prompts", type=int, default=4)
+  p.add_argument("--cal-length", type=int, default=4096)
+  p.add_argument("--cal-tasks", type=_csv(str), default=["single", "multikey"])
+  p.add_argument("--fidelity-prompts", type=int, default=1, help="0 skips the fidelity section")
+  p.add_argument("--fidelity-length", type=int, default=4096)
+  p.add_argument("--mask-heads", type=lambda s: [tuple(int(x) for x in hh.split(":")) for hh in s.split(",")],
+                 default=None, help="layer:head pairs for the mask heat maps (default: four spread over the model)")
+  p.add_argument("--no-masks", dest="masks", action="store_false")
+  p.add_argument("--out-dir", default=str(pathlib.Path(__file__).parent / "results"))
+  p.add_argument("--tag", default="niah")
+  p.add_argument("--report-only", action="store_true", help="rebuild the table and plots from the JSONL")
+  p.add_argument("--require-equal", type=_csv(str), default=[],
+                 help="configs whose answers must equal dense's on every sample (exit 1 otherwise), e.g. s8_t1.0")
+  args = p.parse_args(argv)
+  for c in args.configs:
+    parse_config(c, cal_stride=args.cal_stride)
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  import jax
+
+  env = dict(model=args.model, device=jax.devices()[0].device_kind, jax=jax.__version__,
+             date=datetime.date.today().isoformat(), host=f"{platform.machine()}, {os.cpu_count()} CPUs",
+             command="python benchmarks/niah.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+  if not args.report_only:
+    runner = Runner(args)
+    runner.run()
+    if args.fidelity_prompts > 0:
+      runner.fidelity()
+    if args.masks:
+      runner.masks()
+  summary = report(args, env)
+  if args.require_equal:
+    check_equal_answers(_load_jsonl(pathlib.Path(args.out_dir) / f"{args.tag}.jsonl"), args.require_equal)
+  return summary
+
+
+def check_equal_answers(records: list[dict], configs) -> None:
+  """Raises SystemExit(1) unless each config's answer equals dense's on every sample both ran."""
+  dense = {r["id"]: r["output"] for r in records if r["config"] == "dense"}
+  for config in configs:
+    mine = {r["id"]: r["output"] for r in records if r["config"] == config}
+    common = sorted(set(mine) & set(dense))
+    if not common:
+      raise SystemExit(f"--require-equal {config}: no sample ran with both {config} and dense")
+    differ = [i for i in common if mine[i] != dense[i]]
+    if differ:
+      print(f"{config}: {len(differ)} of {len(common)} answers differ from dense: " + "; ".join(
+          f"{i}: {mine[i]!r} vs {dense[i]!r}" for i in differ[:5]), file=sys.stderr)
+      raise SystemExit(1)
+    _log(f"{config}: all {len(common)} answers equal dense's")
+
+
+if __name__ == "__main__":
+  main()
