@@ -190,13 +190,13 @@ class Runner:
 
   # -- samples ------------------------------------------------------------------------------------------------------
 
-  def samples(self, length: int):
+  def samples(self, length: int, indices):
     from models.haystack import ruler_sample
 
     a = self.args
     return [ruler_sample(task, haystack=hay, length=length, index=i, count_tokens=self.count_tokens, seed=a.seed,
                          max_new_tokens=a.max_new_tokens)
-            for i in range(a.samples) for task in a.tasks for hay in a.haystacks]
+            for i in indices for task in a.tasks for hay in a.haystacks]
 
   def generator(self, config: RunConfig):
     """One Generator per kind (dense, or XAttention of one stride) for every length: prefill compiles once per
@@ -208,7 +208,8 @@ class Runner:
     key = "dense" if config.kind == "dense" else config.stride_of(self)
     if key not in self._generators:
       attention = AttentionConfig() if config.kind == "dense" else AttentionConfig(
-          kind="xattention", xattention=xa.XAttentionConfig(stride=key, block_size=self.args.block_size))
+          kind="xattention", xattention=xa.XAttentionConfig(stride=key, block_size=self.args.block_size,
+                                                            implementation=self.args.implementation))
       lengths = sorted(self.args.lengths)
       bucket = lengths[0]
       for L in lengths:
@@ -233,11 +234,15 @@ class Runner:
         self.threshold_record(config)
     device = jax.devices()[0].device_kind
     size = self.args.batch
-    for length in self.args.lengths:
-      samples = self.samples(length)
+    # Rounds of --round-size sample indices over every length and config: a run stopped early stays balanced.
+    rounds = [range(i, min(i + self.args.round_size, self.args.samples))
+              for i in range(0, self.args.samples, self.args.round_size)]
+    for indices, length in ((r, L) for r in rounds for L in self.args.lengths):
+      samples = self.samples(length, indices)
       ids = {s.id: prompt_ids(self.tok, s) for s in samples}
       todo = [(s, c) for c in self.configs for s in samples if (s.id, c.name) not in done]
-      _log(f"length {length}: {len(samples)} samples x {len(self.configs)} configs, {len(todo)} to run")
+      _log(f"length {length}, samples {indices.start}..{indices.stop - 1}: {len(samples)} prompts x "
+           f"{len(self.configs)} configs, {len(todo)} to run")
       start_all, finished = time.perf_counter(), 0
       for config in self.configs:
         mine = [s for s, c in todo if c is config]
@@ -484,7 +489,7 @@ def report(args, env: dict) -> dict:
   run_args = dict(tasks=args.tasks, haystacks=args.haystacks, lengths=args.lengths, samples=args.samples,
                   configs=args.configs, block_size=args.block_size, seed=args.seed, cal_method=args.cal_method,
                   cal_prompts=args.cal_prompts, cal_length=args.cal_length, dtype=args.dtype, batch=args.batch,
-                  max_new_tokens=args.max_new_tokens)
+                  max_new_tokens=args.max_new_tokens, implementation=args.implementation)
   (out / f"{args.tag}.json").write_text(json.dumps(dict(env=env, args=run_args, **summary), indent=1) + "\n")
   write_report(out / f"{args.tag}.md", summary, env, fidelity, run_args)
   plot_accuracy_density(out / f"{args.tag}-accuracy-density.png", summary)
@@ -503,12 +508,16 @@ def parse_args(argv=None):
   p.add_argument("--haystacks", type=_csv(str), default=["noise", "prose"])
   p.add_argument("--lengths", type=_csv(int), default=[2048, 4096, 8192])
   p.add_argument("--samples", type=int, default=10, help="samples per task x haystack x length")
+  p.add_argument("--round-size", type=int, default=5, help="sample indices per round over lengths and configs")
   p.add_argument("--batch", type=int, default=8, help="prompts per generate call (one length, one config)")
   p.add_argument("--max-new-tokens", type=int, default=64,
                  help="answer budget of every task (the prompt fills the rest of the length)")
   p.add_argument("--configs", type=_csv(str), default=list(DEFAULT_CONFIGS))
   p.add_argument("--block-size", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--implementation", default=None,
+                 help="XAttention backend(s), comma separated (default: the best for the platform). The semantics "
+                      "are the same everywhere; 'xla' compiles a 30-layer model faster than the Pallas kernels")
   p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
   p.add_argument("--cal-method", choices=["reference", "selection"], default="selection")
   p.add_argument("--cal-stride", type=int, default=8)
@@ -526,6 +535,8 @@ def parse_args(argv=None):
   p.add_argument("--require-equal", type=_csv(str), default=[],
                  help="configs whose answers must equal dense's on every sample (exit 1 otherwise), e.g. s8_t1.0")
   args = p.parse_args(argv)
+  if args.implementation:
+    args.implementation = tuple(args.implementation.split(","))
   for c in args.configs:
     parse_config(c, cal_stride=args.cal_stride)
   return args
@@ -540,11 +551,11 @@ def main(argv=None) -> dict:
              command="python benchmarks/niah.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
   if not args.report_only:
     runner = Runner(args)
-    runner.run()
-    if args.fidelity_prompts > 0:
+    if args.fidelity_prompts > 0:  # first: cheap, and kept if a long run is stopped
       runner.fidelity()
     if args.masks:
       runner.masks()
+    runner.run()
   summary = report(args, env)
   if args.require_equal:
     check_equal_answers(_load_jsonl(pathlib.Path(args.out_dir) / f"{args.tag}.jsonl"), args.require_equal)

@@ -67,6 +67,10 @@ def _attention_config(args, attention: str):
 
   if attention == "dense":
     return AttentionConfig()
+  if getattr(args, "thresholds", None):  # a calibration file: its stride, block size and per-head thresholds
+    from models.calibration import attention_config
+
+    return attention_config(args.thresholds, implementation=args.implementation)
   return AttentionConfig(kind="xattention", dense_layers=args.dense_layers, xattention=xa.XAttentionConfig(
       stride=args.stride, threshold=args.threshold, block_size=args.block_size, implementation=args.implementation))
 
@@ -152,6 +156,39 @@ def _needle_prompt(args) -> int:
   return 0
 
 
+def _calibrate(args) -> int:
+  from models.calibration import calibrate, prompt_ids, task_prompts
+  from models.loading import from_pretrained, load_tokenizer
+  from xattn_jax.calibration import save_thresholds
+
+  dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}[args.dtype]
+  model, tokenizer = from_pretrained(args.model, dtype=dtype), load_tokenizer(args.model)
+  if args.prompt_file:
+    prompts, source = [], []
+    for path in args.prompt_file:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+      prompts.append(tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}])))
+      source.append(path)
+  else:  # RULER-style samples (models.haystack), seeded apart from the benchmark's
+    samples = task_prompts(tokenizer, n=args.prompts, length=args.length)
+    prompts, source = [prompt_ids(tokenizer, s) for s in samples], [s.id for s in samples]
+  start = time.perf_counter()
+  result = calibrate(model, prompts, target=args.target, stride=args.stride, block_size=args.block_size,
+                     method=args.method, aggregate=args.aggregate,
+                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+  save_thresholds(args.out, result.thresholds, stride=args.stride, block_size=args.block_size, target=args.target,
+                  method=args.method, aggregate=args.aggregate, model=str(args.model), prompts=len(prompts),
+                  calibration_prompts=source, prompt_tokens=[len(p) for p in prompts],
+                  seconds=round(time.perf_counter() - start, 1))
+  t = result.thresholds
+  print(f"wrote {args.out}: thresholds [{t.shape[0]} layers, {t.shape[1]} heads], mean {t.mean():.3f}, min "
+        f"{t.min():.3f}, max {t.max():.3f} (target {args.target} of the exact attention mass, method {args.method})")
+  print(f"use it: xattn-jax generate --model {args.model} --thresholds {args.out} ...  or  "
+        f"models.calibration.attention_config({args.out!r})")
+  return 0
+
+
 def _model_args(p, *, attention: bool) -> None:
   p.add_argument("--model", required=True, help='Hugging Face directory, .gguf file, or "smollm2"')
   p.add_argument("--prompt-file", required=True)
@@ -159,6 +196,8 @@ def _model_args(p, *, attention: bool) -> None:
     p.add_argument("--attention", choices=["dense", "xattention"], default="xattention")
   p.add_argument("--stride", type=int, default=8)
   p.add_argument("--threshold", type=float, default=0.9)
+  p.add_argument("--thresholds", default=None,
+                 help="a file of `xattn-jax calibrate` (per-head thresholds; overrides --stride/--threshold)")
   p.add_argument("--block-size", type=int, default=128)
   p.add_argument("--dense-layers", type=int, default=0, help="keep the first n layers dense")
   p.add_argument("--implementation", default=None)
@@ -195,6 +234,21 @@ def main(argv=None) -> int:
   _model_args(bench, attention=False)
   bench.add_argument("--repeats", type=int, default=3)
   bench.set_defaults(run=_prefill_bench)
+  cal = sub.add_parser("calibrate", help="per-(layer, head) thresholds covering a target of the attention mass")
+  cal.add_argument("--model", required=True, help='Hugging Face directory, .gguf file, or "smollm2"')
+  cal.add_argument("--out", required=True, help="thresholds JSON to write")
+  cal.add_argument("--target", type=float, default=0.9, help="fraction of the exact attention mass to keep")
+  cal.add_argument("--stride", type=int, default=8)
+  cal.add_argument("--block-size", type=int, default=128)
+  cal.add_argument("--method", choices=["selection", "reference"], default="selection",
+                   help="selection: bisection on our selection; reference: the reference code's profiling rule")
+  cal.add_argument("--aggregate", choices=["max", "mean"], default="max", help="over the calibration prompts")
+  cal.add_argument("--prompt-file", action="append", default=[],
+                   help="calibration prompt (repeatable); default: --prompts RULER-style samples of --length tokens")
+  cal.add_argument("--prompts", type=int, default=4)
+  cal.add_argument("--length", type=int, default=4096)
+  cal.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+  cal.set_defaults(run=_calibrate)
   needle = sub.add_parser("needle-prompt", help="write a needle-in-a-haystack prompt file")
   needle.add_argument("--out", required=True)
   needle.add_argument("--chars", type=int, default=12000, help="haystack size (about 4 characters per token)")
