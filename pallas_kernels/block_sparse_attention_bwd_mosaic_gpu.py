@@ -13,7 +13,8 @@ nothing contribute nothing, with no extra mask and no NaN), and `dd` = D - dlse 
 size T x S is ever stored.
 
 dQ kernel -- one CTA per layout row (b, query head n, query block r), grid (N, nQb, B) so that the G query heads of
-one kv head run next to each other and share K/V in L2. Three warpgroups:
+one kv head run next to each other and share K/V in L2; the rows run last query block first (the longest rows of a
+causal layout start first, as the forward's longest-first order). Three warpgroups:
 
     WG0, WG1 (consumers)  query rows [r*128 + 64*wg, +64): Q, dO, lse2, dd loaded once (TMA), then per step j:
                           S = Q K_c^T (wgmma) -> P = exp2(S*scale*log2e - lse2); dP = dO V_c^T (wgmma)
@@ -22,8 +23,9 @@ one kv head run next to each other and share K/V in L2. Three warpgroups:
                           of `num_stages` slots; k/v barriers say "loaded", a consumed barrier (2 arrivals) "free".
 
 dK/dV kernel -- one CTA per (b, kv head h, key block c), grid (K, nKb, B). Each CTA owns its dK/dV block outright
-(no atomics). It walks the TRANSPOSED layout (`layout.transposed_layout`): for g < G (the query heads n = h*G + g),
-the ascending query blocks r that selected c. A visit is one (n, r):
+(no atomics); key block 0 first (under a causal mask the first key blocks have the most visits). It walks the
+TRANSPOSED layout (`layout.transposed_layout`): for g < G (the query heads n = h*G + g), the ascending query blocks
+r that selected c. A visit is one (n, r):
 
     WG0, WG1 (consumers)  key rows [c*128 + 64*wg, +64): K, V loaded once; per visit, per 64-query half of r
                           (`dkv_block_q`): S^T = K Q^T (wgmma, keys on rows) -> P^T = exp2(S^T*scale*log2e - lse2 row)
@@ -140,7 +142,9 @@ def _dq_kernel(
     q_barriers, do_barriers, lse_barriers, dd_barriers, k_barriers, v_barriers, consumed_barriers,
     *, causal: bool, scale: float, group: int, stages: int, config: BackwardConfig,
 ):
-  n, r, b = lax.axis_index("n"), lax.axis_index("r"), lax.axis_index("b")
+  # Last query blocks first: under a causal mask they select the most key blocks, so the long CTAs start first
+  # and the short ones fill the tail.
+  n, r, b = lax.axis_index("n"), counts_ref.shape[2] - 1 - lax.axis_index("r"), lax.axis_index("b")
   wg = lax.axis_index("wg")
   count = counts_ref[b, n, r]
   dtype = q_ref.dtype
