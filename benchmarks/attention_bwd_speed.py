@@ -40,20 +40,29 @@ def pair_flops(pairs: float, head_dim: int) -> float:
 
 
 def vjp_fns(attention):
-  """(fwd+bwd, fwd, bwd) jitted: forward and pullback of dO in one call; the forward returning the pullback
-  (a pytree of residuals); the pullback alone."""
-  def fwd_bwd(q, k, v, d_out):
-    _, pullback = jax.vjp(attention, q, k, v)
+  """(fwd+bwd, fwd, bwd) jitted for attention(q, k, v, *extra): forward and pullback of dO in one call; the forward
+  returning the pullback (a pytree of residuals); the pullback alone. `extra` (e.g. the block layout) are jit
+  arguments, not constants: XLA would otherwise constant-fold the layout's transposes at compile time."""
+  def fwd_bwd(q, k, v, d_out, *extra):
+    _, pullback = jax.vjp(lambda q, k, v: attention(q, k, v, *extra), q, k, v)
     return pullback(d_out)
 
-  forward = jax.jit(lambda q, k, v: jax.vjp(attention, q, k, v)[1])
+  forward = jax.jit(lambda q, k, v, *extra: jax.vjp(lambda q, k, v: attention(q, k, v, *extra), q, k, v)[1])
   backward = jax.jit(lambda pullback, d_out: pullback(d_out))
   return jax.jit(fwd_bwd), forward, backward
 
 
-def run(args) -> dict:
+def run(args, checkpoint=lambda result: None) -> dict:
+  """checkpoint(partial result) is called after every row, so a run stopped early keeps what it measured."""
   device = jax.devices()[0]
   rows = []
+
+  def result():
+    return dict(
+        card=device.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
+        command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]), rows=rows, heads=N, kv_heads=K,
+        head_dim=H, implementation=list(args.implementation),
+    )
   key = jax.random.key(args.seed)
   N, K, H = args.heads, args.kv_heads, args.head_dim
 
@@ -62,6 +71,7 @@ def run(args) -> dict:
     rows.append(entry)
     print(f"{shape['T']:>7} {what:<22} d={density:5.3f} {t['ms']:9.3f} ms  {entry['ratio']:.3f}x dense  "
           f"{entry['tflops']:.0f} TFLOP/s {note}", flush=True)
+    checkpoint(result())
 
   for length in args.lengths:
     shape = dict(B=1, T=length, N=N, K=K, H=H)
@@ -83,28 +93,24 @@ def run(args) -> dict:
     want = dense_fwd_bwd(q, k, v, d_out) if length <= args.check_max_length else None
     for d in args.densities:
       layout = fixed_density_layout(kl, batch=1, heads=N, length=length, density=d / 100)
-      sparse = lambda q, k, v, layout=layout: xa.block_sparse_attention(q, k, v, layout, causal=True,
-                                                                        implementation=args.implementation)
+      sparse = lambda q, k, v, layout: xa.block_sparse_attention(q, k, v, layout, causal=True,
+                                                                 implementation=args.implementation)
       sparse_fwd_bwd, sparse_fwd, sparse_bwd = vjp_fns(sparse)
       real_d = float(layout.density())
       pairs = float(jnp.sum(layout.counts)) * BLOCK * BLOCK
-      t_all = timed(sparse_fwd_bwd, q, k, v, d_out, repeats=args.repeats)
+      t_all = timed(sparse_fwd_bwd, q, k, v, d_out, layout, repeats=args.repeats)
       note = ""
       if d == 100 and want is not None:  # all causal blocks: the same gradients as cuDNN's
-        got = sparse_fwd_bwd(q, k, v, d_out)
+        got = sparse_fwd_bwd(q, k, v, d_out, layout)
         errs = [float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
                 for a, b in zip(got, want)]
         note = "rel err vs dense (dq, dk, dv) " + ", ".join(f"{e:.1e}" for e in errs)
       record(shape, "sparse fwd+bwd", real_d, t_all, base_all, (1 + BWD_FLOP_FACTOR) * pair_flops(pairs, H), note)
       if note:
         rows[-1]["rel_err_vs_dense"] = errs
-      t_bwd = timed(sparse_bwd, sparse_fwd(q, k, v), d_out, repeats=args.repeats)
+      t_bwd = timed(sparse_bwd, sparse_fwd(q, k, v, layout), d_out, repeats=args.repeats)
       record(shape, "sparse bwd", real_d, t_bwd, base_bwd, BWD_FLOP_FACTOR * pair_flops(pairs, H))
-  return dict(
-      card=device.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
-      command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]), rows=rows, heads=N, kv_heads=K, head_dim=H,
-      implementation=list(args.implementation),
-  )
+  return result()
 
 
 def to_markdown(result: dict) -> str:
@@ -151,12 +157,16 @@ def main(argv=None) -> int:
   xa.set_traced_checks(args.traced_checks == "on")
   if args.repeats < 20:
     print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)
-  result = run(args)
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  stem = f"{result['card'].replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")
-  (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-  (out / f"{stem}.md").write_text(to_markdown(result))
+
+  def write(result):
+    stem = f"{result['card'].replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(to_markdown(result))
+
+  result = run(args, checkpoint=write)
+  write(result)
   print(to_markdown(result))
   return 0
 

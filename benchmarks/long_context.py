@@ -3,11 +3,12 @@
     python benchmarks/long_context.py --length 1048576 --out-dir benchmarks/results
 
 B=1, 32 query heads, 8 kv heads, head dim 128, bf16, causal, on the synthetic LLM-like input of
-`xattn_jax.synthetic.llm_like_qkv`. Run one length per process: the peak is the allocator's peak since the process
-started. Reported: the peak device memory during the xattention call beyond what q, k, v and the output occupy
-(this is what query chunking bounds: scores, block tables and the kernels' partial sums of one chunk), the time of the
-call (median of --repeats), the density (from a second call that also returns the block layout, which at 1M tokens
-is itself large: 4 bytes per (head, query block, key block)), and dense cuDNN timed in the same process.
+`xattn_jax.synthetic.llm_like_qkv`. Reported: XLA's temporaries of the compiled call (`memory_analysis`: the memory
+beyond its arguments q/k/v and its output, which query chunking is meant to bound: scores, block tables, partial
+sums of one chunk), the time of the call (median of --repeats), the device allocator's peak (since the process
+started, so it also covers generating q/k/v: an upper bound only; run one length per process), the density (from a
+second call that also returns the block layout, itself large at 1M tokens: 4 bytes per (head, query block, key
+block)), and dense cuDNN timed in the same process.
 Appends a row to <out-dir>/<card>-<date>-long-context.json and rewrites the .md next to it.
 """
 
@@ -42,17 +43,21 @@ def run(args) -> dict:
   out_bytes = q.size * q.dtype.itemsize
   call = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=args.threshold, stride=args.stride,
                                                query_chunk_size=args.query_chunk_size))
+  compiled = call.lower(q, k, v).compile()
+  analysis = compiled.memory_analysis()  # XLA's buffer assignment: temporaries beyond the arguments and outputs
+  temp = int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
   before, _ = _in_use(device)
-  out = jax.block_until_ready(call(q, k, v))  # compiles and runs once; the peak below includes this call
+  out = jax.block_until_ready(call(q, k, v))  # runs once; the peak below includes this call
   _, peak = _in_use(device)
-  extra = peak - before - out_bytes
+  extra = peak - before - out_bytes  # an upper bound only: the peak also covers generating q, k, v
   finite = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
   del out
   t = timed(call, q, k, v, repeats=args.repeats, warmup=1)
   row = dict(T=T, N=N, K=K, H=H, stride=args.stride, threshold=args.threshold, query_chunk_size=args.query_chunk_size,
              xattention_ms=t["ms"], xattention_spread_ms=t["spread_ms"], qkv_bytes=qkv_bytes, out_bytes=out_bytes,
-             peak_bytes=peak, bytes_before=before, extra_peak_bytes=extra, output_finite=finite)
-  print(f"T={T}: xattention {t['ms']:.1f} ms; peak {peak / 2**30:.2f} GiB, beyond q/k/v/out "
+             temp_bytes=temp, peak_bytes=peak, bytes_before=before, extra_peak_bytes=extra, output_finite=finite)
+  print(f"T={T}: xattention {t['ms']:.1f} ms; XLA temporaries {temp / 2**30:.2f} GiB; allocator peak "
+        f"{peak / 2**30:.2f} GiB, beyond q/k/v/out at most "
         f"{extra / 2**30:.2f} GiB (q/k/v {qkv_bytes / 2**30:.2f} GiB, out {out_bytes / 2**30:.2f} GiB)", flush=True)
   if args.density:
     with_layout = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=args.threshold,
@@ -71,18 +76,21 @@ def run(args) -> dict:
 
 def to_markdown(results: list[dict]) -> str:
   lines = ["# Long single-sequence xattention calls", "",
-           "B=1, bf16, causal, synthetic LLM-like input (`xattn_jax.synthetic`), traced checks off. Peak = the device "
-           "allocator's peak during the first call; 'beyond q/k/v/out' subtracts the inputs and the output.", "",
+           "B=1, bf16, causal, synthetic LLM-like input (`xattn_jax.synthetic`), traced checks off. temp = XLA's "
+           "temporaries of the compiled call (memory beyond its arguments q/k/v and its output; -1: not recorded). "
+           "Peak = the device allocator's peak since the process started, which also covers generating q/k/v, so "
+           "'peak - q/k/v - out' is only an upper bound on the call's own memory.", "",
            "| card | jax | date | T | N/K/H | stride | tau | density | xattention ms | dense cuDNN ms | speedup | "
-           "peak GiB | beyond q/k/v/out GiB | q/k/v GiB | command |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "temp GiB | peak GiB | peak - q/k/v - out GiB | q/k/v GiB | command |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     w = r["row"]
     g = lambda b: f"{b / 2**30:.2f}"
     lines.append(
         f"| {r['card']} | {r['jax']} | {r['date']} | {w['T']} | {w['N']}/{w['K']}/{w['H']} | {w['stride']} | "
         f"{w['threshold']} | {w.get('density', float('nan')):.4f} | {w['xattention_ms']:.1f} | "
-        f"{w.get('dense_ms', float('nan')):.1f} | {w.get('speedup', float('nan')):.2f} | {g(w['peak_bytes'])} | "
+        f"{w.get('dense_ms', float('nan')):.1f} | {w.get('speedup', float('nan')):.2f} | "
+        f"{g(w.get('temp_bytes', -1)) if w.get('temp_bytes', -1) >= 0 else 'n/a'} | {g(w['peak_bytes'])} | "
         f"{g(w['extra_peak_bytes'])} | {g(w['qkv_bytes'])} | `{r['command']}` |")
   return "\n".join(lines) + "\n"
 
