@@ -79,3 +79,18 @@ def lengths_pair(seed, *, B, T, S, causal=True):
 @pytest.fixture
 def checked():
   return run_checked
+
+
+def assert_max_normalized_close(got, want, tol: float, what: str) -> None:
+  """max |got - want| / max |want| <= tol, and no NaN (gradient checks: errors relative to the largest entry)."""
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert not np.isnan(got).any(), f"{what}: NaN"
+  err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
+  assert err <= tol, f"{what}: max error {err:.2e} of the largest entry > {tol:.0e}"
+
+
+def random_cotangents(seed, out, lse):
+  """Fresh random (d_out, d_lse) cotangents shaped like the forward's (out, lse)."""
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal(out.shape), out.dtype),
+          jnp.asarray(rng.standard_normal(lse.shape), jnp.float32))

@@ -14,7 +14,7 @@ import pytest
 
 import xattn_jax as xa
 from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernels
-from tests.conftest import random_qkv, run_checked
+from tests.conftest import assert_max_normalized_close, random_cotangents, random_qkv, run_checked
 from tests.suites import random_layout
 from tests.test_backend_mosaic_gpu import _races_found
 from tests.test_gradients import dense_masked, token_mask
@@ -30,16 +30,10 @@ INTERPRET = bwd_kernels.BackwardConfig(operand="smem")
 
 
 def _close(got, want, dtype, what):
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  assert not np.isnan(got).any(), f"{what}: NaN"
-  err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
-  assert err <= GRAD_TOL[dtype], f"{what}: max error {err:.2e} of the largest entry > {GRAD_TOL[dtype]:.0e}"
+  assert_max_normalized_close(got, want, GRAD_TOL[dtype], what)
 
 
-def _cotangents(seed, out, lse):
-  rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal(out.shape), out.dtype),
-          jnp.asarray(rng.standard_normal(lse.shape), jnp.float32))
+_cotangents = random_cotangents
 
 
 # B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty rows (b, n, r) forced to select nothing

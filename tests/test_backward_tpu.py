@@ -16,7 +16,7 @@ import xattn_jax as xa
 from pallas_kernels import block_sparse_attention_bwd_tpu as bwd_kernels
 from pallas_kernels import block_sparse_attention_tpu as attention_kernel
 from pallas_kernels import tpu as tpu_backend
-from tests.conftest import random_qkv, run_checked
+from tests.conftest import assert_max_normalized_close, random_cotangents, random_qkv, run_checked
 from tests.suites import random_layout
 from tests.test_backend_tpu import _no_race, tpu_generation  # noqa: F401 (fixture)
 from tests.test_gradients import dense_masked, token_mask
@@ -31,16 +31,10 @@ GRAD_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
 def _close(got, want, dtype, what):
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  assert not np.isnan(got).any(), f"{what}: NaN"
-  err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
-  assert err <= GRAD_TOL[dtype], f"{what}: max error {err:.2e} of the largest entry > {GRAD_TOL[dtype]:.0e}"
+  assert_max_normalized_close(got, want, GRAD_TOL[dtype], what)
 
 
-def _cotangents(seed, out, lse):
-  rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal(out.shape), out.dtype),
-          jnp.asarray(rng.standard_normal(lse.shape), jnp.float32))
+_cotangents = random_cotangents
 
 
 # B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, (dq rows, dkv rows) per grid step
