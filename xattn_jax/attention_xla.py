@@ -50,7 +50,9 @@ def block_sparse_attention(
   n_chunks = cdiv(nqb, cb)
   tp = n_chunks * cb * blk
 
-  qf = jnp.pad(q, ((0, 0), (0, tp - T), (0, 0), (0, 0))).astype(jnp.float32)
+  # Inputs stay in their dtype until a chunk (q) or a gathered block (K, V) is used: float32 copies of whole
+  # arrays would add O(T) memory beyond the inputs (3x q at bf16).
+  qf = jnp.pad(q, ((0, 0), (0, tp - T), (0, 0), (0, 0)))
   qf = qf.reshape(B, n_chunks, cb, blk, K, G, H).transpose(1, 0, 4, 5, 2, 3, 6)  # [C, B, K, G, cb, blk, H]
   pad_rows = ((0, 0), (0, 0), (0, n_chunks * cb - nqb))
   counts = jnp.pad(layout.counts, pad_rows).reshape(B, K, G, n_chunks, cb).transpose(3, 0, 1, 2, 4)
@@ -58,7 +60,7 @@ def block_sparse_attention(
   indices = indices.reshape(B, K, G, n_chunks, cb, nkb).transpose(3, 0, 1, 2, 4, 5)  # [C, B, K, G, cb, nKb]
 
   def kv_blocks(x):  # [B, S, K, H] -> [B, K, 1, nKb, blk, H]; K/V are gathered per step, never repeated per head
-    x = jnp.pad(x, ((0, 0), (0, nkb * blk - S), (0, 0), (0, 0))).astype(jnp.float32)
+    x = jnp.pad(x, ((0, 0), (0, nkb * blk - S), (0, 0), (0, 0)))
     return x.reshape(B, nkb, blk, K, H).transpose(0, 3, 1, 2, 4)[:, :, None]
 
   kb, vb = kv_blocks(k), kv_blocks(v)
@@ -68,6 +70,7 @@ def block_sparse_attention(
 
   def chunk_attention(args):
     qc, cnt, idx, c = args
+    qc = qc.astype(jnp.float32)
     t = c * cb * blk + jnp.arange(cb * blk, dtype=jnp.int32).reshape(cb, blk)  # query index in the call
     q_ok = t < q_len  # [B, 1, 1, cb, blk]
     pos = geometry.q_positions[:, None, None, None, None] + t
@@ -76,8 +79,8 @@ def block_sparse_attention(
       m_i, l_i, acc = carry
       bid = lax.dynamic_index_in_dim(idx, j, axis=-1, keepdims=False)  # [B, K, G, cb]
       gather = bid[..., None, None]
-      kj = jnp.take_along_axis(kb, gather, axis=3)  # [B, K, G, cb, blk, H]
-      vj = jnp.take_along_axis(vb, gather, axis=3)
+      kj = jnp.take_along_axis(kb, gather, axis=3).astype(jnp.float32)  # [B, K, G, cb, blk, H]
+      vj = jnp.take_along_axis(vb, gather, axis=3).astype(jnp.float32)
       s = jnp.einsum("bkgqth,bkgqsh->bkgqts", qc, kj, precision=lax.Precision.HIGHEST) * scale
       key = bid[..., None, None] * blk + key_in_block  # [B, K, G, cb, 1, blk]
       ok = q_ok[..., None] & (key < kv_len) & (j < cnt)[..., None, None]

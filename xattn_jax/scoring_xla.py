@@ -58,8 +58,9 @@ def antidiagonal_scores(
 
   # Padding tokens count as zero vectors (SPEC §1.1), whatever their stored values.
   t = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
-  qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, n_chunks * chunk - T), (0, 0), (0, 0)))
-  qf = jnp.where((t[None, :] < geometry.q_lengths[:, None])[..., None, None], qf, 0.0)
+  # q stays in its dtype until a chunk is used (a float32 copy of all of it would be O(T) memory beyond q).
+  qf = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - T), (0, 0), (0, 0)))
+  qf = jnp.where((t[None, :] < geometry.q_lengths[:, None])[..., None, None], qf, jnp.zeros((), q.dtype))
   j = jnp.arange(nkb * blk, dtype=jnp.int32)
   kf = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, nkb * blk - S), (0, 0), (0, 0)))
   kf = jnp.where((j[None, :] < geometry.kv_lengths[:, None])[..., None, None], kf, 0.0)
@@ -73,6 +74,7 @@ def antidiagonal_scores(
 
   def chunk_scores(args):
     qc, c = args  # [B, K, G, rows, s*H], chunk index
+    qc = qc.astype(jnp.float32)
     z = jnp.einsum("bkgid,bkjd->bkgij", qc, kr, precision=lax.Precision.HIGHEST) * (scale / s)
     first = (c * rows + jnp.arange(rows, dtype=jnp.int32)) * s  # first query token of each strided row
     q_len = geometry.q_lengths[:, None]
