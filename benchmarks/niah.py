@@ -12,7 +12,11 @@ Configs (--configs, comma separated):
   dense            jax.nn.dot_product_attention
   s{S}_t{TAU}      XAttention, stride S, one threshold TAU for every head (e.g. s8_t0.9, s16_t0.95)
   cal{T}           XAttention with per-(layer, head) thresholds calibrated to cover T of the exact attention mass
-                   (`models.calibration.calibrate`, --cal-method, --cal-stride; cached in the output directory)
+                   (`models.calibration.calibrate`, --cal-method, --cal-stride, max over the calibration prompts;
+                   cached in the output directory); calmean{T}: the same with the mean over the prompts
+  min{TAU}         XAttention, stride --cal-stride, per-layer thresholds from the paper's minimum-threshold search:
+                   starting at TAU, each layer's thresholds are lowered by --search-factor while the accuracy on
+                   --search-prompts dev prompts (another seed) holds (`models.calibration.search_thresholds`; cached)
   file:PATH        XAttention with the thresholds of a file written by `xattn-jax calibrate`
 Default: dense, s{8,16} x t{0.8,0.9,0.95}, cal0.9.
 
@@ -51,10 +55,11 @@ DEFAULT_CONFIGS = ("dense", "s8_t0.8", "s8_t0.9", "s8_t0.95", "s16_t0.8", "s16_t
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   name: str
-  kind: str  # "dense", "flat", "calibrated"
+  kind: str  # "dense", "flat", "calibrated" (mass coverage per head), "searched" (minimum-threshold search)
   stride: int = 8
   threshold: float | None = None  # flat
-  target: float | None = None  # calibrated
+  target: float | None = None  # calibrated: mass to cover; searched: the flat tau the search starts from
+  aggregate: str = "max"  # calibrated: over the calibration prompts
   path: str | None = None  # calibrated from a file
 
   def stride_of(self, runner) -> int:
@@ -66,11 +71,14 @@ def parse_config(name: str, *, cal_stride: int) -> RunConfig:
     return RunConfig(name, "dense")
   if m := re.fullmatch(r"s(\d+)_t([0-9.]+)", name):
     return RunConfig(name, "flat", stride=int(m[1]), threshold=float(m[2]))
-  if m := re.fullmatch(r"cal([0-9.]+)", name):
-    return RunConfig(name, "calibrated", stride=cal_stride, target=float(m[1]))
+  if m := re.fullmatch(r"cal(mean)?([0-9.]+)", name):
+    return RunConfig(name, "calibrated", stride=cal_stride, target=float(m[2]), aggregate="mean" if m[1] else "max")
+  if m := re.fullmatch(r"min([0-9.]+)", name):
+    return RunConfig(name, "searched", stride=cal_stride, target=float(m[1]))
   if name.startswith("file:"):
     return RunConfig(name, "calibrated", path=name[5:])
-  raise ValueError(f"config {name!r}: expected dense, s<stride>_t<tau>, cal<target> or file:<path>")
+  raise ValueError(f"config {name!r}: expected dense, s<stride>_t<tau>, cal<target>, calmean<target>, min<tau> or "
+                   "file:<path>")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -158,11 +166,13 @@ class Runner:
       return self.thresholds[config.name]
     if config.path:
       record = load_thresholds(config.path)
+    elif config.kind == "searched":
+      record = self.searched_record(config)
     else:
       a = self.args
       path = self.path(f"-thresholds-{config.name}-s{config.stride}.json")
       want = dict(target=config.target, method=a.cal_method, prompts=a.cal_prompts, length=a.cal_length,
-                  aggregate="max", stride=config.stride, block_size=a.block_size)
+                  aggregate=config.aggregate, stride=config.stride, block_size=a.block_size)
       record = load_thresholds(path) if path.exists() else None
       if record is None or any(record.get(k) != v for k, v in want.items()):
         _log(f"calibrating {config.name}: {a.cal_prompts} prompts of {a.cal_length} tokens, method {a.cal_method}")
@@ -171,14 +181,41 @@ class Runner:
         from models.calibration import prompt_ids
 
         result = calibrate(self.model, [prompt_ids(self.tok, s) for s in samples], target=config.target,
-                           stride=config.stride, block_size=a.block_size, method=a.cal_method, aggregate="max",
-                           progress=_log)
+                           stride=config.stride, block_size=a.block_size, method=a.cal_method,
+                           aggregate=config.aggregate, progress=_log)
         record = save_thresholds(
             path, result.thresholds, stride=config.stride, block_size=a.block_size, target=config.target,
-            method=a.cal_method, aggregate="max", prompts=a.cal_prompts, length=a.cal_length, model=a.model,
+            method=a.cal_method, aggregate=config.aggregate, prompts=a.cal_prompts, length=a.cal_length, model=a.model,
             calibration_samples=[s.id for s in samples], seconds=round(time.perf_counter() - start, 1))
         _log(f"wrote {path} (mean tau {np.mean(result.thresholds):.3f})")
     self.thresholds[config.name] = record
+    return record
+
+  def searched_record(self, config: RunConfig) -> dict:
+    """Per-layer thresholds from the paper's minimum-threshold search (`models.calibration.search_thresholds`),
+    starting from flat tau = config.target, on --search-prompts dev prompts (their own seed); cached as JSON."""
+    from models.calibration import search_thresholds, task_prompts
+    from xattn_jax.calibration import load_thresholds, save_thresholds
+
+    a = self.args
+    path = self.path(f"-thresholds-{config.name}-s{config.stride}.json")
+    want = dict(start=config.target, factor=a.search_factor, tolerance=a.search_tolerance, prompts=a.search_prompts,
+                length=a.search_length, stride=config.stride, block_size=a.block_size)
+    record = load_thresholds(path) if path.exists() else None
+    if record is not None and all(record.get(k) == v for k, v in want.items()):
+      return record
+    if a.search_length > max(a.lengths):
+      raise ValueError(f"--search-length {a.search_length} must be <= the longest --lengths {max(a.lengths)}")
+    _log(f"minimum-threshold search {config.name}: {a.search_prompts} prompts of {a.search_length} tokens")
+    start = time.perf_counter()
+    samples = task_prompts(self.tok, n=a.search_prompts, length=a.search_length, tasks=a.tasks, seed=3000)
+    gen = self.generator(RunConfig(config.name, "flat", stride=config.stride, threshold=config.target))
+    table, history = search_thresholds(gen, self.tok, samples, config.target, factor=a.search_factor,
+                                       tolerance=a.search_tolerance, max_evals=a.search_evals, batch=a.batch,
+                                       progress=_log)
+    record = save_thresholds(path, table, seconds=round(time.perf_counter() - start, 1), model=a.model,
+                             search_samples=[s.id for s in samples], history=history, **want)
+    _log(f"wrote {path} (mean tau {np.mean(table):.3f}, {len(history)} evaluations)")
     return record
 
   def settings(self, config: RunConfig):
@@ -230,7 +267,7 @@ class Runner:
     jsonl = self.path(".jsonl")
     done = {(r["id"], r["config"]) for r in _load_jsonl(jsonl)}
     for config in self.configs:  # calibrate up front (cached), so that a long run fails early if it cannot
-      if config.kind == "calibrated":
+      if config.kind in ("calibrated", "searched"):
         self.threshold_record(config)
     device = jax.devices()[0].device_kind
     size = self.args.batch
@@ -524,6 +561,11 @@ def parse_args(argv=None):
   p.add_argument("--cal-prompts", type=int, default=4)
   p.add_argument("--cal-length", type=int, default=4096)
   p.add_argument("--cal-tasks", type=_csv(str), default=["single", "multikey"])
+  p.add_argument("--search-prompts", type=int, default=40, help="dev prompts of the min<tau> threshold search")
+  p.add_argument("--search-length", type=int, default=4096)
+  p.add_argument("--search-factor", type=float, default=0.9, help="each step lowers a layer's thresholds by this")
+  p.add_argument("--search-tolerance", type=float, default=0.0, help="accuracy a step may lose and be kept")
+  p.add_argument("--search-evals", type=int, default=90, help="at most this many accuracy evaluations")
   p.add_argument("--fidelity-prompts", type=int, default=1, help="0 skips the fidelity section")
   p.add_argument("--fidelity-length", type=int, default=4096)
   p.add_argument("--mask-heads", type=lambda s: [tuple(int(x) for x in hh.split(":")) for hh in s.split(",")],

@@ -252,15 +252,39 @@ def task_prompts(tokenizer, *, n: int, length: int, tasks: Sequence[str] = ("sin
                        index=i // len(combos), count_tokens=count, seed=seed) for i in range(n)]
 
 
-def task_accuracy(model: Transformer, tokenizer, samples, attention: AttentionConfig, *, max_len: int) -> float:
-  """Mean RULER score (string_match_all) of greedy answers to `samples` under `attention`."""
-  from models.generate import Generator
+def task_accuracy(generator, tokenizer, samples, *, batch: int = 8, max_new_tokens: int | None = None) -> float:
+  """Mean RULER score (string_match_all) of `generator`'s greedy answers to `samples` (models.haystack.TaskSample),
+  in batches of `batch` prompts (the last batch padded to the same shape: no recompilation)."""
   from models.haystack import string_match_all
 
-  gen = Generator(model.with_attention(attention), max_len=max_len, chunk_size=max_len, bucket=max_len)
+  if not samples:
+    raise ValueError("task_accuracy needs at least one sample")
+  new = max_new_tokens or max(s.max_new_tokens for s in samples)
   scores = []
-  for sample in samples:
-    result = gen.generate([prompt_ids(tokenizer, sample)], max_new_tokens=sample.max_new_tokens,
-                          stop_tokens=tokenizer.stop_token_ids)
-    scores.append(string_match_all(tokenizer.decode(result.tokens[0]), sample.answers))
+  for i in range(0, len(samples), batch):
+    part = samples[i:i + batch]
+    prompts = [prompt_ids(tokenizer, s) for s in part]
+    prompts += [prompts[-1]] * (batch - len(prompts))
+    result = generator.generate(prompts, max_new_tokens=new, stop_tokens=tokenizer.stop_token_ids)
+    scores += [string_match_all(tokenizer.decode(ids), s.answers) for s, ids in zip(part, result.tokens)]
   return float(np.mean(scores))
+
+
+def search_thresholds(generator, tokenizer, samples, start, *, factor: float = 0.9, tolerance: float = 0.0,
+                      per: str = "layer", max_evals: int | None = None, batch: int = 8,
+                      progress: Callable[[str], None] | None = None):
+  """The paper's minimum-threshold search on task accuracy: `minimum_threshold_search` from `start` ([L, N] or a
+  float), each candidate table set on `generator` (an XAttention model's Generator: thresholds are state, so no
+  evaluation recompiles) and scored on `samples`. Returns (thresholds [L, N], history)."""
+  L, N = generator.config.num_layers, generator.config.num_heads
+  table = np.broadcast_to(np.asarray(start, np.float64), (L, N)).copy()
+
+  def evaluate(candidate):
+    generator.set_thresholds(candidate)
+    return task_accuracy(generator, tokenizer, samples, batch=batch)
+
+  try:
+    return minimum_threshold_search(table, evaluate, factor=factor, tolerance=tolerance, per=per,
+                                    max_evals=max_evals, progress=progress)
+  finally:
+    generator.set_thresholds()

@@ -65,6 +65,7 @@ class Generator:
       raise ValueError(f"{chunk_size=} must be a multiple of {bucket=} and divide {max_len=} (chunks never run "
                        "past the cache)")
     self.graphdef, self.state = nnx.split(model)
+    self.config = model.config
     self.mesh = mesh
     if mesh is not None:
       check_divisible(model.config, mesh)

@@ -302,19 +302,56 @@ def test_set_thresholds_bad_input():
 def test_niah_end_to_end_on_the_tiny_fixture(tmp_path):
   niah = _niah()
   argv = ["--model", str(FIXTURE), "--lengths", "1024", "--samples", "1", "--tasks", "single,vartrack",
-          "--haystacks", "noise", "--configs", "dense,s8_t1.0,s16_t0.5,cal0.9", "--batch", "2",
+          "--haystacks", "noise", "--configs", "dense,s8_t1.0,s16_t0.5,cal0.9,min0.9", "--batch", "2",
+          "--search-prompts", "2", "--search-length", "1024", "--search-evals", "3",
           "--cal-prompts", "1", "--cal-length", "1024", "--fidelity-length", "1024", "--out-dir", str(tmp_path),
           "--tag", "t", "--max-new-tokens", "8", "--require-equal", "s8_t1.0"]
   summary = niah.main(argv)
   for suffix in (".json", ".md", ".jsonl", "-fidelity.json", "-masks.png", "-accuracy-density.png",
-                 "-thresholds-cal0.9-s8.json"):
+                 "-thresholds-cal0.9-s8.json", "-thresholds-min0.9-s8.json"):
     assert (tmp_path / f"t{suffix}").exists(), suffix
   records = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
-  assert len(records) == 2 * 4 and {r["config"] for r in records} == {"dense", "s8_t1.0", "s16_t0.5", "cal0.9"}
+  assert len(records) == 2 * 5
+  assert {r["config"] for r in records} == {"dense", "s8_t1.0", "s16_t0.5", "cal0.9", "min0.9"}
+  search = json.loads((tmp_path / "t-thresholds-min0.9-s8.json").read_text())
+  assert len(search["history"]) <= 3 and search["start"] == 0.9
   assert summary["per_config"]["dense"]["density"] == 1.0
   assert 0 < summary["per_config"]["s16_t0.5"]["density"] < 1
   fidelity = json.loads((tmp_path / "t-fidelity.json").read_text())
   assert np.allclose(fidelity["configs"]["s8_t1.0"]["recall"], 1.0, atol=1e-4)
   # Resumable: a second run finds every (sample, config) done and only rebuilds the report.
   niah.main(argv)
-  assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 8
+  assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 10
+
+
+def test_threshold_search_on_a_generator_reuses_one_compilation():
+  from models.haystack import TaskSample
+
+  model = _tiny(_xattn(0.9))
+  gen = Generator(model, max_len=256, chunk_size=256, bucket=128)
+  rng = np.random.default_rng(5)
+
+  class Tok:  # ids as text: the "answer" is the greedy continuation the dense-ish model gives at tau 0.9
+    stop_token_ids = ()
+    encode = staticmethod(lambda text: [int(x) for x in text.split()])
+    decode = staticmethod(lambda ids: " ".join(str(i) for i in ids))
+    apply_chat_template = staticmethod(lambda messages: messages[0]["content"])
+
+  samples = []
+  for i in range(3):
+    ids = [int(x) for x in rng.integers(1, 97, 150)]
+    first = gen.generate([ids], max_new_tokens=2).tokens[0]
+    samples.append(TaskSample(id=str(i), task="single", haystack="noise", length=256, depth=0.5,
+                              context=" ".join(map(str, ids)), answer_prefix="", answers=(" ".join(map(str, first)),),
+                              max_new_tokens=2))
+  assert mcal.task_accuracy(gen, Tok, samples, batch=2) == 1.0
+  compiled = gen._prefill._cache_size()  # batch 1 (above) and batch 2
+  table, history = mcal.search_thresholds(gen, Tok, samples, 0.9, factor=0.5, max_evals=6, batch=2)
+  assert table.shape == (3, 4) and np.all(table <= 0.9) and len(history) <= 6
+  for h in history[1:]:  # a step is kept iff the accuracy held
+    assert h["kept"] == (h["accuracy"] >= history[0]["accuracy"])
+  kept = [tuple(h["group"]) for h in history[1:] if h["kept"]]
+  for layer in range(3):
+    np.testing.assert_allclose(table[layer], 0.9 * 0.5 ** kept.count((layer,)))
+  assert gen._prefill._cache_size() == compiled  # no evaluation recompiled
+  np.testing.assert_allclose([t[0] for t in gen._model(gen.state).thresholds()], 0.9)  # restored afterwards
