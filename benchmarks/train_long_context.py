@@ -49,8 +49,21 @@ def copy_batch(rng: np.random.Generator, *, batch: int, length: int, vocab: int)
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
+def threshold_schedule(tau: float, dense_steps: int, ramp_steps: int):
+  """step -> tau: 1.0 (every causal block, dense gradients) up to `dense_steps`, then linearly down to `tau` over
+  `ramp_steps` steps, then `tau`."""
+  def schedule(step: int) -> float:
+    if step <= dense_steps:
+      return 1.0
+    if step >= dense_steps + ramp_steps:
+      return tau
+    return 1.0 + (tau - 1.0) * (step - dense_steps) / ramp_steps
+  return schedule
+
+
 def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, checkpoint_dir: pathlib.Path | None,
-        name: str) -> dict:
+        name: str, schedule=None) -> dict:
+  """schedule: optional step -> tau for an XAttention run (thresholds are state: no recompilation)."""
   config = ModelConfig(vocab_size=preset["vocab"], d_model=preset["d_model"], num_layers=preset["layers"],
                        num_heads=preset["heads"], num_kv_heads=preset["kv_heads"], head_dim=preset["head_dim"],
                        mlp_dim=4 * preset["d_model"], max_seq_len=preset["length"], attention=attention)
@@ -61,8 +74,11 @@ def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, 
   state = trainer.init()
   rng = np.random.default_rng(seed)
   probe_tokens, _ = copy_batch(np.random.default_rng(12345), batch=2, length=preset["length"], vocab=preset["vocab"])
-  log = []
+  log, tau = [], None
   for step in range(1, preset["steps"] + 1):
+    if schedule is not None and schedule(step) != tau:
+      tau = schedule(step)
+      state = trainer.set_thresholds(state, tau)
     tokens, mask = copy_batch(rng, batch=preset["batch"], length=preset["length"], vocab=preset["vocab"])
     start = time.perf_counter()
     state, metrics = trainer.step(state, tokens, mask)
@@ -73,7 +89,7 @@ def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, 
                       bucket=preset["block_size"])
       densities = np.asarray(gen.prefill([list(map(int, row)) for row in np.asarray(probe_tokens)])[2])
       log.append(dict(step=step, loss=loss, grad_norm=float(metrics["grad_norm"]), step_s=step_s,
-                      densities=[float(d) for d in densities]))
+                      densities=[float(d) for d in densities], tau=tau))
       dens = " ".join("dense" if d < 0 else f"{d:.2f}" for d in densities)
       print(f"{name:>10} step {step:5d}  loss {loss:.4f}  {step_s * 1e3:8.1f} ms/step  density {dens}", flush=True)
   if checkpoint_dir is not None:
@@ -94,6 +110,12 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out-dir", default="benchmarks/results")
   parser.add_argument("--no-checkpoint", action="store_true")
+  parser.add_argument("--runs", default="dense,xattention",
+                      help="comma separated: dense, xattention (tau fixed), schedule (XAttention with tau 1.0 for "
+                           "--dense-steps steps, then down to --threshold over --ramp-steps)")
+  parser.add_argument("--dense-steps", type=int, default=100)
+  parser.add_argument("--ramp-steps", type=int, default=50)
+  parser.add_argument("--name", default="", help="suffix of the result files")
   args = parser.parse_args(argv)
   xa.set_traced_checks(False)
   preset = dict(PRESETS[args.preset])
@@ -104,23 +126,32 @@ def main(argv=None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   checkpoints = None if args.no_checkpoint else out / "checkpoints"
   xcfg = xa.XAttentionConfig(threshold=args.threshold, stride=preset["stride"], block_size=preset["block_size"])
-  runs = [run(preset, attention, seed=args.seed, log_every=args.log_every, checkpoint_dir=checkpoints, name=name)
-          for name, attention in (("dense", AttentionConfig()),
-                                  ("xattention", AttentionConfig(kind="xattention", xattention=xcfg)))]
+  sparse = AttentionConfig(kind="xattention", xattention=xcfg)
+  choices = {"dense": (AttentionConfig(), None), "xattention": (sparse, None),
+             "schedule": (sparse, threshold_schedule(args.threshold, args.dense_steps, args.ramp_steps))}
+  names = [n for n in args.runs.split(",") if n]
+  if not names or any(n not in choices for n in names):
+    parser.error(f"--runs {args.runs!r}: choose from {sorted(choices)}")
+  runs = [run(preset, choices[name][0], seed=args.seed, log_every=args.log_every, checkpoint_dir=checkpoints,
+              name=name, schedule=choices[name][1]) for name in names]
   card = jax.devices()[0].device_kind
   result = dict(card=card, jax=jax.__version__, date=datetime.date.today().isoformat(), preset=args.preset,
-                settings=preset, threshold=args.threshold,
+                settings=preset, threshold=args.threshold, dense_steps=args.dense_steps, ramp_steps=args.ramp_steps,
                 command=" ".join(["train_long_context.py"] + (argv if argv is not None else sys.argv[1:])), runs=runs)
-  stem = f"train-{args.preset}-{card.replace(' ', '_')}-{result['date']}"
+  stem = f"train-{args.preset}-{card.replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")
   (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
   lines = [f"# Training dense vs XAttention: {args.preset}, {card}, jax {jax.__version__}, {result['date']}", "",
            f"Command: `python benchmarks/{result['command']}`", "", f"Settings: {preset}, tau {args.threshold}", "",
-           "| step | dense loss | xattention loss | xattention density per layer |", "|---|---|---|---|"]
-  for a, b in zip(runs[0]["log"], runs[1]["log"]):
-    lines.append(f"| {a['step']} | {a['loss']:.4f} | {b['loss']:.4f} | "
-                 f"{' '.join(f'{d:.2f}' for d in b['densities'])} |")
-  lines += ["", f"Median step time: dense {runs[0]['median_step_s'] * 1e3:.1f} ms, xattention "
-                f"{runs[1]['median_step_s'] * 1e3:.1f} ms."]
+           "| step | " + " | ".join(f"{r['name']} loss" for r in runs) + " | "
+           + " | ".join(f"{r['name']} tau, density per layer" for r in runs if r["name"] != "dense") + " |",
+           "|---|" + "---|" * (len(runs) + sum(r["name"] != "dense" for r in runs))]
+  for rows in zip(*(r["log"] for r in runs)):
+    cells = [f"{x['loss']:.4f}" for x in rows]
+    cells += [f"{x['tau'] if x['tau'] is not None else args.threshold:.3g}: "
+              + " ".join(f"{d:.2f}" for d in x["densities"]) for r, x in zip(runs, rows) if r["name"] != "dense"]
+    lines.append(f"| {rows[0]['step']} | " + " | ".join(cells) + " |")
+  lines += ["", "Median step time: " + ", ".join(f"{r['name']} {r['median_step_s'] * 1e3:.1f} ms" for r in runs)
+            + "."]
   (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
   try:
     import matplotlib
@@ -133,9 +164,12 @@ def main(argv=None) -> int:
       ax1.plot([x["step"] for x in r["log"]], [x["loss"] for x in r["log"]], label=r["name"])
     ax1.set(xlabel="step", ylabel="loss (copied half)", yscale="log", title="training loss")
     ax1.legend()
-    xr = runs[1]["log"]
-    for layer in range(len(xr[0]["densities"])):
-      ax2.plot([x["step"] for x in xr], [x["densities"][layer] for x in xr], label=f"layer {layer}")
+    for r in runs:
+      if r["name"] == "dense":
+        continue
+      xr = r["log"]
+      for layer in range(len(xr[0]["densities"])):
+        ax2.plot([x["step"] for x in xr], [x["densities"][layer] for x in xr], label=f"{r['name']} layer {layer}")
     ax2.set(xlabel="step", ylabel="selected block density", title=f"XAttention density (tau {args.threshold})")
     ax2.legend()
     fig.tight_layout()

@@ -50,6 +50,7 @@ class TrainState:
   params: nnx.State  # the model's parameters in their own dtype (what the forward reads)
   master: nnx.State  # float32 copies (what the optimizer updates)
   opt_state: optax.OptState
+  other: nnx.State  # the rest of the model's state (XAttention thresholds): read by the forward, never trained
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -87,13 +88,22 @@ class Trainer:
     # Own copies: the step donates the state, and the model the trainer was built from must stay usable.
     params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), self._params)
     master = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32, copy=True), self._params)
-    return TrainState(jnp.int32(0), params, master, self.tx.init(master))
+    other = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), self._fixed)
+    return TrainState(jnp.int32(0), params, master, self.tx.init(master), other)
 
   def model(self, state: TrainState) -> Transformer:
-    return nnx.merge(self.graphdef, state.params, self._fixed)
+    return nnx.merge(self.graphdef, state.params, state.other)
 
-  def loss(self, params, tokens, loss_mask):
-    logits = nnx.merge(self.graphdef, params, self._fixed)(tokens)
+  def set_thresholds(self, state: TrainState, thresholds=None) -> TrainState:
+    """The state with new XAttention thresholds (`Transformer.set_thresholds` semantics), e.g. a schedule that
+    trains densely first (tau >= 1) and lowers tau later; the step does not recompile."""
+    model = self.model(state)
+    model.set_thresholds(thresholds)
+    _, _, other = nnx.split(model, nnx.Param, ...)
+    return dataclasses.replace(state, other=other)
+
+  def loss(self, params, other, tokens, loss_mask):
+    logits = nnx.merge(self.graphdef, params, other)(tokens)
     return next_token_loss(logits, tokens, loss_mask)
 
   def _step(self, state: TrainState, tokens: jax.Array, loss_mask: jax.Array):
@@ -106,7 +116,7 @@ class Trainer:
 
     def accumulate(carry, batch):
       grads, loss_sum, count_sum = carry
-      (loss, count), g = grad_fn(state.params, *batch)
+      (loss, count), g = grad_fn(state.params, state.other, *batch)
       g = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32) * count, grads, g)
       return (g, loss_sum + loss * count, count_sum + count), None
 
@@ -117,4 +127,4 @@ class Trainer:
     master = optax.apply_updates(state.master, updates)
     params = jax.tree_util.tree_map(lambda m, p: m.astype(p.dtype), master, state.params)
     metrics = dict(loss=loss_sum / jnp.maximum(count, 1.0), grad_norm=optax.tree.norm(grads), tokens=count)
-    return TrainState(state.step + 1, params, master, opt_state), metrics
+    return TrainState(state.step + 1, params, master, opt_state, state.other), metrics

@@ -81,3 +81,25 @@ def test_next_token_loss_and_validation():
   trainer = Trainer(Transformer(TINY, rngs=nnx.Rngs(0)), TrainConfig(warmup_steps=0, total_steps=5, grad_accum=3))
   with pytest.raises(ValueError, match="divisible by grad_accum=3"):
     trainer.step(trainer.init(), *_batch(0, B=4))
+
+
+def test_threshold_schedule_is_state_not_trained_and_does_not_recompile():
+  params = nnx.state(Transformer(TINY, rngs=nnx.Rngs(3)), nnx.Param)
+  dense = Transformer(TINY, rngs=nnx.Rngs(3))
+  sparse = Transformer(TINY.with_attention(AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(
+      threshold=0.2, block_size=16, stride=4))), rngs=nnx.Rngs(3))
+  nnx.update(sparse, params)
+  config = TrainConfig(warmup_steps=0, total_steps=10)
+  tokens, mask = _batch(7)
+  t_dense, t_sparse = Trainer(dense, config), Trainer(sparse, config)
+  _, m_dense = t_dense.step(t_dense.init(), tokens, mask)
+  _, m_low = t_sparse.step(t_sparse.init(), tokens, mask)  # the step donates its state
+  assert abs(float(m_low["loss"]) - float(m_dense["loss"])) > 1e-4  # tau 0.2 drops blocks that matter
+  state = t_sparse.set_thresholds(t_sparse.init(), 1.0)  # tau >= 1: every causal block, the dense loss and gradients
+  state, m_full = t_sparse.step(state, tokens, mask)
+  np.testing.assert_allclose(float(m_full["loss"]), float(m_dense["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m_full["grad_norm"]), float(m_dense["grad_norm"]), rtol=1e-4)
+  assert t_sparse.step._cache_size() == 1
+  assert all(float(t[0]) == 1.0 for t in t_sparse.model(state).thresholds())  # the optimizer left them alone
+  back = t_sparse.set_thresholds(state)  # None: the config's thresholds again
+  np.testing.assert_allclose([float(t[0]) for t in t_sparse.model(back).thresholds()], 0.2)
