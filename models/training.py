@@ -4,6 +4,7 @@
     trainer = Trainer(model, config)          # model: a Transformer; its AttentionConfig picks dense or XAttention
     state = trainer.init()
     state, metrics = trainer.step(state, tokens, loss_mask)   # tokens int32 [A * b, T]: A micro-batches of b
+    state = trainer.set_thresholds(state, 0.95)               # XAttention's tau: state, changes recompile nothing
 
 Parameters may be bfloat16 (the model's param_dtype); the optimizer keeps float32 master weights and float32 moments,
 so small updates are not lost to bf16 rounding. The attention's backward is the custom_vjp of `xattn_jax` (the block
