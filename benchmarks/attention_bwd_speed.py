@@ -154,7 +154,6 @@ def main(argv=None) -> int:
   parser.add_argument("--traced-checks", choices=["on", "off"], default="off",
                       help="xattn_jax's checkify value checks in the traced ops")
   args = parser.parse_args(argv)
-  xa.set_traced_checks(args.traced_checks == "on")
   if args.repeats < 20:
     print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)
   out = pathlib.Path(args.out_dir)
@@ -165,7 +164,8 @@ def main(argv=None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(to_markdown(result))
 
-  result = run(args, checkpoint=write)
+  with xa.traced_checks(args.traced_checks == "on"):  # restored on return (the script's main is also called in tests)
+    result = run(args, checkpoint=write)
   write(result)
   print(to_markdown(result))
   return 0
