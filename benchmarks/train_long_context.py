@@ -41,11 +41,16 @@ PRESETS = {
 }
 
 
-def copy_batch(rng: np.random.Generator, *, batch: int, length: int, vocab: int):
-  first = rng.integers(1, vocab, size=(batch, length // 2))
-  tokens = np.concatenate([first, first], axis=1).astype(np.int32)
+def copy_batch(rng: np.random.Generator, *, batch: int, length: int, vocab: int, shift: int = 0):
+  """length // 2 random tokens, `shift` zeros, then the first tokens again: token t + D copies token t, with
+  D = length // 2 + shift. The loss mask covers the copy (its first token is not predictable)."""
+  half = length // 2
+  first = rng.integers(1, vocab, size=(batch, half))
+  tokens = np.zeros((batch, length), np.int32)
+  tokens[:, :half] = first
+  tokens[:, half + shift:] = first[:, :length - half - shift]
   mask = np.zeros((batch, length), bool)
-  mask[:, length // 2 + 1:] = True  # the first copied token is not predictable
+  mask[:, half + shift + 1:] = True
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
@@ -62,7 +67,7 @@ def threshold_schedule(tau: float, dense_steps: int, ramp_steps: int):
 
 
 def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, checkpoint_dir: pathlib.Path | None,
-        name: str, schedule=None) -> dict:
+        name: str, schedule=None, shift: int = 0) -> dict:
   """schedule: optional step -> tau for an XAttention run (thresholds are state: no recompilation)."""
   config = ModelConfig(vocab_size=preset["vocab"], d_model=preset["d_model"], num_layers=preset["layers"],
                        num_heads=preset["heads"], num_kv_heads=preset["kv_heads"], head_dim=preset["head_dim"],
@@ -73,13 +78,14 @@ def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, 
                                        total_steps=preset["steps"]))
   state = trainer.init()
   rng = np.random.default_rng(seed)
-  probe_tokens, _ = copy_batch(np.random.default_rng(12345), batch=2, length=preset["length"], vocab=preset["vocab"])
+  probe_tokens, _ = copy_batch(np.random.default_rng(12345), batch=2, length=preset["length"], vocab=preset["vocab"],
+                               shift=shift)
   log, tau = [], None
   for step in range(1, preset["steps"] + 1):
     if schedule is not None and schedule(step) != tau:
       tau = schedule(step)
       state = trainer.set_thresholds(state, tau)
-    tokens, mask = copy_batch(rng, batch=preset["batch"], length=preset["length"], vocab=preset["vocab"])
+    tokens, mask = copy_batch(rng, batch=preset["batch"], length=preset["length"], vocab=preset["vocab"], shift=shift)
     start = time.perf_counter()
     state, metrics = trainer.step(state, tokens, mask)
     loss = float(metrics["loss"])  # blocks until the step is done
@@ -116,6 +122,11 @@ def main(argv=None) -> int:
   parser.add_argument("--dense-steps", type=int, default=100)
   parser.add_argument("--ramp-steps", type=int, default=50)
   parser.add_argument("--name", default="", help="suffix of the result files")
+  parser.add_argument("--copy-shift", type=int, default=0,
+                      help="zeros between the two halves: the copy distance is T/2 + shift. With stride s (even), the "
+                           "antidiagonal estimator never samples a diagonal whose distance is a multiple of s "
+                           "(query offset s-1-a meets key offset a only at a = (s-1)/2), so shift 0 hides the copy "
+                           "source from it; an odd shift does not")
   args = parser.parse_args(argv)
   xa.set_traced_checks(False)
   preset = dict(PRESETS[args.preset])
@@ -133,15 +144,16 @@ def main(argv=None) -> int:
   if not names or any(n not in choices for n in names):
     parser.error(f"--runs {args.runs!r}: choose from {sorted(choices)}")
   runs = [run(preset, choices[name][0], seed=args.seed, log_every=args.log_every, checkpoint_dir=checkpoints,
-              name=name, schedule=choices[name][1]) for name in names]
+              name=name, schedule=choices[name][1], shift=args.copy_shift) for name in names]
   card = jax.devices()[0].device_kind
   result = dict(card=card, jax=jax.__version__, date=datetime.date.today().isoformat(), preset=args.preset,
                 settings=preset, threshold=args.threshold, dense_steps=args.dense_steps, ramp_steps=args.ramp_steps,
+                copy_shift=args.copy_shift,
                 command=" ".join(["train_long_context.py"] + (argv if argv is not None else sys.argv[1:])), runs=runs)
   stem = f"train-{args.preset}-{card.replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")
   (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
   lines = [f"# Training dense vs XAttention: {args.preset}, {card}, jax {jax.__version__}, {result['date']}", "",
-           f"Command: `python benchmarks/{result['command']}`", "", f"Settings: {preset}, tau {args.threshold}", "",
+           f"Command: `python benchmarks/{result['command']}`", "", f"Settings: {preset}, tau {args.threshold}, copy distance T/2 + {args.copy_shift}", "",
            "| step | " + " | ".join(f"{r['name']} loss" for r in runs) + " | "
            + " | ".join(f"{r['name']} tau, density per layer" for r in runs if r["name"] != "dense") + " |",
            "|---|" + "---|" * (len(runs) + sum(r["name"] != "dense" for r in runs))]
