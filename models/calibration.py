@@ -219,18 +219,6 @@ def attention_config(thresholds: str | os.PathLike | Mapping, **xattention_overr
                          layer_thresholds=tuple(tuple(row) for row in record["layer_thresholds"]))
 
 
-def check_fits(attention: AttentionConfig, config) -> None:
-  """Raises ValueError unless per-layer thresholds match the model's layers and query heads."""
-  table = attention.layer_thresholds
-  if table is None:
-    return
-  if len(table) != config.num_layers:
-    raise ValueError(f"thresholds have {len(table)} layers; the model has {config.num_layers}")
-  bad = [i for i, row in enumerate(table) if isinstance(row, tuple) and len(row) != config.num_heads]
-  if bad:
-    raise ValueError(f"thresholds of layers {bad} do not have one value per query head ({config.num_heads})")
-
-
 def prompt_ids(tokenizer, sample) -> list[int]:
   """A `models.haystack.TaskSample` as the model sees it: the chat template around the question, then the answer
   prefix (the start of the assistant's turn)."""
