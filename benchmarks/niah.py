@@ -261,7 +261,7 @@ class Runner:
   def run(self) -> None:
     import jax
 
-    from models.calibration import prompt_ids
+    from models.calibration import generate_in_batches, prompt_ids
     from models.haystack import string_match_all
 
     jsonl = self.path(".jsonl")
@@ -283,17 +283,15 @@ class Runner:
       start_all, finished = time.perf_counter(), 0
       for config in self.configs:
         mine = [s for s, c in todo if c is config]
-        for b in range(0, len(mine), size):
+        if not mine:
+          continue
+        gen = self.generator(config)
+        for b, result, seconds in generate_in_batches(gen, [ids[s.id] for s in mine], batch=size,
+                                                      max_new_tokens=self.args.max_new_tokens,
+                                                      stop_tokens=self.tok.stop_token_ids):
           batch = mine[b:b + size]
-          gen = self.generator(config)
-          prompts = [ids[s.id] for s in batch]
-          prompts += [prompts[-1]] * (size - len(prompts))  # fixed batch shape: no recompilation for the last one
           first = (config.kind, config.stride, length) not in self._compiled
           self._compiled.add((config.kind, config.stride, length))
-          start = time.perf_counter()
-          result = gen.generate(prompts, max_new_tokens=self.args.max_new_tokens,
-                                stop_tokens=self.tok.stop_token_ids)
-          seconds = time.perf_counter() - start
           layer_density = [float(d) for d in result.densities]
           density = 1.0 if config.kind == "dense" else float(np.mean([d for d in layer_density if d >= 0]))
           lines = []

@@ -240,21 +240,32 @@ def task_prompts(tokenizer, *, n: int, length: int, tasks: Sequence[str] = ("sin
                        index=i // len(combos), count_tokens=count, seed=seed) for i in range(n)]
 
 
+def generate_in_batches(generator, prompts, *, batch: int, max_new_tokens: int, stop_tokens=()):
+  """Greedy answers to token-id `prompts`, `batch` at a time; the last batch is padded with copies of its last
+  prompt to the same shape (no recompilation). Yields (index of the batch's first prompt, the GenerationResult with
+  the padding rows dropped, seconds of the generate call)."""
+  import time
+
+  for i in range(0, len(prompts), batch):
+    part = list(prompts[i:i + batch])
+    start = time.perf_counter()
+    result = generator.generate(part + [part[-1]] * (batch - len(part)), max_new_tokens=max_new_tokens,
+                                stop_tokens=stop_tokens)
+    yield i, dataclasses.replace(result, tokens=result.tokens[:len(part)]), time.perf_counter() - start
+
+
 def task_accuracy(generator, tokenizer, samples, *, batch: int = 8, max_new_tokens: int | None = None) -> float:
   """Mean RULER score (string_match_all) of `generator`'s greedy answers to `samples` (models.haystack.TaskSample),
-  in batches of `batch` prompts (the last batch padded to the same shape: no recompilation)."""
+  in batches of `batch` prompts (`generate_in_batches`)."""
   from models.haystack import string_match_all
 
   if not samples:
     raise ValueError("task_accuracy needs at least one sample")
   new = max_new_tokens or max(s.max_new_tokens for s in samples)
   scores = []
-  for i in range(0, len(samples), batch):
-    part = samples[i:i + batch]
-    prompts = [prompt_ids(tokenizer, s) for s in part]
-    prompts += [prompts[-1]] * (batch - len(prompts))
-    result = generator.generate(prompts, max_new_tokens=new, stop_tokens=tokenizer.stop_token_ids)
-    scores += [string_match_all(tokenizer.decode(ids), s.answers) for s, ids in zip(part, result.tokens)]
+  for i, result, _ in generate_in_batches(generator, [prompt_ids(tokenizer, s) for s in samples], batch=batch,
+                                          max_new_tokens=new, stop_tokens=tokenizer.stop_token_ids):
+    scores += [string_match_all(tokenizer.decode(ids), s.answers) for s, ids in zip(samples[i:], result.tokens)]
   return float(np.mean(scores))
 
 
