@@ -20,7 +20,7 @@ from models import calibration as mcal
 from models.config import AttentionConfig, ModelConfig
 from models.generate import Generator
 from models.transformer import Transformer
-from tests.conftest import random_qkv
+from tests.conftest import random_qkv, run_checked
 from xattn_jax import calibration as xcal
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_llama"
@@ -130,7 +130,8 @@ def _qkv(seed=0, B=2, T=100, N=4, K=2, H=16):
 def test_block_attention_mass_matches_oracle():
   q, k, _ = _qkv()
   lengths = jnp.array([100, 61], jnp.int32)
-  got = np.asarray(xcal.block_attention_mass(q, k, block_size=BLK, lengths=lengths))
+  got = np.asarray(run_checked(lambda q, k, l: xcal.block_attention_mass(q, k, block_size=BLK, lengths=l),
+                               q, k, lengths))
   want = _oracle_mass(q, k, lengths, BLK)
   np.testing.assert_allclose(got, want, atol=2e-5)
   np.testing.assert_allclose(got[1].sum(-1)[:, :4], [[16, 16, 16, 13]] * 4, atol=1e-4)  # real queries per row
@@ -140,11 +141,12 @@ def test_block_attention_mass_matches_oracle():
 def test_fidelity_dense_and_sparse():
   q, k, v = _qkv(1)
   lengths = jnp.array([100, 77], jnp.int32)
-  full = xcal.attention_fidelity(q, k, v, 1.0, stride=4, block_size=BLK, lengths=lengths)
+  fidelity = lambda q, k, v, tau, l: xcal.attention_fidelity(q, k, v, tau, stride=4, block_size=BLK, lengths=l)
+  full = run_checked(fidelity, q, k, v, jnp.float32(1.0), lengths)
   np.testing.assert_allclose(np.asarray(full["recall"]), 1.0, atol=1e-5)
   assert float(jnp.max(full["rel_error"])) < 1e-5 and np.allclose(np.asarray(full["density"]), 1.0)
   tau = jnp.array([0.0, 0.3, 0.6, 0.9])
-  part = xcal.attention_fidelity(q, k, v, tau, stride=4, block_size=BLK, lengths=lengths)
+  part = run_checked(fidelity, q, k, v, tau, lengths)
   # Recall, independently: the oracle's mass inside the layout the op selects.
   _, layout = xa.xattention(q, k, v, is_causal=True, threshold=tau, stride=4, block_size=BLK,
                             query_seq_lengths=lengths, key_value_seq_lengths=lengths, return_block_layout=True)
