@@ -440,7 +440,8 @@ def _fmt_acc(c) -> str:
 def write_report(path_md: pathlib.Path, summary: dict, env: dict, fidelity: dict | None, run_args: dict) -> None:
   lines = [f"# RULER-style accuracy, dense vs XAttention: {env['model']}, {env['device']}", "",
            f"Date {env['date']}; jax {env['jax']}; host {env['host']}.", "",
-           f"Command: `{env['command']}`", "",
+           f"Command: `{env['command']}`", ""] + (
+              [f"Table rebuilt from the JSONL by: `{env['rebuilt_by']}`", ""] if "rebuilt_by" in env else []) + [
            f"Settings: {json.dumps(run_args)}", "",
            "Accuracy in % (RULER string_match_all), ± the binomial standard error, n samples; Δ = paired difference "
            "to dense on the same samples (± its standard error, [discordant samples]); density = selected / allowed "
@@ -589,6 +590,9 @@ def main(argv=None) -> dict:
   env = dict(model=args.model, device=jax.devices()[0].device_kind, jax=jax.__version__,
              date=datetime.date.today().isoformat(), host=f"{platform.machine()}, {os.cpu_count()} CPUs",
              command="python benchmarks/niah.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+  previous = pathlib.Path(args.out_dir) / f"{args.tag}.json"
+  if args.report_only and previous.exists():  # the table describes the runs that made the JSONL, not this host
+    env = json.loads(previous.read_text())["env"] | dict(rebuilt_by=env["command"])
   if not args.report_only:
     runner = Runner(args)
     if args.fidelity_prompts > 0:  # first: cheap, and kept if a long run is stopped

@@ -37,6 +37,9 @@ class AttentionConfig:
     layer_thresholds: optional per-layer thresholds, one entry per layer, each a float or a per-head tuple
       (overrides xattention.threshold; e.g. from calibration).
     dense_layers: the first n layers stay dense (the reference does this for video models).
+    dense_implementation: `jax.nn.dot_product_attention`'s implementation for dense self-attention (prefill and
+      training): None picks "cudnn" (flash attention, O(T) memory) on a GPU for bf16/fp16 and head dims it takes,
+      else "xla" (which materializes the [T, S] logits); or name one.
     batch_axis, head_axis: mesh axes XAttention is shard_mapped over when a mesh is set (`jax.set_mesh`); axes the
       mesh lacks are ignored.
   """
@@ -45,12 +48,15 @@ class AttentionConfig:
   xattention: XAttentionConfig = XAttentionConfig()
   layer_thresholds: tuple | None = None
   dense_layers: int = 0
+  dense_implementation: str | None = None
   batch_axis: str | None = "data"  # under jax.set_mesh(mesh): XAttention runs per device over these mesh axes
   head_axis: str | None = "tensor"
 
   def __post_init__(self):
     if self.kind not in ("dense", "xattention"):
       raise ValueError(f"attention kind={self.kind!r} must be 'dense' or 'xattention'")
+    if self.dense_implementation not in (None, "xla", "cudnn"):
+      raise ValueError(f"dense_implementation={self.dense_implementation!r} must be None, 'xla' or 'cudnn'")
     if self.dense_layers < 0:
       raise ValueError(f"dense_layers={self.dense_layers} must be >= 0")
     if self.layer_thresholds is not None:

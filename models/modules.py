@@ -51,6 +51,17 @@ class XAttentionThreshold(nnx.Variable):
   skip it, and new values (`Transformer.set_thresholds`, a calibration) reuse the compiled prefill."""
 
 
+def dense_implementation(q: jax.Array, choice: str | None) -> str:
+  """`choice`, or for None: cuDNN's flash attention where it applies (a GPU, bf16/fp16, head dim a multiple of 8 up
+  to 128), since XLA's dense attention materializes the [B, N, T, S] logits (16 GiB per layer at 8K x 8K, batch 8,
+  8 heads), which a training step keeps for every layer."""
+  if choice is not None:
+    return choice
+  cudnn = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+           and q.shape[-1] <= 128)
+  return "cudnn" if cudnn else "xla"
+
+
 class Attention(nnx.Module):
   def __init__(self, config: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     D, N, K, H = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
@@ -67,6 +78,7 @@ class Attention(nnx.Module):
     self.xattention = None if xattention is None else dataclasses.replace(xattention, threshold=1.0)
     self.threshold = None if xattention is None else XAttentionThreshold(threshold_vector(xattention.threshold, N))
     self.mesh_axes = (config.attention.batch_axis, config.attention.head_axis)
+    self.dense_implementation = config.attention.dense_implementation
 
   def __call__(
       self,
@@ -117,7 +129,8 @@ class Attention(nnx.Module):
       return out, layout.density()
     if self_attention:  # T == S and q_len == kv_len: jax's top-left causal mask is the bottom-right one
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=q_lengths,
-                                         key_value_seq_lengths=kv_lengths)
+                                         key_value_seq_lengths=kv_lengths,
+                                         implementation=dense_implementation(q, self.dense_implementation))
     elif T == 1:  # decode: the new token sees every cached key
       out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths)
     else:  # a prefill chunk after earlier chunks: query t sits at position kv_len - q_len + t

@@ -160,6 +160,22 @@ def test_per_layer_thresholds_validation():
     AttentionConfig(kind="sparse")
 
 
+def test_dense_implementation_choice():
+  from models.modules import dense_implementation
+
+  bf16 = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
+  want = "cudnn" if jax.default_backend() == "gpu" else "xla"  # auto: flash attention only where cuDNN runs
+  assert dense_implementation(bf16, None) == want
+  assert dense_implementation(bf16.astype(jnp.float32), None) == "xla"
+  assert dense_implementation(jnp.zeros((1, 8, 4, 160), jnp.bfloat16), None) == "xla"
+  assert dense_implementation(bf16, "xla") == "xla"
+  with pytest.raises(ValueError, match="dense_implementation='flash'"):
+    AttentionConfig(dense_implementation="flash")
+  tokens = np.asarray(_prompts(8, [40]))
+  explicit = _model(TINY.with_attention(AttentionConfig(dense_implementation="xla")))
+  np.testing.assert_array_equal(np.asarray(_forward(explicit, tokens)), np.asarray(_forward(_model(), tokens)))
+
+
 def test_sampling():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
   keys = jax.random.split(jax.random.key(0), 1)[0]

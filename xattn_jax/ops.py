@@ -280,27 +280,33 @@ def _xattention(
     out, layout = one_chunk(q, geometry)
     return (out, layout) if return_block_layout else (out,)
 
-  n_chunks = cdiv(T, chunk)
-  qs = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - T), (0, 0), (0, 0)))
-  qs = qs.reshape(B, n_chunks, chunk, N, H).swapaxes(0, 1)
+  # Whole chunks in a loop, then the ragged tail (if any) as one smaller static chunk. Each chunk reads its queries
+  # with a dynamic slice and writes its rows into the output in place, so no chunked copy of q or of the output
+  # exists: the memory beyond q/k/v/out is one chunk's scores, tables and attention temporaries.
+  n_full, tail = divmod(T, chunk)
 
-  def body(_, args):
-    qc, c = args
-    out, layout = one_chunk(qc, geometry.chunk(c * chunk, chunk))
-    return None, (out, layout if return_block_layout else None)
+  def run_chunk(start, size):
+    return one_chunk(lax.dynamic_slice_in_dim(q, start, size, axis=1), geometry.chunk(start, size))
 
-  _, (outs, layouts) = lax.scan(body, None, (qs, jnp.arange(n_chunks, dtype=jnp.int32)))
-  out = outs.swapaxes(0, 1).reshape(B, n_chunks * chunk, N, H)[:, :T]
+  def parts(layout):
+    return (layout.counts, layout.indices, layout.num_allowed) if return_block_layout else ()
+
+  def write(carry, start, result):
+    out, tables = carry
+    out = lax.dynamic_update_slice_in_dim(out, result[0], start, axis=1)
+    tables = tuple(lax.dynamic_update_slice_in_dim(buf, x, start // block_size, axis=2)
+                   for buf, x in zip(tables, parts(result[1])))
+    return out, tables
+
+  nqb = cdiv(T, block_size)
+  shapes = parts(jax.eval_shape(lambda: run_chunk(0, chunk))[1])
+  tables = tuple(jnp.zeros(x.shape[:2] + (nqb,) + x.shape[3:], x.dtype) for x in shapes)
+  carry = lax.fori_loop(0, n_full, lambda c, carry: write(carry, c * chunk, run_chunk(c * chunk, chunk)),
+                        (jnp.zeros_like(q), tables))
+  if tail:
+    carry = write(carry, n_full * chunk, run_chunk(n_full * chunk, tail))
+  out, tables = carry
   if not return_block_layout:
     return (out,)
-  nqb = cdiv(T, block_size)
-
-  def join(x):  # [C, B, N, chunk/blk, ...] -> [B, N, nQb, ...]
-    x = jnp.moveaxis(x, 0, 2)
-    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :nqb]
-
-  layout = BlockLayout(
-      counts=join(layouts.counts), indices=join(layouts.indices), num_allowed=join(layouts.num_allowed),
-      block_size=block_size,
-  )
-  return out, layout
+  counts, indices, num_allowed = tables
+  return out, BlockLayout(counts=counts, indices=indices, num_allowed=num_allowed, block_size=block_size)

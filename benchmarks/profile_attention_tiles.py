@@ -1,0 +1,48 @@
+"""Launch the sparse attention kernel once per (length, density) case, for Nsight Compute (notes: the per-tile cost).
+
+    ncu --clock-control none --kernel-name regex:mosaic_gpu --set full -o $OUT/tiles \
+      python3 benchmarks/profile_attention_tiles.py 32768:5,32768:50,8192:5
+
+Each case compiles first (no kernel launch), then runs the kernel exactly once, so that the k-th profiled launch is
+the k-th case. Shapes as in attention_speed.py: B=1, 32 query heads, 8 kv heads, head dim 128, bf16, causal,
+fixed-density layouts holding the diagonal. Prints the layout's work (tiles, visited blocks) per case, which the
+profile's cycles are divided by.
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import xattn_jax as xa
+from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
+from xattn_jax.geometry import Geometry
+
+from attention_speed import fixed_density_layout  # benchmarks/ is on the path when run as a script
+
+
+def main():
+  xa.set_traced_checks(False)
+  heads, kv_heads, head_dim = 32, 8, 128
+  for case in sys.argv[1].split(","):
+    length, percent = (int(x) for x in case.split(":"))
+    ks = jax.random.split(jax.random.key(length + percent), 4)
+    q = jax.random.normal(ks[0], (1, length, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (1, length, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (1, length, kv_heads, head_dim), jnp.bfloat16)
+    layout = fixed_density_layout(ks[3], batch=1, heads=heads, length=length, density=percent / 100)
+    geometry = Geometry.from_lengths(jnp.array([length], jnp.int32), jnp.array([length], jnp.int32))
+    call = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
+        q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5)[0])
+    compiled = call.lower(q, k, v, layout).compile()
+    jax.block_until_ready((q, k, v, layout))
+    out = jax.block_until_ready(compiled(q, k, v, layout))
+    tiles = int(layout.counts.size)
+    visits = int(layout.counts.sum())
+    print(f"case T={length} density={percent}%: {tiles} tiles (head, query block), {visits} visited blocks, "
+          f"{visits / tiles:.2f} per tile, output finite: {bool(jnp.isfinite(out.astype(jnp.float32)).all())}",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
