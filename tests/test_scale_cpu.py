@@ -25,3 +25,19 @@ def test_xattention_32k_tokens_32_heads_on_cpu():
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f"density {density:.3f}, peak RSS {peak_gib:.1f} GiB")
   assert 0 < density < 1 and peak_gib < 20
+
+
+def test_query_chunks_make_no_copy_of_q_or_the_output():
+  """xattention's chunk loop slices q and writes the output in place: growing T (ragged, so a tail chunk runs)
+  grows the compiled call's temporaries by the key side only, far less than one more copy of q (the old scan over
+  a chunked, padded copy of q and a stacked output grew them by about two). Compiled, not run."""
+  def temporaries(T):
+    q = jax.ShapeDtypeStruct((1, T, 32, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, T, 1, 64), jnp.bfloat16)
+    call = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=0.9, stride=16,
+                                                 implementation="xla", query_chunk_size=4096))
+    return call.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+
+  small, large = 33768, 66536
+  q_growth = (large - small) * 32 * 64 * 2
+  assert temporaries(large) - temporaries(small) < 0.5 * q_growth
