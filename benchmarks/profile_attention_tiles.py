@@ -4,11 +4,16 @@
       python3 benchmarks/profile_attention_tiles.py 32768:5,32768:50,8192:5
 
 Each case compiles first (no kernel launch), then runs the kernel exactly once, so that the k-th profiled launch is
-the k-th case. Shapes as in attention_speed.py: B=1, 32 query heads, 8 kv heads, head dim 128, bf16, causal,
+the k-th case. Then, for the hottest SASS lines of each launch:
+
+    ncu --import $OUT/tiles.ncu-rep --page source --csv --print-source sass > sass.csv
+    python3 benchmarks/profile_attention_tiles.py --sass-top sass.csv
+ Shapes as in attention_speed.py: B=1, 32 query heads, 8 kv heads, head dim 128, bf16, causal,
 fixed-density layouts holding the diagonal. Prints the layout's work (tiles, visited blocks) per case, which the
 profile's cycles are divided by.
 """
 
+import csv
 import sys
 
 import jax
@@ -21,7 +26,37 @@ from xattn_jax.geometry import Geometry
 from attention_speed import fixed_density_layout  # benchmarks/ is on the path when run as a script
 
 
+def sass_top(path: str, lines: int = 40) -> None:
+  """Per profiled kernel in ncu's source-page CSV: the SASS lines with the most warp-stall samples."""
+  rows = list(csv.reader(open(path, errors="replace")))
+  kernels = []  # [header, rows]: each kernel's table starts with a header row naming Source and the sample columns
+  for row in rows:
+    if "Source" in (c.strip() for c in row) and any("Sampl" in c for c in row):
+      kernels.append((row, []))
+    elif kernels and len(row) == len(kernels[-1][0]):
+      kernels[-1][1].append(row)
+
+  def number(x):
+    try:
+      return float(x.replace(",", ""))
+    except ValueError:
+      return 0.0
+
+  print(f"{len(rows)} csv rows, {len(kernels)} kernels")
+  for header, body in kernels:
+    columns = [i for i, c in enumerate(header) if "Sampl" in c]
+    source, key = header.index("Source"), columns[0]
+    total = sum(number(r[key]) for r in body)
+    print(f"--- kernel: {len(body)} SASS lines, {total:.0f} samples ({header[key]}); columns: samples, share, "
+          + ", ".join(header[i] for i in columns[1:]))
+    for r in sorted(body, key=lambda r: -number(r[key]))[:lines]:
+      print(f"{number(r[key]):8.0f} {100 * number(r[key]) / max(total, 1):5.1f}%  "
+            + " | ".join(r[i] for i in columns[1:]) + "  " + r[source][:110])
+
+
 def main():
+  if sys.argv[1] == "--sass-top":
+    return sass_top(sys.argv[2])
   xa.set_traced_checks(False)
   heads, kv_heads, head_dim = 32, 8, 128
   for case in sys.argv[1].split(","):
