@@ -30,14 +30,18 @@ from xattn_jax.synthetic import llm_like_qkv
 BLOCK = 128
 
 
-def timed(fn, *args, repeats: int, warmup: int = 3) -> dict:
+def timed(fn, *args, repeats: int, warmup: int = 3, pipeline: int = 1) -> dict:
+  """Milliseconds per call: median (and min, spread) of `repeats` samples after `warmup` calls. A sample is
+  `pipeline` calls issued back to back and waited for once, divided by `pipeline`: 1 measures one call's latency
+  including the host's dispatch; more hide the dispatch behind the device's work (throughput of back-to-back calls)."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
+    outs = [fn(*args) for _ in range(pipeline)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - start) * 1e3 / pipeline)
   return {"ms": statistics.median(times), "min_ms": min(times), "spread_ms": statistics.pstdev(times)}
 
 
@@ -83,7 +87,7 @@ def run(args) -> dict:
       dense_flops = 4.0 * length * length * args.head_dim * args.heads / 2
       dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, is_causal=True, implementation=args.dense_implementation))
-      base = timed(dense, q, k, v, repeats=args.repeats)
+      base = timed(dense, q, k, v, repeats=args.repeats, pipeline=args.pipeline)
       rows.append(dict(shape, what=f"dense {args.dense_implementation}", density=1.0, **base, ratio=1.0,
                        tflops=dense_flops / base["ms"] / 1e9))
       print(f"{length:>7} K={kv_heads:<2} dense {args.dense_implementation:<14} {base['ms']:9.3f} ms", flush=True)
@@ -93,7 +97,7 @@ def run(args) -> dict:
         want_dense = dense(q, k, v) if length <= 32768 else None
         for d in args.densities:
           layout = fixed_density_layout(kl, batch=1, heads=args.heads, length=length, density=d / 100)
-          t = timed(sparse, q, k, v, layout, repeats=args.repeats)
+          t = timed(sparse, q, k, v, layout, repeats=args.repeats, pipeline=args.pipeline)
           real_d = float(layout.density())
           entry = dict(shape, what="sparse kernel", density=real_d, **t, ratio=t["ms"] / base["ms"],
                        target_ratio=1.15 * real_d if d < 100 else 1.05,
@@ -108,7 +112,7 @@ def run(args) -> dict:
                 flush=True)
       for stride in args.strides if "estimator" in args.sections else ():
         est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride, implementation=args.implementation))
-        t = timed(est, q, k, repeats=args.repeats)
+        t = timed(est, q, k, repeats=args.repeats, pipeline=args.pipeline)
         rows.append(dict(shape, what=f"estimator s={stride}", density=None, **t, ratio=t["ms"] / base["ms"]))
         print(f"{length:>7} K={kv_heads:<2} estimator s={stride:<2}      {t['ms']:9.3f} ms  {t['ms'] / base['ms']:.3f}x dense",
               flush=True)
@@ -122,8 +126,8 @@ def run(args) -> dict:
                                       implementation=args.implementation)
           e2e = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=tau, stride=stride,
                                                       implementation=args.implementation, return_block_layout=True))
-          t = timed(e2e, sq, sk, sv, repeats=args.repeats)
-          base_s = timed(dense, sq, sk, sv, repeats=args.repeats)
+          t = timed(e2e, sq, sk, sv, repeats=args.repeats, pipeline=args.pipeline)
+          base_s = timed(dense, sq, sk, sv, repeats=args.repeats, pipeline=args.pipeline)
           out, layout = e2e(sq, sk, sv)
           want = dense(sq, sk, sv)
           err = float(jnp.linalg.norm((out - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
@@ -136,7 +140,7 @@ def run(args) -> dict:
           scores = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride,
                                                                implementation=args.implementation))(sq, sk)
           select = jax.jit(lambda s: xa.select_blocks(s, q_len=length, kv_len=length, threshold=tau))
-          t = timed(select, scores, repeats=args.repeats)
+          t = timed(select, scores, repeats=args.repeats, pipeline=args.pipeline)
           rows.append(dict(shape, what=f"selection s={stride} tau={tau:.3g}", density=None, **t,
                            ratio=t["ms"] / base_s["ms"], target_ratio=0.02))
           print(f"{length:>7} K={kv_heads:<2} selection s={stride:<2}      {t['ms']:9.3f} ms  "
@@ -145,7 +149,7 @@ def run(args) -> dict:
   return dict(
       card=device.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
       command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]), rows=rows, heads=args.heads,
-      head_dim=args.head_dim, traced_checks=args.traced_checks,
+      head_dim=args.head_dim, traced_checks=args.traced_checks, pipeline=args.pipeline,
   )
 
 
@@ -157,7 +161,8 @@ def to_markdown(result: dict) -> str:
       "",
       f"B=1, {result['heads']} query heads, head dim {result['head_dim']}, bf16, causal. ms = median; ratio = time / "
       "dense time of the same shape in the same process (for xattention rows: of the same synthetic input). "
-      f"Traced value checks: {result.get('traced_checks', 'on')}.",
+      f"Traced value checks: {result.get('traced_checks', 'on')}. Calls per timed sample: "
+      f"{result.get('pipeline', 1)} (1: each call waited for, host dispatch included; more: back-to-back calls).",
       "",
       "| T | K | what | density | ms | spread ms | ratio | target | TFLOP/s | note |",
       "|---|---|---|---|---|---|---|---|---|---|",
@@ -190,12 +195,16 @@ def main(argv=None) -> int:
                       help="backends tried in order (comma separated)")
   parser.add_argument("--dense-implementation", default="cudnn", help="jax.nn.dot_product_attention implementation")
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--pipeline", type=int, default=1,
+                      help="calls per timed sample, issued back to back (see `timed`); 1 = per-call latency")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out-dir", default="benchmarks/results")
   parser.add_argument("--name", default="", help="suffix of the result files, <card>-<date>-<name>.json/.md")
   parser.add_argument("--traced-checks", choices=["on", "off"], default="off",
                       help="xattn_jax's checkify value checks in the traced ops (on costs ~0.2-0.3 ms of dispatch)")
   args = parser.parse_args(argv)
+  if args.pipeline < 1:
+    parser.error(f"--pipeline {args.pipeline} must be >= 1")
   xa.set_traced_checks(args.traced_checks == "on")
   if args.repeats < 20:
     print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)

@@ -53,12 +53,19 @@ class TuningConfig:
   producer_registers: int = 40
   consumer_registers: int = 232
   num_ctas: int | None = 132  # persistent grid (the SM count of H100 SXM and H200); None: one CTA per layout row
+  # The order CTAs take tiles in (CTA c runs order[c], order[c + grid], ...): "work" = longest rows first, ties in
+  # (batch, row, head) order, so the G query heads of a kv head run together and share K/V in L2; "head" = the rows
+  # of one (batch, head) together, longest first, so that rows of one head share its K/V (for small G; an
+  # alternative to measure, see benchmarks/notes_attention_mosaic_gpu.md).
+  tile_order: str = "work"
 
   def __post_init__(self):
     if self.pv_operand not in ("registers", "smem"):
       raise ValueError(f"pv_operand={self.pv_operand!r} must be 'registers' or 'smem'")
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+    if self.tile_order not in ("work", "head"):
+      raise ValueError(f"tile_order={self.tile_order!r} must be 'work' or 'head'")
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be None or >= 1")
 
@@ -308,10 +315,13 @@ def block_sparse_attention(
   block_q, stages = config.block_q, config.num_stages
   dtype = q.dtype
   num_tiles = B * N * nqb
-  # Longest rows first (a greedy balance of the causal triangle); ties keep (b, r, n) order, so the G query heads
-  # of one kv head stay next to each other and share K/V blocks in L2.
   work = layout.counts.transpose(0, 2, 1).reshape(-1)  # tile id (b * nQb + r) * N + n
-  order = jnp.argsort(-work, stable=True).astype(jnp.int32)
+  if config.tile_order == "work":  # longest rows first (a greedy balance of the causal triangle), ties in id order
+    order = jnp.argsort(-work, stable=True)
+  else:  # (b, n) major, longest rows first within
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    order = jnp.lexsort((-work, tile % N, tile // (nqb * N)))
+  order = order.astype(jnp.int32)
   grid = num_tiles if config.num_ctas is None else min(config.num_ctas, num_tiles)
   buffers = 2 if smem_bytes(config, H, dtype, q_buffers=2) <= _SMEM_BYTES else 1
   if smem_bytes(config, H, dtype, q_buffers=buffers) > _SMEM_BYTES:

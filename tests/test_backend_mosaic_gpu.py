@@ -103,9 +103,10 @@ def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_ope
   assert "mosaic_gpu" in lowered.as_text()[:200000]
 
 
-@pytest.mark.parametrize("num_ctas", [1, 3, None])
-def test_persistent_grid_runs_several_tiles_per_cta(num_ctas):
-  """Rows of different lengths (and empty padding rows) walked by few CTAs: the K/V ring crosses tiles."""
+@pytest.mark.parametrize("num_ctas,tile_order", [(1, "work"), (3, "work"), (None, "work"), (3, "head")])
+def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
+  """Rows of different lengths (and empty padding rows) walked by few CTAs in either tile order: the K/V ring
+  crosses tiles."""
   from xattn_jax import attention_xla
 
   B, T, S, N, K, H = 2, 300, 400, 2, 1, 64
@@ -114,7 +115,7 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas):
   geometry = Geometry.from_lengths(*lens)
   layout, _ = suites.random_layout(65, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens, density=0.7)
   assert int(jnp.min(layout.counts)) == 0 and int(jnp.max(layout.counts)) >= 3
-  config = attention_kernel.TuningConfig(pv_operand="smem", num_ctas=num_ctas)
+  config = attention_kernel.TuningConfig(pv_operand="smem", num_ctas=num_ctas, tile_order=tile_order)
   out, lse = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry, causal=True,
                          scale=H**-0.5, config=config, interpret=True)
   assert not _races_found()
@@ -123,6 +124,11 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas):
   np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(want_lse)))
   live = np.isfinite(np.asarray(want_lse))
   np.testing.assert_allclose(np.asarray(lse)[live], np.asarray(want_lse)[live], atol=1e-3)
+
+
+def test_tuning_config_validation():
+  with pytest.raises(ValueError, match="tile_order='rows'"):
+    attention_kernel.TuningConfig(tile_order="rows")
 
 
 def test_smem_budget():
