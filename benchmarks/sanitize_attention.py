@@ -78,4 +78,4 @@ def main(parts=("forward", "estimator", "backward")):
 
 
 if __name__ == "__main__":
-  main(tuple(sys.argv[1].split(",")) if len(sys.argv) > 1 else ("forward", "estimator", "backward"))
+  main(*([tuple(sys.argv[1].split(","))] if len(sys.argv) > 1 else []))

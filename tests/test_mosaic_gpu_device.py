@@ -32,6 +32,13 @@ SHAPES = [  # B, T, S, N, K, H, with_lengths
 ]
 
 
+def _lengths(B: int, T: int, S: int, with_lengths: bool):
+  """(q_lengths, kv_lengths): the second sequence shorter (177 queries, 100 keys) where `with_lengths`, else full."""
+  if with_lengths:
+    return jnp.array([T, T - 177], jnp.int32), jnp.array([S, S - 100], jnp.int32)
+  return jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32)
+
+
 @pytest.mark.parametrize("pv_operand,num_ctas", [("registers", 132), ("smem", 132), ("registers", None),
                                                  ("registers", 5)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -43,10 +50,7 @@ def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas
   B, T, S, N, K, H, with_lengths = shape
   seed = hash((shape, causal, str(dtype), pv_operand, num_ctas)) % 2**31
   q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
-  if with_lengths:
-    lens = (jnp.array([T, T - 177], jnp.int32), jnp.array([S, S - 100], jnp.int32))
-  else:
-    lens = (jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32))
+  lens = _lengths(B, T, S, with_lengths)
   geometry = Geometry.from_lengths(*lens)
   layout, _ = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.4)
   scale = H**-0.5
@@ -99,10 +103,7 @@ def test_scores_kernel_matches_xla(case, dtype, options):
   if options.get("cluster_heads") and (N // K) % 2:
     pytest.skip("cluster_heads=2 needs an even GQA group")
   q, k, _ = random_qkv(hash((case, str(dtype), str(options))) % 2**31, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
-  if with_lengths:
-    lens = (jnp.array([T, T - 177], jnp.int32), jnp.array([S, S - 100], jnp.int32))
-  else:
-    lens = (jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32))
+  lens = _lengths(B, T, S, with_lengths)
   geometry = Geometry.from_lengths(*lens)
   kw = dict(stride=stride, block_size=128, causal=causal, scale=H**-0.5)
   got = kernel.antidiagonal_scores(q, k, geometry, config=kernel.Config(**options), **kw)
@@ -134,10 +135,7 @@ def test_backward_kernels_match_xla(shape, causal, dtype, operand):
   B, T, S, N, K, H, with_lengths = shape
   seed = (sum(shape) * 31 + 7 * causal + 3 * (dtype == jnp.float16) + (operand == "smem")) % 2**31
   q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
-  if with_lengths:
-    lens = (jnp.array([T, T - 177], jnp.int32), jnp.array([S, S - 100], jnp.int32))
-  else:
-    lens = (jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32))
+  lens = _lengths(B, T, S, with_lengths)
   geometry = Geometry.from_lengths(*lens)
   layout, _ = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.4)
   kw = dict(causal=causal, scale=H**-0.5)
