@@ -8,7 +8,9 @@ the k-th case. Then, for the hottest SASS lines of each launch:
 
     ncu --import $OUT/tiles.ncu-rep --page source --csv --print-source sass > sass.csv
     python3 benchmarks/profile_attention_tiles.py --sass-top sass.csv
- Shapes as in attention_speed.py: B=1, 32 query heads, 8 kv heads, head dim 128, bf16, causal,
+
+A case is T:percent[:kv heads[:variant]] (8 kv heads and the default TuningConfig if left out; variants as in
+attention_variants.py). Shapes as in attention_speed.py: B=1, 32 query heads, head dim 128, bf16, causal,
 fixed-density layouts holding the diagonal. Prints the layout's work (tiles, visited blocks) per case, which the
 profile's cycles are divided by.
 """
@@ -24,6 +26,7 @@ from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 from xattn_jax.geometry import Geometry
 
 from attention_speed import fixed_density_layout  # benchmarks/ is on the path when run as a script
+from attention_variants import VARIANTS
 
 
 def sass_top(path: str, lines: int = 40) -> None:
@@ -58,9 +61,11 @@ def main():
   if sys.argv[1] == "--sass-top":
     return sass_top(sys.argv[2])
   xa.set_traced_checks(False)
-  heads, kv_heads, head_dim = 32, 8, 128
+  heads, head_dim = 32, 128
   for case in sys.argv[1].split(","):
-    length, percent = (int(x) for x in case.split(":"))
+    length, percent, kv_heads, variant = (case.split(":") + ["8", "default"][len(case.split(":")) - 2:])[:4]
+    length, percent, kv_heads = int(length), int(percent), int(kv_heads)
+    config = kernel.TuningConfig(**VARIANTS[variant])
     ks = jax.random.split(jax.random.key(length + percent), 4)
     q = jax.random.normal(ks[0], (1, length, heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(ks[1], (1, length, kv_heads, head_dim), jnp.bfloat16)
@@ -68,13 +73,13 @@ def main():
     layout = fixed_density_layout(ks[3], batch=1, heads=heads, length=length, density=percent / 100)
     geometry = Geometry.from_lengths(jnp.array([length], jnp.int32), jnp.array([length], jnp.int32))
     call = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
-        q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5)[0])
+        q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5, config=config)[0])
     compiled = call.lower(q, k, v, layout).compile()
     jax.block_until_ready((q, k, v, layout))
     out = jax.block_until_ready(compiled(q, k, v, layout))
     tiles = int(layout.counts.size)
     visits = int(layout.counts.sum())
-    print(f"case T={length} density={percent}%: {tiles} tiles (head, query block), {visits} visited blocks, "
+    print(f"case T={length} K={kv_heads} density={percent}% {variant}: {tiles} tiles (head, query block), {visits} visited blocks, "
           f"{visits / tiles:.2f} per tile, output finite: {bool(jnp.isfinite(out.astype(jnp.float32)).all())}",
           flush=True)
 

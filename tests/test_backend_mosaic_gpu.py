@@ -103,7 +103,7 @@ def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_ope
   assert "mosaic_gpu" in lowered.as_text()[:200000]
 
 
-@pytest.mark.parametrize("num_ctas,tile_order", [(1, "work"), (3, "work"), (None, "work"), (3, "head")])
+@pytest.mark.parametrize("num_ctas,tile_order", [(1, "rows"), (3, "rows"), (None, "rows"), (3, "head"), (4, "head")])
 def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
   """Rows of different lengths (and empty padding rows) walked by few CTAs in either tile order: the K/V ring
   crosses tiles."""
@@ -127,8 +127,8 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
 
 
 def test_tuning_config_validation():
-  with pytest.raises(ValueError, match="tile_order='rows'"):
-    attention_kernel.TuningConfig(tile_order="rows")
+  with pytest.raises(ValueError, match="tile_order='work'"):
+    attention_kernel.TuningConfig(tile_order="work")
 
 
 def test_smem_budget():

@@ -39,23 +39,25 @@ def _lengths(B: int, T: int, S: int, with_lengths: bool):
   return jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32)
 
 
-@pytest.mark.parametrize("pv_operand,num_ctas", [("registers", 132), ("smem", 132), ("registers", None),
-                                                 ("registers", 5)])
+@pytest.mark.parametrize("pv_operand,num_ctas,tile_order", [("registers", 132, "head"), ("smem", 132, "head"),
+                                                            ("registers", None, "head"), ("registers", 5, "head"),
+                                                            ("registers", 5, "rows")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}T{s[1]}S{s[2]}N{s[3]}K{s[4]}H{s[5]}" for s in SHAPES])
-def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas):
+def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas, tile_order):
   from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 
   B, T, S, N, K, H, with_lengths = shape
-  seed = hash((shape, causal, str(dtype), pv_operand, num_ctas)) % 2**31
+  seed = hash((shape, causal, str(dtype), pv_operand, num_ctas, tile_order)) % 2**31
   q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
   lens = _lengths(B, T, S, with_lengths)
   geometry = Geometry.from_lengths(*lens)
   layout, _ = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.4)
   scale = H**-0.5
   got, got_lse = kernel.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale,
-                                               config=kernel.TuningConfig(pv_operand=pv_operand, num_ctas=num_ctas))
+                                               config=kernel.TuningConfig(pv_operand=pv_operand, num_ctas=num_ctas,
+                                                                           tile_order=tile_order))
   want, want_lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert not np.isnan(got).any()

@@ -1,0 +1,153 @@
+"""Kernel variants of the sparse attention side by side, and where the public op's device time goes.
+
+    python benchmarks/attention_variants.py --lengths 32768 --kv-heads 8,32 --densities 5,10,100 \
+        --variants default,head,per-row --pipeline 1,10 --rounds 3
+
+For each (length, kv heads, density) case, on the fixed-density layouts of attention_speed.py (B=1, 32 query heads,
+head dim 128, bf16, causal): dense cuDNN, the public op, and the kernel called directly with each --variants
+TuningConfig (default; head, rows = that tile_order; per-row = one CTA per layout row; smem = P through SMEM), timed in
+`--rounds` interleaved rounds (a slow drift of the card's clock shows as a spread between rounds, not as a
+difference between variants). Each timing is attention_speed's `timed` at every --pipeline value.
+
+--trace adds, per case, a profiler trace of 5 calls of the public op: every device kernel's name and mean duration,
+and the device span per call (first kernel start to last kernel end), so that the XLA prologue around the Mosaic
+kernel and the host dispatch can be told apart. --module swaps in another kernel module with the same API (to time
+an earlier version in the same run). Writes <out-dir>/<card>-<date>-<name>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import importlib
+import pathlib
+import statistics
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+import xattn_jax as xa
+from xattn_jax.geometry import Geometry
+
+from attention_speed import fixed_density_layout, timed  # benchmarks/ is on the path when run as a script
+
+VARIANTS = {"default": {}, "head": {"tile_order": "head"}, "rows": {"tile_order": "rows"}, "per-row": {"num_ctas": None},
+            "smem": {"pv_operand": "smem"}}
+
+
+def device_kernels(fn, *args, calls: int = 5) -> tuple[dict, float]:
+  """Runs `calls` calls under the profiler: {kernel name: (launches per call, mean us)}, mean device span per call."""
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+    events = []
+    for path in glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True):
+      for plane in jax.profiler.ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+          continue
+        for line in plane.lines:
+          if "Stream" in line.name and "Memcpy" not in line.name:
+            events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+  if not events:
+    raise RuntimeError("the profiler trace holds no GPU kernel events")
+  by_name = collections.defaultdict(list)
+  for _, duration, name in events:
+    by_name[name].append(duration / 1e3)
+  kernels = {name: (len(d) / calls, statistics.mean(d)) for name, d in by_name.items()}
+  events.sort()
+  # Calls are waited for one by one, so a gap longer than any call's own gaps separates them: split at the
+  # calls - 1 largest gaps.
+  gaps = sorted(range(1, len(events)), key=lambda i: events[i][0] - events[i - 1][0] - events[i - 1][1])[-(calls - 1):]
+  bounds = [0, *sorted(gaps), len(events)]
+  spans = [(events[hi - 1][0] + events[hi - 1][1] - events[lo][0]) / 1e6 for lo, hi in zip(bounds, bounds[1:])]
+  return kernels, statistics.median(spans)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ints = lambda s: [int(x) for x in s.split(",") if x]
+  parser.add_argument("--lengths", type=ints, default=[32768])
+  parser.add_argument("--kv-heads", type=ints, default=[8, 32])
+  parser.add_argument("--densities", type=ints, default=[5, 10, 100])
+  parser.add_argument("--variants", type=lambda s: s.split(","), default=["default", "head", "per-row"])
+  parser.add_argument("--pipeline", type=ints, default=[1, 10])
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--trace", action="store_true")
+  parser.add_argument("--module", default="pallas_kernels.block_sparse_attention_mosaic_gpu")
+  parser.add_argument("--out-dir", default="benchmarks/results")
+  parser.add_argument("--name", default="variants")
+  args = parser.parse_args(argv)
+  unknown = set(args.variants) - set(VARIANTS)
+  if unknown:
+    parser.error(f"--variants {sorted(unknown)} not in {sorted(VARIANTS)}")
+  xa.set_traced_checks(False)
+  kernel = importlib.import_module(args.module)
+  heads, head_dim = 32, 128
+  device = jax.devices()[0]
+  lines = [f"# Sparse attention variants: {device.device_kind}, jax {jax.__version__}, {datetime.date.today()}", "",
+           f"Command: `python benchmarks/{' '.join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:])}`", "",
+           f"Kernel module {args.module}. ms = median of {args.repeats} samples per round, rounds separated by '/'; "
+           "pipeline p = p back-to-back calls per sample (1 includes the host dispatch). Traced checks off.", "",
+           "| T | K | density | what | " + " | ".join(f"pipeline {p}: ms per round" for p in args.pipeline)
+           + " | ratio to cuDNN |", "|---|---|---|---|" + "---|" * len(args.pipeline) + "---|"]
+  key = jax.random.key(0)
+  for length in args.lengths:
+    for kv_heads in args.kv_heads:
+      ks = jax.random.split(jax.random.fold_in(key, length * 1000 + kv_heads), 4)
+      q = jax.random.normal(ks[0], (1, length, heads, head_dim), jnp.bfloat16)
+      k = jax.random.normal(ks[1], (1, length, kv_heads, head_dim), jnp.bfloat16)
+      v = jax.random.normal(ks[2], (1, length, kv_heads, head_dim), jnp.bfloat16)
+      geometry = Geometry.from_lengths(jnp.array([length], jnp.int32), jnp.array([length], jnp.int32))
+      dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+      for percent in args.densities:
+        layout = fixed_density_layout(ks[3], batch=1, heads=heads, length=length, density=percent / 100)
+        calls = {"dense cudnn": (dense, (q, k, v)),
+                 "public op": (jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
+                     q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu")), (q, k, v, layout))}
+        for name in args.variants:
+          config = kernel.TuningConfig(**VARIANTS[name])
+          calls[f"kernel {name}"] = (jax.jit(direct_call(kernel.block_sparse_attention, geometry, config)),
+                                     (q, k, v, layout))
+        times = {name: {p: [] for p in args.pipeline} for name in calls}
+        for _ in range(args.rounds):
+          for name, (fn, fn_args) in calls.items():
+            for p in args.pipeline:
+              times[name][p].append(timed(fn, *fn_args, repeats=args.repeats, pipeline=p)["ms"])
+        base = statistics.median(times["dense cudnn"][args.pipeline[0]])
+        for name in calls:
+          cells = [" / ".join(f"{t:.3f}" for t in times[name][p]) for p in args.pipeline]
+          ratio = statistics.median(times[name][args.pipeline[0]]) / base
+          lines.append(f"| {length} | {kv_heads} | {percent}% | {name} | " + " | ".join(cells) + f" | {ratio:.3f} |")
+          print(lines[-1], flush=True)
+        if args.trace:
+          fn, fn_args = calls["public op"]
+          kernels, span = device_kernels(fn, *fn_args)
+          lines.append(f"| {length} | {kv_heads} | {percent}% | public op, device span per call | {span:.3f} ms |"
+                       + " |" * len(args.pipeline))
+          for name, (per_call, us) in sorted(kernels.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
+            lines.append(f"| | | | device kernel {name[:60]} x{per_call:g} | {us:.1f} us |" + " |" * len(args.pipeline))
+          print("\n".join(lines[-len(kernels) - 1:]), flush=True)
+  pathlib.Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+  stem = f"{device.device_kind.replace(' ', '_')}-{datetime.date.today()}-{args.name}"
+  out = f"{args.out_dir}/{stem}.md"
+  with open(out, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print(f"wrote {out}")
+  return 0
+
+
+def direct_call(fn, geometry, config):
+  """The kernel's entry point with the layout's geometry and a config, returning only the output."""
+  return lambda q, k, v, layout: fn(q, k, v, layout, geometry, causal=True, scale=q.shape[-1] ** -0.5,
+                                    config=config)[0]
+
+
+if __name__ == "__main__":
+  sys.exit(main())
