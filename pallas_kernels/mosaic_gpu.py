@@ -19,6 +19,14 @@ def _check_platform(interpret: bool) -> None:
                               "pass interpret=True to run the kernels in the CPU interpreter")
 
 
+def _persistent_grid(interpret: bool) -> dict:
+  """TuningConfig's num_ctas for this GPU: one CTA per multiprocessor (132 on an H100 SXM or H200, 114 on an H100
+  PCIe). A persistent grid larger than the GPU would run its last CTAs in a second wave. The interpreter keeps the
+  config's default."""
+  sm_count = None if interpret else getattr(jax.devices()[0], "core_count", None)
+  return {"num_ctas": sm_count} if isinstance(sm_count, int) and sm_count > 0 else {}
+
+
 def backend() -> Backend:
   from pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
   from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as backward_kernels
@@ -33,7 +41,8 @@ def backend() -> Backend:
   def attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret):
     del query_chunk_size  # the kernel's memory does not grow with T
     _check_platform(interpret)
-    config = attention_kernel.TuningConfig(pv_operand="smem" if interpret else "registers")
+    config = attention_kernel.TuningConfig(pv_operand="smem" if interpret else "registers",
+                                           **_persistent_grid(interpret))
     return attention_kernel.block_sparse_attention(
         q, k, v, layout, geometry, causal=causal, scale=scale, config=config, interpret=interpret
     )

@@ -138,3 +138,17 @@ def test_smem_budget():
   interp = attention_kernel.TuningConfig(pv_operand="smem")
   assert attention_kernel.smem_bytes(interp, 128, jnp.bfloat16, q_buffers=2) > 227 * 1024
   assert attention_kernel.smem_bytes(interp, 128, jnp.bfloat16, q_buffers=1) <= 227 * 1024
+
+
+def test_persistent_grid_has_one_cta_per_multiprocessor(monkeypatch):
+  """The backend sizes the persistent grid from the GPU's multiprocessor count (an H100 PCIe has 114, not 132)."""
+  from pallas_kernels import mosaic_gpu
+
+  class FakeGPU:
+    core_count = 114
+
+  monkeypatch.setattr(mosaic_gpu.jax, "devices", lambda *a: [FakeGPU()])
+  assert mosaic_gpu._persistent_grid(interpret=False) == {"num_ctas": 114}
+  assert mosaic_gpu._persistent_grid(interpret=True) == {}  # the interpreter keeps the config's default
+  FakeGPU.core_count = None  # a device that does not say
+  assert mosaic_gpu._persistent_grid(interpret=False) == {}
