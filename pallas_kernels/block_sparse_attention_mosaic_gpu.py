@@ -53,7 +53,7 @@ class TuningConfig:
   pv_operand: str = "registers"  # "registers" (FA3) or "smem" (interpretable)
   producer_registers: int = 40
   consumer_registers: int = 232
-  num_ctas: int | None = 132  # persistent grid (the SM count of H100 SXM and H200); None: one CTA per layout row
+  num_ctas: int | None = 132  # persistent grid: one CTA per SM (the backend passes the GPU's); None: one per row
   # The order of the tiles, taken by the CTAs in rounds of `grid` tiles, the direction alternating between rounds
   # (a snake, which evens out the CTAs' work over a causal triangle):
   # "head": (batch, head) major, query blocks from the last: the CTAs work on the rows of one or two heads at a time,
