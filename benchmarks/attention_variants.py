@@ -35,8 +35,8 @@ from xattn_jax.geometry import Geometry
 
 from attention_speed import fixed_density_layout, timed  # benchmarks/ is on the path when run as a script
 
-VARIANTS = {"default": {}, "head": {"tile_order": "head"}, "rows": {"tile_order": "rows"}, "per-row": {"num_ctas": None},
-            "smem": {"pv_operand": "smem"}}
+VARIANTS = {"default": {}, "head": {"tile_order": "head"}, "rows": {"tile_order": "rows"},
+            "per-row": {"num_ctas": None}, "smem": {"pv_operand": "smem"}}
 
 
 def device_kernels(fn, *args, calls: int = 5) -> tuple[dict, float]:

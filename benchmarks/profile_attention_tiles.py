@@ -26,7 +26,7 @@ from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 from xattn_jax.geometry import Geometry
 
 from attention_speed import fixed_density_layout  # benchmarks/ is on the path when run as a script
-from attention_variants import VARIANTS
+from attention_variants import VARIANTS, direct_call
 
 
 def sass_top(path: str, lines: int = 40) -> None:
@@ -63,7 +63,10 @@ def main():
   xa.set_traced_checks(False)
   heads, head_dim = 32, 128
   for case in sys.argv[1].split(","):
-    length, percent, kv_heads, variant = (case.split(":") + ["8", "default"][len(case.split(":")) - 2:])[:4]
+    length, percent, *rest = case.split(":")
+    kv_heads, variant = (rest + ["8", "default"][len(rest):])[:2]
+    if variant not in VARIANTS:
+      raise SystemExit(f"case {case!r}: variant {variant!r} not in {sorted(VARIANTS)}")
     length, percent, kv_heads = int(length), int(percent), int(kv_heads)
     config = kernel.TuningConfig(**VARIANTS[variant])
     ks = jax.random.split(jax.random.key(length + percent), 4)
@@ -72,15 +75,15 @@ def main():
     v = jax.random.normal(ks[2], (1, length, kv_heads, head_dim), jnp.bfloat16)
     layout = fixed_density_layout(ks[3], batch=1, heads=heads, length=length, density=percent / 100)
     geometry = Geometry.from_lengths(jnp.array([length], jnp.int32), jnp.array([length], jnp.int32))
-    call = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
-        q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5, config=config)[0])
+    call = jax.jit(direct_call(kernel.block_sparse_attention, geometry, config))
     compiled = call.lower(q, k, v, layout).compile()
     jax.block_until_ready((q, k, v, layout))
     out = jax.block_until_ready(compiled(q, k, v, layout))
     tiles = int(layout.counts.size)
     visits = int(layout.counts.sum())
-    print(f"case T={length} K={kv_heads} density={percent}% {variant}: {tiles} tiles (head, query block), {visits} visited blocks, "
-          f"{visits / tiles:.2f} per tile, output finite: {bool(jnp.isfinite(out.astype(jnp.float32)).all())}",
+    print(f"case T={length} K={kv_heads} density={percent}% {variant}: {tiles} tiles (head, query block), "
+          f"{visits} visited blocks, {visits / tiles:.2f} per tile, "
+          f"output finite: {bool(jnp.isfinite(out.astype(jnp.float32)).all())}",
           flush=True)
 
 
