@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from xattn_jax import XAttentionConfig
+from xattn_jax.backends import available as available_backends
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,9 +38,10 @@ class AttentionConfig:
     layer_thresholds: optional per-layer thresholds, one entry per layer, each a float or a per-head tuple
       (overrides xattention.threshold; e.g. from calibration).
     dense_layers: the first n layers stay dense (the reference does this for video models).
-    dense_implementation: `jax.nn.dot_product_attention`'s implementation for dense self-attention (prefill and
-      training): None picks "cudnn" (flash attention, O(T) memory) on a GPU for bf16/fp16 and head dims it takes,
-      else "xla" (which materializes the [T, S] logits); or name one.
+    dense_implementation: `xattn_jax.dense_attention`'s implementation for dense layers, decode steps and dense
+      models (prefill, chunked prefill, training): None lets `xattn_jax.dense_route` pick an O(T)-memory route for
+      the platform (cuDNN flash attention, the block-sparse kernels with every block, or XLA's logits when they are
+      small); "cudnn", or backend name(s) of the block-sparse op ("xla", "pallas_mosaic_gpu", "pallas_tpu").
     batch_axis, head_axis: mesh axes XAttention is shard_mapped over when a mesh is set (`jax.set_mesh`); axes the
       mesh lacks are ignored.
   """
@@ -48,15 +50,21 @@ class AttentionConfig:
   xattention: XAttentionConfig = XAttentionConfig()
   layer_thresholds: tuple | None = None
   dense_layers: int = 0
-  dense_implementation: str | None = None
+  dense_implementation: str | tuple[str, ...] | None = None
   batch_axis: str | None = "data"  # under jax.set_mesh(mesh): XAttention runs per device over these mesh axes
   head_axis: str | None = "tensor"
 
   def __post_init__(self):
     if self.kind not in ("dense", "xattention"):
       raise ValueError(f"attention kind={self.kind!r} must be 'dense' or 'xattention'")
-    if self.dense_implementation not in (None, "xla", "cudnn"):
-      raise ValueError(f"dense_implementation={self.dense_implementation!r} must be None, 'xla' or 'cudnn'")
+    names = (self.dense_implementation,) if isinstance(self.dense_implementation, str) else self.dense_implementation
+    choices = ("cudnn",) + available_backends()
+    if names is not None and (not isinstance(names, (tuple, list)) or not names or
+                              any(n not in choices for n in names) or ("cudnn" in names and len(names) > 1)):
+      raise ValueError(f"dense_implementation={self.dense_implementation!r} must be None, 'cudnn', or one or more "
+                       f"of {available_backends()}")
+    if isinstance(names, list):
+      object.__setattr__(self, "dense_implementation", tuple(names))
     if self.dense_layers < 0:
       raise ValueError(f"dense_layers={self.dense_layers} must be >= 0")
     if self.layer_thresholds is not None:
@@ -92,6 +100,9 @@ class ModelConfig:
   qkv_bias: bool = False  # Qwen2
   max_seq_len: int = 8192
   attention: AttentionConfig = AttentionConfig()
+  # The MLP runs over chunks of this many tokens (batch x time): its [tokens, F] intermediates are the largest
+  # activations of a long prefill (3 x 3.5 GiB at 128K tokens for Llama-3.1-8B in bf16). None: one chunk.
+  mlp_chunk_tokens: int | None = 8192
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
@@ -100,6 +111,8 @@ class ModelConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be positive")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens <= 0:
+      raise ValueError(f"mlp_chunk_tokens={self.mlp_chunk_tokens} must be positive or None")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
 
@@ -169,14 +182,22 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistr
 
 
 def llama3_1_8b(**overrides) -> ModelConfig:
-  """Llama-3.1-8B (for shape tests; no weights here)."""
-  return ModelConfig(
+  """Llama-3.1-8B's shape (no weights ship here); keyword overrides replace any field, e.g. num_layers=4."""
+  return _preset(dict(
       vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14336,
-      rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(), max_seq_len=131072, **overrides)
+      rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(), max_seq_len=131072), overrides)
 
 
 def smollm2_135m(**overrides) -> ModelConfig:
   """SmolLM2-135M(-Instruct): Llama architecture, 9 query / 3 kv heads, tied embeddings."""
-  return ModelConfig(
+  return _preset(dict(
       vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, mlp_dim=1536,
-      rms_norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192, **overrides)
+      rms_norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192), overrides)
+
+
+def _preset(fields: dict, overrides: dict) -> ModelConfig:
+  """A preset's fields with the caller's overrides on top (`llama3_1_8b(num_layers=4)`)."""
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+  if unknown:
+    raise TypeError(f"unknown ModelConfig field(s) {sorted(unknown)}")
+  return ModelConfig(**(fields | overrides))

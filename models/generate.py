@@ -9,6 +9,9 @@
   (XAttention with T < S, SPEC §5). Every chunk has the same shape: one compilation for all of them.
 - Decoding runs in one `lax.while_loop` (dense attention, cache donated): greedy at temperature 0, otherwise
   temperature + top-p sampling; it stops when every sequence has produced a stop token or max_new_tokens.
+  max_new_tokens is a traced bound (its output buffer is bucketed to a multiple of 64): no recompilation per length.
+- Every program is compiled ahead of time once per shape (`Generator.compile_log` records its compile seconds and
+  XLA memory), and every argument is checked before any device work.
 """
 
 from __future__ import annotations
@@ -26,7 +29,23 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from models.sharding import cache_spec, check_divisible, shard_state
-from models.transformer import Transformer
+from models.transformer import KVCache, Transformer
+
+
+_DECODE_BUCKET = 64  # decode output buffers are multiples of this many tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileRecord:
+  """One ahead-of-time compilation of a Generator program (`compiled.memory_analysis()` in bytes)."""
+
+  name: str  # "prefill", "extend" or "decode"
+  tokens_shape: tuple[int, ...]  # the program's token argument: [B, T] for prefill/extend, [B, buffer] for decode
+  seconds: float
+  temp_bytes: int  # XLA temporaries: what the program allocates beyond its arguments and outputs
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int  # outputs written in place of donated arguments (the KV cache)
 
 
 @dataclasses.dataclass
@@ -60,22 +79,31 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
 class Generator:
   def __init__(self, model: Transformer, *, max_len: int, chunk_size: int = 4096, bucket: int = 128, mesh=None):
     """mesh: optional `jax.sharding.Mesh` with "data" and "tensor" axes (models.sharding.make_mesh): parameters
-    and the KV cache are sharded by models.sharding's rules and XAttention runs per device."""
+    and the KV cache are sharded by models.sharding's rules and XAttention runs per device.
+
+    Raises:
+      ValueError: a size that is not a positive int, or chunk_size not a multiple of bucket dividing max_len.
+    """
+    for name, value in (("max_len", max_len), ("chunk_size", chunk_size), ("bucket", bucket)):
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
     if chunk_size % bucket or max_len % chunk_size:
-      raise ValueError(f"{chunk_size=} must be a multiple of {bucket=} and divide {max_len=} (chunks never run "
-                       "past the cache)")
+      raise ValueError(f"chunk_size={chunk_size} must be a multiple of bucket={bucket} and divide max_len={max_len} "
+                       "(chunks never run past the cache)")
     self.graphdef, self.state = nnx.split(model)
     self.config = model.config
     self.mesh = mesh
     if mesh is not None:
       check_divisible(model.config, mesh)
       self.state = shard_state(self.state, mesh)
-    self.max_len, self.chunk_size, self.bucket = max_len, chunk_size, bucket
-    self._prefill = jax.jit(self._prefill_fn, donate_argnames=("cache",))
-    self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
-    self._decode = jax.jit(self._decode_fn, donate_argnames=("cache",),
-                           static_argnames=("max_new_tokens", "temperature", "top_p"))
-    self._compiled_decode = {}
+    self.max_len, self.chunk_size, self.bucket = int(max_len), int(chunk_size), int(bucket)
+    self._jitted = {
+        "prefill": jax.jit(self._prefill_fn, donate_argnames=("cache",)),
+        "extend": jax.jit(self._extend_fn, donate_argnames=("cache",)),
+        "decode": jax.jit(self._decode_fn, donate_argnames=("cache",), static_argnames=("temperature", "top_p")),
+    }
+    self._compiled = {}
+    self.compile_log: list[CompileRecord] = []
     self._init_cache = jax.jit(self._init_cache_fn, static_argnums=1)
 
   def set_thresholds(self, thresholds=None) -> None:
@@ -83,6 +111,32 @@ class Generator:
     model = self._model(self.state)
     model.set_thresholds(thresholds)
     _, self.state = nnx.split(model)
+
+  def compiled_count(self, name: str) -> int:
+    """How many shapes the program `name` ("prefill", "extend", "decode") has been compiled for."""
+    return sum(record.name == name for record in self.compile_log)
+
+  def _executable(self, name: str, tokens, *args, **static):
+    """The program `name` compiled ahead of time for these arguments' shapes (once, logged) and its arguments."""
+    dynamic = (self.state, tokens) + args
+    signature = (name, jax.tree_util.tree_structure(dynamic),
+                 tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree_util.tree_leaves(dynamic)),
+                 tuple(sorted(static.items())))
+    if signature not in self._compiled:
+      start = time.perf_counter()
+      compiled = self._jitted[name].lower(*dynamic, **static).compile()
+      seconds = time.perf_counter() - start
+      memory = compiled.memory_analysis()
+      self.compile_log.append(CompileRecord(
+          name, tuple(jnp.shape(tokens)), seconds, int(getattr(memory, "temp_size_in_bytes", -1)),
+          int(getattr(memory, "argument_size_in_bytes", -1)), int(getattr(memory, "output_size_in_bytes", -1)),
+          int(getattr(memory, "alias_size_in_bytes", -1))))
+      self._compiled[signature] = compiled
+    return self._compiled[signature], dynamic
+
+  def _run(self, name: str, tokens, *args, **static):
+    compiled, dynamic = self._executable(name, tokens, *args, **static)
+    return compiled(*dynamic)
 
   def _init_cache_fn(self, state, batch):
     cache = nnx.merge(self.graphdef, state).init_cache(batch, self.max_len)
@@ -92,6 +146,11 @@ class Generator:
     spec = NamedSharding(self.mesh, cache_spec())
     return jax.tree_util.tree_map(
         lambda x: jax.lax.with_sharding_constraint(x, spec) if x.ndim == 4 else x, cache)
+
+  def init_cache(self, batch: int) -> KVCache:
+    """An empty KV cache of `max_len` tokens for `batch` sequences, placed as the generator's programs expect."""
+    with self._context():
+      return self._init_cache(self.state, batch)
 
   def _context(self):
     return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
@@ -105,10 +164,11 @@ class Generator:
   def _extend_fn(self, state, tokens, lengths, cache):
     return self._model(state).extend(tokens, lengths, cache)
 
-  def _decode_fn(self, state, cache, logits, stop, key, *, max_new_tokens, temperature, top_p):
+  def _decode_fn(self, state, out, max_new_tokens, cache, logits, stop, key, *, temperature, top_p):
+    """out: int32 [B, buffer] (its shape is the bucket; contents ignored); max_new_tokens: int32 scalar."""
     model = self._model(state)
     B = logits.shape[0]
-    out = jnp.zeros((B, max_new_tokens), jnp.int32)
+    out = jnp.full(out.shape, -1, jnp.int32)
     done = jnp.zeros((B,), bool)
 
     def cond(carry):
@@ -127,24 +187,45 @@ class Generator:
     steps, cache, _, out, _, _ = jax.lax.while_loop(cond, body, (0, cache, logits, out, done, key))
     return out, steps, cache
 
-  def prefill(self, prompts: Sequence[Sequence[int]]):
-    """Returns (last-token logits [B, V], cache, per-layer densities [L])."""
-    with self._context():
-      return self._prefill_prompts(prompts)
+  def _check_prompts(self, prompts) -> np.ndarray:
+    """The prompts' lengths, after checking them all (before any device work)."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+      raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} "
+                       f"{'of length 0' if isinstance(prompts, Sequence) else ''}".rstrip())
+    vocab = self.config.vocab_size
+    lengths = []
+    for i, p in enumerate(prompts):
+      ids = np.asarray(p)
+      if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"prompts[{i}] must be a non-empty sequence of token ids, got shape {ids.shape}")
+      if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"prompts[{i}] must hold integer token ids, got dtype {ids.dtype}")
+      if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"prompts[{i}] has token id {int(ids.min() if ids.min() < 0 else ids.max())} outside "
+                         f"[0, {vocab}) (the model's vocab_size)")
+      if ids.size > self.max_len:
+        raise ValueError(f"prompts[{i}] has {ids.size} tokens; it does not fit max_len={self.max_len}")
+      lengths.append(ids.size)
+    return np.asarray(lengths, np.int32)
 
-  def _prefill_prompts(self, prompts):
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    if lengths.min() < 1:
-      raise ValueError("every prompt needs at least one token")
-    if lengths.max() > self.max_len:
-      raise ValueError(f"a prompt of {lengths.max()} tokens does not fit max_len={self.max_len}")
+  def prefill(self, prompts: Sequence[Sequence[int]]):
+    """Returns (last-token logits [B, V], cache, per-layer densities [L]).
+
+    Raises:
+      ValueError: no prompt, an empty prompt, a token id outside the vocabulary, or a prompt longer than max_len.
+    """
+    lengths = self._check_prompts(prompts)
+    with self._context():
+      return self._prefill_prompts(prompts, lengths)
+
+  def _prefill_prompts(self, prompts, lengths):
     cache = self._init_cache(self.state, len(prompts))
     if lengths.max() <= self.chunk_size:
       T = -(-int(lengths.max()) // self.bucket) * self.bucket
       tokens = np.zeros((len(prompts), T), np.int32)
       for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
-      return self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+      return self._run("prefill", jnp.asarray(tokens), jnp.asarray(lengths), cache)
     C = self.chunk_size
     n_chunks = -(-int(lengths.max()) // C)
     tokens = np.zeros((len(prompts), n_chunks * C), np.int32)
@@ -153,40 +234,67 @@ class Generator:
     last_logits, densities = None, []
     for c in range(n_chunks):
       chunk_lengths = np.clip(lengths - c * C, 0, C).astype(np.int32)
-      logits, cache, dens = self._extend(self.state, jnp.asarray(tokens[:, c * C:(c + 1) * C]),
-                                         jnp.asarray(chunk_lengths), cache)
+      logits, cache, dens = self._run("extend", jnp.asarray(tokens[:, c * C:(c + 1) * C]),
+                                      jnp.asarray(chunk_lengths), cache)
       ends_here = jnp.asarray((chunk_lengths > 0) & (lengths <= (c + 1) * C))[:, None]
       last_logits = logits if last_logits is None else jnp.where(ends_here, logits, last_logits)
       densities.append(dens)
     return last_logits, cache, jnp.mean(jnp.stack(densities), axis=0)
 
+  def decode(self, logits: jax.Array, cache: KVCache, *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0):
+    """Decodes from a prefilled cache (donated) and its last logits [B, V].
+
+    Returns (tokens int32 [B, buffer] with -1 past each sequence's end, steps run, the cache). One compilation per
+    batch size and bucket of 64 new tokens, not per max_new_tokens.
+    """
+    with self._context():
+      compiled, args = self._decode_executable(logits, cache, max_new_tokens, temperature, top_p, stop_tokens, seed)
+      return compiled(*args)
+
+  def _decode_executable(self, logits, cache, max_new_tokens, temperature, top_p, stop_tokens, seed):
+    _check_sampling(max_new_tokens, temperature, top_p)
+    buffer = -(-max_new_tokens // _DECODE_BUCKET) * _DECODE_BUCKET
+    stop = jnp.asarray(list(stop_tokens) or [-2], jnp.int32)
+    return self._executable("decode", jnp.zeros((logits.shape[0], buffer), jnp.int32), jnp.int32(max_new_tokens),
+                            cache, logits, stop, jax.random.key(seed), temperature=float(temperature),
+                            top_p=float(top_p))
+
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0) -> GenerationResult:
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > self.max_len:
-      raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds max_len={self.max_len}")
-    with self._context():
-      return self._generate(prompts, max_new_tokens, temperature, top_p, stop_tokens, seed)
+    """Prefill, then decode up to max_new_tokens per prompt.
 
-  def _generate(self, prompts, max_new_tokens, temperature, top_p, stop_tokens, seed):
-    start = time.perf_counter()
-    logits, cache, densities = self._prefill_prompts(prompts)
-    jax.block_until_ready(logits)
-    prefill_s = time.perf_counter() - start
-    stop = jnp.asarray(list(stop_tokens) or [-2], jnp.int32)
-    args = (self.state, cache, logits, stop, jax.random.key(seed))
-    static = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p))
-    signature = (jax.tree_util.tree_structure(args), tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(args)),
-                 tuple(sorted(static.items())))
-    if signature not in self._compiled_decode:  # compile outside the timed region
-      self._compiled_decode[signature] = self._decode.lower(*args, **static).compile()
-    start = time.perf_counter()
-    out, steps, _ = self._compiled_decode[signature](*args)
-    out = np.asarray(out)
-    decode_s = time.perf_counter() - start
+    Raises:
+      ValueError: bad prompts (see `prefill`), max_new_tokens < 1, temperature < 0, top_p outside (0, 1], or a
+        prompt that leaves no room for max_new_tokens within max_len; all before any device work.
+    """
+    lengths = self._check_prompts(prompts)
+    _check_sampling(max_new_tokens, temperature, top_p)
+    if lengths.max() + max_new_tokens > self.max_len:
+      raise ValueError(f"the longest prompt ({lengths.max()} tokens) + max_new_tokens={max_new_tokens} exceeds "
+                       f"max_len={self.max_len}")
+    with self._context():
+      start = time.perf_counter()
+      logits, cache, densities = self._prefill_prompts(prompts, lengths)
+      jax.block_until_ready(logits)
+      prefill_s = time.perf_counter() - start
+      compiled, args = self._decode_executable(logits, cache, max_new_tokens, temperature, top_p, stop_tokens, seed)
+      start = time.perf_counter()  # compiled above, outside the timed region
+      out, steps, _ = compiled(*args)
+      out = np.asarray(out)
+      decode_s = time.perf_counter() - start
     tokens = []
     for row in out:
-      ids = [int(t) for t in row if t >= 0]
+      ids = [int(t) for t in row[:max_new_tokens] if t >= 0]
       cut = next((i for i, t in enumerate(ids) if t in set(stop_tokens)), len(ids))
       tokens.append(ids[:cut])
     return GenerationResult(tokens, prefill_s, decode_s, int(steps), np.asarray(densities))
+
+
+def _check_sampling(max_new_tokens, temperature, top_p) -> None:
+  if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+  if not (np.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature={temperature!r} must be >= 0 (0 is greedy)")
+  if not (0 < top_p <= 1):
+    raise ValueError(f"top_p={top_p!r} must lie in (0, 1]")

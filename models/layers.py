@@ -52,13 +52,30 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)), over chunks of `chunk_tokens` tokens so that the [tokens, F]
+  intermediates of a long prompt stay one chunk's size (rows are independent: chunking changes no value)."""
 
-  def __init__(self, d_model: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+               chunk_tokens: int | None = None):
     linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate = linear(d_model, mlp_dim)
     self.up = linear(d_model, mlp_dim)
     self.down = linear(mlp_dim, d_model)
+    self.chunk_tokens = chunk_tokens
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def _mlp(self, x: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [..., D]
+    rows, D = math.prod(x.shape[:-1]), x.shape[-1]
+    c = self.chunk_tokens
+    if c is None or rows <= c:
+      return self._mlp(x)
+    flat = x.reshape(rows, D)
+    n = rows // c
+    # lax.map (a scan with per-chunk outputs) rather than a loop writing into a buffer: its gradient keeps one
+    # chunk's residuals per step, not a copy of the whole output per step.
+    out = jax.lax.map(self._mlp, flat[:n * c].reshape(n, c, D)).reshape(n * c, D)
+    if rows % c:
+      out = jnp.concatenate([out, self._mlp(flat[n * c:])])
+    return out.reshape(x.shape)

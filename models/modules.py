@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 import xattn_jax
-from xattn_jax.sharding import current_mesh, sharded_xattention
+from xattn_jax.sharding import current_mesh, sharded_dense_attention, sharded_xattention
 from models.config import ModelConfig
 from models.layers import MLP, RMSNorm, apply_rope, rope_frequencies
 
@@ -49,17 +49,6 @@ def _write(cache: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
 class XAttentionThreshold(nnx.Variable):
   """One layer's XAttention thresholds, float32 [query heads]. Model state, not a parameter: no gradient, optimizers
   skip it, and new values (`Transformer.set_thresholds`, a calibration) reuse the compiled prefill."""
-
-
-def dense_implementation(q: jax.Array, choice: str | None) -> str:
-  """`choice`, or for None: cuDNN's flash attention where it applies (a GPU, bf16/fp16, head dim a multiple of 8 up
-  to 128), since XLA's dense attention materializes the [B, N, T, S] logits (16 GiB per layer at 8K x 8K, batch 8,
-  8 heads), which a training step keeps for every layer."""
-  if choice is not None:
-    return choice
-  cudnn = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-           and q.shape[-1] <= 128)
-  return "cudnn" if cudnn else "xla"
 
 
 class Attention(nnx.Module):
@@ -103,6 +92,10 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(B, T, K, H)
     if cache is not None:
       cache = LayerCache(_write(cache.k, k, offsets), _write(cache.v, v, offsets))
+      # The writes are sinks nothing reads before the program ends, and XLA's scheduler may defer them, keeping
+      # every layer's k and v alive (32 layers x 4 KB per token in an 8B model). The barrier makes them happen
+      # before this layer's attention.
+      k, v, cache = jax.lax.optimization_barrier((k, v, cache))
     if self_attention:  # T == S, query t at position t
       keys, values, kv_lengths = k, v, q_lengths
     else:  # everything in the cache up to and including x
@@ -127,19 +120,18 @@ class Attention(nnx.Module):
         out, layout = sharded_xattention(q, k, v, mesh=mesh, batch_axis=axes(self.mesh_axes[0]),
                                          head_axis=axes(self.mesh_axes[1]), **kw)
       return out, layout.density()
-    if self_attention:  # T == S and q_len == kv_len: jax's top-left causal mask is the bottom-right one
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=q_lengths,
-                                         key_value_seq_lengths=kv_lengths,
-                                         implementation=dense_implementation(q, self.dense_implementation))
-    elif T == 1:  # decode: the new token sees every cached key
-      out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths)
-    else:  # a prefill chunk after earlier chunks: query t sits at position kv_len - q_len + t
-      t = jnp.arange(T)[None, :, None]
-      key = jnp.arange(S)[None, None, :]
-      start = (kv_lengths - q_lengths)[:, None, None]
-      mask = (key <= start + t) & (key < kv_lengths[:, None, None])
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-      out = jnp.where((jnp.arange(T)[None, :] < q_lengths[:, None])[..., None, None], out, 0)
+    # Dense: prefill (self-attention: one lengths array for queries and keys, which lets cuDNN serve), a later
+    # chunk (query t at position kv_len - q_len + t) or a decode step; O(T) memory on every platform.
+    kw = dict(is_causal=True, query_seq_lengths=q_lengths,
+              key_value_seq_lengths=q_lengths if self_attention else kv_lengths,
+              implementation=self.dense_implementation)
+    mesh = current_mesh()
+    if mesh is None:
+      out = xattn_jax.dense_attention(q, k, v, **kw)
+    else:
+      axes = lambda a: a if a in mesh.axis_names else None
+      out = sharded_dense_attention(q, k, v, mesh=mesh, batch_axis=axes(self.mesh_axes[0]),
+                                    head_axis=axes(self.mesh_axes[1]), **kw)
     return out, jnp.float32(-1.0)
 
 
@@ -150,7 +142,8 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, param_dtype=param_dtype)
     self.attn = Attention(config, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, param_dtype=param_dtype)
-    self.mlp = MLP(config.d_model, config.mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(config.d_model, config.mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                   chunk_tokens=config.mlp_chunk_tokens)
 
   def __call__(self, x, **attn_kwargs):
     attn_out, cache, density = self.attn(self.attn_norm(x), **attn_kwargs)

@@ -17,7 +17,7 @@ from models.generate import Generator
 from models.sharding import make_mesh
 from models.transformer import Transformer
 from tests.conftest import random_qkv, run_checked
-from xattn_jax.sharding import sharded_xattention
+from xattn_jax.sharding import sharded_dense_attention, sharded_xattention
 
 
 def check_op(mesh):
@@ -33,6 +33,9 @@ def check_op(mesh):
   np.testing.assert_allclose(np.asarray(ambient), np.asarray(want), atol=1e-6, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(layout.indices), np.asarray(want_layout.indices))
+  dense_kw = dict(is_causal=True, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], implementation="xla")
+  np.testing.assert_allclose(np.asarray(run_checked(sharded_dense_attention, q, k, v, mesh=mesh, **dense_kw)),
+                             np.asarray(run_checked(xa.dense_attention, q, k, v, **dense_kw)), atol=1e-6, rtol=1e-6)
   try:
     sharded_xattention(q[:, :, :2], k[:, :, :1], v[:, :, :1], mesh=mesh, is_causal=True)
     assert mesh.shape["tensor"] == 1, "K=1 over a tensor axis > 1 must fail"
@@ -55,6 +58,11 @@ def check_model(mesh):
   shard = cache_b.layers[0].k.addressable_shards[0].data  # the KV cache is split by batch and kv heads
   assert shard.shape == (4 // mesh.shape["data"], 256, 4 // mesh.shape["tensor"], 16), shard.shape
   assert plain.generate(prompts, max_new_tokens=4).tokens == sharded.generate(prompts, max_new_tokens=4).tokens
+  # A dense model on the block route (what a TPU or a CPU runs at long context), chunked, per device.
+  dense = model.with_attention(AttentionConfig(dense_implementation="xla"))
+  a, _, _ = Generator(dense, max_len=256, chunk_size=64, bucket=16).prefill(prompts)
+  b, _, _ = Generator(dense, max_len=256, chunk_size=64, bucket=16, mesh=mesh).prefill(prompts)
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-4, rtol=2e-4)
 
 
 def main():

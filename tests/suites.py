@@ -449,3 +449,52 @@ class KernelScoresSuite:
     np.testing.assert_allclose(got[1, :, 1].sum(-1), 6, rtol=1e-5)  # 22 real tokens = 6 strided rows of 4
     want = oracle.scores(q, k, stride=4, block_size=128, causal=True, q_lens=q_lens, kv_lens=kv_lens)
     np.testing.assert_allclose(got, want, atol=self.atol[self.dtype(jnp.float32)], rtol=1e-5)
+
+
+DENSE_CASES = [  # B, T, S, N, K, H, dtype, causal, with_lengths
+    (2, 200, 300, 4, 2, 64, jnp.float32, True, True),  # a chunk after earlier ones (T < S)
+    (2, 1, 260, 4, 2, 32, jnp.float32, True, True),  # decode steps
+    (2, 130, 130, 2, 1, 64, jnp.bfloat16, True, True),  # self-attention, one lengths array
+    (1, 150, 400, 2, 2, 32, jnp.float32, False, True),
+]
+DENSE_IDS = [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}"
+             for c in DENSE_CASES]
+
+
+class DenseAttentionSuite:
+  """`dense_attention` against the float64 oracle with every block allowed; subclasses set the implementation."""
+
+  implementation = None
+  interpret = False
+
+  def after_run(self):
+    pass
+
+  def check(self, case, seed=31):
+    B, T, S, N, K, H, dtype, causal, with_lengths = case
+    q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
+    if with_lengths:
+      kv_lens = jnp.asarray(np.r_[S, np.random.default_rng(seed).integers(1, S + 1, B - 1)], jnp.int32)
+      q_lens = kv_lens if T == S else jnp.minimum(kv_lens, jnp.asarray(np.r_[T, T // 2 + 1, 1][:B], jnp.int32))
+    else:
+      q_lens, kv_lens = jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32)
+    same = T == S and with_lengths  # one array for both: cuDNN's route where it runs
+
+    def attend(q, k, v, q_lens, kv_lens):
+      return xa.dense_attention(q, k, v, is_causal=causal, query_seq_lengths=q_lens,
+                                key_value_seq_lengths=q_lens if same else kv_lens,
+                                implementation=self.implementation, interpret=self.interpret)
+
+    out = run_checked(attend, q, k, v, q_lens=q_lens, kv_lens=kv_lens)
+    self.after_run()
+    mask = np.ones((B, N, -(-T // 128), -(-S // 128)), bool)
+    want, _ = oracle.attention(q, k, v, mask, block_size=128, causal=causal, q_lens=np.asarray(q_lens),
+                               kv_lens=np.asarray(kv_lens))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+    for b in range(B):  # padding queries are zeros
+      assert not np.any(np.asarray(out[b, int(q_lens[b]):], np.float32))
+
+  @pytest.mark.parametrize("case", DENSE_CASES, ids=DENSE_IDS)
+  def test_matches_oracle(self, case):
+    self.check(case)

@@ -267,7 +267,7 @@ def test_thresholds_are_state_new_values_do_not_recompile():
   sparse_logits, _, d_sparse = gen.prefill(prompts)
   gen.set_thresholds(1.0)
   dense_logits, _, d_full = gen.prefill(prompts)
-  assert gen._prefill._cache_size() == 1  # one compilation for both thresholds
+  assert gen.compiled_count("prefill") == 1  # one compilation for both thresholds
   assert np.all(np.asarray(d_full) == 1.0) and np.all(np.asarray(d_sparse) < 1.0)
   want, _, _ = Generator(_tiny(), max_len=256, chunk_size=128, bucket=128).prefill(prompts)
   np.testing.assert_allclose(np.asarray(dense_logits), np.asarray(want), atol=1e-5, rtol=1e-5)
@@ -281,7 +281,7 @@ def test_thresholds_are_state_new_values_do_not_recompile():
   np.testing.assert_allclose(np.asarray(gen.prefill(prompts)[0]),
                              np.asarray(Generator(config_model, max_len=256, chunk_size=128,
                                                   bucket=128).prefill(prompts)[0]), atol=1e-6)
-  assert gen._prefill._cache_size() == 1
+  assert gen.compiled_count("prefill") == 1
   # Shared weights, other attention: the same model object's parameters, a new threshold state.
   dense_again = model.with_attention(AttentionConfig())
   assert dense_again.thresholds() == [None] * 3
@@ -347,7 +347,7 @@ def test_threshold_search_on_a_generator_reuses_one_compilation():
                               context=" ".join(map(str, ids)), answer_prefix="", answers=(" ".join(map(str, first)),),
                               max_new_tokens=2))
   assert mcal.task_accuracy(gen, Tok, samples, batch=2) == 1.0
-  compiled = gen._prefill._cache_size()  # batch 1 (above) and batch 2
+  compiled = gen.compiled_count("prefill")  # batch 1 (above) and batch 2
   table, history = mcal.search_thresholds(gen, Tok, samples, 0.9, factor=0.5, max_evals=6, batch=2)
   assert table.shape == (3, 4) and np.all(table <= 0.9) and len(history) <= 6
   for h in history[1:]:  # a step is kept iff the accuracy held
@@ -355,5 +355,5 @@ def test_threshold_search_on_a_generator_reuses_one_compilation():
   kept = [tuple(h["group"]) for h in history[1:] if h["kept"]]
   for layer in range(3):
     np.testing.assert_allclose(table[layer], 0.9 * 0.5 ** kept.count((layer,)))
-  assert gen._prefill._cache_size() == compiled  # no evaluation recompiled
+  assert gen.compiled_count("prefill") == compiled  # no evaluation recompiled
   np.testing.assert_allclose([t[0] for t in gen._model(gen.state).thresholds()], 0.9)  # restored afterwards

@@ -152,3 +152,17 @@ def test_persistent_grid_has_one_cta_per_multiprocessor(monkeypatch):
   assert mosaic_gpu._persistent_grid(interpret=True) == {}  # the interpreter keeps the config's default
   FakeGPU.core_count = None  # a device that does not say
   assert mosaic_gpu._persistent_grid(interpret=False) == {}
+
+
+class TestDenseMosaicGpuInterpret(suites.DenseAttentionSuite):
+  """The dense block route on this backend's kernel (what dense_attention runs there at long context)."""
+
+  implementation = "pallas_mosaic_gpu"
+  interpret = True
+
+  def after_run(self):
+    assert not _races_found(), "the Mosaic GPU interpreter recorded a race"
+
+  @pytest.mark.parametrize("case", [(2, 200, 328, 2, 1, 64, jnp.bfloat16, True, True)], ids=["chunk-after-cache"])
+  def test_matches_oracle(self, case):
+    self.check(case)

@@ -337,3 +337,17 @@ def test_attention_lowers_for_tpu_at_production_shapes(length, tpu_generation):
   text = exported.mlir_module()
   assert "tpu_custom_call" in text and "xattn_block_sparse_attention" in text
   assert [a.shape for a in exported.out_avals] == [(B, length, N, H), (B, N, length)]
+
+
+class TestDenseTpu(suites.DenseAttentionSuite):
+  """The dense block route on this backend's kernel (what dense_attention runs there at long context)."""
+
+  implementation = "pallas_tpu"
+  interpret = True
+
+  def after_run(self):
+    _no_race()
+
+  @pytest.mark.parametrize("case", [(2, 200, 328, 2, 1, 64, jnp.bfloat16, True, True)], ids=["chunk-after-cache"])
+  def test_matches_oracle(self, case):
+    self.check(case)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,9 +114,9 @@ def test_bucket_padding_changes_nothing_and_buckets_compile_once():
                              atol=1e-5, rtol=1e-5)
   for n in (70, 128, 111):  # same bucket (128): no recompilation
     gen.prefill(_prompts(n, [n]))
-  assert gen._prefill._cache_size() == 1
+  assert gen.compiled_count("prefill") == 1
   gen.prefill(_prompts(4, [129]))  # next bucket
-  assert gen._prefill._cache_size() == 2
+  assert gen.compiled_count("prefill") == 2
 
 
 def test_generation_matches_naive_greedy_and_stops():
@@ -161,19 +163,31 @@ def test_per_layer_thresholds_validation():
 
 
 def test_dense_implementation_choice():
-  from models.modules import dense_implementation
-
-  bf16 = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
-  want = "cudnn" if jax.default_backend() == "gpu" else "xla"  # auto: flash attention only where cuDNN runs
-  assert dense_implementation(bf16, None) == want
-  assert dense_implementation(bf16.astype(jnp.float32), None) == "xla"
-  assert dense_implementation(jnp.zeros((1, 8, 4, 160), jnp.bfloat16), None) == "xla"
-  assert dense_implementation(bf16, "xla") == "xla"
   with pytest.raises(ValueError, match="dense_implementation='flash'"):
     AttentionConfig(dense_implementation="flash")
+  assert AttentionConfig(dense_implementation=["pallas_tpu", "xla"]).dense_implementation == ("pallas_tpu", "xla")
   tokens = np.asarray(_prompts(8, [40]))
-  explicit = _model(TINY.with_attention(AttentionConfig(dense_implementation="xla")))
-  np.testing.assert_array_equal(np.asarray(_forward(explicit, tokens)), np.asarray(_forward(_model(), tokens)))
+  explicit = _model(TINY.with_attention(AttentionConfig(dense_implementation="xla")))  # the block route
+  np.testing.assert_allclose(np.asarray(_forward(explicit, tokens)), np.asarray(_forward(_model(), tokens)),
+                             atol=2e-5, rtol=2e-5)
+
+
+def test_presets_accept_overrides():
+  config = llama3_1_8b(num_layers=4, max_seq_len=262144)
+  assert (config.num_layers, config.max_seq_len, config.d_model) == (4, 262144, 4096)
+  assert smollm2_135m(num_layers=2).tie_embeddings
+  with pytest.raises(TypeError, match="num_layer"):
+    llama3_1_8b(num_layer=4)
+
+
+def test_mlp_chunks_change_nothing():
+  tokens = np.asarray(_prompts(9, [50, 50]))
+  whole = _forward(_model(dataclasses.replace(TINY, mlp_chunk_tokens=None)), tokens)
+  for chunk in (16, 33):  # 100 tokens: whole chunks, and whole chunks plus a tail
+    np.testing.assert_allclose(np.asarray(_forward(_model(dataclasses.replace(TINY, mlp_chunk_tokens=chunk)),
+                                                   tokens)), np.asarray(whole), atol=2e-6, rtol=2e-6)
+  with pytest.raises(ValueError, match="mlp_chunk_tokens=0"):
+    dataclasses.replace(TINY, mlp_chunk_tokens=0)
 
 
 def test_sampling():
@@ -184,3 +198,41 @@ def test_sampling():
   assert set(top.tolist()) == {0, 1} and 0.55 < np.mean(top == 0) < 0.70
   full = np.asarray(sample(logits, keys, temperature=1.0, top_p=1.0))
   assert set(full.tolist()) == {0, 1, 2, 3}
+
+
+def test_generator_rejects_bad_input_before_device_work():
+  model = _model()
+  with pytest.raises(ValueError, match="chunk_size=100 must be a multiple of bucket=128 and divide max_len=512"):
+    Generator(model, max_len=512, chunk_size=100)
+  with pytest.raises(ValueError, match="chunk_size=256 must be a multiple of bucket=128 and divide max_len=640"):
+    Generator(model, max_len=640, chunk_size=256)
+  with pytest.raises(ValueError, match="max_len=0 must be a positive int"):
+    Generator(model, max_len=0, chunk_size=128)
+  gen = Generator(model, max_len=256, chunk_size=128, bucket=16)
+  bad = [
+      (dict(prompts=[]), "prompts must be a non-empty list"),
+      (dict(prompts=[[1, 2], []]), r"prompts\[1\] must be a non-empty sequence"),
+      (dict(prompts=[[1, 2, 97]]), r"prompts\[0\] has token id 97 outside \[0, 97\)"),
+      (dict(prompts=[[1, -3]]), r"prompts\[0\] has token id -3"),
+      (dict(prompts=[[1] * 300]), r"prompts\[0\] has 300 tokens; it does not fit max_len=256"),
+      (dict(prompts=[[1] * 250], max_new_tokens=10), r"longest prompt \(250 tokens\) \+ max_new_tokens=10 exceeds"),
+      (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens=0 must be an int >= 1"),
+      (dict(prompts=[[1]], max_new_tokens=-2), "max_new_tokens=-2 must be an int >= 1"),
+      (dict(prompts=[[1]], temperature=-1.0), "temperature=-1.0 must be >= 0"),
+      (dict(prompts=[[1]], top_p=0.0), r"top_p=0.0 must lie in \(0, 1\]"),
+  ]
+  for kwargs, message in bad:
+    with pytest.raises(ValueError, match=message):
+      gen.generate(**kwargs)
+  assert gen.compile_log == []  # nothing was compiled, so nothing ran
+
+
+def test_no_recompilation_within_buckets():
+  gen = Generator(_model(), max_len=512, chunk_size=128, bucket=64)
+  for n, new in ((10, 5), (40, 17), (64, 64)):  # one prefill bucket (64), one decode bucket (64 tokens)
+    result = gen.generate(_prompts(n, [n]), max_new_tokens=new)
+    assert len(result.tokens[0]) == new
+  gen.generate(_prompts(1, [300]), max_new_tokens=65)  # chunked (extend), the next decode bucket
+  assert [(r.name, r.tokens_shape) for r in gen.compile_log] == [
+      ("prefill", (1, 64)), ("decode", (1, 64)), ("extend", (1, 128)), ("decode", (1, 128))]
+  assert all(r.seconds > 0 and r.temp_bytes >= 0 for r in gen.compile_log)

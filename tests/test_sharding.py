@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from tests.conftest import random_qkv
-from xattn_jax.sharding import sharded_xattention
+from xattn_jax.sharding import sharded_dense_attention, sharded_xattention
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -34,6 +34,8 @@ def test_needs_a_mesh_and_known_axes():
   q, k, v = random_qkv(0, B=1, T=32, S=32, N=2, K=1, H=8)
   with pytest.raises(ValueError, match="needs a mesh"):
     sharded_xattention(q, k, v)
+  with pytest.raises(ValueError, match="needs a mesh"):
+    sharded_dense_attention(q, k, v)
   mesh = jax.make_mesh((1,), ("x",))
   with pytest.raises(ValueError, match="mesh axis 'data' is not one of"):
     sharded_xattention(q, k, v, mesh=mesh)

@@ -2,6 +2,7 @@
 
 from xattn_jax._checks import set_traced_checks, traced_checks
 from xattn_jax.config import XAttentionConfig
+from xattn_jax.dense import DenseRoute, dense_attention, dense_route
 from xattn_jax.layout import BlockLayout, allowed_blocks
 from xattn_jax.ops import antidiagonal_scores, block_sparse_attention, xattention
 from xattn_jax.selection import select_blocks
@@ -10,11 +11,14 @@ from xattn_jax.flax_attention import attention_fn
 
 __all__ = [
     "BlockLayout",
+    "DenseRoute",
     "XAttentionConfig",
     "allowed_blocks",
     "antidiagonal_scores",
     "attention_fn",
     "block_sparse_attention",
+    "dense_attention",
+    "dense_route",
     "select_blocks",
     "set_traced_checks",
     "sharded_xattention",

@@ -251,19 +251,21 @@ def xattention(
     jax.jit,
     static_argnames=(
         "scale", "causal", "stride", "block_size", "keep_sink", "keep_diagonal", "chunk", "implementation",
-        "interpret", "return_block_layout",
+        "interpret", "return_block_layout", "dense",
     ),
 )
 def _xattention(
     q, k, v, geometry: Geometry, tau, *, scale, causal, stride, block_size, keep_sink, keep_diagonal, chunk,
-    implementation, interpret, return_block_layout,
+    implementation, interpret, return_block_layout, dense=False,
 ):
+  """Estimate, select and attend per query chunk of `chunk` tokens; with `dense` (or a decode step) every allowed
+  block is attended and nothing is estimated: `dense_attention`'s blockwise route."""
   B, T, N, H = q.shape
   S = k.shape[1]
 
   def one_chunk(qc, geom):
     t = qc.shape[1]
-    if T == 1:
+    if dense or T == 1:
       layout = dense_layout(geom, num_heads=N, q_len=t, kv_len=S, block_size=block_size, causal=causal)
     else:
       scores = backends.dispatch(  # the selection is a constant of the attention: no gradient through it

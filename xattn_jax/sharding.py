@@ -1,4 +1,4 @@
-"""XAttention on a device mesh: `jax.shard_map` over the batch and the kv heads.
+"""XAttention (and dense attention) on a device mesh: `jax.shard_map` over the batch and the kv heads.
 
 Each device estimates, selects and attends for its own batch elements and heads: block selection is per
 (batch, query head) and GQA keeps query head n with kv head n // G, so splitting the N query heads and the K kv
@@ -16,6 +16,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from xattn_jax import _checks
+from xattn_jax.dense import dense_attention
 from xattn_jax.layout import BlockLayout
 from xattn_jax.ops import xattention
 
@@ -43,6 +44,25 @@ def current_mesh():
   return None if mesh is None or mesh.empty else mesh
 
 
+def _mesh_and_sizes(mesh, query, key, value, batch_axis, head_axis):
+  mesh = mesh if mesh is not None else current_mesh()
+  if mesh is None:
+    raise ValueError("sharded attention needs a mesh: pass mesh= or call it under jax.set_mesh(mesh)")
+  dims = _checks.check_qkv(query, key, value, q_name="query", k_name="key", v_name="value")
+  dp, tp = _axis_size(mesh, batch_axis), _axis_size(mesh, head_axis)
+  if dims.K % tp:
+    raise ValueError(f"the number of kv heads K={dims.K} must be divisible by the size {tp} of mesh axis "
+                     f"{head_axis!r} (each device keeps whole GQA groups)")
+  if dims.B % dp:
+    raise ValueError(f"the batch size B={dims.B} must be divisible by the size {dp} of mesh axis {batch_axis!r}")
+  return mesh, dims
+
+
+def _shard_map(local, mesh, args, in_specs, out_specs):
+  args = [_placed(x, spec, mesh) for x, spec in zip(args, in_specs)]
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
 def sharded_xattention(
     query, key, value, *, mesh=None, batch_axis: str | None = "data", head_axis: str | None = "tensor",
     query_seq_lengths=None, key_value_seq_lengths=None, threshold=0.9, return_block_layout: bool = False,
@@ -54,19 +74,9 @@ def sharded_xattention(
   Raises:
     ValueError: no mesh, an axis the mesh lacks, or a batch / kv-head count not divisible by its axis size.
   """
-  mesh = mesh if mesh is not None else current_mesh()
-  if mesh is None:
-    raise ValueError("sharded_xattention needs a mesh: pass mesh= or call it under jax.set_mesh(mesh)")
-  dims = _checks.check_qkv(query, key, value, q_name="query", k_name="key", v_name="value")
-  dp, tp = _axis_size(mesh, batch_axis), _axis_size(mesh, head_axis)
-  if dims.K % tp:
-    raise ValueError(f"the number of kv heads K={dims.K} must be divisible by the size {tp} of mesh axis "
-                     f"{head_axis!r} (each device keeps whole GQA groups)")
-  if dims.B % dp:
-    raise ValueError(f"the batch size B={dims.B} must be divisible by the size {dp} of mesh axis {batch_axis!r}")
-  B, T, N, _ = query.shape
+  mesh, dims = _mesh_and_sizes(mesh, query, key, value, batch_axis, head_axis)
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
-  tau = _checks.threshold_array(threshold, N)
+  tau = _checks.threshold_array(threshold, dims.N)
   heads = P(batch_axis, None, head_axis, None)
   table = P(batch_axis, head_axis, None)
   out_specs = (heads, BlockLayout(counts=table, indices=P(batch_axis, head_axis, None, None), num_allowed=table,
@@ -79,5 +89,29 @@ def sharded_xattention(
                         return_block_layout=return_block_layout, **kwargs)
 
   in_specs = (heads, heads, heads, P(batch_axis), P(batch_axis), P(head_axis))
-  args = [_placed(x, spec, mesh) for x, spec in zip((query, key, value, q_lengths, kv_lengths, tau), in_specs)]
-  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+  return _shard_map(local, mesh, (query, key, value, q_lengths, kv_lengths, tau), in_specs, out_specs)
+
+
+def sharded_dense_attention(
+    query, key, value, *, mesh=None, batch_axis: str | None = "data", head_axis: str | None = "tensor",
+    query_seq_lengths=None, key_value_seq_lengths=None, **kwargs,
+):
+  """`dense_attention` with batch split over `batch_axis` and heads over `head_axis` of `mesh` (default: the mesh
+  set with `jax.set_mesh`); arguments and result as `xattn_jax.dense_attention`. Passing the same array as both
+  lengths keeps cuDNN's route available per device, as unsharded.
+
+  Raises:
+    ValueError: as `sharded_xattention`.
+  """
+  mesh, dims = _mesh_and_sizes(mesh, query, key, value, batch_axis, head_axis)
+  same = query_seq_lengths is key_value_seq_lengths and (query_seq_lengths is not None or dims.T == dims.S)
+  q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
+  heads = P(batch_axis, None, head_axis, None)
+
+  def local(q, k, v, q_lengths, kv_lengths):
+    with _checks.traced_checks(False):
+      return dense_attention(q, k, v, query_seq_lengths=q_lengths,
+                             key_value_seq_lengths=q_lengths if same else kv_lengths, **kwargs)
+
+  in_specs = (heads, heads, heads, P(batch_axis), P(batch_axis))
+  return _shard_map(local, mesh, (query, key, value, q_lengths, kv_lengths), in_specs, heads)

@@ -1,0 +1,398 @@
+"""Time to first token and long-context decode of an 8B-class model on one GPU: dense vs XAttention.
+
+    python benchmarks/model_prefill.py --lengths 8192,32768,131072 --out-dir benchmarks/results
+    python benchmarks/model_prefill.py --sections decode --decode-contexts 32768,131072 --decode-batches 1,8
+
+Model: the Llama-3.1-8B shape (`models.llama3_1_8b`, all 32 layers unless --layers), random bf16 weights made on the
+device (or --checkpoint, a Hugging Face directory or .gguf file). One random prompt of T tokens per length.
+
+prefill section, per length T: `Generator(model, max_len=T, chunk_size=T)` (one shot) and `chunk_size=C` (chunked,
+C = --chunk-size, default min(T / 4, 32K)), dense and XAttention. Random weights give diffuse attention, so
+XAttention runs at its natural density (--threshold, 0.9) and at flat thresholds searched to land near each
+--target-densities entry: one prefill with a grid of thresholds spread over the layers gives density against tau,
+interpolated per target. Each row: TTFT (median of --repeats prefill calls, compiled ahead of time), compile
+seconds, XLA temporaries of the compiled program, and the device's peak memory so far (allocator peak since the
+process started: monotone, so an upper bound for the row). The XAttention rows also carry the TTFT that op-level
+times predict: the dense one-shot TTFT minus layers x cuDNN attention, plus layers x (estimator + selection + sparse
+kernel at the row's density), each op timed on random inputs of the same shape in the same process.
+
+decode section, per context L and batch B: a cache filled with L random keys/values per sequence, then greedy decode
+of --decode-tokens tokens in the generator's while loop; tokens/s against the roofline (weights + KV cache read per
+step over the HBM bandwidth measured by a device-to-device copy in the same process). Shapes that do not fit the
+device are reported as such.
+
+Writes <out-dir>/model_prefill/<card>/<date>-<tag>.json and .md (after every row) and a TTFT plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import xattn_jax as xa
+from attention_speed import fixed_density_layout, timed  # benchmarks/ is on the path when run as a script
+from models import AttentionConfig, Generator, Transformer, from_pretrained, llama3_1_8b
+
+GiB = 2**30
+THRESHOLD_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Overrides of the Llama-3.1-8B preset: "tiny" runs the whole script on a CPU in seconds (its smoke test).
+SHAPES = {"llama3_1_8b": {}, "tiny": dict(vocab_size=512, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                                          mlp_dim=512)}
+
+
+def make_model(args) -> Transformer:
+  if args.checkpoint:
+    return from_pretrained(args.checkpoint, dtype=jnp.bfloat16)
+  config = llama3_1_8b(num_layers=args.layers, max_seq_len=max(args.lengths + args.decode_contexts) + 1024,
+                       **SHAPES[args.shape])
+
+  @nnx.jit
+  def create():
+    return Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(args.seed))
+
+  return create()
+
+
+def memory_peak() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use", -1) / GiB
+
+
+def xattention_config(args, threshold: float) -> AttentionConfig:
+  return AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(stride=args.stride, threshold=threshold))
+
+
+def time_prefill(gen: Generator, prompt, repeats: int) -> dict:
+  """TTFT of `gen` on one prompt: compile (ahead of time, first call), then `repeats` timed prefills."""
+  n_log = len(gen.compile_log)
+  start = time.perf_counter()
+  logits, cache, dens = gen.prefill([prompt])
+  jax.block_until_ready(logits)
+  first = time.perf_counter() - start
+  del cache
+  records = gen.compile_log[n_log:]
+  programs = {"prefill" if len(prompt) <= gen.chunk_size else "extend"}
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    logits, cache, dens = gen.prefill([prompt])
+    jax.block_until_ready(logits)
+    times.append(time.perf_counter() - start)
+    del cache
+  densities = np.asarray(dens)
+  return dict(
+      ttft_s=statistics.median(times), ttft_min_s=min(times), first_call_s=first,
+      compile_s=sum(r.seconds for r in records),
+      temp_gib=max((r.temp_bytes for r in gen.compile_log if r.name in programs), default=-1) / GiB,
+      density=float(densities[densities >= 0].mean()) if (densities >= 0).any() else 1.0,
+      layer_densities=[round(float(d), 4) for d in densities], peak_gib=memory_peak(),
+      finite=bool(jnp.all(jnp.isfinite(logits))), logits=np.asarray(logits[0], np.float32))
+
+
+def search_thresholds(gen: Generator, prompt, layers: int, targets) -> dict:
+  """Flat thresholds expected to land near each target density: prefills with THRESHOLD_GRID spread over the layers
+  (in round r layer i gets grid[(r * layers + i) % len(grid)]; one round when layers >= len(grid)), the density of
+  each tau averaged over its layers, interpolated."""
+  seen = {t: [] for t in THRESHOLD_GRID}
+  for r in range(-(-len(THRESHOLD_GRID) // layers)):
+    per_layer = [THRESHOLD_GRID[(r * layers + i) % len(THRESHOLD_GRID)] for i in range(layers)]
+    gen.set_thresholds(per_layer)
+    _, cache, dens = gen.prefill([prompt])
+    del cache
+    for t, d in zip(per_layer, np.asarray(dens)):
+      seen[t].append(float(d))
+  taus = np.array(THRESHOLD_GRID)
+  curve = np.maximum.accumulate([np.mean(seen[t]) for t in THRESHOLD_GRID])  # monotone in tau (SPEC §2.6)
+  gen.set_thresholds()
+  found = {t: float(np.interp(t, curve, taus, left=0.0, right=1.0)) for t in targets}
+  return dict(grid=taus.tolist(), densities=[round(float(c), 4) for c in curve], thresholds=found)
+
+
+def op_times(args, cfg, length: int, densities) -> dict:
+  """Per-layer attention times on random inputs of the model's attention shape (B=1, bf16, causal); dense is what
+  the dense model runs (`xattn_jax.dense_attention`: cuDNN on a GPU)."""
+  N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  kq, kk, kv, kl = jax.random.split(jax.random.key(length), 4)
+  q = jax.random.normal(kq, (1, length, N, H), jnp.bfloat16)
+  k = jax.random.normal(kk, (1, length, K, H), jnp.bfloat16)
+  v = jax.random.normal(kv, (1, length, K, H), jnp.bfloat16)
+  repeats = max(3, args.op_repeats)
+  dense = jax.jit(lambda q, k, v: xa.dense_attention(q, k, v, is_causal=True))
+  out = dict(dense_ms=timed(dense, q, k, v, repeats=repeats)["ms"], dense_route=xa.dense_route(
+      platform=jax.default_backend(), dtype=q.dtype, batch=1, q_len=length, kv_len=length, num_heads=N, head_dim=H,
+      causal=True, aligned=True).value)
+  est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=args.stride))
+  out["estimator_ms"] = timed(est, q, k, repeats=repeats)["ms"]
+  scores = est(q, k)
+  select = jax.jit(lambda s: xa.select_blocks(s, q_len=length, kv_len=length, threshold=0.5))
+  out["selection_ms"] = timed(select, scores, repeats=repeats)["ms"]
+  del scores
+  sparse = jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(q, k, v, layout, causal=True))
+  out["sparse_ms"] = {}
+  for d in densities:
+    layout = fixed_density_layout(kl, batch=1, heads=N, length=length, density=d)
+    out["sparse_ms"][round(d, 4)] = timed(sparse, q, k, v, layout, repeats=repeats)["ms"]
+    del layout
+  return out
+
+
+def prefill_section(args, model, result, write):
+  rng = np.random.default_rng(args.seed)
+  layers = model.config.num_layers
+  dense_model = model.with_attention(AttentionConfig())
+  for length in args.lengths:
+    prompt = rng.integers(0, model.config.vocab_size, size=length).tolist()
+    chunk = args.chunk_size or min(length // 4, 32768)
+    base = dict(T=length, layers=layers)
+    rows = {}
+
+    def record(name, gen, **extra):
+      r = time_prefill(gen, prompt, args.repeats if length <= 131072 else 1)
+      logits = r.pop("logits")
+      if "dense one-shot" in rows and "logits" in rows["dense one-shot"]:
+        ref = rows["dense one-shot"]["logits"]
+        r["max_logit_diff_vs_dense"] = float(np.max(np.abs(logits - ref)))
+      row = dict(base, what=name, chunk=gen.chunk_size, **r, **extra)
+      result["prefill"].append(row)
+      rows[name] = dict(row, logits=logits)
+      print(f"{length:>7} {name:<34} TTFT {r['ttft_s']:7.3f} s  density {r['density']:.3f}  compile "
+            f"{r['compile_s']:5.1f} s  temps {r['temp_gib']:6.2f} GiB  peak {r['peak_gib']:6.1f} GiB", flush=True)
+      write()
+      return row
+
+    for mode, size in (("one-shot", length), ("chunked", chunk)):
+      gen = Generator(dense_model, max_len=length, chunk_size=size, bucket=128)
+      record(f"dense {mode}", gen)
+      del gen
+    ops = None
+    for mode, size in (("one-shot", length), ("chunked", chunk)):
+      gen = Generator(model.with_attention(xattention_config(args, args.threshold)), max_len=length,
+                      chunk_size=size, bucket=128)
+      record(f"xattention {mode} tau={args.threshold:g}", gen)
+      if mode == "one-shot":
+        search = search_thresholds(gen, prompt, layers, args.target_densities)
+        result["threshold_search"].append(dict(base, **search))
+        print(f"{length:>7} threshold search: {search}", flush=True)
+      for target, tau in search["thresholds"].items():
+        gen.set_thresholds(tau)
+        row = record(f"xattention {mode} ~{target:.0%} (tau={tau:.3f})", gen, target_density=target, threshold=tau)
+        if ops is None:  # at the densities the one-shot rows reached
+          reached = [r["density"] for r in result["prefill"] if r["T"] == length and r["what"].startswith("xatt")]
+          ops = op_times(args, model.config, length, reached + [t for t in args.target_densities if t not in reached])
+          result["ops"].append(dict(base, **{k: v for k, v in ops.items() if k != "sparse_ms"},
+                                    sparse_ms={str(k): v for k, v in ops["sparse_ms"].items()}))
+        row.update(predict(rows["dense one-shot"], ops, row["density"], layers))
+        write()
+      gen.set_thresholds()
+      del gen
+    for name, row in rows.items():
+      row.pop("logits", None)
+
+
+def predict(dense_row, ops, density: float, layers: int) -> dict:
+  """TTFT from op-level times: the dense model's non-attention time plus XAttention's ops at this density."""
+  known = sorted(ops["sparse_ms"])
+  nearest = min(known, key=lambda d: abs(d - density))
+  sparse_ms = ops["sparse_ms"][nearest] * (density / nearest if nearest > 0 else 1.0)
+  other_s = dense_row["ttft_s"] - layers * ops["dense_ms"] / 1e3
+  attn_s = layers * (ops["estimator_ms"] + ops["selection_ms"] + sparse_ms) / 1e3
+  return dict(predicted_ttft_s=other_s + attn_s, non_attention_s=other_s, predicted_attention_s=attn_s)
+
+
+def copy_bandwidth() -> float:
+  """Bytes/s of a large device-to-device copy (read + write counted)."""
+  x = jax.random.normal(jax.random.key(0), (2048, 1024, 1024), jnp.bfloat16)  # 4 GiB
+  copy = jax.jit(lambda x: x + jnp.bfloat16(1.0))
+  t = timed(copy, x, repeats=20)["ms"] / 1e3
+  return 2 * x.size * x.dtype.itemsize / t
+
+
+def decode_section(args, model, result, write):
+  cfg = model.config
+  params = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+  embed = cfg.vocab_size * cfg.d_model * 2 if not cfg.tie_embeddings else 0  # a lookup reads B rows, not the table
+  bandwidth = copy_bandwidth()
+  result["copy_bandwidth_tb_s"] = bandwidth / 1e12
+  free = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 139 * GiB) - params
+  dense_model = model.with_attention(AttentionConfig())
+  for context in args.decode_contexts:
+    for batch in args.decode_batches:
+      max_len = context + 2 * args.decode_tokens
+      max_len = -(-max_len // 128) * 128
+      kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+      cache_bytes = batch * max_len * kv_per_token
+      row = dict(context=context, batch=batch, cache_gib=cache_bytes / GiB)
+      if cache_bytes > 0.9 * free:
+        row["note"] = f"does not fit: the cache needs {cache_bytes / GiB:.0f} GiB, {free / GiB:.0f} GiB free"
+        result["decode"].append(row)
+        print(f"decode {context:>7} x{batch}: {row['note']}", flush=True)
+        write()
+        continue
+      gen = Generator(dense_model, max_len=max_len, chunk_size=128, bucket=128)
+      cache = gen.init_cache(batch)
+      fill = jax.jit(lambda c, key: dataclasses.replace(c, layers=tuple(
+          dataclasses.replace(l, k=jax.random.normal(jax.random.fold_in(key, 2 * i), l.k.shape, l.k.dtype),
+                              v=jax.random.normal(jax.random.fold_in(key, 2 * i + 1), l.v.shape, l.v.dtype))
+          for i, l in enumerate(c.layers)), lengths=jnp.full_like(c.lengths, context)), donate_argnums=0)
+      logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
+      steps_s = []
+      for rep in range(args.repeats + 1):  # the first run compiles and warms up
+        cache = fill(cache, jax.random.key(rep))
+        jax.block_until_ready(cache)
+        start = time.perf_counter()
+        given = cache
+        out, steps, cache = gen.decode(logits, cache, max_new_tokens=args.decode_tokens)
+        jax.block_until_ready(out)
+        row["cache_donated"] = bool(given.layers[0].k.is_deleted())
+        del given
+        if rep:
+          steps_s.append((time.perf_counter() - start) / int(steps))
+      step = statistics.median(steps_s)
+      read = params - embed + batch * cfg.d_model * 2 + batch * context * kv_per_token
+      roofline_step = read / bandwidth
+      row.update(step_ms=step * 1e3, tokens_per_s=batch / step, roofline_step_ms=roofline_step * 1e3,
+                 fraction_of_roofline=roofline_step / step, bytes_per_step_gb=read / 1e9,
+                 datasheet_fraction=(read / 4.8e12) / step,
+                 decode_compiles=gen.compiled_count("decode"),
+                 decode_temp_gib=gen.compile_log[-1].temp_bytes / GiB)
+      result["decode"].append(row)
+      print(f"decode {context:>7} x{batch}: {step * 1e3:7.2f} ms/step  {batch / step:8.1f} tok/s  roofline "
+            f"{roofline_step * 1e3:6.2f} ms ({row['fraction_of_roofline']:.0%} of it)", flush=True)
+      write()
+      del cache, gen
+
+
+def to_markdown(result: dict) -> str:
+  lines = [f"# Model prefill and decode: {result['card']}, jax {result['jax']}, {result['date']}", "",
+           f"Command: `python benchmarks/{result['command']}`", "", result["model"], ""]
+  if result["prefill"]:
+    lines += ["## Time to first token", "",
+              "| T | what | chunk | TTFT s | vs dense one-shot | predicted s | density | compile s | XLA temps GiB | "
+              "peak GiB (so far) | max logit diff vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = {r["T"]: r["ttft_s"] for r in result["prefill"] if r["what"] == "dense one-shot"}
+    for r in result["prefill"]:
+      speed = dense.get(r["T"], float("nan")) / r["ttft_s"]
+      pred = f"{r['predicted_ttft_s']:.3f}" if "predicted_ttft_s" in r else ""
+      diff = f"{r['max_logit_diff_vs_dense']:.3f}" if "max_logit_diff_vs_dense" in r else ""
+      lines.append(f"| {r['T']} | {r['what']} | {r['chunk']} | {r['ttft_s']:.3f} | {speed:.2f}x | {pred} | "
+                   f"{r['density']:.3f} | {r['compile_s']:.1f} | {r['temp_gib']:.2f} | {r['peak_gib']:.1f} | {diff} |")
+    lines += ["", "Threshold search (density against tau, one prefill with the grid over the layers):", ""]
+    for s in result["threshold_search"]:
+      lines.append(f"- T={s['T']}: " + ", ".join(f"{t:g}: {d:.3f}" for t, d in zip(s["grid"], s["densities"]))
+                   + "; chosen " + ", ".join(f"~{k:.0%}: tau {v:.3f}" for k, v in s["thresholds"].items()))
+    lines += ["", "Op-level times per layer (random inputs, same shapes, same process):", ""]
+    for o in result["ops"]:
+      lines.append(f"- T={o['T']}: dense ({o['dense_route']}) {o['dense_ms']:.2f} ms, estimator {o['estimator_ms']:.2f} ms, selection "
+                   f"{o['selection_ms']:.2f} ms, sparse kernel " +
+                   ", ".join(f"d={d}: {ms:.2f} ms" for d, ms in o["sparse_ms"].items()))
+  if result["decode"]:
+    lines += ["", "## Decode", "",
+              f"Roofline: bytes read per step (weights, and the KV cache of the context) over the copy bandwidth "
+              f"measured here ({result.get('copy_bandwidth_tb_s', float('nan')):.2f} TB/s); the datasheet's "
+              "4.8 TB/s in the last column.", "",
+              "| context | batch | ms/step | tokens/s | roofline ms | of roofline | of datasheet roofline | GB/step | "
+              "note |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["decode"]:
+      if "step_ms" not in r:
+        lines.append(f"| {r['context']} | {r['batch']} | | | | | | | {r['note']} |")
+        continue
+      lines.append(f"| {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+                   f"{r['roofline_step_ms']:.2f} | {r['fraction_of_roofline']:.0%} | {r['datasheet_fraction']:.0%} | "
+                   f"{r['bytes_per_step_gb']:.1f} | decode compiled {r['decode_compiles']}x |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  names = []
+  for r in result["prefill"]:
+    key = r["what"].split(" (tau")[0]
+    if key not in names:
+      names.append(key)
+  for name in names:
+    pts = sorted((r["T"], r["ttft_s"]) for r in result["prefill"] if r["what"].split(" (tau")[0] == name)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("prompt tokens")
+  ax.set_ylabel("time to first token (s)")
+  ax.set_title(f"{result['card']}: {result['model']}", fontsize=8)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ints = lambda s: [int(x) for x in s.split(",") if x]
+  floats = lambda s: [float(x) for x in s.split(",") if x]
+  parser.add_argument("--sections", default="prefill", help="comma separated: prefill, decode")
+  parser.add_argument("--lengths", type=ints, default=[8192, 32768, 131072])
+  parser.add_argument("--chunk-size", type=int, default=None, help="default: min(T / 4, 32768)")
+  parser.add_argument("--layers", type=int, default=32)
+  parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3_1_8b")
+  parser.add_argument("--checkpoint", default=None, help="Hugging Face directory or .gguf (default: random weights)")
+  parser.add_argument("--threshold", type=float, default=0.9, help="XAttention's natural-density threshold")
+  parser.add_argument("--target-densities", type=floats, default=[0.10, 0.25])
+  parser.add_argument("--stride", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--op-repeats", type=int, default=5)
+  parser.add_argument("--decode-contexts", type=ints, default=[32768, 131072])
+  parser.add_argument("--decode-batches", type=ints, default=[1, 8])
+  parser.add_argument("--decode-tokens", type=int, default=64)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out-dir", default="benchmarks/results")
+  parser.add_argument("--tag", default="run")
+  args = parser.parse_args(argv)
+  sections = set(args.sections.split(","))
+  if not sections <= {"prefill", "decode"}:
+    parser.error(f"--sections {args.sections}: choose from prefill, decode")
+  if "decode" not in sections:
+    args.decode_contexts = []
+  xa.set_traced_checks(False)  # production dispatch: no checkify effects in the model's programs
+  model = make_model(args)
+  card = jax.devices()[0].device_kind
+  result = dict(card=card, jax=jax.__version__, date=datetime.date.today().isoformat(),
+                command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
+                model=(f"{args.checkpoint or args.shape + ' shape, random bf16 weights'}, {model.config.num_layers} "
+                       f"layers, XAttention stride {args.stride}, block 128"),
+                prefill=[], threshold_search=[], ops=[], decode=[])
+  out = pathlib.Path(args.out_dir) / "model_prefill" / card.replace(" ", "_")
+  out.mkdir(parents=True, exist_ok=True)
+  stem = out / f"{result['date']}-{args.tag}"
+
+  def write():
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(to_markdown(result))
+
+  if "prefill" in sections:
+    prefill_section(args, model, result, write)
+    plot(result, stem.with_suffix(".png"))
+  if "decode" in sections:
+    decode_section(args, model, result, write)
+  write()
+  print(to_markdown(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

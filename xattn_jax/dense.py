@@ -1,0 +1,187 @@
+"""Dense attention in the op's geometry with memory that grows as O(T), never O(T*S), on every platform.
+
+What a model runs where XAttention does not: dense layers, decode steps, chunked prefill of a dense model and dense
+baselines. Same layout, masks and alignment as `xattention` (bottom-right causal, seq lengths, native GQA). One
+function, `dense_route`, decides how:
+
+    route    when (implementation=None)                                   memory
+    CUDNN    a GPU, bf16/fp16, head dim a multiple of 8 up to 128, and    O(T): cuDNN's flash attention
+             cuDNN's top-left causal mask equals ours (T == S with the
+             same lengths for queries and keys, or not causal)
+    DECODE   a decode step (T = 1): one pass over K and V in their        the [B, N, S] logits: O(S)
+             [B, S, K, H] layout (a multiply-reduce, not a dot, whose
+             batch dims would make XLA transpose the whole cache)
+    LOGITS   logits of at most 64 MiB (short prompts)                     the [B, N, T, S] logits
+    BLOCKS   everything else: chunked prefill (T < S), TPUs, CPUs,        one query chunk's block tables and
+             float32                                                      working set: the block-sparse kernels of
+                                                                          the platform with every allowed block
+                                                                          selected (Mosaic GPU, Mosaic TPU, or the
+                                                                          blockwise XLA reference on a CPU)
+
+cuDNN is not used for T < S because `jax.nn.dot_product_attention` exposes only its top-left causal mask; there the
+block-sparse Mosaic GPU kernel with the full layout runs within a few percent of cuDNN (benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+import jax.numpy as jnp
+
+from xattn_jax import _checks, backends
+from xattn_jax.config import normalize_implementation
+from xattn_jax.geometry import Geometry, cdiv
+from xattn_jax.ops import _xattention  # the public op's query-chunk loop, run in its dense mode
+
+# Logits up to this many float32 elements (64 MiB) are materialized: a decode step, a short prompt. Beyond it the
+# blockwise route runs.
+_LOGITS_BUDGET_ELEMENTS = 16 * 2**20
+# Bytes of the dense layout's index table per query chunk of the BLOCKS route (nKb int32 per row and head).
+_DENSE_TABLE_BUDGET_BYTES = 256 * 2**20
+_BLOCK_SIZE = 128  # the kernels' native block
+
+
+class DenseRoute(enum.Enum):
+  CUDNN = "cudnn"
+  DECODE = "decode"
+  LOGITS = "logits"
+  BLOCKS = "blocks"
+
+
+def dense_route(*, platform: str, dtype, batch: int, q_len: int, kv_len: int, num_heads: int, head_dim: int,
+                causal: bool, aligned: bool, implementation=None) -> DenseRoute:
+  """How `dense_attention` computes a call (see the module docstring).
+
+  Args:
+    platform: `jax.default_backend()` ("cpu", "gpu", "tpu").
+    dtype: the inputs' dtype.
+    batch, q_len, kv_len, num_heads, head_dim: B, T, S, N, H of the call.
+    causal: causal attention.
+    aligned: T == S and the query and key lengths are one and the same (so top-left causal == bottom-right).
+    implementation: None (automatic), "cudnn", or backend name(s) for the BLOCKS route.
+
+  Raises:
+    ValueError: implementation="cudnn" for a call cuDNN cannot compute exactly.
+  """
+  cudnn_exact = not causal or aligned
+  if implementation == "cudnn":
+    if not cudnn_exact:
+      raise ValueError(
+          "implementation='cudnn' cannot compute causal attention with queries that end where the keys end unless "
+          f"T == S and the query and key lengths are the same array (T={q_len}, S={kv_len}); use None")
+    return DenseRoute.CUDNN
+  if implementation is not None:
+    return DenseRoute.BLOCKS
+  cudnn = (platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+           and q_len > 1 and cudnn_exact)
+  if cudnn:
+    return DenseRoute.CUDNN
+  if q_len == 1:
+    return DenseRoute.DECODE
+  if batch * num_heads * q_len * kv_len <= _LOGITS_BUDGET_ELEMENTS:
+    return DenseRoute.LOGITS
+  return DenseRoute.BLOCKS
+
+
+def dense_attention(
+    query,
+    key,
+    value,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    implementation=None,
+    query_chunk_size: int | None = None,
+    interpret: bool = False,
+):
+  """Dense attention, O(T) memory, in `xattention`'s geometry: what tau >= 1 computes, without the estimator.
+
+  Args:
+    query: [B, T, N, H].
+    key: [B, S, K, H], S >= T, N % K == 0.
+    value: like key.
+    scale: logit scale; default 1/sqrt(H).
+    is_causal: causal attention, bottom-right aligned (query t at position k_b - q_b + t).
+    query_seq_lengths: optional int [B] (right padding). Pass the same array as `key_value_seq_lengths` for
+      self-attention: that is what lets cuDNN's causal mask serve.
+    key_value_seq_lengths: optional int [B].
+    implementation: None (the route `dense_route` picks for the platform), "cudnn", or backend name(s) of the
+      block-sparse op ("xla", "pallas_mosaic_gpu", "pallas_tpu") run with every allowed block selected.
+    query_chunk_size: queries per step of the block route (multiple of 128); None picks one from a memory budget.
+    interpret: run Pallas kernels in their CPU interpreter.
+
+  Returns:
+    out [B, T, N, H] in query's dtype, zeros for padding queries.
+
+  Raises:
+    ValueError: a wrong shape, dtype or value (naming the argument), or "cudnn" for a call it cannot compute.
+  """
+  dims = _checks.check_qkv(query, key, value, q_name="query", k_name="key", v_name="value")
+  scale = _checks.check_scale(scale, dims.H)
+  aligned = dims.T == dims.S and query_seq_lengths is key_value_seq_lengths
+  implementation = normalize_implementation(implementation)
+  if implementation not in (None, "cudnn"):
+    implementation = backends.resolve(implementation)
+  if query_chunk_size is not None:
+    query_chunk_size = _checks.check_static_int(query_chunk_size, "query_chunk_size")
+    if query_chunk_size % _BLOCK_SIZE:
+      raise ValueError(f"{query_chunk_size=} must be a multiple of {_BLOCK_SIZE}")
+  q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
+  route = dense_route(platform=jax.default_backend(), dtype=query.dtype, batch=dims.B, q_len=dims.T, kv_len=dims.S,
+                      num_heads=dims.N, head_dim=dims.H, causal=bool(is_causal), aligned=aligned,
+                      implementation=implementation)
+  padded = query_seq_lengths is not None
+  if route is DenseRoute.CUDNN:
+    lengths = {} if query_seq_lengths is None and key_value_seq_lengths is None else dict(
+        query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths)
+    out = jax.nn.dot_product_attention(query, key, value, scale=scale, is_causal=bool(is_causal),
+                                       implementation="cudnn", **lengths)
+  elif route is DenseRoute.DECODE:
+    out = _decode_attention(query, key, value, kv_lengths, scale)
+  elif route is DenseRoute.LOGITS:
+    out = jax.nn.dot_product_attention(query, key, value, scale=scale, implementation="xla",
+                                       mask=_mask(dims, q_lengths, kv_lengths, bool(is_causal)))
+    padded = True  # XLA's softmax over a row with no allowed key is uniform, not zero
+  else:
+    nkb = cdiv(dims.S, _BLOCK_SIZE)
+    chunk = query_chunk_size or max(1, _DENSE_TABLE_BUDGET_BYTES // (dims.B * dims.N * nkb * 4)) * _BLOCK_SIZE
+    (out,) = _xattention(
+        query, key, value, Geometry.from_lengths(q_lengths, kv_lengths), jnp.ones((dims.N,), jnp.float32),
+        scale=scale, causal=bool(is_causal), stride=8, block_size=_BLOCK_SIZE, keep_sink=True, keep_diagonal=True,
+        chunk=min(chunk, cdiv(dims.T, _BLOCK_SIZE) * _BLOCK_SIZE), implementation=implementation or
+        backends.resolve(None), interpret=bool(interpret), return_block_layout=False, dense=True)
+    padded = False  # the block route writes zeros for padding queries itself
+  if padded:
+    real = jnp.arange(dims.T, dtype=jnp.int32)[None, :] < q_lengths[:, None]
+    out = jnp.where(real[:, :, None, None], out, jnp.zeros((), out.dtype))
+  return out
+
+
+def _decode_attention(q, k, v, kv_lengths, scale: float) -> jax.Array:
+  """One query per sequence (T = 1, at position k_b - 1: causal or not, it sees every real key). [B, 1, N, H]."""
+  B, _, N, H = q.shape
+  K = k.shape[2]
+  qg = q.reshape(B, 1, K, N // K, H).astype(jnp.float32)  # [B, 1, K, G, H]
+  # Elementwise products reduced over H (then over S): XLA fuses each into one pass over the cache as stored.
+  s = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * scale  # [B, S, K, G]
+  real = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :, None, None] < kv_lengths[:, None, None, None]
+  s = jnp.where(real, s, -jnp.inf)
+  m = jnp.max(s, axis=1, keepdims=True)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  l = jnp.sum(p, axis=1)  # [B, K, G]
+  o = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, G, H]
+  o = o / jnp.where(l > 0, l, 1.0)[..., None]
+  return o.reshape(B, 1, N, H).astype(q.dtype)
+
+
+def _mask(dims: _checks.Dims, q_lengths, kv_lengths, causal: bool) -> jax.Array:
+  """bool [B, 1, T, S]: real keys, and with `causal` keys at or before the query's position k_b - q_b + t."""
+  t = jnp.arange(dims.T, dtype=jnp.int32)[None, :, None]
+  key = jnp.arange(dims.S, dtype=jnp.int32)[None, None, :]
+  ok = key < kv_lengths[:, None, None]
+  if causal:
+    ok &= key <= (kv_lengths - q_lengths)[:, None, None] + t
+  return ok[:, None]
