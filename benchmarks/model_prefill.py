@@ -76,13 +76,11 @@ def xattention_config(args, threshold: float) -> AttentionConfig:
 
 def time_prefill(gen: Generator, prompt, repeats: int) -> dict:
   """TTFT of `gen` on one prompt: compile (ahead of time, first call), then `repeats` timed prefills."""
-  n_log = len(gen.compile_log)
   start = time.perf_counter()
   logits, cache, dens = gen.prefill([prompt])
   jax.block_until_ready(logits)
   first = time.perf_counter() - start
   del cache
-  records = gen.compile_log[n_log:]
   programs = {"prefill" if len(prompt) <= gen.chunk_size else "extend"}
   times = []
   for _ in range(repeats):
@@ -94,7 +92,7 @@ def time_prefill(gen: Generator, prompt, repeats: int) -> dict:
   densities = np.asarray(dens)
   return dict(
       ttft_s=statistics.median(times), ttft_min_s=min(times), first_call_s=first,
-      compile_s=sum(r.seconds for r in records),
+      compile_s=sum(r.seconds for r in gen.compile_log if r.name in programs),  # this generator's, once
       temp_gib=max((r.temp_bytes for r in gen.compile_log if r.name in programs), default=-1) / GiB,
       density=float(densities[densities >= 0].mean()) if (densities >= 0).any() else 1.0,
       layer_densities=[round(float(d), 4) for d in densities], peak_gib=memory_peak(),
@@ -172,16 +170,18 @@ def prefill_section(args, model, result, write):
       write()
       return row
 
-    for mode, size in (("one-shot", length), ("chunked", chunk)):
+    modes = [(mode, size) for mode, size in (("one-shot", length), ("chunked", chunk)) if mode in args.modes]
+    for mode, size in modes if "dense" in args.kinds else ():
       gen = Generator(dense_model, max_len=length, chunk_size=size, bucket=128)
       record(f"dense {mode}", gen)
       del gen
     ops = None
-    for mode, size in (("one-shot", length), ("chunked", chunk)):
+    for mode, size in modes if "xattention" in args.kinds else ():
       gen = Generator(model.with_attention(xattention_config(args, args.threshold)), max_len=length,
                       chunk_size=size, bucket=128)
-      record(f"xattention {mode} tau={args.threshold:g}", gen)
-      if mode == "one-shot":
+      if args.natural:
+        record(f"xattention {mode} tau={args.threshold:g}", gen)
+      if mode == modes[0][0]:
         search = search_thresholds(gen, prompt, layers, args.target_densities)
         result["threshold_search"].append(dict(base, **search))
         print(f"{length:>7} threshold search: {search}", flush=True)
@@ -193,7 +193,8 @@ def prefill_section(args, model, result, write):
           ops = op_times(args, model.config, length, reached + [t for t in args.target_densities if t not in reached])
           result["ops"].append(dict(base, **{k: v for k, v in ops.items() if k != "sparse_ms"},
                                     sparse_ms={str(k): v for k, v in ops["sparse_ms"].items()}))
-        row.update(predict(rows["dense one-shot"], ops, row["density"], layers))
+        if "dense one-shot" in rows:
+          row.update(predict(rows["dense one-shot"], ops, row["density"], layers))
         write()
       gen.set_thresholds()
       del gen
@@ -353,6 +354,10 @@ def main(argv=None) -> int:
   parser.add_argument("--checkpoint", default=None, help="Hugging Face directory or .gguf (default: random weights)")
   parser.add_argument("--threshold", type=float, default=0.9, help="XAttention's natural-density threshold")
   parser.add_argument("--target-densities", type=floats, default=[0.10, 0.25])
+  parser.add_argument("--kinds", type=lambda s: s.split(","), default=["dense", "xattention"])
+  parser.add_argument("--modes", type=lambda s: s.split(","), default=["one-shot", "chunked"])
+  parser.add_argument("--no-natural", dest="natural", action="store_false",
+                      help="skip XAttention at --threshold (slow at long lengths: random weights keep ~half)")
   parser.add_argument("--stride", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--op-repeats", type=int, default=5)
