@@ -70,8 +70,9 @@ def memory_peak() -> float:
   return stats.get("peak_bytes_in_use", -1) / GiB
 
 
-def xattention_config(args, threshold: float) -> AttentionConfig:
-  return AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(stride=args.stride, threshold=threshold))
+def xattention_config(args, threshold: float, stride: int | None = None) -> AttentionConfig:
+  return AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(stride=stride or args.stride,
+                                                                           threshold=threshold))
 
 
 def time_prefill(gen: Generator, prompt, repeats: int) -> dict:
@@ -197,6 +198,25 @@ def prefill_section(args, model, result, write):
           row.update(predict(rows["dense one-shot"], ops, row["density"], layers))
         write()
       gen.set_thresholds()
+      del gen
+    if args.extra_stride and "xattention" in args.kinds:  # one more one-shot row, at the first target density
+      stride = args.extra_stride
+      gen = Generator(model.with_attention(xattention_config(args, args.threshold, stride)), max_len=length,
+                      chunk_size=length, bucket=128)
+      target, tau = next(iter(search_thresholds(gen, prompt, layers, args.target_densities[:1])["thresholds"].items()))
+      gen.set_thresholds(tau)
+      row = record(f"xattention one-shot s={stride} ~{target:.0%} (tau={tau:.3f})", gen, target_density=target,
+                   threshold=tau, stride=stride)
+      if ops is not None and "dense one-shot" in rows:
+        cfg = model.config
+        q = jax.random.normal(jax.random.key(1), (1, length, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+        k = jax.random.normal(jax.random.key(2), (1, length, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+        est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride))
+        own = dict(ops, estimator_ms=timed(est, q, k, repeats=max(3, args.op_repeats))["ms"])
+        result["ops"][-1][f"estimator_ms_s{stride}"] = own["estimator_ms"]
+        del q, k
+        row.update(predict(rows["dense one-shot"], own, row["density"], layers))
+      write()
       del gen
     for name, row in rows.items():
       row.pop("logits", None)
@@ -359,6 +379,8 @@ def main(argv=None) -> int:
   parser.add_argument("--no-natural", dest="natural", action="store_false",
                       help="skip XAttention at --threshold (slow at long lengths: random weights keep ~half)")
   parser.add_argument("--stride", type=int, default=8)
+  parser.add_argument("--extra-stride", type=int, default=None,
+                      help="also one one-shot XAttention row with this stride at the first target density")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--op-repeats", type=int, default=5)
   parser.add_argument("--decode-contexts", type=ints, default=[32768, 131072])
