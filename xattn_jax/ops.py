@@ -224,6 +224,24 @@ def xattention(
     if getattr(key, "ndim", None) != 3 or getattr(value, "ndim", None) != 3:
       raise ValueError("with an unbatched query [T, N, H], key and value must be [S, K, H] too")
     query, key, value = query[None], key[None], value[None]
+  geometry, tau, static = prepare_xattention(
+      query, key, value, scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths, threshold=threshold, stride=stride, block_size=block_size,
+      keep_sink=keep_sink, keep_diagonal=keep_diagonal, query_chunk_size=query_chunk_size,
+      implementation=implementation, interpret=interpret, return_block_layout=return_block_layout)
+  result = _xattention(query, key, value, geometry, tau, **static)
+  out = result[0][0] if unbatched else result[0]
+  return (out, result[1]) if return_block_layout else out
+
+
+def prepare_xattention(query, key, value, *, scale, is_causal, query_seq_lengths, key_value_seq_lengths, threshold,
+                       stride, block_size, keep_sink, keep_diagonal, query_chunk_size, implementation, interpret,
+                       return_block_layout):
+  """Validates `xattention`'s (batched) arguments: (geometry, tau [N], the static keyword arguments of `_xattention`).
+
+  Shared by `xattention` and the sequence-parallel path of `sharded_xattention`, which runs `_xattention` per device
+  on query chunks of the geometry validated here (`Geometry.chunk`).
+  """
   dims = _checks.check_qkv(query, key, value, q_name="query", k_name="key", v_name="value")
   stride, block_size = _checks.check_stride_block(stride, block_size)
   scale = _checks.check_scale(scale, dims.H)
@@ -237,14 +255,11 @@ def xattention(
   if query_chunk_size is None:
     per_block = dims.B * dims.N * nkb * 4 * (6 + block_size // stride)
     query_chunk_size = max(1, _TABLE_BUDGET_BYTES // per_block) * block_size
-  result = _xattention(
-      query, key, value, Geometry.from_lengths(q_lengths, kv_lengths), tau, scale=scale, causal=bool(is_causal),
-      stride=stride, block_size=block_size, keep_sink=bool(keep_sink), keep_diagonal=bool(keep_diagonal),
-      chunk=min(query_chunk_size, nqb * block_size), implementation=backends.resolve(implementation),
-      interpret=bool(interpret), return_block_layout=bool(return_block_layout),
-  )
-  out = result[0][0] if unbatched else result[0]
-  return (out, result[1]) if return_block_layout else out
+  static = dict(scale=scale, causal=bool(is_causal), stride=stride, block_size=block_size,
+                keep_sink=bool(keep_sink), keep_diagonal=bool(keep_diagonal),
+                chunk=min(query_chunk_size, nqb * block_size), implementation=backends.resolve(implementation),
+                interpret=bool(interpret), return_block_layout=bool(return_block_layout))
+  return Geometry.from_lengths(q_lengths, kv_lengths), tau, static
 
 
 @functools.partial(
