@@ -1,0 +1,79 @@
+"""Sequence (context) parallelism on 8 CPU devices (tests/conftest.py forces them): `sharded_xattention` and
+`sharded_dense_attention` with `seq_axis` against the unsharded ops, on 1-D and multi-axis meshes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xattn_jax as xa
+from tests.conftest import random_qkv, run_checked
+from xattn_jax.context_parallel import chunk_tokens, zigzag_order
+from xattn_jax.sharding import sharded_dense_attention, sharded_xattention
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+MESHES = {  # name: (shape, axis names, sharded_xattention axes)
+    "seq8": ((8,), ("seq",), dict(batch_axis=None, head_axis=None)),
+    "seq4xtensor2": ((4, 2), ("seq", "tensor"), dict(batch_axis=None)),
+    "data2xseq2xtensor2": ((2, 2, 2), ("data", "seq", "tensor"), {}),
+}
+
+
+def _mesh(name, explicit=False):
+  shape, names, axes = MESHES[name]
+  kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+  return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape)), axes
+
+
+def test_zigzag_balances_causal_work():
+  order = zigzag_order(4)
+  assert order.tolist() == [0, 7, 1, 6, 2, 5, 3, 4]
+  work = [sum(c + 1 for c in order[2 * i:2 * i + 2]) for i in range(4)]  # chunk c has c + 1 units of causal work
+  assert len(set(work)) == 1
+  assert chunk_tokens(1000, 4, 128) == 128 and chunk_tokens(1025, 4, 128) == 256
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize("causal", [True, False])
+def test_equals_unsharded(mesh_name, causal):
+  mesh, axes = _mesh(mesh_name)
+  q, k, v = random_qkv(11, B=2, T=700, S=900, N=8, K=4, H=16)
+  kw = dict(is_causal=causal, threshold=jnp.linspace(0.5, 0.95, 8), block_size=32, stride=8,
+            query_seq_lengths=jnp.array([700, 433], jnp.int32), key_value_seq_lengths=jnp.array([900, 610], jnp.int32),
+            return_block_layout=True)
+  want, want_layout = run_checked(xa.xattention, q, k, v, **kw)
+  got, layout = jax.jit(lambda q, k, v: sharded_xattention(q, k, v, mesh=mesh, seq_axis="seq", **axes, **kw))(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+  for field in ("counts", "indices", "num_allowed"):
+    np.testing.assert_array_equal(np.asarray(getattr(layout, field)), np.asarray(getattr(want_layout, field)))
+
+
+def test_bf16_self_attention_explicit_axes_and_dense():
+  mesh, axes = _mesh("seq4xtensor2", explicit=True)
+  q, k, v = random_qkv(12, B=1, T=1000, S=1000, N=4, K=2, H=32, dtype=jnp.bfloat16)
+  kw = dict(is_causal=True, threshold=0.9, block_size=64, stride=16)
+  want = xa.xattention(q, k, v, **kw)
+  got = sharded_xattention(q, k, v, mesh=mesh, seq_axis="seq", **axes, **kw)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1e-2, rtol=1e-2)
+  mesh, axes = _mesh("data2xseq2xtensor2")
+  q, k, v = random_qkv(13, B=2, T=300, S=520, N=4, K=2, H=16)
+  lens = dict(query_seq_lengths=jnp.array([300, 120], jnp.int32), key_value_seq_lengths=jnp.array([520, 333],
+                                                                                                   jnp.int32))
+  want = xa.dense_attention(q, k, v, is_causal=True, implementation="xla", **lens)
+  got = sharded_dense_attention(q, k, v, mesh=mesh, seq_axis="seq", is_causal=True, **lens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+
+
+def test_bad_axes():
+  mesh, _ = _mesh("seq4xtensor2")
+  q, k, v = random_qkv(14, B=1, T=64, S=64, N=2, K=2, H=8)
+  with pytest.raises(ValueError, match="must name different mesh axes"):
+    sharded_xattention(q, k, v, mesh=mesh, batch_axis=None, head_axis="seq", seq_axis="seq")
+  with pytest.raises(ValueError, match="mesh axis 'sequence' is not one of"):
+    sharded_xattention(q, k, v, mesh=mesh, batch_axis=None, seq_axis="sequence")
+  with pytest.raises(ValueError, match="not 'cudnn'"):
+    sharded_dense_attention(q, k, v, mesh=mesh, batch_axis=None, seq_axis="seq", implementation="cudnn")
