@@ -42,8 +42,8 @@ class AttentionConfig:
       models (prefill, chunked prefill, training): None lets `xattn_jax.dense_route` pick an O(T)-memory route for
       the platform (cuDNN flash attention, the block-sparse kernels with every block, or XLA's logits when they are
       small); "cudnn", or backend name(s) of the block-sparse op ("xla", "pallas_mosaic_gpu", "pallas_tpu").
-    batch_axis, head_axis: mesh axes XAttention is shard_mapped over when a mesh is set (`jax.set_mesh`); axes the
-      mesh lacks are ignored.
+    batch_axis, head_axis, seq_axis: mesh axes attention is shard_mapped over when a mesh is set (`jax.set_mesh`):
+      batch, heads, and the tokens of a prompt (sequence parallelism); axes the mesh lacks are ignored.
   """
 
   kind: str = "dense"
@@ -53,6 +53,7 @@ class AttentionConfig:
   dense_implementation: str | tuple[str, ...] | None = None
   batch_axis: str | None = "data"  # under jax.set_mesh(mesh): XAttention runs per device over these mesh axes
   head_axis: str | None = "tensor"
+  seq_axis: str | None = "seq"
 
   def __post_init__(self):
     if self.kind not in ("dense", "xattention"):

@@ -78,8 +78,9 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
 
 class Generator:
   def __init__(self, model: Transformer, *, max_len: int, chunk_size: int = 4096, bucket: int = 128, mesh=None):
-    """mesh: optional `jax.sharding.Mesh` with "data" and "tensor" axes (models.sharding.make_mesh): parameters
-    and the KV cache are sharded by models.sharding's rules and XAttention runs per device.
+    """mesh: optional `jax.sharding.Mesh` with "data", "seq" and "tensor" axes (models.sharding.make_mesh; absent
+    axes count as size 1): parameters, activations and the KV cache are sharded by models.sharding's rules and
+    attention runs per device (sequence-parallel over "seq").
 
     Raises:
       ValueError: a size that is not a positive int, or chunk_size not a multiple of bucket dividing max_len.
@@ -94,7 +95,7 @@ class Generator:
     self.config = model.config
     self.mesh = mesh
     if mesh is not None:
-      check_divisible(model.config, mesh)
+      check_divisible(model.config, mesh, max_len=max_len)
       self.state = shard_state(self.state, mesh)
     self.max_len, self.chunk_size, self.bucket = int(max_len), int(chunk_size), int(bucket)
     self._jitted = {
@@ -143,7 +144,7 @@ class Generator:
     if self.mesh is None:
       return cache
     check_divisible(self._model(state).config, self.mesh, batch=batch)
-    spec = NamedSharding(self.mesh, cache_spec())
+    spec = NamedSharding(self.mesh, cache_spec(self.mesh))
     return jax.tree_util.tree_map(
         lambda x: jax.lax.with_sharding_constraint(x, spec) if x.ndim == 4 else x, cache)
 

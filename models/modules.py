@@ -66,7 +66,7 @@ class Attention(nnx.Module):
     # differ only in their thresholds share one graph definition and one compilation.
     self.xattention = None if xattention is None else dataclasses.replace(xattention, threshold=1.0)
     self.threshold = None if xattention is None else XAttentionThreshold(threshold_vector(xattention.threshold, N))
-    self.mesh_axes = (config.attention.batch_axis, config.attention.head_axis)
+    self.mesh_axes = (config.attention.batch_axis, config.attention.head_axis, config.attention.seq_axis)
     self.dense_implementation = config.attention.dense_implementation
 
   def __call__(
@@ -104,6 +104,12 @@ class Attention(nnx.Module):
                                 self_attention=self_attention)
     return self.o_proj(out.reshape(B, T, N * H)), cache, density
 
+  def _axes(self, mesh) -> dict:
+    """The mesh axes attention is split over (those `mesh` has; seq only where it has more than one device)."""
+    has = lambda a: a if a in mesh.axis_names else None
+    batch, head, seq = (has(a) for a in self.mesh_axes)
+    return dict(batch_axis=batch, head_axis=head, seq_axis=seq if seq and mesh.shape[seq] > 1 else None)
+
   def _attend(self, q, k, v, q_lengths, kv_lengths, *, self_attention: bool):
     T, S = q.shape[1], k.shape[1]
     if self.xattention is not None and T > 1:
@@ -115,10 +121,8 @@ class Attention(nnx.Module):
       mesh = current_mesh()
       if mesh is None:
         out, layout = xattn_jax.xattention(q, k, v, **kw)
-      else:  # per device, over its batch elements and heads
-        axes = lambda a: a if a in mesh.axis_names else None
-        out, layout = sharded_xattention(q, k, v, mesh=mesh, batch_axis=axes(self.mesh_axes[0]),
-                                         head_axis=axes(self.mesh_axes[1]), **kw)
+      else:  # per device, over its batch elements, heads and (sequence-parallel) query chunks
+        out, layout = sharded_xattention(q, k, v, mesh=mesh, **self._axes(mesh), **kw)
       return out, layout.density()
     # Dense: prefill (self-attention: one lengths array for queries and keys, which lets cuDNN serve), a later
     # chunk (query t at position kv_len - q_len + t) or a decode step; O(T) memory on every platform.
@@ -126,12 +130,10 @@ class Attention(nnx.Module):
               key_value_seq_lengths=q_lengths if self_attention else kv_lengths,
               implementation=self.dense_implementation)
     mesh = current_mesh()
-    if mesh is None:
+    if mesh is None or T == 1:  # a decode step is plain XLA: partitioned as the cache is (positions over "seq")
       out = xattn_jax.dense_attention(q, k, v, **kw)
     else:
-      axes = lambda a: a if a in mesh.axis_names else None
-      out = sharded_dense_attention(q, k, v, mesh=mesh, batch_axis=axes(self.mesh_axes[0]),
-                                    head_axis=axes(self.mesh_axes[1]), **kw)
+      out = sharded_dense_attention(q, k, v, mesh=mesh, **self._axes(mesh), **kw)
     return out, jnp.float32(-1.0)
 
 

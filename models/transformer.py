@@ -8,7 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import PartitionSpec as P
+
 from models.config import ModelConfig
+from xattn_jax.sharding import current_mesh
 from models.layers import RMSNorm
 from models.modules import Block, LayerCache, threshold_vector
 
@@ -86,6 +89,12 @@ class Transformer(nnx.Module):
 
   def _run(self, tokens, *, positions, q_lengths, cache, offsets, self_attention):
     h = self.embedder(tokens)
+    mesh = current_mesh()
+    seq = self.config.attention.seq_axis
+    if mesh is not None and seq in mesh.axis_names and mesh.shape[seq] > 1 and tokens.shape[1] > 1:
+      # Sequence parallelism: every layer's activations split along the prompt's tokens.
+      batch = self.config.attention.batch_axis
+      h = jax.lax.with_sharding_constraint(h, P(batch if batch in mesh.axis_names else None, seq, None))
     layers, densities = [], []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache.layers[i]
