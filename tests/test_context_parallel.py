@@ -108,3 +108,43 @@ def test_model_prefill_and_decode_on_a_seq_mesh(data, seq, tensor):
     shard = cache_b.layers[0].k.addressable_shards[0].data
     assert shard.shape == (2 // data, 512 // seq, 2 // tensor, 16), shard.shape
   assert plain.generate(prompts, max_new_tokens=5).tokens == sharded.generate(prompts, max_new_tokens=5).tokens
+
+
+def test_benchmark_script_runs_at_toy_size(tmp_path):
+  """benchmarks/context_parallel.py end to end on 1, 2 and 4 CPU devices (its numbers mean nothing here)."""
+  import json
+  import pathlib
+  import sys
+
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+  import context_parallel
+
+  with xa.traced_checks(True):  # the script's main turns them off; restored on return
+    assert context_parallel.main(["--lengths", "1024", "--devices", "1,2,4", "--heads", "4", "--kv-heads", "2",
+                                  "--head-dim", "16", "--dtype", "float32", "--repeats", "1",
+                                  "--out-dir", str(tmp_path)]) == 0
+  (result,) = (tmp_path / "context_parallel").glob("*/*.json")
+  rows = json.loads(result.read_text())["rows"]
+  assert [r["P"] for r in rows] == [1, 1, 2, 4] and all(r.get("max_abs_diff", 0) < 1e-5 for r in rows)
+  assert rows[-1]["kv_gather_gib"] > 0
+
+
+def test_two_processes_on_the_distributed_runtime():
+  """tests/multihost_check.py in two local processes (one per "host", two CPU devices each)."""
+  import os
+  import pathlib
+  import socket
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  with socket.socket() as s:  # a free port for the coordinator
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, str(root / "tests" / "multihost_check.py"), str(i), port], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0 and f"process {i}: sharded == unsharded" in out, out[-3000:]

@@ -1,0 +1,140 @@
+"""Sequence (context) parallel XAttention: time, per-device memory and bytes moved against the number of devices.
+
+    python benchmarks/context_parallel.py --lengths 131072,262144,1048576 --devices 1,2,4,8
+
+One sequence (B=1), 32 query / 8 kv heads of 128, bf16, causal, on the LLM-like synthetic input of
+`xattn_jax.synthetic` at --threshold. For each device count P (the first P devices, a 1-D mesh "seq"):
+`sharded_xattention(seq_axis="seq")` timed (median of --repeats after warm-up), XLA's per-device memory of the
+compiled call (temporaries; arguments and output are the sharded q/k/v/out), the bytes each device receives (the
+K/V all-gather plus the zig-zag reordering of q and of the output) and the communication time those bytes predict at
+--link-gb-s (docs/sequence_parallel.md), and the largest difference from the unsharded op's output. The unsharded
+`xattention` on one device is timed in the same process: at P = 1 the sharded call must run at its speed.
+Writes <out-dir>/context_parallel/<card>/<date>-<tag>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import xattn_jax as xa
+from attention_speed import timed  # benchmarks/ is on the path when run as a script
+from xattn_jax.context_parallel import chunk_tokens
+from xattn_jax.synthetic import llm_like_qkv
+
+
+def bytes_received(*, T: int, S: int, N: int, K: int, H: int, P: int, block: int, itemsize: int = 2) -> dict:
+  """Per device: the K/V all-gather and the zig-zag reordering of q (in) and of the output (out)."""
+  c = chunk_tokens(T, P, block)
+  Sp = -(-S // P) * P
+  kv = 2 * Sp * K * H * itemsize * (P - 1) / P
+  reorder = 2 * (2 * c) * N * H * itemsize * (P - 1) / P  # q in, out back: at most all but the local share moves
+  return dict(kv_gather=kv, reorder=reorder, total=kv + reorder)
+
+
+def run(args) -> dict:
+  devices = jax.devices()
+  rows = []
+  for T in args.lengths:
+    q, k, v = llm_like_qkv(jax.random.key(args.seed), seq_len=T, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                           head_dim=args.head_dim)
+    q, k, v = (x.astype(args.dtype) for x in (q, k, v))
+    kw = dict(is_causal=True, threshold=args.threshold, stride=args.stride, block_size=args.block)
+    plain = jax.jit(lambda q, k, v: xa.xattention(q, k, v, **kw))
+    want = plain(q, k, v)
+    base = timed(plain, q, k, v, repeats=args.repeats)
+    density = float(jax.jit(lambda q, k, v: xa.xattention(q, k, v, return_block_layout=True, **kw)[1].density())(
+        q, k, v))
+    rows.append(dict(T=T, P=1, what="xattention (unsharded)", ms=base["ms"], spread_ms=base["spread_ms"],
+                     density=density, temp_gib=_temps(plain, q, k, v)))
+    print(f"{T:>8} unsharded       {base['ms']:10.2f} ms  density {density:.3f}", flush=True)
+    for P in args.devices:
+      if P > len(devices):
+        print(f"{T:>8} P={P}: only {len(devices)} devices", flush=True)
+        continue
+      mesh = jax.make_mesh((P,), ("seq",), devices=devices[:P], axis_types=(jax.sharding.AxisType.Auto,))
+      spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "seq", None, None))
+      qs, ks, vs = (jax.device_put(x, spec) for x in (q, k, v))
+      fn = jax.jit(lambda q, k, v: xa.sharded_xattention(q, k, v, mesh=mesh, batch_axis=None, head_axis=None,
+                                                         seq_axis="seq", **kw))
+      got = fn(qs, ks, vs)
+      diff = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+      t = timed(fn, qs, ks, vs, repeats=args.repeats)
+      moved = bytes_received(T=T, S=T, N=args.heads, K=args.kv_heads, H=args.head_dim, P=P, block=args.block,
+                             itemsize=jnp.dtype(args.dtype).itemsize)
+      row = dict(T=T, P=P, what="sharded_xattention seq", ms=t["ms"], spread_ms=t["spread_ms"],
+                 speedup=base["ms"] / t["ms"], efficiency=base["ms"] / t["ms"] / P, temp_gib=_temps(fn, qs, ks, vs),
+                 bytes_received_gib=moved["total"] / 2**30, kv_gather_gib=moved["kv_gather"] / 2**30,
+                 predicted_comm_ms=moved["total"] / (args.link_gb_s * 1e9) * 1e3, max_abs_diff=diff)
+      rows.append(row)
+      print(f"{T:>8} P={P:<2} {t['ms']:10.2f} ms  {row['speedup']:5.2f}x ({row['efficiency']:.0%} of linear)  "
+            f"temps {row['temp_gib']:.2f} GiB/device  receives {row['bytes_received_gib']:.2f} GiB "
+            f"(~{row['predicted_comm_ms']:.1f} ms at {args.link_gb_s:g} GB/s)  max diff {diff:.1e}", flush=True)
+      del qs, ks, vs, got
+  return dict(card=devices[0].device_kind, devices=len(devices), jax=jax.__version__,
+              date=datetime.date.today().isoformat(), command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
+              shape=dict(N=args.heads, K=args.kv_heads, H=args.head_dim, dtype=str(jnp.dtype(args.dtype)),
+                         threshold=args.threshold, stride=args.stride, block=args.block),
+              link_gb_s=args.link_gb_s, rows=rows)
+
+
+def _temps(fn, *args) -> float:
+  """XLA temporaries of the compiled call per device (GiB)."""
+  return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**30
+
+
+def to_markdown(result: dict) -> str:
+  s = result["shape"]
+  lines = [f"# Context parallel XAttention: {result['devices']} x {result['card']}, jax {result['jax']}, "
+           f"{result['date']}", "", f"Command: `python benchmarks/{result['command']}`", "",
+           f"B=1, {s['N']} query / {s['K']} kv heads of {s['H']}, {s['dtype']}, causal, tau {s['threshold']}, stride "
+           f"{s['stride']}, LLM-like synthetic input. Predicted communication: bytes received per device / "
+           f"{result['link_gb_s']:g} GB/s.", "",
+           "| T | P | what | ms | speedup | of linear | temps GiB/device | receives GiB | predicted comm ms | "
+           "max diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    lines.append(f"| {r['T']} | {r['P']} | {r['what']} | {r['ms']:.2f} | {r.get('speedup', 1):.2f} | "
+                 f"{r.get('efficiency', 1):.0%} | {r['temp_gib']:.2f} | {r.get('bytes_received_gib', 0):.2f} | "
+                 f"{r.get('predicted_comm_ms', 0):.1f} | {r.get('max_abs_diff', 0):.1e} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ints = lambda s: [int(x) for x in s.split(",") if x]
+  parser.add_argument("--lengths", type=ints, default=[131072, 262144, 1048576])
+  parser.add_argument("--devices", type=ints, default=[1, 2, 4, 8], help="device counts P (the first P devices)")
+  parser.add_argument("--heads", type=int, default=32)
+  parser.add_argument("--kv-heads", type=int, default=8)
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--dtype", type=jnp.dtype, default=jnp.dtype(jnp.bfloat16))
+  parser.add_argument("--threshold", type=float, default=0.9)
+  parser.add_argument("--stride", type=int, default=8)
+  parser.add_argument("--block", type=int, default=128)
+  parser.add_argument("--link-gb-s", type=float, default=400.0,
+                      help="GB/s each device receives at (NVLink 4 all-gather: ~350-450)")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out-dir", default="benchmarks/results")
+  parser.add_argument("--tag", default="run")
+  args = parser.parse_args(argv)
+  xa.set_traced_checks(False)
+  result = run(args)
+  out = pathlib.Path(args.out_dir) / "context_parallel" / result["card"].replace(" ", "_")
+  out.mkdir(parents=True, exist_ok=True)
+  stem = out / f"{result['date']}-{args.tag}"
+  stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+  stem.with_suffix(".md").write_text(to_markdown(result))
+  print(to_markdown(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
