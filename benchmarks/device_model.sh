@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device-tool call for the model at long context: 128K TTFT, decode, a GPU buffer report, 256K.
+# One device-tool call for the model at long context: 128K TTFT, decode, a GPU buffer report, 256K, and the
+# context-parallel op at P = 1 against the unsharded op.
 #   run(command="bash benchmarks/device_model.sh")
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
@@ -10,5 +11,7 @@ timeout ${TDEC:-90} python3 benchmarks/model_prefill.py --sections decode --deco
 timeout 40 python3 benchmarks/prefill_memory.py --layers 2 --lengths 32768 --chunk-sizes 0 --kinds dense \
   --dump /tmp/xla-dump 2>&1 | quiet
 ls -S /tmp/xla-dump/*jit__lambda*memory-usage-report* 2>/dev/null | head -1 | xargs -r -I{} cp {} "$OUT/memory-report-2l-32k.txt"
-timeout ${T256:-110} python3 benchmarks/model_prefill.py --lengths 262144 --kinds xattention --no-natural \
+timeout ${T256:-100} python3 benchmarks/model_prefill.py --lengths 262144 --kinds xattention --no-natural \
   --target-densities 0.1 --out-dir "$OUT" --tag 256k 2>&1 | quiet
+timeout ${TCP:-60} python3 benchmarks/context_parallel.py --lengths 131072 --devices 1 --repeats 5 --out-dir "$OUT" \
+  --tag p1-128k 2>&1 | grep -E '^ +[0-9]|Error|error' | tail -4
