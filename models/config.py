@@ -41,7 +41,8 @@ class AttentionConfig:
     dense_implementation: `xattn_jax.dense_attention`'s implementation for dense layers, decode steps and dense
       models (prefill, chunked prefill, training): None lets `xattn_jax.dense_route` pick an O(T)-memory route for
       the platform (cuDNN flash attention, the block-sparse kernels with every block, or XLA's logits when they are
-      small); "cudnn", or backend name(s) of the block-sparse op ("xla", "pallas_mosaic_gpu", "pallas_tpu").
+      small); "cudnn" (self-attention; later chunks and decode steps keep the automatic route), or backend name(s)
+      of the block-sparse op ("xla", "pallas_mosaic_gpu", "pallas_tpu"; decode steps keep the one-pass route).
     batch_axis, head_axis, seq_axis: mesh axes attention is shard_mapped over when a mesh is set (`jax.set_mesh`):
       batch, heads, and the tokens of a prompt (sequence parallelism); axes the mesh lacks are ignored.
   """

@@ -126,9 +126,11 @@ class Attention(nnx.Module):
       return out, layout.density()
     # Dense: prefill (self-attention: one lengths array for queries and keys, which lets cuDNN serve), a later
     # chunk (query t at position kv_len - q_len + t) or a decode step; O(T) memory on every platform.
+    implementation = self.dense_implementation
+    if T == 1 or (implementation == "cudnn" and not self_attention):
+      implementation = None  # decode steps take the one-pass route; cuDNN cannot place a later chunk's queries
     kw = dict(is_causal=True, query_seq_lengths=q_lengths,
-              key_value_seq_lengths=q_lengths if self_attention else kv_lengths,
-              implementation=self.dense_implementation)
+              key_value_seq_lengths=q_lengths if self_attention else kv_lengths, implementation=implementation)
     mesh = current_mesh()
     if mesh is None or T == 1:  # a decode step is plain XLA: partitioned as the cache is (positions over "seq")
       out = xattn_jax.dense_attention(q, k, v, **kw)
