@@ -39,6 +39,24 @@ def bytes_received(*, T: int, S: int, N: int, K: int, H: int, P: int, block: int
   return dict(kv_gather=kv, reorder=reorder, total=kv + reorder)
 
 
+def needed_key_blocks(counts, indices, *, P: int, block: int) -> float:
+  """The fraction of key blocks that the attention of one device's queries selects (union over its query blocks
+  and heads, mean over devices and kv heads): what gathering only the selected K/V blocks would move, against all.
+  counts [B, N, nQb], indices [B, N, nQb, nKb] of the unsharded layout; device i owns zig-zag chunks i, 2P-1-i."""
+  B, N, nqb, nkb = indices.shape
+  per_chunk = -(-nqb // (2 * P))
+  fractions = []
+  for i in range(P):
+    rows = [r for c in (i, 2 * P - 1 - i) for r in range(c * per_chunk, min((c + 1) * per_chunk, nqb))]
+    used = np.zeros((B, N, nkb), bool)
+    for r in rows:
+      for b in range(B):
+        for n in range(N):
+          used[b, n, indices[b, n, r, :counts[b, n, r]]] = True
+    fractions.append(used.mean())
+  return float(np.mean(fractions))
+
+
 def run(args) -> dict:
   devices = jax.devices()
   rows = []
@@ -50,8 +68,9 @@ def run(args) -> dict:
     plain = jax.jit(lambda q, k, v: xa.xattention(q, k, v, **kw))
     want = plain(q, k, v)
     base = timed(plain, q, k, v, repeats=args.repeats)
-    density = float(jax.jit(lambda q, k, v: xa.xattention(q, k, v, return_block_layout=True, **kw)[1].density())(
-        q, k, v))
+    layout = jax.jit(lambda q, k, v: xa.xattention(q, k, v, return_block_layout=True, **kw)[1])(q, k, v)
+    density = float(layout.density())
+    counts, indices = np.asarray(layout.counts), np.asarray(layout.indices)
     rows.append(dict(T=T, P=1, what="xattention (unsharded)", ms=base["ms"], spread_ms=base["spread_ms"],
                      density=density, temp_gib=_temps(plain, q, k, v)))
     print(f"{T:>8} unsharded       {base['ms']:10.2f} ms  density {density:.3f}", flush=True)
@@ -67,16 +86,19 @@ def run(args) -> dict:
       got = fn(qs, ks, vs)
       diff = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
       t = timed(fn, qs, ks, vs, repeats=args.repeats)
+      needed = needed_key_blocks(counts, indices, P=P, block=args.block)
       moved = bytes_received(T=T, S=T, N=args.heads, K=args.kv_heads, H=args.head_dim, P=P, block=args.block,
                              itemsize=jnp.dtype(args.dtype).itemsize)
       row = dict(T=T, P=P, what="sharded_xattention seq", ms=t["ms"], spread_ms=t["spread_ms"],
                  speedup=base["ms"] / t["ms"], efficiency=base["ms"] / t["ms"] / P, temp_gib=_temps(fn, qs, ks, vs),
                  bytes_received_gib=moved["total"] / 2**30, kv_gather_gib=moved["kv_gather"] / 2**30,
-                 predicted_comm_ms=moved["total"] / (args.link_gb_s * 1e9) * 1e3, max_abs_diff=diff)
+                 predicted_comm_ms=moved["total"] / (args.link_gb_s * 1e9) * 1e3, max_abs_diff=diff,
+                 needed_kv_fraction=needed)
       rows.append(row)
       print(f"{T:>8} P={P:<2} {t['ms']:10.2f} ms  {row['speedup']:5.2f}x ({row['efficiency']:.0%} of linear)  "
             f"temps {row['temp_gib']:.2f} GiB/device  receives {row['bytes_received_gib']:.2f} GiB "
-            f"(~{row['predicted_comm_ms']:.1f} ms at {args.link_gb_s:g} GB/s)  max diff {diff:.1e}", flush=True)
+            f"(~{row['predicted_comm_ms']:.1f} ms at {args.link_gb_s:g} GB/s)  selected K/V {needed:.0%}  "
+            f"max diff {diff:.1e}", flush=True)
       del qs, ks, vs, got
   return dict(card=devices[0].device_kind, devices=len(devices), jax=jax.__version__,
               date=datetime.date.today().isoformat(), command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -97,12 +119,15 @@ def to_markdown(result: dict) -> str:
            f"B=1, {s['N']} query / {s['K']} kv heads of {s['H']}, {s['dtype']}, causal, tau {s['threshold']}, stride "
            f"{s['stride']}, LLM-like synthetic input. Predicted communication: bytes received per device / "
            f"{result['link_gb_s']:g} GB/s.", "",
+           "Selected K/V: the fraction of key blocks the device's own query blocks selected (union over them and its "
+           "heads) — what gathering only those would move.", "",
            "| T | P | what | ms | speedup | of linear | temps GiB/device | receives GiB | predicted comm ms | "
-           "max diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "selected K/V | max diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in result["rows"]:
     lines.append(f"| {r['T']} | {r['P']} | {r['what']} | {r['ms']:.2f} | {r.get('speedup', 1):.2f} | "
                  f"{r.get('efficiency', 1):.0%} | {r['temp_gib']:.2f} | {r.get('bytes_received_gib', 0):.2f} | "
-                 f"{r.get('predicted_comm_ms', 0):.1f} | {r.get('max_abs_diff', 0):.1e} |")
+                 f"{r.get('predicted_comm_ms', 0):.1f} | {r.get('needed_kv_fraction', 1):.0%} | "
+                 f"{r.get('max_abs_diff', 0):.1e} |")
   return "\n".join(lines) + "\n"
 
 

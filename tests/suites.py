@@ -334,8 +334,14 @@ KERNEL_CASES = [  # B, T, S, N, K, H, dtype, causal, with_lengths
     (1, 256, 384, 2, 1, 128, jnp.float16, True, False),
     (2, 130, 260, 2, 2, 64, jnp.float16, False, True),
 ]
-KERNEL_IDS = [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}"
-              for c in KERNEL_CASES]
+
+
+def case_ids(cases) -> list[str]:
+  """Test ids of (B, T, S, N, K, H, dtype, causal, ...) cases."""
+  return [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}" for c in cases]
+
+
+KERNEL_IDS = case_ids(KERNEL_CASES)
 
 
 class KernelAttentionSuite:
@@ -457,8 +463,7 @@ DENSE_CASES = [  # B, T, S, N, K, H, dtype, causal, with_lengths
     (2, 130, 130, 2, 1, 64, jnp.bfloat16, True, True),  # self-attention, one lengths array
     (1, 150, 400, 2, 2, 32, jnp.float32, False, True),
 ]
-DENSE_IDS = [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}"
-             for c in DENSE_CASES]
+DENSE_IDS = case_ids(DENSE_CASES)
 
 
 class DenseAttentionSuite:
