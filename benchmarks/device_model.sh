@@ -5,7 +5,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 quiet() { grep -v '^|' | grep -E '^ +[0-9]|^decode|^dense|^xattention|Error|error' | tail -24; }
-timeout ${T128:-240} python3 benchmarks/model_prefill.py --lengths 131072 --extra-stride 16 --out-dir "$OUT" \
+timeout ${T128:-240} python3 benchmarks/model_prefill.py --lengths 131072 --extra-stride 16 --no-natural --out-dir "$OUT" \
   --tag 128k --repeats 1 2>&1 | quiet
 timeout ${TDEC:-90} python3 benchmarks/model_prefill.py --sections decode --decode-contexts 32768,131072 \
   --decode-batches 1,4,8 --out-dir "$OUT" --tag decode 2>&1 | quiet
