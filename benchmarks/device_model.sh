@@ -5,14 +5,15 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 quiet() { grep -v '^|' | grep -E '^ +[0-9]|^decode|^dense|^xattention|Error|error' | tail -24; }
-timeout ${T128:-240} python3 benchmarks/model_prefill.py --lengths 131072 --extra-stride 16 --no-natural --out-dir "$OUT" \
+timeout ${T128:-240} python3 benchmarks/model_prefill.py --lengths 131072 ${EXTRA128---extra-stride 16} --no-natural --out-dir "$OUT" \
   --tag 128k --repeats 1 2>&1 | quiet
 timeout ${TDEC:-90} python3 benchmarks/model_prefill.py --sections decode --decode-contexts 32768,131072 \
-  --decode-batches 1,4,8 --out-dir "$OUT" --tag decode 2>&1 | quiet
+  --decode-batches ${DECB:-1,4,8} --out-dir "$OUT" --tag decode 2>&1 | quiet
 timeout ${T256:-90} python3 benchmarks/model_prefill.py --lengths 262144 --kinds xattention --no-natural \
   --target-densities 0.1 --out-dir "$OUT" --tag 256k 2>&1 | quiet
 timeout ${TCP:-50} python3 benchmarks/context_parallel.py --lengths 131072 --devices 1 --repeats 5 --out-dir "$OUT" \
   --tag p1-128k 2>&1 | grep -E '^ +[0-9]|Error|error' | tail -4
+[ "${DUMP:-1}" = 0 ] && exit 0
 timeout 30 python3 benchmarks/prefill_memory.py --layers 2 --lengths 32768 --chunk-sizes 0 --kinds dense \
   --dump /tmp/xla-dump 2>&1 | quiet
 ls -S /tmp/xla-dump/*jit__lambda*memory-usage-report* 2>/dev/null | head -1 | xargs -r -I{} cp {} "$OUT/memory-report-2l-32k.txt"
