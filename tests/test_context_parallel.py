@@ -79,7 +79,8 @@ def test_bad_axes():
     sharded_dense_attention(q, k, v, mesh=mesh, batch_axis=None, seq_axis="seq", implementation="cudnn")
 
 
-@pytest.mark.parametrize("data,seq,tensor", [(1, 8, 1), (1, 4, 2), (2, 2, 2)])
+@pytest.mark.parametrize("data,seq,tensor", [pytest.param(1, 8, 1, marks=pytest.mark.slow),
+                                             pytest.param(1, 4, 2, marks=pytest.mark.slow), (2, 2, 2)])
 def test_model_prefill_and_decode_on_a_seq_mesh(data, seq, tensor):
   """A Generator on a mesh with a "seq" axis: prompts split over the devices, the KV cache split by positions; the
   logits and the greedy tokens equal the unsharded model's."""
