@@ -190,9 +190,9 @@ class Generator:
 
   def _check_prompts(self, prompts) -> np.ndarray:
     """The prompts' lengths, after checking them all (before any device work)."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or len(prompts) == 0:
       raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} "
-                       f"{'of length 0' if isinstance(prompts, Sequence) else ''}".rstrip())
+                       f"{'of length 0' if isinstance(prompts, (Sequence, np.ndarray)) else ''}".rstrip())
     vocab = self.config.vocab_size
     lengths = []
     for i, p in enumerate(prompts):
