@@ -11,7 +11,7 @@ function, `dense_route`, decides how:
     DECODE   a decode step (T = 1): one pass over K and V in their        the [B, N, S] logits: O(S)
              [B, S, K, H] layout (a multiply-reduce, not a dot, whose
              batch dims would make XLA transpose the whole cache)
-    LOGITS   logits of at most 64 MiB (short prompts)                     the [B, N, T, S] logits
+    LOGITS   logits of at most 256 MiB (short prompts)                    the [B, N, T, S] logits
     BLOCKS   everything else: chunked prefill (T < S), TPUs, CPUs,        one query chunk's block tables and
              float32                                                      working set: the block-sparse kernels of
                                                                           the platform with every allowed block
@@ -34,9 +34,9 @@ from xattn_jax.config import normalize_implementation
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.ops import _xattention  # the public op's query-chunk loop, run in its dense mode
 
-# Logits up to this many float32 elements (64 MiB) are materialized: a decode step, a short prompt. Beyond it the
-# blockwise route runs.
-_LOGITS_BUDGET_ELEMENTS = 16 * 2**20
+# Logits up to this many float32 elements (256 MiB: e.g. 32 heads x 1.4K x 1.4K tokens) are materialized: short
+# prompts, where XLA's fused dense attention is the fastest route on a CPU. Beyond it the blockwise route runs.
+_LOGITS_BUDGET_ELEMENTS = 64 * 2**20
 # Bytes of the dense layout's index table per query chunk of the BLOCKS route (nKb int32 per row and head).
 _DENSE_TABLE_BUDGET_BYTES = 256 * 2**20
 _BLOCK_SIZE = 128  # the kernels' native block
