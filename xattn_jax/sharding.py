@@ -12,6 +12,8 @@ attention. Works with every backend (the Pallas kernels run per device).
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 from jax.sharding import PartitionSpec as P
 
@@ -21,8 +23,12 @@ from xattn_jax.layout import BlockLayout
 from xattn_jax.context_parallel import chunk_tokens, sequence_parallel
 from xattn_jax.ops import _xattention, prepare_xattention, xattention
 
-_XATTENTION_DEFAULTS = dict(scale=None, is_causal=False, stride=8, block_size=128, keep_sink=True, keep_diagonal=True,
-                            query_chunk_size=None, implementation=None, interpret=False)
+# xattention's keyword defaults that `prepare_xattention` needs, read from its signature so that they cannot drift.
+_XATTENTION_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(xattention).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+    and name not in ("query_seq_lengths", "key_value_seq_lengths", "threshold", "return_block_layout")
+}
 
 
 def _xattention_defaults(kwargs: dict) -> dict:
