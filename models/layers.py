@@ -71,11 +71,18 @@ class MLP(nnx.Module):
     c = self.chunk_tokens
     if c is None or rows <= c:
       return self._mlp(x)
-    flat = x.reshape(rows, D)
     n = rows // c
-    # lax.map (a scan with per-chunk outputs) rather than a loop writing into a buffer: its gradient keeps one
-    # chunk's residuals per step, not a copy of the whole output per step.
-    out = jax.lax.map(self._mlp, flat[:n * c].reshape(n, c, D)).reshape(n * c, D)
+    dtype = jax.eval_shape(self._mlp, jax.ShapeDtypeStruct((c, D), x.dtype)).dtype
+
+    def chunk(i, buf):  # rows [i c, (i + 1) c) still hold the input: read them, then write their output over them
+      start = i * c
+      return jax.lax.dynamic_update_slice_in_dim(buf, self._mlp(jax.lax.dynamic_slice_in_dim(buf, start, c)),
+                                                 start, axis=0)
+
+    # The loop's buffer is the input itself, not a zero-filled output: XLA's GPU compiler fuses the zero fills of
+    # every layer into one kernel at the start of the program and so held one [T, D] buffer per layer to the end
+    # (8 KB per token per layer in an 8B model). Under reverse mode each step keeps one chunk's residuals.
+    out = jax.lax.fori_loop(0, n, chunk, x.reshape(rows, D).astype(dtype))
     if rows % c:
-      out = jnp.concatenate([out, self._mlp(flat[n * c:])])
-    return out.reshape(x.shape)
+      out = jax.lax.dynamic_update_slice_in_dim(out, self._mlp(out[n * c:]), n * c, axis=0)
+    return out.reshape(x.shape[:-1] + (out.shape[-1],))

@@ -92,9 +92,10 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(B, T, K, H)
     if cache is not None:
       cache = LayerCache(_write(cache.k, k, offsets), _write(cache.v, v, offsets))
-      # The writes are sinks nothing reads before the program ends, and XLA's scheduler may defer them, keeping
-      # every layer's k and v alive (32 layers x 4 KB per token in an 8B model). The barrier makes them happen
-      # before this layer's attention.
+      # The writes are sinks nothing reads before the program ends, and XLA's GPU scheduler may defer them: in an
+      # XAttention prefill on the H200 it put every layer's cache writes after the last layer's attention, holding
+      # each layer's k and v to the end (4 KB per token per layer in an 8B model; 16 GiB at 128K). The barrier
+      # makes them happen before this layer's attention.
       k, v, cache = jax.lax.optimization_barrier((k, v, cache))
     if self_attention:  # T == S, query t at position t
       keys, values, kv_lengths = k, v, q_lengths

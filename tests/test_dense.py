@@ -15,6 +15,7 @@ from models.generate import Generator
 from models.transformer import Transformer
 from tests import suites
 from tests.conftest import random_qkv
+from tests.hlo_checks import zero_filled_loop_buffers
 
 R = xa.DenseRoute
 
@@ -100,6 +101,16 @@ def test_long_prefill_memory_is_linear(attention):
   materialized logits)."""
   assert _temps_gib(attention, 32768, 32768) < 1.0
   assert _temps_gib(attention, 4096, 32768) < 1.0
+
+
+def test_query_chunk_loop_fills_no_query_sized_buffer():
+  """The op's query-chunk loop (also dense_attention's block route) writes its output over its copy of q: no
+  zero-filled [B, T, N, H] buffer, which XLA's GPU compiler would hold from the program's start, one per layer of a
+  model (hlo_checks). The XLA reference's own accumulators are one query chunk's size."""
+  q, k, v = random_qkv(6, B=1, T=1024, S=1024, N=4, K=2, H=16)
+  fn = lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=0.9, query_chunk_size=256)
+  text = jax.jit(fn).lower(q, k, v).as_text(dialect="hlo")
+  assert " while(" in text and zero_filled_loop_buffers(text, q.size) == []
 
 
 def test_dense_chunked_prefill_equals_one_shot_on_the_block_route():

@@ -13,8 +13,10 @@ from flax import nnx
 import xattn_jax as xa
 from models.config import AttentionConfig, ModelConfig, llama3_1_8b, smollm2_135m
 from models.generate import Generator, sample
+from models.layers import MLP
 from models.transformer import Transformer
 from tests.conftest import checked_jit, run_checked
+from tests.hlo_checks import zero_filled_loop_buffers
 
 TINY = ModelConfig(vocab_size=97, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
                    qkv_bias=True)
@@ -188,6 +190,23 @@ def test_mlp_chunks_change_nothing():
                                                    tokens)), np.asarray(whole), atol=2e-6, rtol=2e-6)
   with pytest.raises(ValueError, match="mlp_chunk_tokens=0"):
     dataclasses.replace(TINY, mlp_chunk_tokens=0)
+
+
+def test_mlp_chunk_loop_gradient_and_buffers():
+  """The chunk loop writes over its input (no zero-filled [T, D] buffer, see hlo_checks) and differentiates like
+  the unchunked MLP."""
+  x = jax.random.normal(jax.random.key(0), (1, 100, TINY.d_model))
+  loss = lambda mlp, x: jnp.sum(jnp.sin(mlp(x)))
+  grads = {}
+  for chunk in (None, 16):
+    mlp = MLP(TINY.d_model, TINY.mlp_dim, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(3),
+              chunk_tokens=chunk)
+    grads[chunk] = jax.grad(loss, argnums=(0, 1))(mlp, x)
+    if chunk:
+      text = jax.jit(lambda x: mlp(x)).lower(x).as_text(dialect="hlo")
+      assert " while(" in text and zero_filled_loop_buffers(text, 16 * TINY.d_model) == []
+  for got, want in zip(jax.tree_util.tree_leaves(grads[16]), jax.tree_util.tree_leaves(grads[None])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
 def test_sampling():

@@ -262,6 +262,12 @@ def prepare_xattention(query, key, value, *, scale, is_causal, query_seq_lengths
   return Geometry.from_lengths(q_lengths, kv_lengths), tau, static
 
 
+def _output_buffer(q, out_shape):
+  """The chunk loop's output buffer [B, T, N, Hv]: q itself where the shapes allow (see `_xattention`)."""
+  shape = q.shape[:-1] + out_shape.shape[-1:]
+  return q.astype(out_shape.dtype) if shape == q.shape else jnp.zeros(shape, out_shape.dtype)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -297,13 +303,15 @@ def _xattention(
     out, layout = one_chunk(q, geometry)
     return (out, layout) if return_block_layout else (out,)
 
-  # Whole chunks in a loop, then the ragged tail (if any) as one smaller static chunk. Each chunk reads its queries
-  # with a dynamic slice and writes its rows into the output in place, so no chunked copy of q or of the output
-  # exists: the memory beyond q/k/v/out is one chunk's scores, tables and attention temporaries.
+  # Whole chunks in a loop, then the ragged tail (if any) as one smaller static chunk. The loop's buffer starts as q
+  # itself: each chunk reads its queries from it with a dynamic slice and writes its output rows over them, so no
+  # chunked copy of q and no zero-filled output exists (XLA's GPU compiler fuses the zero fills of all of a model's
+  # layers into one kernel at the program's start, holding one q-sized buffer per layer): the memory beyond
+  # q/k/v/out is one chunk's scores, tables and attention temporaries.
   n_full, tail = divmod(T, chunk)
 
-  def run_chunk(start, size):
-    return one_chunk(lax.dynamic_slice_in_dim(q, start, size, axis=1), geometry.chunk(start, size))
+  def run_chunk(buf, start, size):
+    return one_chunk(lax.dynamic_slice_in_dim(buf, start, size, axis=1), geometry.chunk(start, size))
 
   def parts(layout):
     return (layout.counts, layout.indices, layout.num_allowed) if return_block_layout else ()
@@ -316,12 +324,12 @@ def _xattention(
     return out, tables
 
   nqb = cdiv(T, block_size)
-  shapes = parts(jax.eval_shape(lambda: run_chunk(0, chunk))[1])
-  tables = tuple(jnp.zeros(x.shape[:2] + (nqb,) + x.shape[3:], x.dtype) for x in shapes)
-  carry = lax.fori_loop(0, n_full, lambda c, carry: write(carry, c * chunk, run_chunk(c * chunk, chunk)),
-                        (jnp.zeros_like(q), tables))
+  out_shape, layout_shape = jax.eval_shape(lambda: run_chunk(q, 0, chunk))
+  tables = tuple(jnp.zeros(x.shape[:2] + (nqb,) + x.shape[3:], x.dtype) for x in parts(layout_shape))
+  carry = lax.fori_loop(0, n_full, lambda c, carry: write(carry, c * chunk, run_chunk(carry[0], c * chunk, chunk)),
+                        (_output_buffer(q, out_shape), tables))
   if tail:
-    carry = write(carry, n_full * chunk, run_chunk(n_full * chunk, tail))
+    carry = write(carry, n_full * chunk, run_chunk(carry[0], n_full * chunk, tail))
   out, tables = carry
   if not return_block_layout:
     return (out,)

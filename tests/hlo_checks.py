@@ -1,0 +1,28 @@
+"""Checks on a lowered program's HLO text (what XLA is given, before its own passes)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+
+def zero_filled_loop_buffers(hlo_text: str, min_elements: int) -> list[str]:
+  """Shapes of the while loops' initial buffers that are a broadcast constant (a zero fill) of >= min_elements.
+
+  XLA's GPU compiler fuses operand-free fills of every layer into one kernel at the program's start, so each such
+  buffer is held from the start of the program to its loop: one per layer (found on the H200 at 128K tokens)."""
+  lines = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?([\w.\-]+) = (.*)$", line)
+    if m:
+      lines[m.group(1)] = m.group(2)
+  found = []
+  for rhs in lines.values():
+    loop = re.search(r" while\(([\w.\-]+)\)", rhs)
+    init = re.search(r" tuple\(([^)]*)\)", lines.get(loop.group(1), "")) if loop else None
+    for operand in init.group(1).split(",") if init else ():
+      fill = re.match(r"(\w+)\[([\d,]*)\]\S* broadcast\(([\w.\-]+)\)", lines.get(operand.strip(), ""))
+      if fill and " constant(" in lines.get(fill.group(3), ""):
+        if math.prod(int(d) for d in fill.group(2).split(",") if d) >= min_elements:
+          found.append(f"{fill.group(1)}[{fill.group(2)}]")
+  return found
