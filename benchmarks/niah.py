@@ -455,10 +455,11 @@ def write_report(path_md: pathlib.Path, summary: dict, env: dict, fidelity: dict
       for L in lengths:
         c = next((c for c in summary["cells"] if (c["task"], c["length"], c["config"]) == (task, L, config)), None)
         if c is None:
-          row += ["", "", ""]
+          row += ["not run", "", ""]
           continue
         v = c.get("vs_dense")
-        delta = f"{100 * v['diff']:+.1f} ± {100 * v['se']:.1f} [{v['discordant']}]" if v else ""
+        delta = (f"{100 * v['diff']:+.1f} ± {100 * v['se']:.1f} [{v['discordant']}]" if v else
+                 "(reference)" if config == "dense" else "n/a (no dense run on these samples)")
         row += [_fmt_acc(c), delta, f"{c['density']:.3f}"]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -494,21 +495,30 @@ def plot_accuracy_density(path: pathlib.Path, summary: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  # Colour = prompt length, marker = config, each named once in a legend (labels next to the points overlapped).
+  from matplotlib.lines import Line2D
+
+  fig, ax = plt.subplots(figsize=(8, 4.8))
+  markers = "osv^DPX*<>hpd"
+  configs = summary["configs"]
+  colors = {}
   for L in summary["lengths"]:
-    cells = [c for c in summary["cells"] if c["task"] == "all" and c["length"] == L]
-    xs = [c["density"] for c in cells]
-    ys = [100 * c["accuracy"] for c in cells]
-    es = [100 * c["se"] for c in cells]
-    line = ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=f"{L} tokens")
-    for c, x, y in zip(cells, xs, ys):
-      ax.annotate(c["config"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
-                  color=line[0].get_color())
+    for i, config in enumerate(configs):
+      c = next((c for c in summary["cells"] if (c["task"], c["length"], c["config"]) == ("all", L, config)), None)
+      if c is None:
+        continue
+      line = ax.errorbar([c["density"]], [100 * c["accuracy"]], yerr=[100 * c["se"]], fmt=markers[i % len(markers)],
+                         capsize=3, color=colors.get(L), alpha=0.85)
+      colors.setdefault(L, line[0].get_color())
   ax.set_xlabel("selected block density (fraction of causal blocks)")
   ax.set_ylabel("accuracy (%), all tasks pooled")
   ax.set_title("RULER-style accuracy vs XAttention block density")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  lengths = ax.legend([Line2D([], [], color=col, marker="o", linestyle="") for col in colors.values()],
+                      [f"{L} tokens" for L in colors], fontsize=8, loc="lower right", title="length")
+  ax.add_artist(lengths)
+  ax.legend([Line2D([], [], color="grey", marker=markers[i % len(markers)], linestyle="") for i in range(len(configs))],
+            configs, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="config")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

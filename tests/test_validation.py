@@ -118,6 +118,8 @@ TRACED = [
     (scores, dict(query_seq_lengths=jnp.array([30, 30]), key_value_seq_lengths=jnp.array([20, 48])),
      "query_seq_lengths must be <= key_value_seq_lengths"),
     (xattn, dict(threshold=jnp.array([0.5, -1.0, 0.5, 0.5])), "threshold must lie in [0, inf)"),
+    (xattn, dict(threshold=jnp.float32(-0.5)), "threshold must lie in [0, inf)"),  # a traced scalar under jit
+    (xattn, dict(threshold=jnp.float32(jnp.nan)), "threshold must lie in [0, inf)"),
     (select, dict(scores=SCORES.at[0, 0, 0, 0].set(jnp.inf)), "scores must be finite"),
     (attend, dict(layout=_layout_with(indices=GOOD_LAYOUT.indices.at[0, 0, 0, 0].set(7))),
      "layout.indices must lie in [0, 3)"),

@@ -195,7 +195,8 @@ def xattention(
     is_causal: causal attention, bottom-right aligned (query t at position k_b - q_b + t).
     query_seq_lengths: optional int [B], real queries per batch element (right padding).
     key_value_seq_lengths: optional int [B], real keys per batch element.
-    threshold: tau, a float or a float array [N] in [0, inf); tau >= 1 is dense attention.
+    threshold: tau, a float or a float array [N] in [0, inf); tau >= 1 is dense attention. A Python float is checked
+      at once; a traced one (under jit) only inside `jax.experimental.checkify` (plain jit cannot raise on values).
     stride: antidiagonal stride (divides block_size).
     block_size: tokens per block.
     keep_sink: always keep key block 0.
