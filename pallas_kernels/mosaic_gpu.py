@@ -8,15 +8,36 @@ takes SMEM operands only).
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 from xattn_jax.backends import Backend
 
 
-def _check_platform(interpret: bool) -> None:
+# Host threads the CPU interpreter runs each kernel as (its warpgroups and copy engines, each a jitted computation on
+# its own thread, waiting on the others at barriers). Measured on a 2-core host: with fewer XLA runtime threads than
+# this the kernel deadlocks at 0% CPU (scores and forward need 3, the backward 4).
+INTERPRETER_THREADS = {"scores": 3, "attention": 3, "attention_bwd": 4}
+
+
+def _xla_cpu_threads() -> int:
+  """Computations XLA's CPU runtime runs at once: one per core, or per host device if there are more."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return max(cores, len(jax.devices("cpu")))
+
+
+def _check_platform(interpret: bool, op: str) -> None:
   if not interpret and jax.default_backend() != "gpu":
     raise NotImplementedError(f"pallas_mosaic_gpu needs a CUDA GPU (default backend is {jax.default_backend()!r}); "
                               "pass interpret=True to run the kernels in the CPU interpreter")
+  needed, available = INTERPRETER_THREADS[op], _xla_cpu_threads()
+  if interpret and available < needed:
+    raise RuntimeError(
+        f"the Mosaic GPU interpreter runs this {op} kernel as {needed} host threads that wait on each other, and "
+        f"XLA's CPU runtime here runs {available} at a time (the larger of the CPU cores and the host devices): it "
+        "would hang. Start Python with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set before JAX is "
+        "imported), or run on a machine with more cores.")
 
 
 def _persistent_grid(interpret: bool) -> dict:
@@ -34,13 +55,13 @@ def backend() -> Backend:
 
   def scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret):
     del query_chunk_size  # the caller (xattention) bounds the per-row partial sums by chunking the queries
-    _check_platform(interpret)
+    _check_platform(interpret, "scores")
     return scores_kernel.antidiagonal_scores(q, k, geometry, stride=stride, block_size=block_size, causal=causal,
                                              scale=scale, interpret=interpret)
 
   def attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret):
     del query_chunk_size  # the kernel's memory does not grow with T
-    _check_platform(interpret)
+    _check_platform(interpret, "attention")
     config = attention_kernel.TuningConfig(pv_operand="smem" if interpret else "registers",
                                            **_persistent_grid(interpret))
     return attention_kernel.block_sparse_attention(
@@ -50,7 +71,7 @@ def backend() -> Backend:
   def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale, query_chunk_size,
                     interpret):
     del query_chunk_size  # neither kernel's memory grows with T or S
-    _check_platform(interpret)
+    _check_platform(interpret, "attention_bwd")
     config = backward_kernels.BackwardConfig(operand="smem" if interpret else "registers")
     return backward_kernels.block_sparse_attention_bwd(
         q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale, config=config,

@@ -166,3 +166,36 @@ class TestDenseMosaicGpuInterpret(suites.DenseAttentionSuite):
   @pytest.mark.parametrize("case", [(2, 200, 328, 2, 1, 64, jnp.bfloat16, True, True)], ids=["chunk-after-cache"])
   def test_matches_oracle(self, case):
     self.check(case)
+
+
+_INTERPRET_ALONE = """
+import jax, jax.numpy as jnp, xattn_jax as xa
+q = jax.random.normal(jax.random.key(0), (1, 256, 2, 64), jnp.bfloat16)
+try:
+  xa.antidiagonal_scores(q, q, implementation="pallas_mosaic_gpu", interpret=True).block_until_ready()
+  print("ran")
+except RuntimeError as e:
+  print(e)
+"""
+
+
+def test_the_interpreter_refuses_rather_than_hangs_with_too_few_xla_threads():
+  """Without tests/conftest.py's XLA_FLAGS, as a user runs it: on a 2-core host the interpreter used to sit at 0% CPU
+  forever; now it raises and names the flag (or, with enough cores, just runs)."""
+  import os
+  import subprocess
+  import sys
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "-c", _INTERPRET_ALONE], env=env, capture_output=True, text=True, timeout=300)
+  out = done.stdout.strip()
+  assert done.returncode == 0 and (out == "ran" or "--xla_force_host_platform_device_count" in out), done.stderr[-2000:]
+
+
+def test_the_interpreter_thread_check(monkeypatch):
+  from pallas_kernels import mosaic_gpu
+
+  q = jax.random.normal(jax.random.key(0), (1, 128, 2, 64), jnp.bfloat16)
+  monkeypatch.setattr(mosaic_gpu, "_xla_cpu_threads", lambda: 2)
+  with pytest.raises(RuntimeError, match="runs 2 at a time.*xla_force_host_platform_device_count=8"):
+    xa.antidiagonal_scores(q, q, implementation="pallas_mosaic_gpu", interpret=True)
