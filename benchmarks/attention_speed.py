@@ -205,10 +205,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.pipeline < 1:
     parser.error(f"--pipeline {args.pipeline} must be >= 1")
-  xa.set_traced_checks(args.traced_checks == "on")
   if args.repeats < 20:
     print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)
-  result = run(args)
+  with xa.traced_checks(args.traced_checks == "on"):
+    result = run(args)
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   stem = f"{result['card'].replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")

@@ -70,6 +70,12 @@ def device_kernels(fn, *args, calls: int = 5) -> tuple[dict, float]:
 
 
 def main(argv=None) -> int:
+  with xa.traced_checks(False):  # production dispatch: no checkify effects in the timed programs
+    return _main(argv)
+
+
+
+def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ints = lambda s: [int(x) for x in s.split(",") if x]
   parser.add_argument("--lengths", type=ints, default=[32768])
@@ -87,7 +93,6 @@ def main(argv=None) -> int:
   unknown = set(args.variants) - set(VARIANTS)
   if unknown:
     parser.error(f"--variants {sorted(unknown)} not in {sorted(VARIANTS)}")
-  xa.set_traced_checks(False)
   kernel = importlib.import_module(args.module)
   heads, head_dim = 32, 128
   device = jax.devices()[0]

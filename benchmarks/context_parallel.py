@@ -150,8 +150,8 @@ def main(argv=None) -> int:
   parser.add_argument("--out-dir", default="benchmarks/results")
   parser.add_argument("--tag", default="run")
   args = parser.parse_args(argv)
-  xa.set_traced_checks(False)
-  result = run(args)
+  with xa.traced_checks(False):
+    result = run(args)
   out = pathlib.Path(args.out_dir) / "context_parallel" / result["card"].replace(" ", "_")
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"{result['date']}-{args.tag}"

@@ -363,6 +363,12 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
+  with xa.traced_checks(False):  # production dispatch: no checkify effects in the timed programs
+    return _main(argv)
+
+
+
+def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ints = lambda s: [int(x) for x in s.split(",") if x]
   floats = lambda s: [float(x) for x in s.split(",") if x]
@@ -395,7 +401,6 @@ def main(argv=None) -> int:
     parser.error(f"--sections {args.sections}: choose from prefill, decode")
   if "decode" not in sections:
     args.decode_contexts = []
-  xa.set_traced_checks(False)  # production dispatch: no checkify effects in the model's programs
   model = make_model(args)
   card = jax.devices()[0].device_kind
   result = dict(card=card, jax=jax.__version__, date=datetime.date.today().isoformat(),

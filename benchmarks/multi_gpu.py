@@ -31,13 +31,17 @@ from attention_speed import timed  # run as `python benchmarks/multi_gpu.py`: be
 
 
 def main(argv=None) -> int:
+  with xa.traced_checks(False):  # the ops timed without the dispatch cost of traced checks
+    return _main(argv)
+
+
+def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--length", type=int, default=16384)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out-dir", default="benchmarks/results")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on CPU devices")
   args = parser.parse_args(argv)
-  xa.set_traced_checks(False)
   n = jax.device_count()
   rows = []
   q, k, v = llm_like_qkv(jax.random.key(0), batch=2, seq_len=args.length, num_heads=32, num_kv_heads=8, head_dim=128)

@@ -108,6 +108,12 @@ def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, 
 
 
 def main(argv=None) -> int:
+  with xa.traced_checks(False):  # production dispatch: no checkify effects in the timed programs
+    return _main(argv)
+
+
+
+def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
   parser.add_argument("--steps", type=int, default=None)
@@ -128,7 +134,6 @@ def main(argv=None) -> int:
                            "(query offset s-1-a meets key offset a only at a = (s-1)/2), so shift 0 hides the copy "
                            "source from it; an odd shift does not")
   args = parser.parse_args(argv)
-  xa.set_traced_checks(False)
   preset = dict(PRESETS[args.preset])
   if args.steps:
     preset["steps"] = args.steps

@@ -76,17 +76,6 @@ def lengths_pair(seed, *, B, T, S, causal=True):
   return jnp.asarray(q, jnp.int32), jnp.asarray(kv, jnp.int32)
 
 
-@pytest.fixture(autouse=True)
-def _restore_traced_checks():
-  """A test (or a benchmark's main it calls) that turns xattn_jax's traced checks off must not leave them off for
-  the tests that run after it in the same process."""
-  from xattn_jax import _checks
-
-  previous = _checks.set_traced_checks(_checks._traced_checks)
-  yield
-  _checks.set_traced_checks(previous)
-
-
 @pytest.fixture
 def checked():
   return run_checked

@@ -120,7 +120,7 @@ def test_benchmark_script_runs_at_toy_size(tmp_path):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
   import context_parallel
 
-  with xa.traced_checks(True):  # the script's main turns them off; restored on return
+  with xa.traced_checks(True):  # the script's main turns them off inside its own block
     assert context_parallel.main(["--lengths", "1024", "--devices", "1,2,4", "--heads", "4", "--kv-heads", "2",
                                   "--head-dim", "16", "--dtype", "float32", "--repeats", "1",
                                   "--out-dir", str(tmp_path)]) == 0

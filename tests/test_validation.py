@@ -200,3 +200,17 @@ def test_traced_checks_can_be_turned_off_for_fast_dispatch():
   with pytest.raises(ValueError):  # eager calls always check
     with xa.traced_checks(False):
       scores(**bad)
+
+
+def test_traced_checks_switch_is_scoped():
+  """Only a context manager turns the checks off, and only inside its block (also when the block raises)."""
+  from xattn_jax import _checks
+
+  assert not hasattr(xa, "set_traced_checks") and _checks.traced_checks_enabled()
+  with pytest.raises(RuntimeError):
+    with xa.traced_checks(False):
+      with xa.traced_checks(True):
+        assert _checks.traced_checks_enabled()
+      assert not _checks.traced_checks_enabled()
+      raise RuntimeError("leaves the block")
+  assert _checks.traced_checks_enabled()

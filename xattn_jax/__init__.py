@@ -1,6 +1,6 @@
 """xattn-jax: XAttention (block-sparse attention with antidiagonal scoring) for JAX."""
 
-from xattn_jax._checks import set_traced_checks, traced_checks
+from xattn_jax._checks import traced_checks
 from xattn_jax.config import XAttentionConfig
 from xattn_jax.dense import DenseRoute, dense_attention, dense_route
 from xattn_jax.layout import BlockLayout, allowed_blocks
@@ -20,7 +20,6 @@ __all__ = [
     "dense_attention",
     "dense_route",
     "select_blocks",
-    "set_traced_checks",
     "sharded_xattention",
     "traced_checks",
     "xattention",

@@ -5,12 +5,13 @@ Two kinds of checks:
 - value checks (sequence lengths, block tables, thresholds given as arrays) raise ValueError when the values are
   concrete (eager calls) and become `checkify.debug_check`s when traced: no-ops under plain `jax.jit`, real checks
   when the caller wraps the computation in `checkify.checkify` (the tests always do). `traced_checks(False)` drops
-  them from new traces (faster dispatch; see `set_traced_checks`).
+  them from traces made inside it (faster dispatch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 
@@ -23,25 +24,26 @@ _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 # Traced value checks give the enclosing jitted computation an effect, and JAX dispatches effectful computations on
 # a slower path (measured: +0.03 ms per call on a CPU, +0.2-0.3 ms on an H100). On by default so that checkify
-# always sees them; production code that wants the fast dispatch turns them off before tracing.
-_traced_checks = os.environ.get("XATTN_JAX_TRACED_CHECKS", "1") != "0"
+# always sees them; code that wants the fast dispatch traces inside `traced_checks(False)`. A context variable, set
+# only by that context manager: nothing can leave the checks off for the rest of a process (a module-wide switch set
+# by a benchmark's main once turned them off for every test run after it).
+_TRACED_CHECKS = contextvars.ContextVar("xattn_jax_traced_checks",
+                                        default=os.environ.get("XATTN_JAX_TRACED_CHECKS", "1") != "0")
 
 
-def set_traced_checks(enabled: bool) -> bool:
-  """Turns the checkify value checks of traced inputs on or off (for later traces); returns the previous setting."""
-  global _traced_checks
-  previous, _traced_checks = _traced_checks, bool(enabled)
-  return previous
+def traced_checks_enabled() -> bool:
+  return _TRACED_CHECKS.get()
 
 
 @contextlib.contextmanager
 def traced_checks(enabled: bool):
-  """Context manager form of `set_traced_checks`. Affects functions traced inside it (jit caches keep the old)."""
-  previous = set_traced_checks(enabled)
+  """Within the block, functions traced (jitted) include the checkify value checks or not; restored on exit. Affects
+  tracing only: jit caches keep what was traced before."""
+  token = _TRACED_CHECKS.set(bool(enabled))
   try:
     yield
   finally:
-    set_traced_checks(previous)
+    _TRACED_CHECKS.reset(token)
 
 
 def concrete_value(x) -> np.ndarray | None:
@@ -58,7 +60,7 @@ def enforce(pred, message: str) -> None:
   """Raises ValueError(message) if concrete `pred` has a False entry; a checkify debug check if traced."""
   value = concrete_value(pred)
   if value is None:
-    if _traced_checks:
+    if _TRACED_CHECKS.get():
       checkify.debug_check(jnp.all(pred), message)
   elif not bool(np.all(value)):
     raise ValueError(message)
