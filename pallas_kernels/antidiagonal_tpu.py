@@ -55,6 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import check_budget
 from xattn_jax.geometry import Geometry, cdiv
 
 BLOCK = 128
@@ -326,7 +327,7 @@ def antidiagonal_scores(
   vmem = vmem_bytes(tiles, head_dim=H, dtype=q.dtype)
   if vmem > VMEM_BUDGET_BYTES:
     raise NotImplementedError(f"pallas_tpu antidiagonal_scores needs {vmem} B of VMEM > {VMEM_BUDGET_BYTES} (S={S})")
-  assert smem_bytes(batch=B) <= SMEM_BUDGET_BYTES
+  check_budget("pallas_tpu antidiagonal_scores", "SMEM", smem_bytes(batch=B), SMEM_BUDGET_BYTES)
   s, hps = stride, tiles.heads_per_step
   tq, tk = tiles.q_rows * s, tiles.kv_rows * s
   qr = strided_rows(q, geometry.q_lengths, stride=s, padded_len=tiles.num_q_tiles * tq, reverse=True)

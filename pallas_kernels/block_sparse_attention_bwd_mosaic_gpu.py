@@ -74,13 +74,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse_attention_mosaic_gpu import supports, unmasked_prefix
+from pallas_kernels.common import SM90_SMEM_BYTES, pad_tokens
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout, transposed_layout
 
 _LOG2E = math.log2(math.e)
 _BLOCK = 128  # layout block: query rows per dQ CTA, key rows per dK/dV CTA
 _ROWS = 64  # rows per consumer warpgroup (the wgmma M)
-_SMEM_BYTES = 227 * 1024  # per CTA on sm_90 (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+_SMEM_BYTES = SM90_SMEM_BYTES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -407,9 +408,6 @@ def masked_visits(t_counts: jax.Array, t_indices: jax.Array, geometry: Geometry,
   return jnp.sum(needs, axis=-1, dtype=jnp.int32)
 
 
-def _pad_tokens(x, length):
-  return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
-
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
 def block_sparse_attention_bwd(
@@ -447,8 +445,8 @@ def block_sparse_attention_bwd(
 
   lse2, dd = row_stats(out, lse, d_out, d_lse, geometry, nqb * _BLOCK)
   # TMA boxes are whole blocks: pad ragged ends (padding queries have lse2 = +inf, padding keys are masked).
-  q, d_out = _pad_tokens(q, nqb * _BLOCK), _pad_tokens(d_out.astype(dtype), nqb * _BLOCK)
-  k, v = _pad_tokens(k, nkb * _BLOCK), _pad_tokens(v, nkb * _BLOCK)
+  q, d_out = pad_tokens(q, nqb * _BLOCK), pad_tokens(d_out.astype(dtype), nqb * _BLOCK)
+  k, v = pad_tokens(k, nkb * _BLOCK), pad_tokens(v, nkb * _BLOCK)
   t_counts, t_indices = transposed_layout(layout)
   params = dict(
       num_threads=3, thread_name="wg",

@@ -72,8 +72,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse_attention_tpu import (
-    BLOCK, NUM_LANES, SMEM_BUDGET_BYTES, VMEM_BUDGET_BYTES, _pad_tokens, _row_bounds, supports,
+    BLOCK, NUM_LANES, SMEM_BUDGET_BYTES, VMEM_BUDGET_BYTES, _row_bounds, supports,
 )
+from pallas_kernels.common import check_budget, pad_tokens
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout, transposed_layout
 
@@ -490,11 +491,11 @@ def block_sparse_attention_bwd(
     raise NotImplementedError(
         f"pallas_tpu block_sparse_attention backward needs {smem} B of SMEM (dQ, dKV) > {SMEM_BUDGET_BYTES}")
   vmem = vmem_bytes(head_dim=H, dtype=q.dtype)
-  assert max(vmem) <= VMEM_BUDGET_BYTES, (vmem, VMEM_BUDGET_BYTES)
+  check_budget("pallas_tpu block_sparse_attention backward", "VMEM", max(vmem), VMEM_BUDGET_BYTES)
 
   stats = _stats(out, lse, d_out, d_lse, geometry, nqb)
-  q, d_out = _pad_tokens(q, nqb * BLOCK), _pad_tokens(d_out.astype(q.dtype), nqb * BLOCK)
-  k, v = _pad_tokens(k, nkb * BLOCK), _pad_tokens(v, nkb * BLOCK)
+  q, d_out = pad_tokens(q, nqb * BLOCK), pad_tokens(d_out.astype(q.dtype), nqb * BLOCK)
+  k, v = pad_tokens(k, nkb * BLOCK), pad_tokens(v, nkb * BLOCK)
   counts = layout.counts
   if dq_chunks * dq_rows != nqb:  # the last step's counts DMA reads a whole chunk
     counts = jnp.pad(counts, ((0, 0), (0, 0), (0, dq_chunks * dq_rows - nqb)))

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.common import SM90_SMEM_BYTES
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
@@ -258,7 +259,7 @@ def _kernel(
       plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
 
-_SMEM_BYTES = 227 * 1024  # per CTA on sm_90 (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+_SMEM_BYTES = SM90_SMEM_BYTES
 
 
 def smem_bytes(config: TuningConfig, head_dim: int, dtype, *, q_buffers: int) -> int:

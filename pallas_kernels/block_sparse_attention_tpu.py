@@ -57,6 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import check_budget, pad_tokens
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
@@ -295,9 +296,6 @@ def supports(q, k, layout: BlockLayout) -> str | None:
   return None
 
 
-def _pad_tokens(x, length: int):
-  return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
-
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
 def block_sparse_attention(
@@ -342,9 +340,9 @@ def block_sparse_attention(
   if smem > SMEM_BUDGET_BYTES:
     raise NotImplementedError(f"pallas_tpu block_sparse_attention needs {smem} B of SMEM > {SMEM_BUDGET_BYTES}")
   vmem = vmem_bytes(head_dim=H, dtype=q.dtype, block_rows=rows)
-  assert vmem <= VMEM_BUDGET_BYTES, (vmem, VMEM_BUDGET_BYTES)
+  check_budget("pallas_tpu block_sparse_attention", "VMEM", vmem, VMEM_BUDGET_BYTES)
   # DMAs move whole 128-token blocks: pad ragged ends (the padding is masked: it lies past q_len / kv_len).
-  q, k, v = _pad_tokens(q, nqb * BLOCK), _pad_tokens(k, nkb * BLOCK), _pad_tokens(v, nkb * BLOCK)
+  q, k, v = pad_tokens(q, nqb * BLOCK), pad_tokens(k, nkb * BLOCK), pad_tokens(v, nkb * BLOCK)
   counts = layout.counts
   if n_chunks * rows != nqb:  # the last step's counts DMA reads a whole chunk
     counts = jnp.pad(counts, ((0, 0), (0, 0), (0, n_chunks * rows - nqb)))
