@@ -53,14 +53,12 @@ def backend() -> Backend:
   from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as backward_kernels
   from pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
 
-  def scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret):
-    del query_chunk_size  # the caller (xattention) bounds the per-row partial sums by chunking the queries
+  def scores(q, k, geometry, *, stride, block_size, causal, scale, interpret):
     _check_platform(interpret, "scores")
     return scores_kernel.antidiagonal_scores(q, k, geometry, stride=stride, block_size=block_size, causal=causal,
                                              scale=scale, interpret=interpret)
 
-  def attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret):
-    del query_chunk_size  # the kernel's memory does not grow with T
+  def attention(q, k, v, layout, geometry, *, causal, scale, interpret):
     _check_platform(interpret, "attention")
     config = attention_kernel.TuningConfig(pv_operand="smem" if interpret else "registers",
                                            **_persistent_grid(interpret))
@@ -68,9 +66,8 @@ def backend() -> Backend:
         q, k, v, layout, geometry, causal=causal, scale=scale, config=config, interpret=interpret
     )
 
-  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale, query_chunk_size,
+  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale,
                     interpret):
-    del query_chunk_size  # neither kernel's memory grows with T or S
     _check_platform(interpret, "attention_bwd")
     config = backward_kernels.BackwardConfig(operand="smem" if interpret else "registers")
     return backward_kernels.block_sparse_attention_bwd(

@@ -35,22 +35,19 @@ def backend() -> Backend:
   from pallas_kernels import block_sparse_attention_bwd_tpu as backward_kernels
   from pallas_kernels import block_sparse_attention_tpu as attention_kernel
 
-  def scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret):
-    del query_chunk_size  # the kernel's memory does not grow with T (its VMEM accumulator grows with S)
+  def scores(q, k, geometry, *, stride, block_size, causal, scale, interpret):
     return scoring_kernel.antidiagonal_scores(
         q, k, geometry, stride=stride, block_size=block_size, causal=causal, scale=scale,
         interpret=_interpret(interpret),
     )
 
-  def attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret):
-    del query_chunk_size  # neither VMEM nor SMEM grows with T
+  def attention(q, k, v, layout, geometry, *, causal, scale, interpret):
     return attention_kernel.block_sparse_attention(
         q, k, v, layout, geometry, causal=causal, scale=scale, interpret=_interpret(interpret)
     )
 
-  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale, query_chunk_size,
+  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale,
                     interpret):
-    del query_chunk_size  # the dQ and dK/dV kernels' memory does not grow with T or S
     return backward_kernels.block_sparse_attention_bwd(
         q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale,
         interpret=_interpret(interpret),

@@ -175,7 +175,7 @@ def test_needs_a_gpu_unless_interpreted():
   lse = jnp.zeros((1, 2, 128), jnp.float32)
   with pytest.raises(NotImplementedError, match="needs a CUDA GPU"):
     mosaic_gpu.backend().block_sparse_attention_bwd(q, k, v, q, lse, q, lse, layout, geometry, causal=True,
-                                                    scale=SCALE, query_chunk_size=None, interpret=False)
+                                                    scale=SCALE, interpret=False)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -1,17 +1,10 @@
 """Backend registry: which implementation computes each op, tried in order with fallthrough.
 
-Every backend computes exactly SPEC on validated inputs with one signature per op:
-
-    antidiagonal_scores(q, k, geometry, *, stride, block_size, causal, scale, query_chunk_size, interpret)
-        -> f32 [B, N, nQb, nKb]
-    block_sparse_attention(q, k, v, layout, geometry, *, causal, scale, query_chunk_size, interpret)
-        -> (out [B, T, N, H], lse f32 [B, N, T])
-    block_sparse_attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale,
-                               query_chunk_size, interpret) -> (dq, dk, dv)      [optional; see `dispatch_backward`]
-
-A backend raises NotImplementedError (at trace time) for a legal input it does not support, so that
+Every backend computes exactly SPEC on validated inputs, with the signatures of the three protocols below. A backend
+raises NotImplementedError (at trace time) for a legal input it does not support, so that
 `implementation=("pallas_mosaic_gpu", "xla")` falls through to the next one. Backends are imported lazily: the
-Pallas kernels live in the `pallas_kernels` package and are registered here by name.
+Pallas kernels live in the `pallas_kernels` package and are registered here by name. Memory bounds over long
+queries are the caller's: `xattention` runs every backend on query chunks it sizes from a budget.
 """
 
 from __future__ import annotations
@@ -19,18 +12,40 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 
 from xattn_jax.config import normalize_implementation
+from xattn_jax.geometry import Geometry
+from xattn_jax.layout import BlockLayout
+
+
+class ScoresFn(Protocol):
+  def __call__(self, q: jax.Array, k: jax.Array, geometry: Geometry, *, stride: int, block_size: int, causal: bool,
+               scale: float, interpret) -> jax.Array:
+    """SPEC §1 block scores, f32 [B, N, nQb, nKb]."""
+
+
+class AttentionFn(Protocol):
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockLayout, geometry: Geometry, *,
+               causal: bool, scale: float, interpret) -> tuple[jax.Array, jax.Array]:
+    """SPEC §4 block-sparse attention: (out [B, T, N, H], lse f32 [B, N, T])."""
+
+
+class AttentionBwdFn(Protocol):
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, d_out: jax.Array,
+               d_lse: jax.Array, layout: BlockLayout, geometry: Geometry, *, causal: bool, scale: float,
+               interpret) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq, dk, dv) of `AttentionFn` for the cotangents of out and lse."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
   name: str
-  antidiagonal_scores: Callable
-  block_sparse_attention: Callable
-  block_sparse_attention_bwd: Callable | None = None  # None: the XLA backward serves this backend's forward
+  antidiagonal_scores: ScoresFn
+  block_sparse_attention: AttentionFn
+  block_sparse_attention_bwd: AttentionBwdFn | None = None  # None: the XLA backward serves this backend's forward
 
 
 def _xla() -> Backend:
@@ -105,7 +120,7 @@ def dispatch_backward(implementation, *args, **kwargs):
     if backward is None:
       continue
     try:
-      return backward(*args, query_chunk_size=None, **kwargs)
+      return backward(*args, **kwargs)
     except NotImplementedError:
       pass
   from xattn_jax import attention_xla_bwd

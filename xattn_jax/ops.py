@@ -37,7 +37,7 @@ def _attention(q, k, v, layout, geometry, causal, scale, implementation, interpr
   """
   return backends.dispatch(
       "block_sparse_attention", implementation, q, k, v, layout, geometry, causal=causal, scale=scale,
-      query_chunk_size=None, interpret=interpret,
+      interpret=interpret,
   )
 
 
@@ -100,7 +100,7 @@ def antidiagonal_scores(
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
   return backends.dispatch(
       "antidiagonal_scores", implementation, q, k, Geometry.from_lengths(q_lengths, kv_lengths), stride=stride,
-      block_size=block_size, causal=bool(causal), scale=scale, query_chunk_size=None, interpret=bool(interpret),
+      block_size=block_size, causal=bool(causal), scale=scale, interpret=bool(interpret),
   )
 
 
@@ -292,7 +292,7 @@ def _xattention(
     else:
       scores = backends.dispatch(  # the selection is a constant of the attention: no gradient through it
           "antidiagonal_scores", implementation, lax.stop_gradient(qc), lax.stop_gradient(k), geom, stride=stride,
-          block_size=block_size, causal=causal, scale=scale, query_chunk_size=None, interpret=interpret,
+          block_size=block_size, causal=causal, scale=scale, interpret=interpret,
       )
       layout = select_layout(
           scores, geom, tau, block_size=block_size, causal=causal, keep_sink=keep_sink, keep_diagonal=keep_diagonal
