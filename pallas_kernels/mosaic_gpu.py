@@ -8,7 +8,9 @@ takes SMEM operands only).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import ClassVar
 
 import jax
 
@@ -48,20 +50,48 @@ def _persistent_grid(interpret: bool) -> dict:
   return {"num_ctas": sm_count} if isinstance(sm_count, int) and sm_count > 0 else {}
 
 
-def backend() -> Backend:
+@dataclasses.dataclass(frozen=True)
+class MosaicGpu:
+  """The "pallas_mosaic_gpu" backend with its kernels' tuning, to pass as `implementation=` (alone, or first in a
+  sequence such as `(MosaicGpu(...), "xla")`) to the public ops and `XAttentionConfig`. None keeps a kernel's
+  default. The interpreter (`interpret=True`) stages matmul operands through SMEM whatever the config says, and an
+  attention config's persistent grid of 132 CTAs becomes the GPU's multiprocessor count unless num_ctas is set
+  otherwise.
+
+      xa.xattention(q, k, v, implementation=MosaicGpu(attention=TuningConfig(num_stages=3)))
+  """
+
+  scores: "antidiagonal_mosaic_gpu.Config | None" = None
+  attention: "block_sparse_attention_mosaic_gpu.TuningConfig | None" = None
+  backward: "block_sparse_attention_bwd_mosaic_gpu.BackwardConfig | None" = None
+  name: ClassVar[str] = "pallas_mosaic_gpu"
+
+  def backend(self) -> Backend:
+    return backend(self)
+
+
+def backend(tuning: MosaicGpu | None = None) -> Backend:
   from pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
   from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as backward_kernels
   from pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
 
+  tuning = tuning or MosaicGpu()
+
   def scores(q, k, geometry, *, stride, block_size, causal, scale, interpret):
     _check_platform(interpret, "scores")
+    config = tuning.scores
+    if config is not None and interpret:
+      config = dataclasses.replace(config, p_operand="smem")
     return scores_kernel.antidiagonal_scores(q, k, geometry, stride=stride, block_size=block_size, causal=causal,
-                                             scale=scale, interpret=interpret)
+                                             scale=scale, config=config, interpret=interpret)
 
   def attention(q, k, v, layout, geometry, *, causal, scale, interpret):
     _check_platform(interpret, "attention")
-    config = attention_kernel.TuningConfig(pv_operand="smem" if interpret else "registers",
-                                           **_persistent_grid(interpret))
+    config = tuning.attention or attention_kernel.TuningConfig()
+    if config.num_ctas == attention_kernel.TuningConfig.num_ctas:
+      config = dataclasses.replace(config, **_persistent_grid(interpret))
+    if interpret:
+      config = dataclasses.replace(config, pv_operand="smem")
     return attention_kernel.block_sparse_attention(
         q, k, v, layout, geometry, causal=causal, scale=scale, config=config, interpret=interpret
     )
@@ -69,7 +99,9 @@ def backend() -> Backend:
   def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale,
                     interpret):
     _check_platform(interpret, "attention_bwd")
-    config = backward_kernels.BackwardConfig(operand="smem" if interpret else "registers")
+    config = tuning.backward or backward_kernels.BackwardConfig()
+    if interpret:
+      config = dataclasses.replace(config, operand="smem")
     return backward_kernels.block_sparse_attention_bwd(
         q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale, config=config,
         interpret=interpret,

@@ -10,6 +10,9 @@ backward takes over.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
@@ -30,27 +33,48 @@ def _interpret(interpret: bool) -> pltpu.InterpretParams | bool:
   return False
 
 
-def backend() -> Backend:
+@dataclasses.dataclass(frozen=True)
+class Tpu:
+  """The "pallas_tpu" backend with its kernels' tuning, to pass as `implementation=` (alone, or first in a sequence
+  such as `(Tpu(...), "xla")`). None keeps a kernel's default.
+
+      xa.xattention(q, k, v, implementation=Tpu(attention=block_sparse_attention_tpu.AttentionConfig(...)))
+  """
+
+  scores: "antidiagonal_tpu.ScoringConfig | None" = None
+  attention: "block_sparse_attention_tpu.AttentionConfig | None" = None
+  backward: "block_sparse_attention_bwd_tpu.BackwardConfig | None" = None
+  name: ClassVar[str] = "pallas_tpu"
+
+  def backend(self) -> Backend:
+    return backend(self)
+
+
+def backend(tuning: Tpu | None = None) -> Backend:
   from pallas_kernels import antidiagonal_tpu as scoring_kernel
   from pallas_kernels import block_sparse_attention_bwd_tpu as backward_kernels
   from pallas_kernels import block_sparse_attention_tpu as attention_kernel
 
+  tuning = tuning or Tpu()
+  configured = lambda config: {} if config is None else {"config": config}
+
   def scores(q, k, geometry, *, stride, block_size, causal, scale, interpret):
     return scoring_kernel.antidiagonal_scores(
         q, k, geometry, stride=stride, block_size=block_size, causal=causal, scale=scale,
-        interpret=_interpret(interpret),
+        interpret=_interpret(interpret), **configured(tuning.scores),
     )
 
   def attention(q, k, v, layout, geometry, *, causal, scale, interpret):
     return attention_kernel.block_sparse_attention(
-        q, k, v, layout, geometry, causal=causal, scale=scale, interpret=_interpret(interpret)
+        q, k, v, layout, geometry, causal=causal, scale=scale, interpret=_interpret(interpret),
+        **configured(tuning.attention),
     )
 
   def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale,
                     interpret):
     return backward_kernels.block_sparse_attention_bwd(
         q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale,
-        interpret=_interpret(interpret),
+        interpret=_interpret(interpret), **configured(tuning.backward),
     )
 
   return Backend("pallas_tpu", scores, attention, attention_bwd)

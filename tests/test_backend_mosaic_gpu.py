@@ -199,3 +199,26 @@ def test_the_interpreter_thread_check(monkeypatch):
   monkeypatch.setattr(mosaic_gpu, "_xla_cpu_threads", lambda: 2)
   with pytest.raises(RuntimeError, match="runs 2 at a time.*xla_force_host_platform_device_count=8"):
     xa.antidiagonal_scores(q, q, implementation="pallas_mosaic_gpu", interpret=True)
+
+
+def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
+  """implementation=MosaicGpu(...) reaches the kernels through the public op (forward and backward) and computes the
+  same as the default configuration."""
+  from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernel
+  from pallas_kernels.mosaic_gpu import MosaicGpu
+
+  q, k, v = random_qkv(71, B=1, T=256, S=256, N=2, K=1, H=64, dtype=jnp.bfloat16)
+  seen = []
+  for module, name in ((attention_kernel, "block_sparse_attention"), (bwd_kernel, "block_sparse_attention_bwd")):
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, _f=original, **kw: (seen.append(kw["config"]), _f(*a, **kw))[1])
+  tuned = MosaicGpu(attention=attention_kernel.TuningConfig(num_stages=1, tile_order="rows"),
+                    backward=bwd_kernel.BackwardConfig(num_stages=1))
+  run = lambda impl: jax.value_and_grad(lambda q: jnp.sum(xa.xattention(
+      q, k, v, is_causal=True, threshold=0.9, implementation=impl, interpret=True).astype(jnp.float32) ** 2))(q)
+  (want, want_grad), (got, got_grad) = run("pallas_mosaic_gpu"), run((tuned, "xla"))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(got_grad, np.float32), np.asarray(want_grad, np.float32), atol=1e-2)
+  stages = [(type(c).__name__, c.num_stages) for c in seen]
+  assert ("TuningConfig", 1) in stages and ("BackwardConfig", 1) in stages, stages
+  assert all(getattr(c, "pv_operand", getattr(c, "operand", "smem")) == "smem" for c in seen)  # the interpreter's

@@ -351,3 +351,17 @@ class TestDenseTpu(suites.DenseAttentionSuite):
   @pytest.mark.parametrize("case", [(2, 200, 328, 2, 1, 64, jnp.bfloat16, True, True)], ids=["chunk-after-cache"])
   def test_matches_oracle(self, case):
     self.check(case)
+
+
+def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
+  seen = []
+  for module, name in ((scoring_kernel, "antidiagonal_scores"), (attention_kernel, "block_sparse_attention")):
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, _f=original, **kw: (seen.append(kw.get("config")), _f(*a, **kw))[1])
+  q, k, v = random_qkv(72, B=1, T=256, S=256, N=2, K=1, H=128, dtype=jnp.float32)
+  attention = attention_kernel.AttentionConfig(block_rows=8, skip_unselected=False)
+  tuned = tpu_backend.Tpu(attention=attention)
+  want = xa.xattention(q, k, v, is_causal=True, threshold=0.9, implementation="xla")
+  got = xa.xattention(q, k, v, is_causal=True, threshold=0.9, implementation=tuned, interpret=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=OUT_TOL[jnp.float32], rtol=1e-4)
+  assert seen[0] is None and seen[1] == attention  # default scoring config, the given attention config

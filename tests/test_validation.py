@@ -174,6 +174,7 @@ def test_dropout_is_fine_when_deterministic():
         (dict(threshold=()), "threshold=()"),
         (dict(keep_sink=1), "keep_sink=1"),
         (dict(implementation=3), "implementation=3"),
+        (dict(implementation=("xla", object())), "configured backend"),
     ],
 )
 def test_config_validation(kwargs, words):

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import jax
 
-from xattn_jax.config import normalize_implementation
+from xattn_jax.config import is_configured_backend, normalize_implementation
 from xattn_jax.geometry import Geometry
 from xattn_jax.layout import BlockLayout
 
@@ -80,7 +80,9 @@ def available() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-def _load(name: str) -> Backend:
+def _load(name) -> Backend:
+  if is_configured_backend(name):  # carries its own tuning
+    return name.backend()
   entry = _REGISTRY[name]
   if isinstance(entry, str):
     module, _, attr = entry.partition(":")
@@ -94,9 +96,10 @@ def resolve(implementation) -> tuple[str, ...]:
   if implementation is None:
     order = _DEFAULT_ORDER.get(jax.default_backend(), ("xla",))
     return tuple(name for name in order if name in _REGISTRY)
-  names = (implementation,) if isinstance(implementation, str) else implementation
+  names = implementation if isinstance(implementation, tuple) else (implementation,)
   for name in names:
-    if name not in _REGISTRY:
+    registered = name.name if is_configured_backend(name) else name
+    if registered not in _REGISTRY:
       raise ValueError(f"implementation={name!r} is not one of the available backends {available()}")
   return names
 
@@ -108,7 +111,7 @@ def dispatch(op: str, implementation, *args, **kwargs):
     try:
       return getattr(_load(name), op)(*args, **kwargs)
     except NotImplementedError as e:
-      reasons.append(f"{name}: {e}")
+      reasons.append(f"{getattr(name, 'name', name)}: {e}")
   raise NotImplementedError(f"no backend of implementation={implementation!r} supports this {op} call: " + "; ".join(reasons))
 
 

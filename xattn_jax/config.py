@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-Implementation = str | tuple[str, ...] | None
+Implementation = object  # None, a backend name or configured backend, or a tuple of them (see normalize_implementation)
 
 
 def _check_threshold_value(value: float, name: str) -> float:
@@ -21,13 +21,21 @@ def _check_threshold_value(value: float, name: str) -> float:
   return value
 
 
+def is_configured_backend(x) -> bool:
+  """A backend object carrying its kernels' tuning (e.g. `pallas_kernels.mosaic_gpu.MosaicGpu(...)`): hashable, with
+  a registered `name` and a `backend()` that builds it."""
+  return isinstance(getattr(x, "name", None), str) and callable(getattr(x, "backend", None))
+
+
 def normalize_implementation(implementation) -> Implementation:
-  """None, one backend name, or a sequence of names tried in order; returned hashable."""
-  if implementation is None or isinstance(implementation, str):
+  """None, one backend (a name or a configured backend), or a sequence of them tried in order; returned hashable."""
+  if implementation is None or isinstance(implementation, str) or is_configured_backend(implementation):
     return implementation
-  if isinstance(implementation, Sequence) and implementation and all(isinstance(x, str) for x in implementation):
+  if isinstance(implementation, Sequence) and implementation and all(
+      isinstance(x, str) or is_configured_backend(x) for x in implementation):
     return tuple(implementation)
-  raise ValueError(f"{implementation=} must be None, a backend name, or a non-empty sequence of backend names")
+  raise ValueError(f"{implementation=} must be None, a backend name or configured backend (e.g. "
+                   "pallas_kernels.mosaic_gpu.MosaicGpu(...)), or a non-empty sequence of them")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,7 +51,9 @@ class XAttentionConfig:
     keep_diagonal: always keep the diagonal key block (forced anyway in causal attention).
     query_chunk_size: queries processed per step, a multiple of block_size; bounds the memory of scores and block
       tables. None picks one from a memory budget.
-    implementation: None (best for the platform), a backend name ("xla", ...) or a sequence tried in order.
+    implementation: None (best for the platform), a backend name ("xla", ...) or configured backend
+      (`pallas_kernels.mosaic_gpu.MosaicGpu(attention=...)`, `pallas_kernels.tpu.Tpu(...)`), or a sequence of
+      them tried in order.
   """
 
   stride: int = 8
