@@ -5,7 +5,7 @@
 
 For each (length, kv heads, density) case, on the fixed-density layouts of attention_speed.py (B=1, 32 query heads,
 head dim 128, bf16, causal): dense cuDNN, the public op, and the kernel called directly with each --variants
-TuningConfig (default; head, rows = that tile_order; per-row = one CTA per layout row; smem = P through SMEM), timed in
+ForwardConfig (default; head, rows = that tile_order; per-row = one CTA per layout row; smem = P through SMEM), timed in
 `--rounds` interleaved rounds (a slow drift of the card's clock shows as a spread between rounds, not as a
 difference between variants). Each timing is attention_speed's `timed` at every --pipeline value.
 
@@ -117,7 +117,7 @@ def _main(argv=None) -> int:
                  "public op": (jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
                      q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu")), (q, k, v, layout))}
         for name in args.variants:
-          config = kernel.TuningConfig(**VARIANTS[name])
+          config = kernel.ForwardConfig(**VARIANTS[name])
           calls[f"kernel {name}"] = (jax.jit(direct_call(kernel.block_sparse_attention, geometry, config)),
                                      (q, k, v, layout))
         times = {name: {p: [] for p in args.pipeline} for name in calls}

@@ -42,7 +42,7 @@ def _main():
           q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5))
       per_row = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
           q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5,
-          config=kernel.TuningConfig(num_ctas=None)))
+          config=kernel.ForwardConfig(num_ctas=None)))
       public = jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
           q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu"))
       prefix = jax.jit(lambda layout: kernel.unmasked_prefix(layout, geometry, causal=True))

@@ -9,7 +9,7 @@ the k-th case. Then, for the hottest SASS lines of each launch:
     ncu --import $OUT/tiles.ncu-rep --page source --csv --print-source sass > sass.csv
     python3 benchmarks/profile_attention_tiles.py --sass-top sass.csv
 
-A case is T:percent[:kv heads[:variant]] (8 kv heads and the default TuningConfig if left out; variants as in
+A case is T:percent[:kv heads[:variant]] (8 kv heads and the default ForwardConfig if left out; variants as in
 attention_variants.py). Shapes as in attention_speed.py: B=1, 32 query heads, head dim 128, bf16, causal,
 fixed-density layouts holding the diagonal. Prints the layout's work (tiles, visited blocks) per case, which the
 profile's cycles are divided by.
@@ -73,7 +73,7 @@ def _main():
     if variant not in VARIANTS:
       raise SystemExit(f"case {case!r}: variant {variant!r} not in {sorted(VARIANTS)}")
     length, percent, kv_heads = int(length), int(percent), int(kv_heads)
-    config = kernel.TuningConfig(**VARIANTS[variant])
+    config = kernel.ForwardConfig(**VARIANTS[variant])
     ks = jax.random.split(jax.random.key(length + percent), 4)
     q = jax.random.normal(ks[0], (1, length, heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(ks[1], (1, length, kv_heads, head_dim), jnp.bfloat16)

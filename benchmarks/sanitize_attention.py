@@ -46,10 +46,10 @@ def main(parts=("forward", "estimator", "backward")):
       want, lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=causal, **kw)
     else:
       want, lse = kernel.block_sparse_attention(q, k, v, layout, geometry, causal=causal, **kw, interpret=interpret,
-                                                config=kernel.TuningConfig(pv_operand=operands[0]))
+                                                config=kernel.ForwardConfig(pv_operand=operands[0]))
     for pv in operands if "forward" in parts else ():
       out, _ = kernel.block_sparse_attention(q, k, v, layout, geometry, causal=causal, **kw,
-                                             config=kernel.TuningConfig(pv_operand=pv), interpret=interpret)
+                                             config=kernel.ForwardConfig(pv_operand=pv), interpret=interpret)
       print(f"forward causal={causal} pv={pv}: max error {_err(out, want):.3e}"
             + ("" if reference else " (vs the kernel's own default run)"), flush=True)
 

@@ -81,7 +81,7 @@ def splash_cost(T: int, chip: Chip) -> Cost:
 def scoring_cost(T: int, chip: Chip) -> Cost:
   B, N, K, H = (SHAPE[x] for x in "BNKH")
   s = STRIDE
-  tiles = scoring_kernel.tiles_for(scoring_kernel.ScoringConfig(), stride=s, group=N // K, q_len=T, kv_len=T)
+  tiles = scoring_kernel.tiles_for(scoring_kernel.ScoresConfig(), stride=s, group=N // K, q_len=T, kv_len=T)
   pairs = causal_pairs(tiles.num_q_tiles, tiles.num_kv_tiles)
   flops = B * N * pairs * 2 * tiles.q_rows * tiles.kv_rows * s * H
   head_groups = N // tiles.heads_per_step
@@ -102,7 +102,7 @@ def attention_cost(T: int, density: float, chip: Chip) -> Cost:
   kv = selected * 2 * BLOCK * H * BF16  # one K and one V block DMA per selected block, per query head
   qo = 2 * B * T * N * H * BF16
   tables = B * N * nb * (nb + 1) * 4 + B * N * T * 4  # index row + count per row; lse
-  rows = attention_kernel.AttentionConfig().block_rows
+  rows = attention_kernel.ForwardConfig().block_rows
   return Cost(flops, kv + qo + tables, B * N * (nb // rows), chip.block_efficiency)
 
 

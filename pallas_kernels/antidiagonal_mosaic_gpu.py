@@ -15,7 +15,7 @@ Kernel (grid (heads x key_splits, row blocks, batch), optional 2-CTA cluster ove
                    wgmma with f16 P. C [64, block_n/g] and m_tile [64] go to GMEM by TMA.
   The causal diagonal: a CTA runs only the key tiles with any allowed cell ("count"); the first "n_full" tiles
   are allowed for every row of the CTA and skip the iota mask. Causal row blocks run longest first.
-  Options (Config): cluster_heads=2 multicasts each K chunk to the CTAs of two query heads sharing a kv head;
+  Options (ScoresConfig): cluster_heads=2 multicasts each K chunk to the CTAs of two query heads sharing a kv head;
   key_splits=P gives a row block's key tiles to P CTAs (the per-tile m_tile makes the tiles independent).
 
 Epilogue (XLA, memory bound, reads 1/g of what the [T/s, S/s] logits would take):
@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.common import Operand, as_enum
 from xattn_jax.geometry import Geometry, cdiv
 
 _LOG2E = math.log2(math.e)
@@ -45,11 +46,11 @@ _MIN_E_COLS = 16  # E [block_n, block_n/g] needs a minor dim of >= 16 f16 (32-by
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
+class ScoresConfig:
   block_n: int = 256  # strided key columns per tile (wgmma N <= 256); E gets >= 16 columns (zero padded for s=4)
   chunk: int = 64  # contraction columns per pipeline step (one 128-byte swizzle row of bf16)
   num_stages: int = 4  # TMA ring depth: num_stages * (128 + block_n) * chunk * 2 bytes of SMEM
-  p_operand: str = "registers"  # "registers" (GPU) or "smem" (the CPU interpreter cannot take a register LHS)
+  p_operand: Operand = Operand.REGISTERS  # SMEM for the CPU interpreter (it cannot take a register LHS)
   split_p: bool = False  # P = hi + lo (two f16 wgmmas): exact to ~1e-7 instead of ~2^-12 relative per element
   producer_registers: int = 40
   consumer_registers: int = 232
@@ -65,6 +66,9 @@ class Config:
   # more evenly. Each split writes its own (m, l); the epilogue merges them (m_tile already makes tiles independent).
   key_splits: int = 1
 
+  def __post_init__(self):
+    object.__setattr__(self, "p_operand", as_enum(Operand, self.p_operand, "p_operand"))
+
   @property
   def cta_rows(self) -> int:
     return _NUM_CONSUMERS * _ROWS_PER_WG
@@ -74,7 +78,7 @@ def _kernel(q5_ref, k5_ref, e_ref, cnt_ref, nfull_ref, qlen_ref, kvlen_ref, qpos
             part_ref, mt_ref, ml_ref,  # outputs
             q_smem, k_smem, e_smem, p_smem, c_smem, v_smem,  # scratch
             q_bars, k_bars, consumed, e_bar,
-            *, s: int, g: int, causal: bool, c_scale: float, group: int, nrb: int, cfg: Config):
+            *, s: int, g: int, causal: bool, c_scale: float, group: int, nrb: int, cfg: ScoresConfig):
   H = q5_ref.shape[-1]
   dt = q5_ref.dtype
   bn, ch, ns = cfg.block_n, cfg.chunk, cfg.num_stages
@@ -248,7 +252,7 @@ def indicator(bn: int, g: int) -> np.ndarray:
   return (np.arange(bn)[:, None] // g == np.arange(max(bn // g, _MIN_E_COLS))[None, :]).astype(np.float16)
 
 
-def supports(q, k, *, stride: int, block_size: int, config: Config = Config()) -> str | None:
+def supports(q, k, *, stride: int, block_size: int, config: ScoresConfig = ScoresConfig()) -> str | None:
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
     return f"dtypes {q.dtype}/{k.dtype} (bfloat16 or float16, equal)"
   if q.shape[-1] % config.chunk:
@@ -263,10 +267,10 @@ def supports(q, k, *, stride: int, block_size: int, config: Config = Config()) -
 @functools.partial(jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "interpret", "config",
                                              "return_parts"))
 def antidiagonal_scores(q, k, geometry: Geometry, *, stride: int, block_size: int, causal: bool, scale: float,
-                        interpret=False, config: Config | None = None, return_parts: bool = False):
+                        interpret=False, config: ScoresConfig | None = None, return_parts: bool = False):
   """SPEC §1 block scores f32 [B, N, ceil(T/blk), ceil(S/blk)]. `interpret`: False, True or InterpretGPUParams."""
   if config is None:
-    config = Config(p_operand="smem" if interpret else "registers", num_stages=2 if interpret else 4)
+    config = ScoresConfig(p_operand="smem" if interpret else "registers", num_stages=2 if interpret else 4)
   reason = supports(q, k, stride=stride, block_size=block_size, config=config)
   if reason is not None:
     raise NotImplementedError(f"antidiagonal_scores (mosaic gpu) does not support {reason}")

@@ -68,7 +68,7 @@ _NT = (((1,), (1,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ScoringConfig:
+class ScoresConfig:
   """Static kernel tiles, in strided rows (one strided row = s tokens).
 
   Attributes:
@@ -123,7 +123,7 @@ class _Tiles:
     return self.num_kv_tiles * self.kv_blocks_per_tile
 
 
-def tiles_for(config: ScoringConfig, *, stride: int, group: int, q_len: int, kv_len: int) -> _Tiles:
+def tiles_for(config: ScoresConfig, *, stride: int, group: int, q_len: int, kv_len: int) -> _Tiles:
   """Tiles for a call; shrinks the configured tiles to short sequences (whole blocks)."""
   per = BLOCK // stride
   if config.q_rows % per or config.kv_rows % per:
@@ -294,7 +294,7 @@ def antidiagonal_scores(
     block_size: int,
     causal: bool,
     scale: float,
-    config: ScoringConfig = ScoringConfig(),
+    config: ScoresConfig = ScoresConfig(),
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:  # f32 [B, N, ceil(T/128), ceil(S/128)]
   """SPEC §1 block scores on validated inputs (see `xattn_jax.antidiagonal_scores`).

@@ -74,7 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse_attention_mosaic_gpu import supports, unmasked_prefix
-from pallas_kernels.common import SM90_SMEM_BYTES, pad_tokens
+from pallas_kernels.common import SM90_SMEM_BYTES, Operand, as_enum, pad_tokens
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout, transposed_layout
 
@@ -97,14 +97,13 @@ class BackwardConfig:
   """
 
   num_stages: int = 2
-  operand: str = "registers"
+  operand: Operand = Operand.REGISTERS  # strings are accepted
   dkv_block_q: int = 64
   producer_registers: int = 40
   consumer_registers: int = 232
 
   def __post_init__(self):
-    if self.operand not in ("registers", "smem"):
-      raise ValueError(f"operand={self.operand!r} must be 'registers' or 'smem'")
+    object.__setattr__(self, "operand", as_enum(Operand, self.operand, "operand"))
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages!r} must be an int >= 1")
     if self.dkv_block_q not in (64, 128):

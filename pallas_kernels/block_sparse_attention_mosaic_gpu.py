@@ -1,7 +1,7 @@
 """Block-sparse flash attention forward for Hopper (Pallas Mosaic GPU, `plgpu.kernel`, warp specialized).
 
 A tile is one row of the BlockLayout: (batch b, query head n, query block r). A persistent grid of CTAs (one per
-SM) walks the tiles in a fixed order computed from each tile's position (no table, no sort; `TuningConfig.tile_order`):
+SM) walks the tiles in a fixed order computed from each tile's position (no table, no sort; `ForwardConfig.tile_order`):
 head by head, last query blocks first (the longest rows of a causal layout); each CTA has three warpgroups:
 
     WG0, WG1 (consumers)  rows [r*128, r*128+64) and [r*128+64, r*128+128) of the query block:
@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import SM90_SMEM_BYTES
+from pallas_kernels.common import SM90_SMEM_BYTES, Operand, TileOrder, as_enum
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
@@ -46,12 +46,12 @@ _SUPPORTED_HEAD_DIMS = (64, 128)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TuningConfig:
+class ForwardConfig:
   """Kernel tiles. block_kv is the layout's block size; a CTA covers one layout query block with two warpgroups."""
 
   block_kv: int = 128
   num_stages: int = 2  # K/V ring depth (SMEM: 2 * num_stages * block_kv * H * 2 bytes)
-  pv_operand: str = "registers"  # "registers" (FA3) or "smem" (interpretable)
+  pv_operand: Operand = Operand.REGISTERS  # REGISTERS (FA3) or SMEM (interpretable); strings are accepted
   producer_registers: int = 40
   consumer_registers: int = 232
   num_ctas: int | None = 132  # persistent grid: one CTA per SM (the backend passes the GPU's); None: one per row
@@ -62,15 +62,13 @@ class TuningConfig:
   # "rows": query blocks from the last; within one, (batch, head) with heads fastest: the G query heads of a kv head
   #   run together, but the CTAs spread over all heads. On an H200 at 32K, 32 kv heads, 100% density it read 9x the
   #   DRAM bytes of "head" (42.7 vs 4.8 GB) and took 7% longer (benchmarks/notes_attention_mosaic_gpu.md).
-  tile_order: str = "head"
+  tile_order: TileOrder = TileOrder.HEAD
 
   def __post_init__(self):
-    if self.pv_operand not in ("registers", "smem"):
-      raise ValueError(f"pv_operand={self.pv_operand!r} must be 'registers' or 'smem'")
+    object.__setattr__(self, "pv_operand", as_enum(Operand, self.pv_operand, "pv_operand"))
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
-    if self.tile_order not in ("rows", "head"):
-      raise ValueError(f"tile_order={self.tile_order!r} must be 'rows' or 'head'")
+    object.__setattr__(self, "tile_order", as_enum(TileOrder, self.tile_order, "tile_order"))
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be None or >= 1")
 
@@ -84,7 +82,7 @@ def _kernel(
     out_ref, lse_ref,  # GMEM out
     qo_smem, k_smem, v_smem, p_smem, lse_smem,  # scratch
     k_barriers, v_barriers, q_barriers, k_consumed_barriers, v_consumed_barriers, schedule_barrier,
-    *, causal: bool, qk_scale: float, group: int, num_tiles: int, grid: int, config: TuningConfig,
+    *, causal: bool, qk_scale: float, group: int, num_tiles: int, grid: int, config: ForwardConfig,
 ):
   """Persistent: CTA c runs the tiles at positions c, 2G - 1 - c, 2G + c, ... of the tile order (G = grid size).
 
@@ -262,7 +260,7 @@ def _kernel(
 _SMEM_BYTES = SM90_SMEM_BYTES
 
 
-def smem_bytes(config: TuningConfig, head_dim: int, dtype, *, q_buffers: int) -> int:
+def smem_bytes(config: ForwardConfig, head_dim: int, dtype, *, q_buffers: int) -> int:
   """SMEM of one CTA, each allocation rounded up to 1 KiB as Mosaic GPU does, plus the reduction scratch.
 
   Head dim 128, bf16, 2 stages, P in registers, 2 Q buffers: Q/O 2 x 2 x 64 x 128 x 2 = 64 KiB, K and V
@@ -314,7 +312,7 @@ def block_sparse_attention(
     *,
     causal: bool,
     scale: float,
-    config: TuningConfig = TuningConfig(),
+    config: ForwardConfig = ForwardConfig(),
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """SPEC §4 on validated inputs; raises NotImplementedError for what the kernel does not cover."""

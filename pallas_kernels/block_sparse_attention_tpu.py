@@ -72,7 +72,7 @@ _NN = (((1,), (0,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AttentionConfig:
+class ForwardConfig:
   """Static kernel settings.
 
   Attributes:
@@ -128,7 +128,7 @@ def _kernel(
     q_vmem, k_vmem, v_vmem, o_vmem, m_scratch, l_scratch, acc_scratch,  # VMEM scratch
     cnt_smem, idx_smem,  # SMEM scratch
     q_sems, k_sems, v_sems, o_sems, idx_sems, cnt_sem,  # DMA semaphores
-    *, causal: bool, scale: float, group: int, num_q_blocks: int, rows: int, config: AttentionConfig,
+    *, causal: bool, scale: float, group: int, num_q_blocks: int, rows: int, config: ForwardConfig,
 ):
   b, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kv_head = lax.div(n, group)
@@ -307,7 +307,7 @@ def block_sparse_attention(
     *,
     causal: bool,
     scale: float,
-    config: AttentionConfig = AttentionConfig(),
+    config: ForwardConfig = ForwardConfig(),
     interpret: bool | pltpu.InterpretParams = False,
 ) -> tuple[jax.Array, jax.Array]:  # out [B, T, N, H] (q.dtype), lse f32 [B, N, T]
   """SPEC §4 on validated inputs (see `xattn_jax.block_sparse_attention`).

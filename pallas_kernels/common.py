@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import enum
+
 import jax
 import jax.numpy as jnp
 
 SM90_SMEM_BYTES = 227 * 1024  # shared memory per CTA on sm_90 (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+
+
+class Operand(str, enum.Enum):
+  """Where a wgmma's register-side operand (P, dS) comes from: registers (the GPU's fast path) or staged through
+  SMEM (what the CPU interpreter's wgmma takes). A str enum: "smem" and Operand.SMEM are equal."""
+
+  REGISTERS = "registers"
+  SMEM = "smem"
+
+
+class TileOrder(str, enum.Enum):
+  """The persistent grid's walk over the forward kernel's tiles (see block_sparse_attention_mosaic_gpu)."""
+
+  ROWS = "rows"
+  HEAD = "head"
+
+
+def as_enum(cls: type[enum.Enum], value, name: str):
+  """value (a member or its string) as a member of cls; ValueError naming the field and the choices."""
+  try:
+    return cls(value)
+  except ValueError:
+    raise ValueError(f"{name}={value!r} must be one of {[m.value for m in cls]}") from None
 
 
 def pad_tokens(x: jax.Array, length: int) -> jax.Array:

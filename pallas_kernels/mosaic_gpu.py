@@ -43,7 +43,7 @@ def _check_platform(interpret: bool, op: str) -> None:
 
 
 def _persistent_grid(interpret: bool) -> dict:
-  """TuningConfig's num_ctas for this GPU: one CTA per multiprocessor (132 on an H100 SXM or H200, 114 on an H100
+  """ForwardConfig's num_ctas for this GPU: one CTA per multiprocessor (132 on an H100 SXM or H200, 114 on an H100
   PCIe). A persistent grid larger than the GPU would run its last CTAs in a second wave. The interpreter keeps the
   config's default."""
   sm_count = None if interpret else getattr(jax.devices()[0], "core_count", None)
@@ -54,15 +54,15 @@ def _persistent_grid(interpret: bool) -> dict:
 class MosaicGpu:
   """The "pallas_mosaic_gpu" backend with its kernels' tuning, to pass as `implementation=` (alone, or first in a
   sequence such as `(MosaicGpu(...), "xla")`) to the public ops and `XAttentionConfig`. None keeps a kernel's
-  default. The interpreter (`interpret=True`) stages matmul operands through SMEM whatever the config says, and an
-  attention config's persistent grid of 132 CTAs becomes the GPU's multiprocessor count unless num_ctas is set
+  default (one naming scheme: each kernel module's ScoresConfig, ForwardConfig or BackwardConfig). The interpreter
+  (`interpret=True`) stages matmul operands through SMEM whatever the config says, and a forward config's persistent grid of 132 CTAs becomes the GPU's multiprocessor count unless num_ctas is set
   otherwise.
 
-      xa.xattention(q, k, v, implementation=MosaicGpu(attention=TuningConfig(num_stages=3)))
+      xa.xattention(q, k, v, implementation=MosaicGpu(forward=ForwardConfig(num_stages=3)))
   """
 
-  scores: "antidiagonal_mosaic_gpu.Config | None" = None
-  attention: "block_sparse_attention_mosaic_gpu.TuningConfig | None" = None
+  scores: "antidiagonal_mosaic_gpu.ScoresConfig | None" = None
+  forward: "block_sparse_attention_mosaic_gpu.ForwardConfig | None" = None
   backward: "block_sparse_attention_bwd_mosaic_gpu.BackwardConfig | None" = None
   name: ClassVar[str] = "pallas_mosaic_gpu"
 
@@ -87,8 +87,8 @@ def backend(tuning: MosaicGpu | None = None) -> Backend:
 
   def attention(q, k, v, layout, geometry, *, causal, scale, interpret):
     _check_platform(interpret, "attention")
-    config = tuning.attention or attention_kernel.TuningConfig()
-    if config.num_ctas == attention_kernel.TuningConfig.num_ctas:
+    config = tuning.forward or attention_kernel.ForwardConfig()
+    if config.num_ctas == attention_kernel.ForwardConfig.num_ctas:
       config = dataclasses.replace(config, **_persistent_grid(interpret))
     if interpret:
       config = dataclasses.replace(config, pv_operand="smem")

@@ -38,11 +38,11 @@ class Tpu:
   """The "pallas_tpu" backend with its kernels' tuning, to pass as `implementation=` (alone, or first in a sequence
   such as `(Tpu(...), "xla")`). None keeps a kernel's default.
 
-      xa.xattention(q, k, v, implementation=Tpu(attention=block_sparse_attention_tpu.AttentionConfig(...)))
+      xa.xattention(q, k, v, implementation=Tpu(forward=block_sparse_attention_tpu.ForwardConfig(...)))
   """
 
-  scores: "antidiagonal_tpu.ScoringConfig | None" = None
-  attention: "block_sparse_attention_tpu.AttentionConfig | None" = None
+  scores: "antidiagonal_tpu.ScoresConfig | None" = None
+  forward: "block_sparse_attention_tpu.ForwardConfig | None" = None
   backward: "block_sparse_attention_bwd_tpu.BackwardConfig | None" = None
   name: ClassVar[str] = "pallas_tpu"
 
@@ -67,7 +67,7 @@ def backend(tuning: Tpu | None = None) -> Backend:
   def attention(q, k, v, layout, geometry, *, causal, scale, interpret):
     return attention_kernel.block_sparse_attention(
         q, k, v, layout, geometry, causal=causal, scale=scale, interpret=_interpret(interpret),
-        **configured(tuning.attention),
+        **configured(tuning.forward),
     )
 
   def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale,

@@ -97,7 +97,7 @@ def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_ope
                        num_allowed=sds((1, heads, nb), jnp.int32), block_size=128)
   geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
   f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=head_dim**-0.5,
-                        config=attention_kernel.TuningConfig(pv_operand=pv_operand))
+                        config=attention_kernel.ForwardConfig(pv_operand=pv_operand))
   qkv = [sds((1, length, n, head_dim), jnp.bfloat16) for n in (heads, kv_heads, kv_heads)]
   lowered = jax.jit(f).trace(*qkv, layout, geometry).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()[:200000]
@@ -115,7 +115,7 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
   geometry = Geometry.from_lengths(*lens)
   layout, _ = suites.random_layout(65, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens, density=0.7)
   assert int(jnp.min(layout.counts)) == 0 and int(jnp.max(layout.counts)) >= 3
-  config = attention_kernel.TuningConfig(pv_operand="smem", num_ctas=num_ctas, tile_order=tile_order)
+  config = attention_kernel.ForwardConfig(pv_operand="smem", num_ctas=num_ctas, tile_order=tile_order)
   out, lse = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry, causal=True,
                          scale=H**-0.5, config=config, interpret=True)
   assert not _races_found()
@@ -128,14 +128,14 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
 
 def test_tuning_config_validation():
   with pytest.raises(ValueError, match="tile_order='work'"):
-    attention_kernel.TuningConfig(tile_order="work")
+    attention_kernel.ForwardConfig(tile_order="work")
 
 
 def test_smem_budget():
   """The SMEM arithmetic of the docstring, and the fallback to one Q buffer when P goes through SMEM."""
-  fast = attention_kernel.TuningConfig()
+  fast = attention_kernel.ForwardConfig()
   assert attention_kernel.smem_bytes(fast, 128, jnp.bfloat16, q_buffers=2) <= 227 * 1024
-  interp = attention_kernel.TuningConfig(pv_operand="smem")
+  interp = attention_kernel.ForwardConfig(pv_operand="smem")
   assert attention_kernel.smem_bytes(interp, 128, jnp.bfloat16, q_buffers=2) > 227 * 1024
   assert attention_kernel.smem_bytes(interp, 128, jnp.bfloat16, q_buffers=1) <= 227 * 1024
 
@@ -212,7 +212,7 @@ def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
   for module, name in ((attention_kernel, "block_sparse_attention"), (bwd_kernel, "block_sparse_attention_bwd")):
     original = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, _f=original, **kw: (seen.append(kw["config"]), _f(*a, **kw))[1])
-  tuned = MosaicGpu(attention=attention_kernel.TuningConfig(num_stages=1, tile_order="rows"),
+  tuned = MosaicGpu(forward=attention_kernel.ForwardConfig(num_stages=1, tile_order="rows"),
                     backward=bwd_kernel.BackwardConfig(num_stages=1))
   run = lambda impl: jax.value_and_grad(lambda q: jnp.sum(xa.xattention(
       q, k, v, is_causal=True, threshold=0.9, implementation=impl, interpret=True).astype(jnp.float32) ** 2))(q)
@@ -220,5 +220,5 @@ def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(got_grad, np.float32), np.asarray(want_grad, np.float32), atol=1e-2)
   stages = [(type(c).__name__, c.num_stages) for c in seen]
-  assert ("TuningConfig", 1) in stages and ("BackwardConfig", 1) in stages, stages
+  assert ("ForwardConfig", 1) in stages and ("BackwardConfig", 1) in stages, stages
   assert all(getattr(c, "pv_operand", getattr(c, "operand", "smem")) == "smem" for c in seen)  # the interpreter's

@@ -91,13 +91,13 @@ def test_scores_small_tiles_and_skipping_do_not_change_the_answer(stride, causal
   kw = dict(stride=stride, block_size=128, causal=causal, scale=0.125)
   rows = 256 // stride  # 256-token tiles: 3 query tiles, 3 key tiles
   tiles = dict(q_rows=rows, kv_rows=rows, max_lanes=heads_per_step * rows)
-  assert scoring_kernel.tiles_for(scoring_kernel.ScoringConfig(**tiles), stride=stride, group=N // K, q_len=T,
+  assert scoring_kernel.tiles_for(scoring_kernel.ScoresConfig(**tiles), stride=stride, group=N // K, q_len=T,
                                   kv_len=S).heads_per_step == heads_per_step
   skipped = run_checked(scoring_kernel.antidiagonal_scores, q, k, geometry,
-                        config=scoring_kernel.ScoringConfig(**tiles), interpret=tpu_backend.interpret_params(), **kw)
+                        config=scoring_kernel.ScoresConfig(**tiles), interpret=tpu_backend.interpret_params(), **kw)
   _no_race()
   full = run_checked(scoring_kernel.antidiagonal_scores, q, k, geometry,
-                     config=scoring_kernel.ScoringConfig(**tiles, skip_masked_tiles=False),
+                     config=scoring_kernel.ScoresConfig(**tiles, skip_masked_tiles=False),
                      interpret=tpu_backend.interpret_params(), **kw)
   np.testing.assert_array_equal(np.asarray(skipped), np.asarray(full))
   want = run_checked(scoring_xla.antidiagonal_scores, q, k, geometry, **kw)
@@ -113,10 +113,10 @@ def test_attention_skipping_does_not_change_the_answer():
   geometry = Geometry.from_lengths(*lens)
   kw = dict(causal=True, scale=0.125, interpret=tpu_backend.interpret_params())
   skipped = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry,
-                        config=attention_kernel.AttentionConfig(block_rows=8), **kw)
+                        config=attention_kernel.ForwardConfig(block_rows=8), **kw)
   _no_race()
   swept = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry,
-                      config=attention_kernel.AttentionConfig(block_rows=8, skip_unselected=False), **kw)
+                      config=attention_kernel.ForwardConfig(block_rows=8, skip_unselected=False), **kw)
   _no_race()
   for a, b in zip(skipped, swept):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -134,7 +134,7 @@ def test_attention_schedule_is_dma_timing_independent():
   lens = lengths_pair(92, B=B, T=T, S=S)
   layout, _ = suites.random_layout(93, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens, density=0.4)
   geometry = Geometry.from_lengths(*lens)
-  kw = dict(causal=True, scale=0.125, config=attention_kernel.AttentionConfig(block_rows=8))
+  kw = dict(causal=True, scale=0.125, config=attention_kernel.ForwardConfig(block_rows=8))
   on_wait = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry,
                         interpret=tpu_backend.interpret_params(), **kw)
   eager = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry,
@@ -243,13 +243,13 @@ def test_needs_a_tpu_unless_interpreted():
 
 def test_configs_validate_themselves():
   with pytest.raises(ValueError, match="block_rows=12"):
-    attention_kernel.AttentionConfig(block_rows=12)
+    attention_kernel.ForwardConfig(block_rows=12)
   with pytest.raises(ValueError, match="q_rows=0"):
-    scoring_kernel.ScoringConfig(q_rows=0)
+    scoring_kernel.ScoresConfig(q_rows=0)
   with pytest.raises(ValueError, match="kv_rows=260"):
-    scoring_kernel.ScoringConfig(kv_rows=260)
+    scoring_kernel.ScoresConfig(kv_rows=260)
   with pytest.raises(ValueError, match="multiples of 128/stride=4"):  # tiles hold whole blocks: 32 rows at s = 4
-    scoring_kernel.tiles_for(scoring_kernel.ScoringConfig(q_rows=16, kv_rows=32), stride=4, group=1, q_len=1,
+    scoring_kernel.tiles_for(scoring_kernel.ScoresConfig(q_rows=16, kv_rows=32), stride=4, group=1, q_len=1,
                              kv_len=1)
 
 
@@ -297,7 +297,7 @@ def test_scores_lower_for_tpu_at_production_shapes(length, tpu_generation):
   sds = jax.ShapeDtypeStruct
   vmem = {}
   for stride in (8, 16):
-    tiles = scoring_kernel.tiles_for(scoring_kernel.ScoringConfig(), stride=stride, group=N // K, q_len=length,
+    tiles = scoring_kernel.tiles_for(scoring_kernel.ScoresConfig(), stride=stride, group=N // K, q_len=length,
                                      kv_len=length)
     assert tiles.heads_per_step == 4 and tiles.lanes == 1024 and tiles.kv_rows == 256  # MXU-sized GEMM per step
     vmem[stride] = scoring_kernel.vmem_bytes(tiles, head_dim=H, dtype=jnp.bfloat16)
@@ -321,7 +321,7 @@ def test_attention_lowers_for_tpu_at_production_shapes(length, tpu_generation):
   B, N, K, H = (_PRODUCTION[x] for x in "BNKH")
   nb = length // 128
   sds = jax.ShapeDtypeStruct
-  config = attention_kernel.AttentionConfig()
+  config = attention_kernel.ForwardConfig()
   # SMEM holds two index rows and one chunk of counts: it grows with nKb, never with B * N * nQb * nKb.
   smem = attention_kernel.smem_bytes(batch=B, num_kv_blocks=nb, block_rows=config.block_rows)
   assert smem == 3 * 4 + config.block_rows * 4 + 2 * nb * 4 <= attention_kernel.SMEM_BUDGET_BYTES
@@ -359,8 +359,8 @@ def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
     original = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, _f=original, **kw: (seen.append(kw.get("config")), _f(*a, **kw))[1])
   q, k, v = random_qkv(72, B=1, T=256, S=256, N=2, K=1, H=128, dtype=jnp.float32)
-  attention = attention_kernel.AttentionConfig(block_rows=8, skip_unselected=False)
-  tuned = tpu_backend.Tpu(attention=attention)
+  attention = attention_kernel.ForwardConfig(block_rows=8, skip_unselected=False)
+  tuned = tpu_backend.Tpu(forward=attention)
   want = xa.xattention(q, k, v, is_causal=True, threshold=0.9, implementation="xla")
   got = xa.xattention(q, k, v, is_causal=True, threshold=0.9, implementation=tuned, interpret=True)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=OUT_TOL[jnp.float32], rtol=1e-4)

@@ -56,7 +56,7 @@ def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas
   layout, _ = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.4)
   scale = H**-0.5
   got, got_lse = kernel.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale,
-                                               config=kernel.TuningConfig(pv_operand=pv_operand, num_ctas=num_ctas,
+                                               config=kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=num_ctas,
                                                                            tile_order=tile_order))
   want, want_lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -108,7 +108,7 @@ def test_scores_kernel_matches_xla(case, dtype, options):
   lens = _lengths(B, T, S, with_lengths)
   geometry = Geometry.from_lengths(*lens)
   kw = dict(stride=stride, block_size=128, causal=causal, scale=H**-0.5)
-  got = kernel.antidiagonal_scores(q, k, geometry, config=kernel.Config(**options), **kw)
+  got = kernel.antidiagonal_scores(q, k, geometry, config=kernel.ScoresConfig(**options), **kw)
   want = scoring_xla.antidiagonal_scores(q, k, geometry, **kw)
   got, want = np.asarray(got), np.asarray(want)
   assert np.isfinite(got).all()

@@ -52,7 +52,7 @@ class XAttentionConfig:
     query_chunk_size: queries processed per step, a multiple of block_size; bounds the memory of scores and block
       tables. None picks one from a memory budget.
     implementation: None (best for the platform), a backend name ("xla", ...) or configured backend
-      (`pallas_kernels.mosaic_gpu.MosaicGpu(attention=...)`, `pallas_kernels.tpu.Tpu(...)`), or a sequence of
+      (`pallas_kernels.mosaic_gpu.MosaicGpu(forward=...)`, `pallas_kernels.tpu.Tpu(...)`), or a sequence of
       them tried in order.
   """
 
