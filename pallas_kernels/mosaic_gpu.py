@@ -55,8 +55,8 @@ class MosaicGpu:
   """The "pallas_mosaic_gpu" backend with its kernels' tuning, to pass as `implementation=` (alone, or first in a
   sequence such as `(MosaicGpu(...), "xla")`) to the public ops and `XAttentionConfig`. None keeps a kernel's
   default (one naming scheme: each kernel module's ScoresConfig, ForwardConfig or BackwardConfig). The interpreter
-  (`interpret=True`) stages matmul operands through SMEM whatever the config says, and a forward config's persistent grid of 132 CTAs becomes the GPU's multiprocessor count unless num_ctas is set
-  otherwise.
+  (`interpret=True`) stages matmul operands through SMEM whatever the config says, and a forward config's
+  persistent grid of 132 CTAs becomes the GPU's multiprocessor count unless num_ctas is set otherwise.
 
       xa.xattention(q, k, v, implementation=MosaicGpu(forward=ForwardConfig(num_stages=3)))
   """
