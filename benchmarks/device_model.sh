@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # One device-tool call for the model at long context, most important first: 128K TTFT (dense and XAttention near
 # 10% density, one-shot and chunked, stride 8 and 16), decode, 256K, the context-parallel op at P = 1, then a GPU
-# buffer report of a 2-layer 32K prefill. Each step has its own time limit (seconds, 0 skips it).
-#   run(command="bash benchmarks/device_model.sh")
+# buffer report of a 2-layer 32K prefill. Each step has its own time limit (seconds, 0 skips it); the defaults fill
+# one 600 s call. The decode step spends ~100 s on setup (random 8B weights, copy bandwidth, compiles).
+#   run(command="bash benchmarks/device_model.sh")                     # everything
+#   run(command="MODES=one-shot T128=240 TDEC=200 T256=120 bash benchmarks/device_model.sh")
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 quiet() { grep -v '^|' | grep -E '^ +[0-9]|^decode|^dense|^xattention|Error|error' | tail -24; }
 step() { [ "$1" != 0 ]; }
 step "${T128:-300}" && timeout ${T128:-300} python3 benchmarks/model_prefill.py --lengths 131072 \
-  ${EXTRA128---extra-stride 16} --no-natural --target-densities ${TARGETS:-0.1} --out-dir "$OUT" --tag 128k \
-  --repeats 1 2>&1 | quiet
-step "${TDEC:-110}" && timeout ${TDEC:-110} python3 benchmarks/model_prefill.py --sections decode \
+  ${EXTRA128---extra-stride 16} --no-natural --target-densities ${TARGETS:-0.1} --modes ${MODES:-one-shot,chunked} \
+  --out-dir "$OUT" --tag 128k --repeats 1 2>&1 | quiet
+step "${TDEC:-200}" && timeout ${TDEC:-200} python3 benchmarks/model_prefill.py --sections decode \
   --decode-contexts 32768,131072 --decode-batches ${DECB:-1,8} --out-dir "$OUT" --tag decode 2>&1 | quiet
-step "${T256:-90}" && timeout ${T256:-90} python3 benchmarks/model_prefill.py --lengths 262144 --kinds xattention \
+step "${T256:-120}" && timeout ${T256:-120} python3 benchmarks/model_prefill.py --lengths 262144 --kinds xattention \
   --no-natural --modes one-shot --target-densities 0.1 --out-dir "$OUT" --tag 256k 2>&1 | quiet
 step "${TCP:-0}" && timeout ${TCP:-50} python3 benchmarks/context_parallel.py --lengths 131072 --devices 1 \
   --repeats 5 --out-dir "$OUT" --tag p1-128k 2>&1 | grep -E '^ +[0-9]|Error|error' | tail -4
