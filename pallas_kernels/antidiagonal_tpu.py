@@ -55,16 +55,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import check_budget
+from pallas_kernels.common import NT, SUPPORTED_HEAD_DIMS, check_budget
 from xattn_jax.geometry import Geometry, cdiv
 
 BLOCK = 128
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float32)
-_SUPPORTED_HEAD_DIMS = (64, 128)
 _SUPPORTED_STRIDES = (4, 8, 16)
 VMEM_BUDGET_BYTES = 48 * 2**20
 SMEM_BUDGET_BYTES = 64 * 1024
-_NT = (((1,), (1,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -209,7 +207,7 @@ def _kernel(
   def step(*, masked: bool):
     qr = qr_ref[...].reshape(L, qr_ref.shape[-1])  # heads side by side: one GEMM for the whole kv group
     z = lax.dot_general(
-        kr_ref[...], qr, _NT, preferred_element_type=jnp.float32,
+        kr_ref[...], qr, NT, preferred_element_type=jnp.float32,
         precision=lax.Precision.HIGHEST if f32_inputs else lax.Precision.DEFAULT,
     ) * (scale / s)  # [kv_rows, L]
     if masked:
@@ -252,7 +250,7 @@ def _kernel(
     sum_rows = ((row >= qb * per) & (row < (qb + 1) * per)).astype(jnp.float32)  # [qbt, q_rows]
     for g in range(tiles.heads_per_step):
       acc_g = acc_ref[:, pl.ds(g * tiles.q_rows, tiles.q_rows)]  # [nKb_p, q_rows]
-      out_ref[g] = lax.dot_general(sum_rows, acc_g, _NT, precision=lax.Precision.HIGHEST,
+      out_ref[g] = lax.dot_general(sum_rows, acc_g, NT, precision=lax.Precision.HIGHEST,
                                    preferred_element_type=jnp.float32)
 
 
@@ -260,8 +258,8 @@ def supports(q, k, *, stride: int, block_size: int) -> str | None:
   """Why this kernel cannot run the call (None if it can)."""
   if q.dtype not in _SUPPORTED_DTYPES:
     return f"q.dtype={q.dtype} (the kernel takes bfloat16 or float32)"
-  if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
-    return f"head dim {q.shape[-1]} (the kernel takes {_SUPPORTED_HEAD_DIMS})"
+  if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    return f"head dim {q.shape[-1]} (the kernel takes {SUPPORTED_HEAD_DIMS})"
   if block_size != BLOCK:
     return f"block_size={block_size} (the kernel takes {BLOCK})"
   if stride not in _SUPPORTED_STRIDES:

@@ -74,11 +74,10 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.block_sparse_attention_tpu import (
     BLOCK, NUM_LANES, SMEM_BUDGET_BYTES, VMEM_BUDGET_BYTES, _row_bounds, supports,
 )
-from pallas_kernels.common import check_budget, pad_tokens
+from pallas_kernels.common import NT, check_budget, pad_tokens
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout, transposed_layout
 
-_NT = (((1,), (1,)), ((), ()))  # a b^T
 _NN = (((1,), (0,)), ((), ()))  # a b
 _STATS_ROWS = 2  # lse (or +inf), D - dlse
 
@@ -207,7 +206,7 @@ def _dq_kernel(
     def update(block, slot, *, masked: bool):
       q, do = q_vmem[i % 2], do_vmem[i % 2]
       k, v = k_vmem[slot], v_vmem[slot]
-      s = lax.dot_general(q, k, _NT, precision=precision, preferred_element_type=jnp.float32) * scale
+      s = lax.dot_general(q, k, NT, precision=precision, preferred_element_type=jnp.float32) * scale
       if masked:
         keys = block * BLOCK + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         ok = keys < kv_len
@@ -215,7 +214,7 @@ def _dq_kernel(
           ok &= keys <= q_pos + r * BLOCK + lax.broadcasted_iota(jnp.int32, s.shape, 0)
         s = jnp.where(ok, s, -jnp.inf)
       p = jnp.exp(s - lse_col[...])  # 0 where masked (-inf - x) and for dead queries (s - inf)
-      dp = lax.dot_general(do, v, _NT, precision=precision, preferred_element_type=jnp.float32)
+      dp = lax.dot_general(do, v, NT, precision=precision, preferred_element_type=jnp.float32)
       ds = p * (dp - dd_col[...])
       acc[...] += lax.dot_general(ds if f32_inputs else ds.astype(k.dtype), k, _NN, precision=precision,
                                   preferred_element_type=jnp.float32)
@@ -358,7 +357,7 @@ def _dkv_kernel(
     def update(r, slot, *, masked: bool):
       q, do, stats = q_vmem[slot], do_vmem[slot], st_vmem[slot]
       k, v = k_vmem[i % 2], v_vmem[i % 2]
-      st = lax.dot_general(k, q, _NT, precision=precision, preferred_element_type=jnp.float32) * scale
+      st = lax.dot_general(k, q, NT, precision=precision, preferred_element_type=jnp.float32) * scale
       if masked:  # keys on sublanes (dim 0), queries on lanes (dim 1)
         keys = block * BLOCK + lax.broadcasted_iota(jnp.int32, st.shape, 0)
         ok = keys < kv_len
@@ -368,7 +367,7 @@ def _dkv_kernel(
       pt = jnp.exp(st - stats[0:1, :])  # P^T; the lse row broadcasts over the key sublanes
       dv_acc[...] += lax.dot_general(pt if f32_inputs else pt.astype(do.dtype), do, _NN, precision=precision,
                                      preferred_element_type=jnp.float32)
-      dpt = lax.dot_general(v, do, _NT, precision=precision, preferred_element_type=jnp.float32)
+      dpt = lax.dot_general(v, do, NT, precision=precision, preferred_element_type=jnp.float32)
       dst = pt * (dpt - stats[1:2, :])
       dk_acc[...] += lax.dot_general(dst if f32_inputs else dst.astype(q.dtype), q, _NN, precision=precision,
                                      preferred_element_type=jnp.float32)

@@ -36,13 +36,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import SM90_SMEM_BYTES, Operand, TileOrder, as_enum
+from pallas_kernels.common import SM90_SMEM_BYTES, SUPPORTED_HEAD_DIMS, Operand, TileOrder, as_enum
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
 _LOG2E = math.log2(math.e)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
-_SUPPORTED_HEAD_DIMS = (64, 128)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -281,8 +280,8 @@ def supports(q, k, layout: BlockLayout) -> str | None:
   """Why this kernel cannot run the call (None if it can)."""
   if q.dtype not in _SUPPORTED_DTYPES:
     return f"q.dtype={q.dtype} (the kernel takes bfloat16 or float16)"
-  if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
-    return f"head dim {q.shape[-1]} (the kernel takes {_SUPPORTED_HEAD_DIMS})"
+  if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    return f"head dim {q.shape[-1]} (the kernel takes {SUPPORTED_HEAD_DIMS})"
   if layout.block_size != 128:
     return f"layout.block_size={layout.block_size} (the kernel takes 128)"
   return None

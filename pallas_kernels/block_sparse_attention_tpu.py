@@ -57,17 +57,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import check_budget, pad_tokens
+from pallas_kernels.common import NT, SUPPORTED_HEAD_DIMS, check_budget, pad_tokens
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
 BLOCK = 128  # layout block size the kernel takes: one MXU tile of queries and of keys
 NUM_LANES = 128
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float32)
-_SUPPORTED_HEAD_DIMS = (64, 128)
 SMEM_BUDGET_BYTES = 256 * 1024
 VMEM_BUDGET_BYTES = 16 * 2**20
-_NT = (((1,), (1,)), ((), ()))  # contract the last dims: q k^T
 _NN = (((1,), (0,)), ((), ()))
 
 
@@ -205,7 +203,7 @@ def _kernel(
     def update(block, selected, slot, *, masked: bool):
       q = q_vmem[i % 2]
       k = k_vmem[slot]
-      s = lax.dot_general(q, k, _NT, precision=precision, preferred_element_type=jnp.float32) * scale
+      s = lax.dot_general(q, k, NT, precision=precision, preferred_element_type=jnp.float32) * scale
       if masked:
         keys = block * BLOCK + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         ok = keys < kv_len
@@ -289,8 +287,8 @@ def supports(q, k, layout: BlockLayout) -> str | None:
   """Why this kernel cannot run the call (None if it can)."""
   if q.dtype not in _SUPPORTED_DTYPES:
     return f"q.dtype={q.dtype} (the kernel takes bfloat16 or float32)"
-  if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
-    return f"head dim {q.shape[-1]} (the kernel takes {_SUPPORTED_HEAD_DIMS})"
+  if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    return f"head dim {q.shape[-1]} (the kernel takes {SUPPORTED_HEAD_DIMS})"
   if layout.block_size != BLOCK:
     return f"layout.block_size={layout.block_size} (the kernel takes {BLOCK})"
   return None

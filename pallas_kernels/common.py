@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 
 SM90_SMEM_BYTES = 227 * 1024  # shared memory per CTA on sm_90 (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+SUPPORTED_HEAD_DIMS = (64, 128)  # what every kernel takes; others fall through to the next backend
+NT = (((1,), (1,)), ((), ()))  # dot_general dimension numbers of a @ b^T (contract the last dims)
 
 
 class Operand(str, enum.Enum):
