@@ -214,8 +214,8 @@ def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
     monkeypatch.setattr(module, name, lambda *a, _f=original, **kw: (seen.append(kw["config"]), _f(*a, **kw))[1])
   tuned = MosaicGpu(forward=attention_kernel.ForwardConfig(num_stages=1, tile_order="rows"),
                     backward=bwd_kernel.BackwardConfig(num_stages=1))
-  run = lambda impl: jax.value_and_grad(lambda q: jnp.sum(xa.xattention(
-      q, k, v, is_causal=True, threshold=0.9, implementation=impl, interpret=True).astype(jnp.float32) ** 2))(q)
+  run = lambda impl: run_checked(jax.value_and_grad(lambda q, k, v: jnp.sum(xa.xattention(
+      q, k, v, is_causal=True, threshold=0.9, implementation=impl, interpret=True).astype(jnp.float32) ** 2)), q, k, v)
   (want, want_grad), (got, got_grad) = run("pallas_mosaic_gpu"), run((tuned, "xla"))
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(got_grad, np.float32), np.asarray(want_grad, np.float32), atol=1e-2)

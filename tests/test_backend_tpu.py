@@ -362,6 +362,6 @@ def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
   attention = attention_kernel.ForwardConfig(block_rows=8, skip_unselected=False)
   tuned = tpu_backend.Tpu(forward=attention)
   want = xa.xattention(q, k, v, is_causal=True, threshold=0.9, implementation="xla")
-  got = xa.xattention(q, k, v, is_causal=True, threshold=0.9, implementation=tuned, interpret=True)
+  got = run_checked(xa.xattention, q, k, v, is_causal=True, threshold=0.9, implementation=tuned, interpret=True)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=OUT_TOL[jnp.float32], rtol=1e-4)
   assert seen[0] is None and seen[1] == attention  # default scoring config, the given attention config
