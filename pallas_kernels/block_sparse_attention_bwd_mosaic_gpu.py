@@ -81,9 +81,6 @@ from xattn_jax.layout import BlockLayout, transposed_layout
 _LOG2E = math.log2(math.e)
 _BLOCK = 128  # layout block: query rows per dQ CTA, key rows per dK/dV CTA
 _ROWS = 64  # rows per consumer warpgroup (the wgmma M)
-_SMEM_BYTES = SM90_SMEM_BYTES
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BackwardConfig:
   """Static kernel settings.
@@ -129,10 +126,10 @@ def smem_bytes(config: BackwardConfig, head_dim: int, dtype, *, stages: int | No
 def _stages(config: BackwardConfig, head_dim: int, dtype, which: int) -> int:
   """The deepest ring <= config.num_stages that fits the SMEM budget (which: 0 dQ, 1 dK/dV)."""
   for s in range(config.num_stages, 0, -1):
-    if smem_bytes(config, head_dim, dtype, stages=s)[which] <= _SMEM_BYTES:
+    if smem_bytes(config, head_dim, dtype, stages=s)[which] <= SM90_SMEM_BYTES:
       return s
   raise NotImplementedError(f"{config} needs {smem_bytes(config, head_dim, dtype, stages=1)} bytes of SMEM at head "
-                            f"dim {head_dim} (the budget is {_SMEM_BYTES})")
+                            f"dim {head_dim} (the budget is {SM90_SMEM_BYTES})")
 
 
 def _dq_kernel(
@@ -405,7 +402,6 @@ def masked_visits(t_counts: jax.Array, t_indices: jax.Array, geometry: Geometry,
   steps = jnp.arange(t_indices.shape[-1], dtype=jnp.int32)
   needs = (block_end > visible) & (steps < t_counts[..., None])
   return jnp.sum(needs, axis=-1, dtype=jnp.int32)
-
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))

@@ -256,9 +256,6 @@ def _kernel(
       plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
 
-_SMEM_BYTES = SM90_SMEM_BYTES
-
-
 def smem_bytes(config: ForwardConfig, head_dim: int, dtype, *, q_buffers: int) -> int:
   """SMEM of one CTA, each allocation rounded up to 1 KiB as Mosaic GPU does, plus the reduction scratch.
 
@@ -329,10 +326,10 @@ def block_sparse_attention(
   dtype = q.dtype
   num_tiles = B * N * nqb
   grid = num_tiles if config.num_ctas is None else min(config.num_ctas, num_tiles)
-  buffers = 2 if smem_bytes(config, H, dtype, q_buffers=2) <= _SMEM_BYTES else 1
-  if smem_bytes(config, H, dtype, q_buffers=buffers) > _SMEM_BYTES:
+  buffers = 2 if smem_bytes(config, H, dtype, q_buffers=2) <= SM90_SMEM_BYTES else 1
+  if smem_bytes(config, H, dtype, q_buffers=buffers) > SM90_SMEM_BYTES:
     raise NotImplementedError(f"{config} needs {smem_bytes(config, H, dtype, q_buffers=1)} bytes of SMEM at head dim "
-                              f"{H} (the budget is {_SMEM_BYTES})")
+                              f"{H} (the budget is {SM90_SMEM_BYTES})")
   scratch = dict(
       qo_smem=plgpu.SMEM((2, buffers, block_q, H), dtype),  # [consumer, buffer]
       k_smem=plgpu.SMEM((stages, blk, H), dtype),

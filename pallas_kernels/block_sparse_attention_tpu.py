@@ -294,7 +294,6 @@ def supports(q, k, layout: BlockLayout) -> str | None:
   return None
 
 
-
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
 def block_sparse_attention(
     q: jax.Array,  # [B, T, N, H]

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import jax
 
-from xattn_jax.backends import Backend
+from xattn_jax.backends import Backend, Tuned
 
 
 # Host threads the CPU interpreter runs each kernel as (its warpgroups and copy engines, each a jitted computation on
@@ -51,23 +51,17 @@ def _persistent_grid(interpret: bool) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class MosaicGpu:
-  """The "pallas_mosaic_gpu" backend with its kernels' tuning, to pass as `implementation=` (alone, or first in a
-  sequence such as `(MosaicGpu(...), "xla")`) to the public ops and `XAttentionConfig`. None keeps a kernel's
-  default (one naming scheme: each kernel module's ScoresConfig, ForwardConfig or BackwardConfig). The interpreter
-  (`interpret=True`) stages matmul operands through SMEM whatever the config says, and a forward config's
-  persistent grid of 132 CTAs becomes the GPU's multiprocessor count unless num_ctas is set otherwise.
+class MosaicGpu(Tuned):
+  """The "pallas_mosaic_gpu" backend with its kernels' tuning (`xattn_jax.backends.Tuned`): scores an
+  antidiagonal_mosaic_gpu.ScoresConfig, forward a block_sparse_attention_mosaic_gpu.ForwardConfig, backward a
+  block_sparse_attention_bwd_mosaic_gpu.BackwardConfig. The interpreter (`interpret=True`) stages matmul operands
+  through SMEM whatever the config says, and a forward config's persistent grid of 132 CTAs becomes the GPU's
+  multiprocessor count unless num_ctas is set otherwise.
 
       xa.xattention(q, k, v, implementation=MosaicGpu(forward=ForwardConfig(num_stages=3)))
   """
 
-  scores: "antidiagonal_mosaic_gpu.ScoresConfig | None" = None
-  forward: "block_sparse_attention_mosaic_gpu.ForwardConfig | None" = None
-  backward: "block_sparse_attention_bwd_mosaic_gpu.BackwardConfig | None" = None
   name: ClassVar[str] = "pallas_mosaic_gpu"
-
-  def backend(self) -> Backend:
-    return backend(self)
 
 
 def backend(tuning: MosaicGpu | None = None) -> Backend:

@@ -16,7 +16,7 @@ from typing import ClassVar
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
-from xattn_jax.backends import Backend
+from xattn_jax.backends import Backend, Tuned
 
 
 def interpret_params() -> pltpu.InterpretParams:
@@ -34,20 +34,15 @@ def _interpret(interpret: bool) -> pltpu.InterpretParams | bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Tpu:
-  """The "pallas_tpu" backend with its kernels' tuning, to pass as `implementation=` (alone, or first in a sequence
-  such as `(Tpu(...), "xla")`). None keeps a kernel's default.
+class Tpu(Tuned):
+  """The "pallas_tpu" backend with its kernels' tuning (`xattn_jax.backends.Tuned`): scores an
+  antidiagonal_tpu.ScoresConfig, forward a block_sparse_attention_tpu.ForwardConfig, backward a
+  block_sparse_attention_bwd_tpu.BackwardConfig.
 
       xa.xattention(q, k, v, implementation=Tpu(forward=block_sparse_attention_tpu.ForwardConfig(...)))
   """
 
-  scores: "antidiagonal_tpu.ScoresConfig | None" = None
-  forward: "block_sparse_attention_tpu.ForwardConfig | None" = None
-  backward: "block_sparse_attention_bwd_tpu.BackwardConfig | None" = None
   name: ClassVar[str] = "pallas_tpu"
-
-  def backend(self) -> Backend:
-    return backend(self)
 
 
 def backend(tuning: Tpu | None = None) -> Backend:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import jax
 
@@ -80,14 +80,34 @@ def available() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-def _load(name) -> Backend:
-  if is_configured_backend(name):  # carries its own tuning
-    return name.backend()
+@dataclasses.dataclass(frozen=True)
+class Tuned:
+  """A registered backend with its kernels' tuning (a configured backend), passed as `implementation=` alone or in a
+  sequence. Subclasses name the backend (`pallas_kernels.mosaic_gpu.MosaicGpu`, `pallas_kernels.tpu.Tpu`); each
+  field is None (the kernel's default) or that backend's kernel config: scores a ScoresConfig, forward a
+  ForwardConfig, backward a BackwardConfig. The registered factory gets the instance."""
+
+  scores: object = None
+  forward: object = None
+  backward: object = None
+  name: ClassVar[str] = ""
+
+  def backend(self) -> Backend:
+    return _factory(self.name)(self)
+
+
+def _factory(name: str) -> Callable[..., Backend]:
   entry = _REGISTRY[name]
   if isinstance(entry, str):
     module, _, attr = entry.partition(":")
     entry = getattr(importlib.import_module(module), attr)
-  return entry()
+  return entry
+
+
+def _load(name) -> Backend:
+  if is_configured_backend(name):  # carries its own tuning
+    return name.backend()
+  return _factory(name)()
 
 
 def resolve(implementation) -> tuple[str, ...]:

@@ -31,12 +31,12 @@ import jax
 import jax.numpy as jnp
 
 import xattn_jax as xa
+from models.loading import SMOLLM2_NAMES
 from xattn_jax import backends
 from xattn_jax.synthetic import llm_like_qkv
 
 log = logging.getLogger("xattn_jax.cli")
-SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")  # models.loading's aliases
-BUCKET = 128  # the Generator's prompt bucket: chunk sizes are multiples of it
+BUCKET = 128  # the Generators' prompt bucket: chunk sizes are multiples of it
 
 
 class UsageError(Exception):
@@ -254,7 +254,7 @@ def _generate(args) -> int:
   _check_model_args(args)
   model, tokenizer = _load(args, args.attention)
   ids = _prompt_ids(args, tokenizer)
-  gen = Generator(model, max_len=_max_len(len(ids), args), chunk_size=args.chunk_size)
+  gen = Generator(model, max_len=_max_len(len(ids), args), chunk_size=args.chunk_size, bucket=BUCKET)
   with _step(f"prefill of {len(ids)} prompt tokens (compiling first), then up to {args.max_new_tokens} new tokens"):
     result = gen.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, stop_tokens=tokenizer.stop_token_ids, seed=args.seed)
@@ -277,7 +277,7 @@ def _prefill_bench(args) -> int:
   for attention in ("dense", "xattention"):
     model, tokenizer = _load(args, attention)
     ids = _prompt_ids(args, tokenizer)
-    gen = Generator(model, max_len=_max_len(len(ids), args), chunk_size=args.chunk_size)
+    gen = Generator(model, max_len=_max_len(len(ids), args), chunk_size=args.chunk_size, bucket=BUCKET)
     times = []
     for _ in _rounds(args.repeats + 1, f"{attention} prefill (the first run compiles)"):
       start = time.perf_counter()
