@@ -119,6 +119,28 @@ def search_thresholds(gen: Generator, prompt, layers: int, targets) -> dict:
   return dict(grid=taus.tolist(), densities=[round(float(c), 4) for c in curve], thresholds=found)
 
 
+def refine_threshold(gen: Generator, prompt, search: dict, target: float, steps: int, tolerance: float = 0.005):
+  """Newton steps from the interpolated tau with the same flat tau in every layer (the grid run mixes layers, and
+  density is not linear in tau): measure, step by (target - density) / slope of the grid curve there. Returns
+  (tau, [(tau, density) measured])."""
+  taus, curve = np.array(search["grid"]), np.array(search["densities"])
+  tau, tried = search["thresholds"][target], []
+  for _ in range(steps):
+    gen.set_thresholds(tau)
+    _, cache, dens = gen.prefill([prompt])
+    del cache
+    dens = np.asarray(dens)
+    density = float(dens[dens >= 0].mean())
+    tried.append((round(tau, 4), round(density, 4)))
+    if abs(density - target) <= tolerance:
+      break
+    i = int(np.clip(np.searchsorted(taus, tau), 1, len(taus) - 1))
+    slope = max((curve[i] - curve[i - 1]) / (taus[i] - taus[i - 1]), 1e-3)
+    tau = float(np.clip(tau + (target - density) / slope, 0.0, 1.0))
+  gen.set_thresholds()
+  return tau, tried
+
+
 def op_times(args, cfg, length: int, densities) -> dict:
   """Per-layer attention times on random inputs of the model's attention shape (B=1, bf16, causal); dense is what
   the dense model runs (`xattn_jax.dense_attention`: cuDNN on a GPU)."""
@@ -186,9 +208,12 @@ def prefill_section(args, model, result, write):
         search = search_thresholds(gen, prompt, layers, args.target_densities)
         result["threshold_search"].append(dict(base, **search))
         print(f"{length:>7} threshold search: {search}", flush=True)
-      for target, tau in search["thresholds"].items():
+      for target in search["thresholds"]:
+        tau, tried = refine_threshold(gen, prompt, search, target, args.refine)
+        print(f"{length:>7} refine {mode} ~{target:.0%}: {tried} -> tau {tau:.3f}", flush=True)
         gen.set_thresholds(tau)
-        row = record(f"xattention {mode} ~{target:.0%} (tau={tau:.3f})", gen, target_density=target, threshold=tau)
+        row = record(f"xattention {mode} ~{target:.0%} (tau={tau:.3f})", gen, target_density=target, threshold=tau,
+                     refine=tried)
         if ops is None:  # at the densities the one-shot rows reached
           reached = [r["density"] for r in result["prefill"] if r["T"] == length and r["what"].startswith("xatt")]
           ops = op_times(args, model.config, length, reached + [t for t in args.target_densities if t not in reached])
@@ -203,10 +228,12 @@ def prefill_section(args, model, result, write):
       stride = args.extra_stride
       gen = Generator(model.with_attention(xattention_config(args, args.threshold, stride)), max_len=length,
                       chunk_size=length, bucket=128)
-      target, tau = next(iter(search_thresholds(gen, prompt, layers, args.target_densities[:1])["thresholds"].items()))
+      target = args.target_densities[0]
+      tau, tried = refine_threshold(gen, prompt, search_thresholds(gen, prompt, layers, [target]), target, args.refine)
+      print(f"{length:>7} refine s={stride} ~{target:.0%}: {tried} -> tau {tau:.3f}", flush=True)
       gen.set_thresholds(tau)
       row = record(f"xattention one-shot s={stride} ~{target:.0%} (tau={tau:.3f})", gen, target_density=target,
-                   threshold=tau, stride=stride)
+                   threshold=tau, stride=stride, refine=tried)
       if ops is not None and "dense one-shot" in rows:
         cfg = model.config
         q = jax.random.normal(jax.random.key(1), (1, length, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
@@ -380,6 +407,8 @@ def _main(argv=None) -> int:
   parser.add_argument("--checkpoint", default=None, help="Hugging Face directory or .gguf (default: random weights)")
   parser.add_argument("--threshold", type=float, default=0.9, help="XAttention's natural-density threshold")
   parser.add_argument("--target-densities", type=floats, default=[0.10, 0.25])
+  parser.add_argument("--refine", type=int, default=2,
+                      help="flat-tau prefills per target density that correct the searched tau (0: none)")
   parser.add_argument("--kinds", type=lambda s: s.split(","), default=["dense", "xattention"])
   parser.add_argument("--modes", type=lambda s: s.split(","), default=["one-shot", "chunked"])
   parser.add_argument("--no-natural", dest="natural", action="store_false",
