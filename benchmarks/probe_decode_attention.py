@@ -1,0 +1,83 @@
+"""Probe: one decode step's attention (T = 1) over a long KV cache, formulations compared by the bandwidth they reach.
+
+A decode step reads the whole cache once; its floor is (K + V bytes) / HBM bandwidth. The model's decode at 128K
+reached 43% of the weights-plus-cache roofline (benchmarks/notes_model_prefill.md), so the attention is the suspect.
+Variants (all [B, S, K, H] caches as the model stores them, GQA 32/8, head dim 128, bf16, f32 softmax):
+  current      - xattn_jax.dense's decode route (two dot_generals; per sequence up to a batch of 16)
+  elementwise  - the route before it (elementwise products reduced over H, then over S)
+  batched      - one pair of dot_generals for the whole batch
+Measured on the H200 (2026-12-03, jax 0.11.2) before the switch: the dot route 0.174 ms at B=1, S=128K (3.09 TB/s)
+against 0.909 ms (0.59 TB/s) elementwise; at B=8 1.16 against 0.93 TB/s, and per sequence 3.36 TB/s; S split into 8-128 chunks
+(flash-decoding in XLA) 0.6-0.9 TB/s. Results: benchmarks/notes_model_prefill.md.
+
+  python benchmarks/probe_decode_attention.py --lengths 32768,131072 --batches 1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from attention_speed import timed  # benchmarks/ is on the path when run as a script
+from xattn_jax import dense
+
+
+def elementwise_decode(q, k, v, kv_lengths, scale):
+  """The formulation the model used until 2026-12-03: products reduced over H, then over S."""
+  B, S, K, H = k.shape
+  qg = q.reshape(B, 1, K, q.shape[2] // K, H).astype(jnp.float32)
+  s = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * scale  # [B, S, K, G]
+  s = jnp.where(jnp.arange(S)[None, :, None, None] < kv_lengths[:, None, None, None], s, -jnp.inf)
+  m = jnp.max(s, axis=1, keepdims=True)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  o = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1) / jnp.sum(p, axis=1)[..., None]
+  return o.reshape(B, 1, q.shape[2], H).astype(q.dtype)
+
+
+def batched_decode(q, k, v, kv_lengths, scale):
+  """One pair of dots over the whole batch (the sequence and the kv head as batch dimensions)."""
+  limit = dense._DECODE_UNROLL_MAX_BATCH
+  dense._DECODE_UNROLL_MAX_BATCH = 0  # trace time only
+  try:
+    return dense._decode_attention(q, k, v, kv_lengths, scale)
+  finally:
+    dense._DECODE_UNROLL_MAX_BATCH = limit
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--lengths", default="32768,131072")
+  parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--repeats", type=int, default=10)
+  args = parser.parse_args()
+  N, K, H = 32, 8, 128
+  scale = H ** -0.5
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+  for B in map(int, args.batches.split(",")):
+    for S in map(int, args.lengths.split(",")):
+      if 2 * B * S * K * H * 2 > 60 * 2 ** 30:
+        print(f"B={B} S={S}: skipped (cache over 60 GiB)")
+        continue
+      kq, kk, kv = jax.random.split(jax.random.key(S + B), 3)
+      q = jax.random.normal(kq, (B, 1, N, H), jnp.bfloat16)
+      k = jax.random.normal(kk, (B, S, K, H), jnp.bfloat16)
+      v = jax.random.normal(kv, (B, S, K, H), jnp.bfloat16)
+      lengths = jnp.full((B,), S - 3, jnp.int32)
+      variants = {"current": functools.partial(dense._decode_attention, scale=scale),
+                  "elementwise": functools.partial(elementwise_decode, scale=scale),
+                  "batched": functools.partial(batched_decode, scale=scale)}
+      ref = jax.jit(variants["current"])(q, k, v, lengths).astype(jnp.float32)
+      gb = 2 * k.size * k.dtype.itemsize / 1e9
+      for name, fn in variants.items():
+        f = jax.jit(fn)
+        err = float(jnp.max(jnp.abs(f(q, k, v, lengths).astype(jnp.float32) - ref)))
+        t = timed(f, q, k, v, lengths, repeats=args.repeats, pipeline=10)["ms"]
+        print(f"B={B} S={S:>7} {name:<9} {t:8.3f} ms  {gb / t:6.2f} TB/s  max|diff| {err:.2e}", flush=True)
+      del k, v
+
+
+if __name__ == "__main__":
+  main()
