@@ -460,6 +460,8 @@ class KernelScoresSuite:
 DENSE_CASES = [  # B, T, S, N, K, H, dtype, causal, with_lengths
     (2, 200, 300, 4, 2, 64, jnp.float32, True, True),  # a chunk after earlier ones (T < S)
     (2, 1, 260, 4, 2, 32, jnp.float32, True, True),  # decode steps
+    (1, 1, 300, 4, 1, 64, jnp.bfloat16, True, False),  # a decode step, bf16
+    (18, 1, 130, 2, 1, 32, jnp.float32, False, True),  # decode steps of a batch too large to unroll
     (2, 130, 130, 2, 1, 64, jnp.bfloat16, True, True),  # self-attention, one lengths array
     (1, 150, 400, 2, 2, 32, jnp.float32, False, True),
 ]
@@ -480,7 +482,8 @@ class DenseAttentionSuite:
     q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
     if with_lengths:
       kv_lens = jnp.asarray(np.r_[S, np.random.default_rng(seed).integers(1, S + 1, B - 1)], jnp.int32)
-      q_lens = kv_lens if T == S else jnp.minimum(kv_lens, jnp.asarray(np.r_[T, T // 2 + 1, 1][:B], jnp.int32))
+      q_cap = jnp.asarray(np.resize(np.r_[T, T // 2 + 1, 1], B), jnp.int32)
+      q_lens = kv_lens if T == S else jnp.minimum(kv_lens, q_cap)
     else:
       q_lens, kv_lens = jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32)
     same = T == S and with_lengths  # one array for both: cuDNN's route where it runs
