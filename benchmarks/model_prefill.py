@@ -336,10 +336,10 @@ def to_markdown(result: dict) -> str:
               "peak GiB (so far) | max logit diff vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["T"]: r["ttft_s"] for r in result["prefill"] if r["what"] == "dense one-shot"}
     for r in result["prefill"]:
-      speed = dense.get(r["T"], float("nan")) / r["ttft_s"]
+      speed = f"{dense[r['T']] / r['ttft_s']:.2f}x" if r["T"] in dense else "(no dense row)"
       pred = f"{r['predicted_ttft_s']:.3f}" if "predicted_ttft_s" in r else ""
       diff = f"{r['max_logit_diff_vs_dense']:.3f}" if "max_logit_diff_vs_dense" in r else ""
-      lines.append(f"| {r['T']} | {r['what']} | {r['chunk']} | {r['ttft_s']:.3f} | {speed:.2f}x | {pred} | "
+      lines.append(f"| {r['T']} | {r['what']} | {r['chunk']} | {r['ttft_s']:.3f} | {speed} | {pred} | "
                    f"{r['density']:.3f} | {r['compile_s']:.1f} | {r['temp_gib']:.2f} | {r['peak_gib']:.1f} | {diff} |")
     lines += ["", "Threshold search (density against tau, one prefill with the grid over the layers):", ""]
     for s in result["threshold_search"]:

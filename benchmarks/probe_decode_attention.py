@@ -3,12 +3,13 @@
 A decode step reads the whole cache once; its floor is (K + V bytes) / HBM bandwidth. The model's decode at 128K
 reached 43% of the weights-plus-cache roofline (benchmarks/notes_model_prefill.md), so the attention is the suspect.
 Variants (all [B, S, K, H] caches as the model stores them, GQA 32/8, head dim 128, bf16, f32 softmax):
-  current      - xattn_jax.dense's decode route (two dot_generals; per sequence up to a batch of 16)
+  current      - xattn_jax.dense's decode route (two dot_generals)
   elementwise  - the route before it (elementwise products reduced over H, then over S)
-  batched      - one pair of dot_generals for the whole batch
-Measured on the H200 (2026-12-03, jax 0.11.2) before the switch: the dot route 0.174 ms at B=1, S=128K (3.09 TB/s)
-against 0.909 ms (0.59 TB/s) elementwise; at B=8 1.16 against 0.93 TB/s, and per sequence 3.36 TB/s; S split into 8-128 chunks
-(flash-decoding in XLA) 0.6-0.9 TB/s. Results: benchmarks/notes_model_prefill.md.
+  unrolled     - the current route once per sequence
+Measured on the H200 (2026-12-03, jax 0.11.2) before the switch: the dot route 0.174 ms at B=1, S=128K
+(3.09 TB/s) against 0.909 ms (0.59 TB/s) elementwise; at B=8 1.16 against 0.93 TB/s, and per sequence 3.36 TB/s
+(but 2.5x slower than one batched pair inside the model's decode loop: 37.1 against 14.6 ms per step at 32K, B=8);
+S split into 8-128 chunks (flash-decoding in XLA) 0.6-0.9 TB/s. Results: benchmarks/notes_model_prefill.md.
 
   python benchmarks/probe_decode_attention.py --lengths 32768,131072 --batches 1,8
 """
@@ -37,14 +38,10 @@ def elementwise_decode(q, k, v, kv_lengths, scale):
   return o.reshape(B, 1, q.shape[2], H).astype(q.dtype)
 
 
-def batched_decode(q, k, v, kv_lengths, scale):
-  """One pair of dots over the whole batch (the sequence and the kv head as batch dimensions)."""
-  limit = dense._DECODE_UNROLL_MAX_BATCH
-  dense._DECODE_UNROLL_MAX_BATCH = 0  # trace time only
-  try:
-    return dense._decode_attention(q, k, v, kv_lengths, scale)
-  finally:
-    dense._DECODE_UNROLL_MAX_BATCH = limit
+def unrolled_decode(q, k, v, kv_lengths, scale):
+  """The current route once per sequence (dots whose only batch dimension is the kv head)."""
+  return jnp.concatenate([dense._decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], kv_lengths[b:b + 1], scale)
+                          for b in range(q.shape[0])])
 
 
 def main():
@@ -68,7 +65,7 @@ def main():
       lengths = jnp.full((B,), S - 3, jnp.int32)
       variants = {"current": functools.partial(dense._decode_attention, scale=scale),
                   "elementwise": functools.partial(elementwise_decode, scale=scale),
-                  "batched": functools.partial(batched_decode, scale=scale)}
+                  "unrolled": functools.partial(unrolled_decode, scale=scale)}
       ref = jax.jit(variants["current"])(q, k, v, lengths).astype(jnp.float32)
       gb = 2 * k.size * k.dtype.itemsize / 1e9
       for name, fn in variants.items():

@@ -160,25 +160,18 @@ def dense_attention(
   return out
 
 
-_DECODE_UNROLL_MAX_BATCH = 16  # up to this batch, one pair of dots per sequence (see _decode_attention)
-
-
 def _decode_attention(q, k, v, kv_lengths, scale: float) -> jax.Array:
   """One query per sequence (T = 1, at position k_b - 1: causal or not, it sees every real key). [B, 1, N, H].
 
   Two dot_generals over the cache as stored ([B, S, K, H]; softmax in f32 between them, probabilities in the
-  cache's dtype for the second, as flash attention does). On a GPU, with the kv head as the only batch dimension
-  each is a cuBLAS batched GEMV over the cache in place; with the sequence as a second batch dimension (not adjacent
-  to the head in the cache's layout) XLA transposes the cache first. So up to _DECODE_UNROLL_MAX_BATCH sequences get
-  one pair of dots each. H200, 32/8 heads, head dim 128 (benchmarks/probe_decode_attention.py): 0.18 ms at B = 1,
-  S = 128K (3.0 TB/s of cache) and 1.28 ms at B = 8 (3.4 TB/s), against 0.91 / 4.64 ms for the elementwise
-  products this replaced and 3.65 ms for one batched pair at B = 8. Memory: the [B, N, S] f32 scores, O(S).
+  cache's dtype for the second, as flash attention does). H200, 32/8 heads, head dim 128
+  (benchmarks/probe_decode_attention.py): 0.17 ms at B = 1, S = 128K (3.1 TB/s of cache; cuBLAS GEMVs over the cache
+  in place) against 0.91 ms for the elementwise products this replaced; 3.65 against 4.64 ms at B = 8, where the
+  sequence as a second batch dimension makes XLA transpose the cache. One pair of dots per sequence is 2.8x faster
+  at B = 8 on its own but 2.5x slower inside the model's decode loop (slices of the loop-carried cache are copied),
+  so the batch stays one pair. Memory: the [B, N, S] f32 scores, O(S).
   """
-  B = k.shape[0]
-  if 1 < B <= _DECODE_UNROLL_MAX_BATCH:
-    return jnp.concatenate([_decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], kv_lengths[b:b + 1], scale)
-                            for b in range(B)])
-  _, S, K, H = k.shape
+  B, S, K, H = k.shape
   G = q.shape[2] // K
   qg = q.reshape(B, K, G, H).astype(k.dtype)
   s = jnp.einsum("bkgh,bskh->bkgs", qg, k, preferred_element_type=jnp.float32) * scale
