@@ -86,7 +86,7 @@ def _main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--trace", action="store_true")
-  parser.add_argument("--module", default="pallas_kernels.block_sparse_attention_mosaic_gpu")
+  parser.add_argument("--module", default="xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu")
   parser.add_argument("--out-dir", default="benchmarks/results")
   parser.add_argument("--name", default="variants")
   args = parser.parse_args(argv)

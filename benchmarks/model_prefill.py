@@ -3,7 +3,7 @@
     python benchmarks/model_prefill.py --lengths 8192,32768,131072 --out-dir benchmarks/results
     python benchmarks/model_prefill.py --sections decode --decode-contexts 32768,131072 --decode-batches 1,8
 
-Model: the Llama-3.1-8B shape (`models.llama3_1_8b`, all 32 layers unless --layers), random bf16 weights made on the
+Model: the Llama-3.1-8B shape (`xattn_jax.models.llama3_1_8b`, all 32 layers unless --layers), random bf16 weights made on the
 device (or --checkpoint, a Hugging Face directory or .gguf file). One random prompt of T tokens per length.
 
 prefill section, per length T: `Generator(model, max_len=T, chunk_size=T)` (one shot) and `chunk_size=C` (chunked,
@@ -43,7 +43,7 @@ from flax import nnx
 
 import xattn_jax as xa
 from attention_speed import fixed_density_layout, timed  # benchmarks/ is on the path when run as a script
-from models import AttentionConfig, Generator, Transformer, from_pretrained, llama3_1_8b
+from xattn_jax.models import AttentionConfig, Generator, Transformer, from_pretrained, llama3_1_8b
 
 GiB = 2**30
 THRESHOLD_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -21,10 +21,10 @@ import numpy as np
 from flax import nnx
 
 import xattn_jax as xa
-from models.config import AttentionConfig, ModelConfig
-from models.generate import Generator
-from models.sharding import make_mesh
-from models.transformer import Transformer
+from xattn_jax.models.config import AttentionConfig, ModelConfig
+from xattn_jax.models.generate import Generator
+from xattn_jax.models.sharding import make_mesh
+from xattn_jax.models.transformer import Transformer
 from xattn_jax.synthetic import llm_like_qkv
 
 from attention_speed import timed  # run as `python benchmarks/multi_gpu.py`: benchmarks/ is on the path

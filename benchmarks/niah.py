@@ -3,7 +3,7 @@
     python benchmarks/niah.py --model smollm2 --lengths 2048,4096 --tasks single,multikey --samples 10 \
         --configs dense,s8_t0.9,cal0.9 --tag niah-first
 
-Tasks (`models.haystack`, generated offline and seeded): single needle, multi-key (4 needles, one asked),
+Tasks (`xattn_jax.evaluation.haystack`, generated offline and seeded): single needle, multi-key (4 needles, one asked),
 multi-value (one key, 4 values, all asked), variable tracking (a 5-variable chain, all asked); haystacks: RULER's
 noise sentences and CPython's pydoc_data.topics prose; depths cycle over 0.1 .. 0.9. Scoring: RULER's
 string_match_all (fraction of expected values found in the greedy answer).
@@ -12,11 +12,11 @@ Configs (--configs, comma separated):
   dense            jax.nn.dot_product_attention
   s{S}_t{TAU}      XAttention, stride S, one threshold TAU for every head (e.g. s8_t0.9, s16_t0.95)
   cal{T}           XAttention with per-(layer, head) thresholds calibrated to cover T of the exact attention mass
-                   (`models.calibration.calibrate`, --cal-method, --cal-stride, max over the calibration prompts;
+                   (`xattn_jax.evaluation.calibration.calibrate`, --cal-method, --cal-stride, max over the calibration prompts;
                    cached in the output directory); calmean{T}: the same with the mean over the prompts
   min{TAU}         XAttention, stride --cal-stride, per-layer thresholds from the paper's minimum-threshold search:
                    starting at TAU, each layer's thresholds are lowered by --search-factor while the accuracy on
-                   --search-prompts dev prompts (another seed) holds (`models.calibration.search_thresholds`; cached)
+                   --search-prompts dev prompts (another seed) holds (`xattn_jax.evaluation.calibration.search_thresholds`; cached)
   file:PATH        XAttention with the thresholds of a file written by `xattn-jax calibrate`
 Default: dense, s{8,16} x t{0.8,0.9,0.95}, cal0.9.
 
@@ -136,7 +136,7 @@ class Runner:
   def __init__(self, args):
     import jax.numpy as jnp
 
-    from models.loading import from_pretrained, load_tokenizer
+    from xattn_jax.models.loading import from_pretrained, load_tokenizer
 
     self.args = args
     self.model = from_pretrained(args.model, dtype={"f32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype])
@@ -152,14 +152,14 @@ class Runner:
     return self.out / f"{self.args.tag}{suffix}"
 
   def count_tokens(self, sample) -> int:
-    from models.calibration import prompt_ids
+    from xattn_jax.evaluation.calibration import prompt_ids
 
     return len(prompt_ids(self.tok, sample))
 
   # -- thresholds ---------------------------------------------------------------------------------------------------
 
   def threshold_record(self, config: RunConfig) -> dict:
-    from models.calibration import calibrate, task_prompts
+    from xattn_jax.evaluation.calibration import calibrate, task_prompts
     from xattn_jax.calibration import load_thresholds, save_thresholds
 
     if config.name in self.thresholds:
@@ -178,7 +178,7 @@ class Runner:
         _log(f"calibrating {config.name}: {a.cal_prompts} prompts of {a.cal_length} tokens, method {a.cal_method}")
         start = time.perf_counter()
         samples = task_prompts(self.tok, n=a.cal_prompts, length=a.cal_length, tasks=a.cal_tasks)
-        from models.calibration import prompt_ids
+        from xattn_jax.evaluation.calibration import prompt_ids
 
         result = calibrate(self.model, [prompt_ids(self.tok, s) for s in samples], target=config.target,
                            stride=config.stride, block_size=a.block_size, method=a.cal_method,
@@ -192,9 +192,9 @@ class Runner:
     return record
 
   def searched_record(self, config: RunConfig) -> dict:
-    """Per-layer thresholds from the paper's minimum-threshold search (`models.calibration.search_thresholds`),
+    """Per-layer thresholds from the paper's minimum-threshold search (`xattn_jax.evaluation.calibration.search_thresholds`),
     starting from flat tau = config.target, on --search-prompts dev prompts (their own seed); cached as JSON."""
-    from models.calibration import search_thresholds, task_prompts
+    from xattn_jax.evaluation.calibration import search_thresholds, task_prompts
     from xattn_jax.calibration import load_thresholds, save_thresholds
 
     a = self.args
@@ -228,7 +228,7 @@ class Runner:
   # -- samples ------------------------------------------------------------------------------------------------------
 
   def samples(self, length: int, indices):
-    from models.haystack import ruler_sample
+    from xattn_jax.evaluation.haystack import ruler_sample
 
     a = self.args
     return [ruler_sample(task, haystack=hay, length=length, index=i, count_tokens=self.count_tokens, seed=a.seed,
@@ -239,8 +239,8 @@ class Runner:
     """One Generator per kind (dense, or XAttention of one stride) for every length: prefill compiles once per
     length bucket and the decode loop once; thresholds are set per config at run time (model state)."""
     import xattn_jax as xa
-    from models.config import AttentionConfig
-    from models.generate import Generator
+    from xattn_jax.models.config import AttentionConfig
+    from xattn_jax.models.generate import Generator
 
     key = "dense" if config.kind == "dense" else config.stride_of(self)
     if key not in self._generators:
@@ -261,8 +261,8 @@ class Runner:
   def run(self) -> None:
     import jax
 
-    from models.calibration import generate_in_batches, prompt_ids
-    from models.haystack import string_match_all
+    from xattn_jax.evaluation.calibration import generate_in_batches, prompt_ids
+    from xattn_jax.evaluation.haystack import string_match_all
 
     jsonl = self.path(".jsonl")
     done = {(r["id"], r["config"]) for r in _load_jsonl(jsonl)}
@@ -315,7 +315,7 @@ class Runner:
   # -- fidelity and masks -------------------------------------------------------------------------------------------
 
   def fidelity(self) -> None:
-    from models.calibration import fidelity, prompt_ids, task_prompts
+    from xattn_jax.evaluation.calibration import fidelity, prompt_ids, task_prompts
 
     a = self.args
     path = self.path("-fidelity.json")
@@ -346,7 +346,7 @@ class Runner:
     import matplotlib.pyplot as plt
 
     import xattn_jax as xa
-    from models.calibration import iter_layer_qkv, prompt_ids, task_prompts
+    from xattn_jax.evaluation.calibration import iter_layer_qkv, prompt_ids, task_prompts
 
     a = self.args
     sparse = [c for c in self.configs if c.kind != "dense"][:3]

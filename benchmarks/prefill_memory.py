@@ -37,7 +37,7 @@ def main(argv=None) -> int:
   import jax.numpy as jnp
   from flax import nnx
 
-  from models import AttentionConfig, Transformer, llama3_1_8b
+  from xattn_jax.models import AttentionConfig, Transformer, llama3_1_8b
 
   shapes = {"llama3_1_8b": {}, "tiny": dict(vocab_size=512, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64,
                                             mlp_dim=512)}

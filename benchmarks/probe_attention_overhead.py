@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import xattn_jax as xa
-from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
+from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 from xattn_jax.geometry import Geometry
 
 from attention_speed import timed  # run as `python benchmarks/probe_attention_overhead.py`: benchmarks/ is on the path

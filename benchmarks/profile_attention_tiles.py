@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import xattn_jax as xa
-from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
+from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 from xattn_jax.geometry import Geometry
 
 from attention_speed import fixed_density_layout  # benchmarks/ is on the path when run as a script

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
-from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernel
-from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
+from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+from xattn_jax.pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernel
+from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 from tests.conftest import random_qkv
 from tests.suites import random_layout
 from xattn_jax import attention_xla, attention_xla_bwd, scoring_xla

@@ -14,8 +14,8 @@ import dataclasses
 import datetime
 import pathlib
 
-from pallas_kernels import antidiagonal_tpu as scoring_kernel
-from pallas_kernels import block_sparse_attention_tpu as attention_kernel
+from xattn_jax.pallas_kernels import antidiagonal_tpu as scoring_kernel
+from xattn_jax.pallas_kernels import block_sparse_attention_tpu as attention_kernel
 
 BLOCK = 128
 STEP_OVERHEAD_S = 0.35e-6  # per grid step (Pallas TPU pipelining docs)

@@ -28,10 +28,10 @@ import numpy as np
 from flax import nnx
 
 import xattn_jax as xa
-from models.config import AttentionConfig, ModelConfig
-from models.generate import Generator
-from models.training import TrainConfig, Trainer
-from models.transformer import Transformer
+from xattn_jax.models.config import AttentionConfig, ModelConfig
+from xattn_jax.models.generate import Generator
+from xattn_jax.models.training import TrainConfig, Trainer
+from xattn_jax.models.transformer import Transformer
 
 PRESETS = {
     "cpu-small": dict(length=1024, batch=8, steps=300, d_model=128, layers=2, heads=4, kv_heads=2, head_dim=32,

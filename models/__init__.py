@@ -1,9 +1,13 @@
 """Flax NNX long-context transformers (Llama / Qwen2 family) that call `xattn_jax.xattention`."""
 
-from models.config import AttentionConfig, ModelConfig, RopeScaling, llama3_1_8b, smollm2_135m
-from models.generate import GenerationResult, Generator
-from models.loading import from_pretrained, load_tokenizer
-from models.transformer import KVCache, Transformer
+from xattn_jax import _subpackages
+
+_subpackages.deprecated_alias(__name__)  # as the old top-level `models`: an alias of this package
+
+from xattn_jax.models.config import AttentionConfig, ModelConfig, RopeScaling, llama3_1_8b, smollm2_135m  # noqa: E402
+from xattn_jax.models.generate import GenerationResult, Generator  # noqa: E402
+from xattn_jax.models.loading import from_pretrained, load_tokenizer  # noqa: E402
+from xattn_jax.models.transformer import KVCache, Transformer  # noqa: E402
 
 __all__ = [
     "AttentionConfig",

@@ -28,8 +28,8 @@ from flax import nnx
 
 from jax.sharding import NamedSharding
 
-from models.sharding import cache_spec, check_divisible, shard_state
-from models.transformer import KVCache, Transformer
+from xattn_jax.models.sharding import cache_spec, check_divisible, shard_state
+from xattn_jax.models.transformer import KVCache, Transformer
 
 
 _DECODE_BUCKET = 64  # decode output buffers are multiples of this many tokens
@@ -78,8 +78,8 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
 
 class Generator:
   def __init__(self, model: Transformer, *, max_len: int, chunk_size: int = 4096, bucket: int = 128, mesh=None):
-    """mesh: optional `jax.sharding.Mesh` with "data", "seq" and "tensor" axes (models.sharding.make_mesh; absent
-    axes count as size 1): parameters, activations and the KV cache are sharded by models.sharding's rules and
+    """mesh: optional `jax.sharding.Mesh` with "data", "seq" and "tensor" axes (xattn_jax.models.sharding.make_mesh; absent
+    axes count as size 1): parameters, activations and the KV cache are sharded by xattn_jax.models.sharding's rules and
     attention runs per device (sequence-parallel over "seq").
 
     Raises:

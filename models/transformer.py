@@ -10,10 +10,10 @@ from flax import nnx
 
 from jax.sharding import PartitionSpec as P
 
-from models.config import ModelConfig
+from xattn_jax.models.config import ModelConfig
 from xattn_jax.sharding import current_mesh
-from models.layers import RMSNorm
-from models.modules import Block, LayerCache, threshold_vector
+from xattn_jax.models.layers import RMSNorm
+from xattn_jax.models.modules import Block, LayerCache, threshold_vector
 
 
 @jax.tree_util.register_dataclass

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import Operand, as_enum
+from xattn_jax.pallas_kernels.common import Operand, as_enum
 from xattn_jax.geometry import Geometry, cdiv
 
 _LOG2E = math.log2(math.e)

@@ -55,7 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import NT, SUPPORTED_HEAD_DIMS, check_budget
+from xattn_jax.pallas_kernels.common import NT, SUPPORTED_HEAD_DIMS, check_budget
 from xattn_jax.geometry import Geometry, cdiv
 
 BLOCK = 128

@@ -73,8 +73,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.block_sparse_attention_mosaic_gpu import supports, unmasked_prefix
-from pallas_kernels.common import SM90_SMEM_BYTES, Operand, as_enum, pad_tokens
+from xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu import supports, unmasked_prefix
+from xattn_jax.pallas_kernels.common import SM90_SMEM_BYTES, Operand, as_enum, pad_tokens
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout, transposed_layout
 

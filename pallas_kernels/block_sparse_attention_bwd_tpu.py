@@ -71,10 +71,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse_attention_tpu import (
+from xattn_jax.pallas_kernels.block_sparse_attention_tpu import (
     BLOCK, NUM_LANES, SMEM_BUDGET_BYTES, VMEM_BUDGET_BYTES, _row_bounds, supports,
 )
-from pallas_kernels.common import NT, check_budget, pad_tokens
+from xattn_jax.pallas_kernels.common import NT, check_budget, pad_tokens
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout, transposed_layout
 

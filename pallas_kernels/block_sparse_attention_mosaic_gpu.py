@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import SM90_SMEM_BYTES, SUPPORTED_HEAD_DIMS, Operand, TileOrder, as_enum
+from xattn_jax.pallas_kernels.common import SM90_SMEM_BYTES, SUPPORTED_HEAD_DIMS, Operand, TileOrder, as_enum
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 

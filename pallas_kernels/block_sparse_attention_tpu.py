@@ -57,7 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import NT, SUPPORTED_HEAD_DIMS, check_budget, pad_tokens
+from xattn_jax.pallas_kernels.common import NT, SUPPORTED_HEAD_DIMS, check_budget, pad_tokens
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 

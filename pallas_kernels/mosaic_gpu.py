@@ -65,9 +65,9 @@ class MosaicGpu(Tuned):
 
 
 def backend(tuning: MosaicGpu | None = None) -> Backend:
-  from pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
-  from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as backward_kernels
-  from pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
+  from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+  from xattn_jax.pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as backward_kernels
+  from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
 
   tuning = tuning or MosaicGpu()
 

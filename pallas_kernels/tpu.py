@@ -46,9 +46,9 @@ class Tpu(Tuned):
 
 
 def backend(tuning: Tpu | None = None) -> Backend:
-  from pallas_kernels import antidiagonal_tpu as scoring_kernel
-  from pallas_kernels import block_sparse_attention_bwd_tpu as backward_kernels
-  from pallas_kernels import block_sparse_attention_tpu as attention_kernel
+  from xattn_jax.pallas_kernels import antidiagonal_tpu as scoring_kernel
+  from xattn_jax.pallas_kernels import block_sparse_attention_bwd_tpu as backward_kernels
+  from xattn_jax.pallas_kernels import block_sparse_attention_tpu as attention_kernel
 
   tuning = tuning or Tpu()
   configured = lambda config: {} if config is None else {"config": config}

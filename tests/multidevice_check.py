@@ -12,10 +12,10 @@ import numpy as np
 from flax import nnx
 
 import xattn_jax as xa
-from models.config import AttentionConfig, ModelConfig
-from models.generate import Generator
-from models.sharding import make_mesh
-from models.transformer import Transformer
+from xattn_jax.models.config import AttentionConfig, ModelConfig
+from xattn_jax.models.generate import Generator
+from xattn_jax.models.sharding import make_mesh
+from xattn_jax.models.transformer import Transformer
 from tests.conftest import random_qkv, run_checked
 from xattn_jax.sharding import sharded_dense_attention, sharded_xattention
 

@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 
 import xattn_jax as xa
-from models import haystack
-from models import calibration as mcal
-from models.config import AttentionConfig, ModelConfig
-from models.generate import Generator
-from models.transformer import Transformer
+from xattn_jax.models import haystack
+from xattn_jax.models import calibration as mcal
+from xattn_jax.models.config import AttentionConfig, ModelConfig
+from xattn_jax.models.generate import Generator
+from xattn_jax.models.transformer import Transformer
 from tests.conftest import random_qkv, run_checked
 from xattn_jax import calibration as xcal
 
@@ -327,7 +327,7 @@ def test_niah_end_to_end_on_the_tiny_fixture(tmp_path):
 
 
 def test_threshold_search_on_a_generator_reuses_one_compilation():
-  from models.haystack import TaskSample
+  from xattn_jax.evaluation.haystack import TaskSample
 
   model = _tiny(_xattn(0.9))
   gen = Generator(model, max_len=256, chunk_size=256, bucket=128)

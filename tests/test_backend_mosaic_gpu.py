@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import xattn_jax as xa
-from pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
+from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
 from tests import suites
 from tests.conftest import random_qkv, run_checked
 from xattn_jax.geometry import Geometry
@@ -75,7 +75,7 @@ def test_xattention_with_the_kernel_matches_xla():
 
 @pytest.mark.parametrize("length,stride", [(32768, 8), (131072, 8), (131072, 16)])
 def test_scores_kernel_lowers_for_cuda_at_production_shapes(length, stride):
-  from pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+  from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
 
   sds = jax.ShapeDtypeStruct
   geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
@@ -142,7 +142,7 @@ def test_smem_budget():
 
 def test_persistent_grid_has_one_cta_per_multiprocessor(monkeypatch):
   """The backend sizes the persistent grid from the GPU's multiprocessor count (an H100 PCIe has 114, not 132)."""
-  from pallas_kernels import mosaic_gpu
+  from xattn_jax.pallas_kernels import mosaic_gpu
 
   class FakeGPU:
     core_count = 114
@@ -193,7 +193,7 @@ def test_the_interpreter_refuses_rather_than_hangs_with_too_few_xla_threads():
 
 
 def test_the_interpreter_thread_check(monkeypatch):
-  from pallas_kernels import mosaic_gpu
+  from xattn_jax.pallas_kernels import mosaic_gpu
 
   q = jax.random.normal(jax.random.key(0), (1, 128, 2, 64), jnp.bfloat16)
   monkeypatch.setattr(mosaic_gpu, "_xla_cpu_threads", lambda: 2)
@@ -204,8 +204,8 @@ def test_the_interpreter_thread_check(monkeypatch):
 def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
   """implementation=MosaicGpu(...) reaches the kernels through the public op (forward and backward) and computes the
   same as the default configuration."""
-  from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernel
-  from pallas_kernels.mosaic_gpu import MosaicGpu
+  from xattn_jax.pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernel
+  from xattn_jax.pallas_kernels.mosaic_gpu import MosaicGpu
 
   q, k, v = random_qkv(71, B=1, T=256, S=256, N=2, K=1, H=64, dtype=jnp.bfloat16)
   seen = []

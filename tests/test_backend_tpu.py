@@ -17,9 +17,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import xattn_jax as xa
-from pallas_kernels import antidiagonal_tpu as scoring_kernel
-from pallas_kernels import block_sparse_attention_tpu as attention_kernel
-from pallas_kernels import tpu as tpu_backend
+from xattn_jax.pallas_kernels import antidiagonal_tpu as scoring_kernel
+from xattn_jax.pallas_kernels import block_sparse_attention_tpu as attention_kernel
+from xattn_jax.pallas_kernels import tpu as tpu_backend
 from tests import oracle, suites
 from tests.conftest import OUT_TOL, lengths_pair, random_qkv, run_checked
 from xattn_jax import attention_xla, scoring_xla

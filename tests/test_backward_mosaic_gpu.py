@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import xattn_jax as xa
-from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernels
+from xattn_jax.pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernels
 from tests.conftest import assert_max_normalized_close, random_cotangents, random_qkv, run_checked
 from tests.suites import random_layout
 from tests.test_backend_mosaic_gpu import _races_found
@@ -167,7 +167,7 @@ def test_unsupported_calls_fall_back_to_the_xla_backward():
 def test_needs_a_gpu_unless_interpreted():
   if jax.default_backend() == "gpu":
     pytest.skip("has a GPU")
-  from pallas_kernels import mosaic_gpu
+  from xattn_jax.pallas_kernels import mosaic_gpu
 
   q, k, v = random_qkv(92, B=1, T=128, S=128, N=2, K=2, H=64, dtype=jnp.bfloat16)
   layout = BlockLayout.from_dense(jnp.ones((1, 2, 1, 1), bool))

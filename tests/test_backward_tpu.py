@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import xattn_jax as xa
-from pallas_kernels import block_sparse_attention_bwd_tpu as bwd_kernels
-from pallas_kernels import block_sparse_attention_tpu as attention_kernel
-from pallas_kernels import tpu as tpu_backend
+from xattn_jax.pallas_kernels import block_sparse_attention_bwd_tpu as bwd_kernels
+from xattn_jax.pallas_kernels import block_sparse_attention_tpu as attention_kernel
+from xattn_jax.pallas_kernels import tpu as tpu_backend
 from tests.conftest import assert_max_normalized_close, random_cotangents, random_qkv, run_checked
 from tests.suites import random_layout
 from tests.test_backend_tpu import _no_race, tpu_generation  # noqa: F401 (fixture)

@@ -74,12 +74,12 @@ def _bad_invocations(tmp_path):
 
 
 def test_mistakes_end_in_one_line_and_status_2(tmp_path, capsys, monkeypatch):
-  import models.loading
+  from xattn_jax.models import loading
 
   def no_loading(*args, **kwargs):
     raise AssertionError("a model was loaded before the arguments were checked")
 
-  monkeypatch.setattr(models.loading, "from_pretrained", no_loading)
+  monkeypatch.setattr(loading, "from_pretrained", no_loading)
   for argv, words in _bad_invocations(tmp_path):
     assert cli.main(argv) == 2, argv
     err = capsys.readouterr().err

@@ -86,10 +86,10 @@ def test_model_prefill_and_decode_on_a_seq_mesh(data, seq, tensor):
   logits and the greedy tokens equal the unsharded model's."""
   from flax import nnx
 
-  from models.config import AttentionConfig, ModelConfig
-  from models.generate import Generator
-  from models.sharding import make_mesh
-  from models.transformer import Transformer
+  from xattn_jax.models.config import AttentionConfig, ModelConfig
+  from xattn_jax.models.generate import Generator
+  from xattn_jax.models.sharding import make_mesh
+  from xattn_jax.models.transformer import Transformer
 
   config = ModelConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                        mlp_dim=128, attention=AttentionConfig(

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 import xattn_jax as xa
-from models.config import AttentionConfig, ModelConfig
-from models.generate import Generator
-from models.transformer import Transformer
+from xattn_jax.models.config import AttentionConfig, ModelConfig
+from xattn_jax.models.generate import Generator
+from xattn_jax.models.transformer import Transformer
 from tests import suites
 from tests.conftest import random_qkv
 from tests.hlo_checks import zero_filled_loop_buffers

@@ -20,8 +20,8 @@ from flax import nnx
 pytest.importorskip("safetensors", reason="weight loading needs the `hf` extra (pip install -e '.[hf]')")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from models import loading  # noqa: E402
-from models.config import AttentionConfig  # noqa: E402
+from xattn_jax.models import loading  # noqa: E402
+from xattn_jax.models.config import AttentionConfig  # noqa: E402
 from tests.conftest import run_checked  # noqa: E402
 from xattn_jax import XAttentionConfig  # noqa: E402
 
@@ -356,7 +356,7 @@ def smollm2():
 
 @pytest.mark.slow
 def test_smollm2_answers_capital_of_france(smollm2):
-  from models.generate import Generator
+  from xattn_jax.models.generate import Generator
 
   model, tok = smollm2
   assert (model.config.num_layers, model.config.num_heads, model.config.num_kv_heads) == (30, 9, 3)

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 import xattn_jax as xa
-from models.config import AttentionConfig, ModelConfig, llama3_1_8b, smollm2_135m
-from models.generate import Generator, sample
-from models.layers import MLP
-from models.transformer import Transformer
+from xattn_jax.models.config import AttentionConfig, ModelConfig, llama3_1_8b, smollm2_135m
+from xattn_jax.models.generate import Generator, sample
+from xattn_jax.models.layers import MLP
+from xattn_jax.models.transformer import Transformer
 from tests.conftest import checked_jit, run_checked
 from tests.hlo_checks import zero_filled_loop_buffers
 

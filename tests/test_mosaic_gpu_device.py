@@ -46,7 +46,7 @@ def _lengths(B: int, T: int, S: int, with_lengths: bool):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}T{s[1]}S{s[2]}N{s[3]}K{s[4]}H{s[5]}" for s in SHAPES])
 def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas, tile_order):
-  from pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
+  from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 
   B, T, S, N, K, H, with_lengths = shape
   seed = hash((shape, causal, str(dtype), pv_operand, num_ctas, tile_order)) % 2**31
@@ -98,7 +98,7 @@ SCORE_CASES = [  # B, T, S, N, K, H, stride, causal, with_lengths
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("case", SCORE_CASES, ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}" for c in SCORE_CASES])
 def test_scores_kernel_matches_xla(case, dtype, options):
-  from pallas_kernels import antidiagonal_mosaic_gpu as kernel
+  from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as kernel
   from xattn_jax import scoring_xla
 
   B, T, S, N, K, H, stride, causal, with_lengths = case
@@ -131,7 +131,7 @@ BWD_TOL = {jnp.bfloat16: (2e-2, 1e-2), jnp.float16: (4e-3, 2e-3)}
 @pytest.mark.parametrize("shape", BWD_SHAPES, ids=[f"B{s[0]}T{s[1]}S{s[2]}N{s[3]}K{s[4]}H{s[5]}" for s in BWD_SHAPES])
 def test_backward_kernels_match_xla(shape, causal, dtype, operand):
   """The dQ and dK/dV kernels vs the XLA backward, given the same forward (out, lse) and random cotangents."""
-  from pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernels
+  from xattn_jax.pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernels
   from xattn_jax import attention_xla_bwd
 
   B, T, S, N, K, H, with_lengths = shape

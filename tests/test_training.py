@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 import xattn_jax as xa
-from models.config import AttentionConfig, ModelConfig
-from models.training import TrainConfig, Trainer, next_token_loss
-from models.transformer import Transformer
+from xattn_jax.models.config import AttentionConfig, ModelConfig
+from xattn_jax.models.training import TrainConfig, Trainer, next_token_loss
+from xattn_jax.models.transformer import Transformer
 from tests.conftest import checked_jit
 
 TINY = ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)

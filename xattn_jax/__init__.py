@@ -1,4 +1,14 @@
-"""xattn-jax: XAttention (block-sparse attention with antidiagonal scoring) for JAX."""
+"""xattn-jax: XAttention (block-sparse attention with antidiagonal scoring) for JAX.
+
+Layers, each importing only those above it: the core (this package's modules) <- `xattn_jax.pallas_kernels` (the
+Pallas backends, registered with `xattn_jax.backends` when imported, as they are at the end of this file) <-
+`xattn_jax.models` <- `xattn_jax.evaluation`, `xattn_jax.cli` and the benchmarks (see `_subpackages`).
+"""
+
+from xattn_jax import _subpackages
+
+_subpackages.install()
+
 
 from xattn_jax._checks import traced_checks
 from xattn_jax.config import XAttentionConfig
@@ -24,3 +34,6 @@ __all__ = [
     "traced_checks",
     "xattention",
 ]
+
+# The kernel layer registers its backends (last: it imports the core).
+from xattn_jax import pallas_kernels  # noqa: E402

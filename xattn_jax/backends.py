@@ -2,15 +2,15 @@
 
 Every backend computes exactly SPEC on validated inputs, with the signatures of the three protocols below. A backend
 raises NotImplementedError (at trace time) for a legal input it does not support, so that
-`implementation=("pallas_mosaic_gpu", "xla")` falls through to the next one. Backends are imported lazily: the
-Pallas kernels live in the `pallas_kernels` package and are registered here by name. Memory bounds over long
-queries are the caller's: `xattention` runs every backend on query chunks it sizes from a budget.
+`implementation=("pallas_mosaic_gpu", "xla")` falls through to the next one. The core registers only "xla"; the
+Pallas backends register themselves (`register`) when `xattn_jax.pallas_kernels` is imported, which the package's
+`__init__` does, with factories that import their kernels on first use. Memory bounds over long queries are the
+caller's: `xattention` runs every backend on query chunks it sizes from a budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from typing import ClassVar, Protocol
 
@@ -62,18 +62,21 @@ def _xla() -> Backend:
   return Backend("xla", scores, attention)
 
 
-# name -> (module that builds the backend, or a factory). Kernel backends join as "module:function" strings.
-_REGISTRY: dict[str, Callable[[], Backend] | str] = {
-    "xla": _xla,
-    "pallas_mosaic_gpu": "pallas_kernels.mosaic_gpu:backend",
-    "pallas_tpu": "pallas_kernels.tpu:backend",
-}
+# name -> factory of the backend (called with the configured backend's instance, or with nothing).
+_REGISTRY: dict[str, Callable[..., Backend]] = {"xla": _xla}
 # Preferred order per JAX platform when `implementation=None`; names not registered are skipped.
 _DEFAULT_ORDER = {
     "gpu": ("pallas_mosaic_gpu", "xla"),
     "cuda": ("pallas_mosaic_gpu", "xla"),
     "tpu": ("pallas_tpu", "xla"),
 }
+
+
+def register(name: str, factory: Callable[..., Backend]) -> None:
+  """Adds (or replaces) the backend `name`; `factory(tuned=None)` builds it (a `Tuned` instance carries tuning)."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"backend name must be a non-empty str, got {name!r}")
+  _REGISTRY[name] = factory
 
 
 def available() -> tuple[str, ...]:
@@ -83,7 +86,7 @@ def available() -> tuple[str, ...]:
 @dataclasses.dataclass(frozen=True)
 class Tuned:
   """A registered backend with its kernels' tuning (a configured backend), passed as `implementation=` alone or in a
-  sequence. Subclasses name the backend (`pallas_kernels.mosaic_gpu.MosaicGpu`, `pallas_kernels.tpu.Tpu`); each
+  sequence. Subclasses name the backend (`xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu`, `xattn_jax.pallas_kernels.tpu.Tpu`); each
   field is None (the kernel's default) or that backend's kernel config: scores a ScoresConfig, forward a
   ForwardConfig, backward a BackwardConfig. The registered factory gets the instance."""
 
@@ -97,11 +100,7 @@ class Tuned:
 
 
 def _factory(name: str) -> Callable[..., Backend]:
-  entry = _REGISTRY[name]
-  if isinstance(entry, str):
-    module, _, attr = entry.partition(":")
-    entry = getattr(importlib.import_module(module), attr)
-  return entry
+  return _REGISTRY[name]
 
 
 def _load(name) -> Backend:

@@ -22,7 +22,7 @@ def _check_threshold_value(value: float, name: str) -> float:
 
 
 def is_configured_backend(x) -> bool:
-  """A backend object carrying its kernels' tuning (e.g. `pallas_kernels.mosaic_gpu.MosaicGpu(...)`): hashable, with
+  """A backend object carrying its kernels' tuning (e.g. `xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(...)`): hashable, with
   a registered `name` and a `backend()` that builds it."""
   return isinstance(getattr(x, "name", None), str) and callable(getattr(x, "backend", None))
 
@@ -35,7 +35,7 @@ def normalize_implementation(implementation) -> Implementation:
       isinstance(x, str) or is_configured_backend(x) for x in implementation):
     return tuple(implementation)
   raise ValueError(f"{implementation=} must be None, a backend name or configured backend (e.g. "
-                   "pallas_kernels.mosaic_gpu.MosaicGpu(...)), or a non-empty sequence of them")
+                   "xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(...)), or a non-empty sequence of them")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +52,7 @@ class XAttentionConfig:
     query_chunk_size: queries processed per step, a multiple of block_size; bounds the memory of scores and block
       tables. None picks one from a memory budget.
     implementation: None (best for the platform), a backend name ("xla", ...) or configured backend
-      (`pallas_kernels.mosaic_gpu.MosaicGpu(forward=...)`, `pallas_kernels.tpu.Tpu(...)`), or a sequence of
+      (`xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(forward=...)`, `xattn_jax.pallas_kernels.tpu.Tpu(...)`), or a sequence of
       them tried in order.
   """
 

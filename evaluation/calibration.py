@@ -30,9 +30,9 @@ from flax import nnx
 
 from xattn_jax import XAttentionConfig
 from xattn_jax import calibration as xcal
-from models.config import AttentionConfig
-from models.layers import apply_rope, rope_frequencies
-from models.transformer import Transformer
+from xattn_jax.models.config import AttentionConfig
+from xattn_jax.models.layers import apply_rope, rope_frequencies
+from xattn_jax.models.transformer import Transformer
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -220,7 +220,7 @@ def attention_config(thresholds: str | os.PathLike | Mapping, **xattention_overr
 
 
 def prompt_ids(tokenizer, sample) -> list[int]:
-  """A `models.haystack.TaskSample` as the model sees it: the chat template around the question, then the answer
+  """A `xattn_jax.evaluation.haystack.TaskSample` as the model sees it: the chat template around the question, then the answer
   prefix (the start of the assistant's turn)."""
   text = tokenizer.apply_chat_template([{"role": "user", "content": sample.context}]) + sample.answer_prefix
   return tokenizer.encode(text)
@@ -228,11 +228,11 @@ def prompt_ids(tokenizer, sample) -> list[int]:
 
 def task_prompts(tokenizer, *, n: int, length: int, tasks: Sequence[str] = ("single", "multikey"),
                  haystacks: Sequence[str] = ("noise", "prose"), seed: int = 1000):
-  """n RULER-style samples (`models.haystack`) cycling over tasks and haystacks, fitted to `length` tokens.
+  """n RULER-style samples (`xattn_jax.evaluation.haystack`) cycling over tasks and haystacks, fitted to `length` tokens.
 
   The default seed differs from the benchmark's (0), so calibration never sees a benchmark prompt.
   """
-  from models.haystack import ruler_sample
+  from xattn_jax.evaluation.haystack import ruler_sample
 
   count = lambda s: len(prompt_ids(tokenizer, s))
   combos = [(t, h) for t in tasks for h in haystacks]
@@ -255,9 +255,9 @@ def generate_in_batches(generator, prompts, *, batch: int, max_new_tokens: int, 
 
 
 def task_accuracy(generator, tokenizer, samples, *, batch: int = 8, max_new_tokens: int | None = None) -> float:
-  """Mean RULER score (string_match_all) of `generator`'s greedy answers to `samples` (models.haystack.TaskSample),
+  """Mean RULER score (string_match_all) of `generator`'s greedy answers to `samples` (xattn_jax.evaluation.haystack.TaskSample),
   in batches of `batch` prompts (`generate_in_batches`)."""
-  from models.haystack import string_match_all
+  from xattn_jax.evaluation.haystack import string_match_all
 
   if not samples:
     raise ValueError("task_accuracy needs at least one sample")

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import xattn_jax as xa
-from models.loading import SMOLLM2_NAMES
+from xattn_jax.models.loading import SMOLLM2_NAMES
 from xattn_jax import backends
 from xattn_jax.synthetic import llm_like_qkv
 
@@ -197,12 +197,12 @@ def _op(args) -> int:
 
 
 def _attention_config(args, attention: str):
-  from models.config import AttentionConfig
+  from xattn_jax.models.config import AttentionConfig
 
   if attention == "dense":
     return AttentionConfig()
   if getattr(args, "thresholds", None):  # a calibration file: its stride, block size and per-head thresholds
-    from models.calibration import attention_config
+    from xattn_jax.evaluation.calibration import attention_config
 
     return attention_config(args.thresholds, implementation=args.implementation)
   return AttentionConfig(kind="xattention", dense_layers=args.dense_layers, xattention=xa.XAttentionConfig(
@@ -226,7 +226,7 @@ def _check_model_args(args) -> None:
 
 
 def _load(args, attention: str):
-  from models.loading import from_pretrained, load_tokenizer
+  from xattn_jax.models.loading import from_pretrained, load_tokenizer
 
   dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}[args.dtype]
   with _step(f"loading {args.model} ({attention})"):
@@ -249,7 +249,7 @@ def _max_len(n_prompt: int, args) -> int:
 
 
 def _generate(args) -> int:
-  from models.generate import Generator
+  from xattn_jax.models.generate import Generator
 
   _check_model_args(args)
   model, tokenizer = _load(args, args.attention)
@@ -269,7 +269,7 @@ def _generate(args) -> int:
 
 
 def _prefill_bench(args) -> int:
-  from models.generate import Generator
+  from xattn_jax.models.generate import Generator
 
   _check_model_args(args)
   rows = []
@@ -302,7 +302,7 @@ def _prefill_bench(args) -> int:
 
 
 def _needle_prompt(args) -> int:
-  from models.haystack import needle_prompt
+  from xattn_jax.evaluation.haystack import needle_prompt
 
   prompt = needle_prompt(chars=args.chars, depth=args.depth, haystack=args.haystack, seed=args.seed)
   with open(args.out, "w", encoding="utf-8") as f:
@@ -313,8 +313,8 @@ def _needle_prompt(args) -> int:
 
 
 def _calibrate(args) -> int:
-  from models.calibration import calibrate, prompt_ids, task_prompts
-  from models.loading import from_pretrained, load_tokenizer
+  from xattn_jax.evaluation.calibration import calibrate, prompt_ids, task_prompts
+  from xattn_jax.models.loading import from_pretrained, load_tokenizer
   from xattn_jax.calibration import save_thresholds
 
   _check_blocks(args)
@@ -328,7 +328,7 @@ def _calibrate(args) -> int:
         text = f.read()
       prompts.append(tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}])))
       source.append(path)
-  else:  # RULER-style samples (models.haystack), seeded apart from the benchmark's
+  else:  # RULER-style samples (xattn_jax.evaluation.haystack), seeded apart from the benchmark's
     samples = task_prompts(tokenizer, n=args.prompts, length=args.length)
     prompts, source = [prompt_ids(tokenizer, s) for s in samples], [s.id for s in samples]
   start = time.perf_counter()
@@ -343,7 +343,7 @@ def _calibrate(args) -> int:
   print(f"wrote {args.out}: thresholds [{t.shape[0]} layers, {t.shape[1]} heads], mean {t.mean():.3f}, min "
         f"{t.min():.3f}, max {t.max():.3f} (target {args.target} of the exact attention mass, method {args.method})")
   print(f"use it: xattn-jax generate --model {args.model} --thresholds {args.out} ...  or  "
-        f"models.calibration.attention_config({args.out!r})")
+        f"xattn_jax.evaluation.calibration.attention_config({args.out!r})")
   return 0
 
 
