@@ -22,3 +22,14 @@ __all__ = [
     "load_tokenizer",
     "smollm2_135m",
 ]
+
+
+def __getattr__(name: str):
+  """`models.haystack` and `models.calibration` moved to `xattn_jax.evaluation` (deprecated here)."""
+  if name in ("haystack", "calibration"):
+    import importlib
+    import warnings
+
+    warnings.warn(f"`models.{name}` moved to `xattn_jax.evaluation.{name}`", DeprecationWarning, stacklevel=2)
+    return importlib.import_module(f"xattn_jax.evaluation.{name}")
+  raise AttributeError(f"module 'xattn_jax.models' has no attribute {name!r}")

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import jax
 
+from xattn_jax import backends
 from xattn_jax.backends import Backend, Tuned
 
 
@@ -30,8 +31,8 @@ def _xla_cpu_threads() -> int:
 
 
 def _check_platform(interpret: bool, op: str) -> None:
-  if not interpret and jax.default_backend() != "gpu":
-    raise NotImplementedError(f"pallas_mosaic_gpu needs a CUDA GPU (default backend is {jax.default_backend()!r}); "
+  if not interpret and backends.target_platform() != "gpu":
+    raise NotImplementedError(f"pallas_mosaic_gpu needs a CUDA GPU (this code targets {backends.target_platform()!r}); "
                               "pass interpret=True to run the kernels in the CPU interpreter")
   needed, available = INTERPRETER_THREADS[op], _xla_cpu_threads()
   if interpret and available < needed:
@@ -46,7 +47,7 @@ def _persistent_grid(interpret: bool) -> dict:
   """ForwardConfig's num_ctas for this GPU: one CTA per multiprocessor (132 on an H100 SXM or H200, 114 on an H100
   PCIe). A persistent grid larger than the GPU would run its last CTAs in a second wave. The interpreter keeps the
   config's default."""
-  sm_count = None if interpret else getattr(jax.devices()[0], "core_count", None)
+  sm_count = None if interpret or jax.default_backend() != "gpu" else getattr(jax.devices()[0], "core_count", None)
   return {"num_ctas": sm_count} if isinstance(sm_count, int) and sm_count > 0 else {}
 
 

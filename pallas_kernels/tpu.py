@@ -16,6 +16,7 @@ from typing import ClassVar
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
+from xattn_jax import backends
 from xattn_jax.backends import Backend, Tuned
 
 
@@ -27,8 +28,8 @@ def interpret_params() -> pltpu.InterpretParams:
 def _interpret(interpret: bool) -> pltpu.InterpretParams | bool:
   if interpret:
     return interpret_params()
-  if jax.default_backend() != "tpu":
-    raise NotImplementedError(f"pallas_tpu needs a TPU (default backend is {jax.default_backend()!r}); "
+  if backends.target_platform() != "tpu":
+    raise NotImplementedError(f"pallas_tpu needs a TPU (this code targets {backends.target_platform()!r}); "
                               "pass interpret=True to run the kernels in the Pallas TPU interpreter")
   return False
 

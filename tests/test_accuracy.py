@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 import xattn_jax as xa
-from xattn_jax.models import haystack
-from xattn_jax.models import calibration as mcal
+from xattn_jax.evaluation import haystack
+from xattn_jax.evaluation import calibration as mcal
 from xattn_jax.models.config import AttentionConfig, ModelConfig
 from xattn_jax.models.generate import Generator
 from xattn_jax.models.transformer import Transformer

@@ -50,17 +50,20 @@ import warnings
 with warnings.catch_warnings(record=True) as caught:
   warnings.simplefilter("always")
   import models.config, models.calibration
+  from models import haystack
   from pallas_kernels.mosaic_gpu import MosaicGpu
 import xattn_jax.models, xattn_jax.evaluation.calibration, xattn_jax.pallas_kernels.mosaic_gpu as mg
 assert models is xattn_jax.models and models.config is xattn_jax.models.config
 assert models.calibration is xattn_jax.evaluation.calibration and MosaicGpu is mg.MosaicGpu
+import xattn_jax.evaluation.haystack
+assert haystack is xattn_jax.evaluation.haystack
 assert xattn_jax.models.config.__spec__.name == "xattn_jax.models.config"
-words = sorted(str(w.message).split("`")[1] for w in caught if w.category is DeprecationWarning)
+words = sorted({str(w.message).split("`")[1] for w in caught if w.category is DeprecationWarning})
 print(words)
 """
   done = _run(code, tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "['import models', 'import pallas_kernels']" in done.stdout
+  assert "['import models', 'import pallas_kernels', 'models.haystack']" in done.stdout
 
 
 def _imports(path: pathlib.Path) -> set[str]:

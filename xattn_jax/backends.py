@@ -10,6 +10,7 @@ caller's: `xattention` runs every backend on query chunks it sizes from a budget
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable
 from typing import ClassVar, Protocol
@@ -109,12 +110,12 @@ def _load(name) -> Backend:
   return _factory(name)()
 
 
-def resolve(implementation) -> tuple[str, ...]:
-  """The backend names to try, in order."""
+def resolve(implementation) -> tuple[str, ...] | None:
+  """The backend names to try, in order; None for the default (`implementation=None`): each platform's order
+  (`_DEFAULT_ORDER`), chosen when the program is lowered (see `dispatch`)."""
   implementation = normalize_implementation(implementation)
   if implementation is None:
-    order = _DEFAULT_ORDER.get(jax.default_backend(), ("xla",))
-    return tuple(name for name in order if name in _REGISTRY)
+    return None
   names = implementation if isinstance(implementation, tuple) else (implementation,)
   for name in names:
     registered = name.name if is_configured_backend(name) else name
@@ -123,29 +124,80 @@ def resolve(implementation) -> tuple[str, ...]:
   return names
 
 
-def dispatch(op: str, implementation, *args, **kwargs):
-  """Calls `op` on the first backend of `implementation` that does not raise NotImplementedError."""
+# The platform whose branch `_per_platform` is tracing ("cpu", "gpu", "tpu"); unset outside one.
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("xattn_target_platform", default=None)
+# lax.platform_dependent's platform names -> jax.default_backend()'s.
+_LOWERING_PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "tpu": "tpu"}
+
+
+def target_platform() -> str:
+  """The platform the code being traced will run on: the branch's (lowering time) inside a default dispatch, else
+  `jax.default_backend()`. Kernel backends check it instead of the default backend, so that a program exported
+  for a TPU from a CPU host traces the TPU kernels in its TPU branch."""
+  return _TARGET.get() or jax.default_backend()
+
+
+def _first_supported(names, call):
+  """`call(backend_name)` on the first of `names` that does not raise NotImplementedError."""
   reasons = []
-  for name in resolve(implementation):
+  for name in names:
     try:
-      return getattr(_load(name), op)(*args, **kwargs)
+      return call(name)
     except NotImplementedError as e:
       reasons.append(f"{getattr(name, 'name', name)}: {e}")
-  raise NotImplementedError(f"no backend of implementation={implementation!r} supports this {op} call: " + "; ".join(reasons))
+  raise NotImplementedError("; ".join(reasons))
+
+
+def _per_platform(call, *args):
+  """`call(names, *args)` with each platform's default backend order, staged out with `lax.platform_dependent`:
+  lowering keeps only the branch of the platform it lowers for (every branch is traced, each jitted kernel once
+  per shape), so one exported program serves cpu, cuda and tpu, and a CPU host can export for a TPU."""
+  def branch(platform):
+    names = tuple(n for n in _DEFAULT_ORDER.get(_LOWERING_PLATFORMS[platform], ("xla",)) if n in _REGISTRY)
+
+    def run(*args):
+      token = _TARGET.set(_LOWERING_PLATFORMS[platform])
+      try:
+        return call(names, *args)
+      finally:
+        _TARGET.reset(token)
+    return run
+
+  if _TARGET.get() is not None:  # already inside a platform's branch (a dispatch within a dispatched op)
+    return call(tuple(n for n in _DEFAULT_ORDER.get(_TARGET.get(), ("xla",)) if n in _REGISTRY), *args)
+  return jax.lax.platform_dependent(*args, default=branch("cpu"), cuda=branch("cuda"), tpu=branch("tpu"))
+
+
+def dispatch(op: str, implementation, *args, **kwargs):
+  """Calls `op` on the first backend of `implementation` that does not raise NotImplementedError (for the default,
+  per platform at lowering time: `_per_platform`)."""
+  def call(names, *args):
+    try:
+      return _first_supported(names, lambda name: getattr(_load(name), op)(*args, **kwargs))
+    except NotImplementedError as e:
+      raise NotImplementedError(f"no backend of implementation={implementation!r} supports this {op} call: {e}")
+
+  names = resolve(implementation)
+  return _per_platform(call, *args) if names is None else call(names, *args)
 
 
 def dispatch_backward(implementation, *args, **kwargs):
   """The backward of block_sparse_attention: the first backend of `implementation` that has one and does not raise
   NotImplementedError, else the XLA backward (`attention_xla_bwd`), which serves every forward."""
-  for name in resolve(implementation):
-    backward = _load(name).block_sparse_attention_bwd
-    if backward is None:
-      continue
-    try:
-      return backward(*args, **kwargs)
-    except NotImplementedError:
-      pass
-  from xattn_jax import attention_xla_bwd
+  def call(names, *args):
+    def backward(name):
+      kernel = _load(name).block_sparse_attention_bwd
+      if kernel is None:
+        raise NotImplementedError("no backward kernels")
+      return kernel(*args, **kwargs)
 
-  kwargs.pop("interpret", None)
-  return attention_xla_bwd.block_sparse_attention_bwd(*args, **kwargs)
+    try:
+      return _first_supported(names, backward)
+    except NotImplementedError:
+      from xattn_jax import attention_xla_bwd
+
+      return attention_xla_bwd.block_sparse_attention_bwd(
+          *args, **{k: v for k, v in kwargs.items() if k != "interpret"})
+
+  names = resolve(implementation)
+  return _per_platform(call, *args) if names is None else call(names, *args)
