@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import pathlib
 import statistics
 import sys
@@ -22,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import xattn_jax as xa
 from xattn_jax.synthetic import llm_like_qkv
@@ -114,8 +112,8 @@ def run(args) -> dict:
         est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride, implementation=args.implementation))
         t = timed(est, q, k, repeats=args.repeats, pipeline=args.pipeline)
         rows.append(dict(shape, what=f"estimator s={stride}", density=None, **t, ratio=t["ms"] / base["ms"]))
-        print(f"{length:>7} K={kv_heads:<2} estimator s={stride:<2}      {t['ms']:9.3f} ms  {t['ms'] / base['ms']:.3f}x dense",
-              flush=True)
+        print(f"{length:>7} K={kv_heads:<2} estimator s={stride:<2}      {t['ms']:9.3f} ms  "
+              f"{t['ms'] / base['ms']:.3f}x dense", flush=True)
       if "e2e" in args.sections:
         sq, sk, sv = llm_like_qkv(kq, seq_len=length, num_heads=args.heads, num_kv_heads=kv_heads,
                                   head_dim=args.head_dim)

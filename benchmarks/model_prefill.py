@@ -3,8 +3,8 @@
     python benchmarks/model_prefill.py --lengths 8192,32768,131072 --out-dir benchmarks/results
     python benchmarks/model_prefill.py --sections decode --decode-contexts 32768,131072 --decode-batches 1,8
 
-Model: the Llama-3.1-8B shape (`xattn_jax.models.llama3_1_8b`, all 32 layers unless --layers), random bf16 weights made on the
-device (or --checkpoint, a Hugging Face directory or .gguf file). One random prompt of T tokens per length.
+Model: the Llama-3.1-8B shape (`xattn_jax.models.llama3_1_8b`, all 32 layers unless --layers), random bf16 weights
+made on the device (or --checkpoint, a Hugging Face directory or .gguf file). One random prompt of T tokens per length.
 
 prefill section, per length T: `Generator(model, max_len=T, chunk_size=T)` (one shot) and `chunk_size=C` (chunked,
 C = --chunk-size, default min(T / 4, 32K)), dense and XAttention. Random weights give diffuse attention, so
@@ -18,8 +18,8 @@ kernel at the row's density), each op timed on random inputs of the same shape i
 
 decode section, per context L and batch B: a cache filled with L random keys/values per sequence, then greedy decode
 of --decode-tokens tokens in the generator's while loop; tokens/s against the roofline (weights + KV cache read per
-step over the HBM bandwidth measured in the same process: the larger of a 4 GiB copy and a 4 GiB max). Shapes that do not fit the
-device are reported as such.
+step over the HBM bandwidth measured in the same process: the larger of a 4 GiB copy and a 4 GiB max). Shapes that
+do not fit the device are reported as such.
 
 Writes <out-dir>/model_prefill/<card>/<date>-<tag>.json and .md (after every row) and a TTFT plot.
 """
@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import pathlib
 import statistics
 import sys
@@ -260,9 +259,9 @@ def predict(dense_row, ops, density: float, layers: int) -> dict:
 
 
 def measured_bandwidth() -> dict:
-  """HBM bytes/s measured here on a 4 GiB array (256 MiB off a GPU): a copy (read + write counted) and a max over its rows (read only). A decode step
-  only reads, and reads can stream faster than a copy (on the H200 2.96 TB/s copying, the decode attention's cache
-  reads 3.4 TB/s), so the roofline uses the larger."""
+  """HBM bytes/s measured here on a 4 GiB array (256 MiB off a GPU): a copy (read + write counted) and a max over
+  its rows (read only). A decode step only reads, and reads can stream faster than a copy (on the H200 2.96 TB/s
+  copying, the decode attention's cache reads 3.4 TB/s), so the roofline uses the larger."""
   rows = 2048 if jax.default_backend() == "gpu" else 128  # 4 GiB on a GPU, 256 MiB on a host
   x = jax.random.normal(jax.random.key(0), (rows, 1024, 1024), jnp.bfloat16)
   nbytes = x.size * x.dtype.itemsize
@@ -347,7 +346,8 @@ def to_markdown(result: dict) -> str:
                    + "; chosen " + ", ".join(f"~{k:.0%}: tau {v:.3f}" for k, v in s["thresholds"].items()))
     lines += ["", "Op-level times per layer (random inputs, same shapes, same process):", ""]
     for o in result["ops"]:
-      lines.append(f"- T={o['T']}: dense ({o['dense_route']}) {o['dense_ms']:.2f} ms, estimator {o['estimator_ms']:.2f} ms, selection "
+      lines.append(f"- T={o['T']}: dense ({o['dense_route']}) {o['dense_ms']:.2f} ms, estimator "
+                   f"{o['estimator_ms']:.2f} ms, selection "
                    f"{o['selection_ms']:.2f} ms, sparse kernel " +
                    ", ".join(f"d={d}: {ms:.2f} ms" for d, ms in o["sparse_ms"].items()))
   if result["decode"]:

@@ -55,8 +55,8 @@ def _main(argv=None) -> int:
     sharded = jax.jit(lambda q, k, v, mesh=mesh: xa.sharded_xattention(q, k, v, mesh=mesh, **kw))
     got = sharded(q, k, v)
     err = float(jnp.linalg.norm((got - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
-    rows.append(dict(what=f"op, mesh data={data} tensor={tensor}", ms=timed(sharded, q, k, v, repeats=args.repeats)['ms'],
-                     rel_err=err))
+    ms = timed(sharded, q, k, v, repeats=args.repeats)['ms']
+    rows.append(dict(what=f"op, mesh data={data} tensor={tensor}", ms=ms, rel_err=err))
   config = ModelConfig(vocab_size=32000, d_model=2048, num_layers=8, num_heads=32, num_kv_heads=8, head_dim=64,
                        mlp_dim=5632, attention=AttentionConfig(kind="xattention"))
   prompt_len, max_len = 8192, 16384

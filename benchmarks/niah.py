@@ -12,11 +12,13 @@ Configs (--configs, comma separated):
   dense            jax.nn.dot_product_attention
   s{S}_t{TAU}      XAttention, stride S, one threshold TAU for every head (e.g. s8_t0.9, s16_t0.95)
   cal{T}           XAttention with per-(layer, head) thresholds calibrated to cover T of the exact attention mass
-                   (`xattn_jax.evaluation.calibration.calibrate`, --cal-method, --cal-stride, max over the calibration prompts;
-                   cached in the output directory); calmean{T}: the same with the mean over the prompts
+                   (`xattn_jax.evaluation.calibration.calibrate`, --cal-method, --cal-stride, max over the
+                   calibration prompts; cached in the output directory); calmean{T}: the same with the mean over
+                   the prompts
   min{TAU}         XAttention, stride --cal-stride, per-layer thresholds from the paper's minimum-threshold search:
                    starting at TAU, each layer's thresholds are lowered by --search-factor while the accuracy on
-                   --search-prompts dev prompts (another seed) holds (`xattn_jax.evaluation.calibration.search_thresholds`; cached)
+                   --search-prompts dev prompts (another seed) holds
+                   (`xattn_jax.evaluation.calibration.search_thresholds`; cached)
   file:PATH        XAttention with the thresholds of a file written by `xattn-jax calibrate`
 Default: dense, s{8,16} x t{0.8,0.9,0.95}, cal0.9.
 
@@ -192,8 +194,9 @@ class Runner:
     return record
 
   def searched_record(self, config: RunConfig) -> dict:
-    """Per-layer thresholds from the paper's minimum-threshold search (`xattn_jax.evaluation.calibration.search_thresholds`),
-    starting from flat tau = config.target, on --search-prompts dev prompts (their own seed); cached as JSON."""
+    """Per-layer thresholds from the paper's minimum-threshold search
+    (`xattn_jax.evaluation.calibration.search_thresholds`), starting from flat tau = config.target, on
+    --search-prompts dev prompts (their own seed); cached as JSON."""
     from xattn_jax.evaluation.calibration import search_thresholds, task_prompts
     from xattn_jax.calibration import load_thresholds, save_thresholds
 

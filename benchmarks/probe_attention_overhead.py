@@ -35,7 +35,8 @@ def _main():
     geometry = Geometry.from_lengths(jnp.array([length], jnp.int32), jnp.array([length], jnp.int32))
     for name, blocks in (("diag only", 1), ("4 blocks", 4)):
       mask = jnp.broadcast_to(
-          (jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None]) & (jnp.arange(nb)[None, :] > jnp.arange(nb)[:, None] - blocks),
+          (jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None])
+          & (jnp.arange(nb)[None, :] > jnp.arange(nb)[:, None] - blocks),
           (1, heads, nb, nb))
       layout = xa.BlockLayout.from_dense(mask)
       direct = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
@@ -48,7 +49,8 @@ def _main():
       prefix = jax.jit(lambda layout: kernel.unmasked_prefix(layout, geometry, causal=True))
       print(f"T={length:>6} {name:>9}: kernel {timed(direct, q, k, v, layout, repeats=30)['ms']:7.3f} ms   "
             f"one CTA per row {timed(per_row, q, k, v, layout, repeats=30)['ms']:7.3f} ms   public op "
-            f"{timed(public, q, k, v, layout, repeats=30)['ms']:7.3f} ms   unmasked_prefix {timed(prefix, layout, repeats=30)['ms']:7.3f} ms", flush=True)
+            f"{timed(public, q, k, v, layout, repeats=30)['ms']:7.3f} ms   unmasked_prefix "
+            f"{timed(prefix, layout, repeats=30)['ms']:7.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -124,8 +124,9 @@ def report() -> str:
       f"stride s={STRIDE}, block 128. Density = selected / allowed (causal) blocks, as `BlockLayout.density()`.",
       "- Peak per chip (public specs): v5e 197 TFLOP/s bf16, 819 GB/s HBM; v6e 918 TFLOP/s bf16, 1640 GB/s HBM.",
       f"- Achievable fractions: large GEMM tiles (splash at {SPLASH_BLOCK} x {SPLASH_BLOCK} blocks, the scoring "
-      "kernel's 256 x 1024 x 1024 step) 60% of peak; the sparse kernel's 128 x 128 x 128 block products 40% on v5e (128-wide MXUs: the array "
-      "fills, but each block reloads weights for 128 rows and the softmax sits between the two products) and "
+      "kernel's 256 x 1024 x 1024 step) 60% of peak; the sparse kernel's 128 x 128 x 128 block products 40% on v5e "
+      "(128-wide MXUs: the array fills, but each block reloads weights for 128 rows and the softmax sits between "
+      "the two products) and "
       "60% / 4 = 15% on v6e (a 128 x 128 weight tile covers a quarter of a 256 x 256 MXU). HBM: 80% of peak.",
       f"- Time = max(FLOPs / (peak x fraction), bytes / (bandwidth x 0.8)) + grid steps x "
       f"{STEP_OVERHEAD_S * 1e6:.2f} us, counting the steps that run; steps whose body is skipped above the causal "
@@ -147,7 +148,8 @@ def report() -> str:
       "every (query tile, key tile) pair; skipped ones cost a step but no DMA.",
       "- Block-sparse attention (`block_sparse_attention_tpu`): FLOPs = 4 * 128 * 128 * H per selected block. "
       "HBM: one K and one V block (2 x 32 KiB) per selected block per query head -- GQA heads do not share "
-      "fetched blocks: 128 FLOP per byte, below the peak ridge points of 240 (v5e) and 560 (v6e) -- plus q, out, one index row (nKb int32) and count per row, lse.",
+      "fetched blocks: 128 FLOP per byte, below the peak ridge points of 240 (v5e) and 560 (v6e) -- plus q, out, "
+      "one index row (nKb int32) and count per row, lse.",
       f"- Splash (dense): whole {SPLASH_BLOCK} x {SPLASH_BLOCK} blocks on and below the diagonal; every query head "
       "streams its kv head's K/V once per query block.",
       "",
@@ -187,7 +189,8 @@ def report() -> str:
       score_t, _ = scoring_cost(T, chip).time(chip)
       per_density = max(compute, memory) + att.steps * STEP_OVERHEAD_S  # attention time at density 1 (~linear)
       breakeven = (splash_t - score_t) / per_density
-      lines.append(f"- {chip.name}, {T // 1024}K: per selected block the attention kernel is {'MXU' if compute >= memory else 'HBM'}-"
+      bound = "MXU" if compute >= memory else "HBM"
+      lines.append(f"- {chip.name}, {T // 1024}K: per selected block the attention kernel is {bound}-"
                    f"bound (compute {compute / memory:.2f}x the memory time); XAttention stays faster than dense "
                    f"splash up to a density of about {breakeven:.0%}.")
   lines += [

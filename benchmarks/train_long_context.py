@@ -15,7 +15,6 @@ each run with orbax under <out-dir>/checkpoints/ (skipped with --no-checkpoint).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib
@@ -158,7 +157,8 @@ def _main(argv=None) -> int:
   stem = f"train-{args.preset}-{card.replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")
   (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
   lines = [f"# Training dense vs XAttention: {args.preset}, {card}, jax {jax.__version__}, {result['date']}", "",
-           f"Command: `python benchmarks/{result['command']}`", "", f"Settings: {preset}, tau {args.threshold}, copy distance T/2 + {args.copy_shift}", "",
+           f"Command: `python benchmarks/{result['command']}`", "",
+           f"Settings: {preset}, tau {args.threshold}, copy distance T/2 + {args.copy_shift}", "",
            "| step | " + " | ".join(f"{r['name']} loss" for r in runs) + " | "
            + " | ".join(f"{r['name']} tau, density per layer" for r in runs if r["name"] != "dense") + " |",
            "|---|" + "---|" * (len(runs) + sum(r["name"] != "dense" for r in runs))]

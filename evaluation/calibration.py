@@ -220,15 +220,16 @@ def attention_config(thresholds: str | os.PathLike | Mapping, **xattention_overr
 
 
 def prompt_ids(tokenizer, sample) -> list[int]:
-  """A `xattn_jax.evaluation.haystack.TaskSample` as the model sees it: the chat template around the question, then the answer
-  prefix (the start of the assistant's turn)."""
+  """A `xattn_jax.evaluation.haystack.TaskSample` as the model sees it: the chat template around the question, then
+  the answer prefix (the start of the assistant's turn)."""
   text = tokenizer.apply_chat_template([{"role": "user", "content": sample.context}]) + sample.answer_prefix
   return tokenizer.encode(text)
 
 
 def task_prompts(tokenizer, *, n: int, length: int, tasks: Sequence[str] = ("single", "multikey"),
                  haystacks: Sequence[str] = ("noise", "prose"), seed: int = 1000):
-  """n RULER-style samples (`xattn_jax.evaluation.haystack`) cycling over tasks and haystacks, fitted to `length` tokens.
+  """n RULER-style samples (`xattn_jax.evaluation.haystack`) cycling over tasks and haystacks, fitted to `length`
+  tokens.
 
   The default seed differs from the benchmark's (0), so calibration never sees a benchmark prompt.
   """
@@ -255,8 +256,8 @@ def generate_in_batches(generator, prompts, *, batch: int, max_new_tokens: int, 
 
 
 def task_accuracy(generator, tokenizer, samples, *, batch: int = 8, max_new_tokens: int | None = None) -> float:
-  """Mean RULER score (string_match_all) of `generator`'s greedy answers to `samples` (xattn_jax.evaluation.haystack.TaskSample),
-  in batches of `batch` prompts (`generate_in_batches`)."""
+  """Mean RULER score (string_match_all) of `generator`'s greedy answers to `samples`
+  (xattn_jax.evaluation.haystack.TaskSample), in batches of `batch` prompts (`generate_in_batches`)."""
   from xattn_jax.evaluation.haystack import string_match_all
 
   if not samples:

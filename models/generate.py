@@ -78,9 +78,9 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
 
 class Generator:
   def __init__(self, model: Transformer, *, max_len: int, chunk_size: int = 4096, bucket: int = 128, mesh=None):
-    """mesh: optional `jax.sharding.Mesh` with "data", "seq" and "tensor" axes (xattn_jax.models.sharding.make_mesh; absent
-    axes count as size 1): parameters, activations and the KV cache are sharded by xattn_jax.models.sharding's rules and
-    attention runs per device (sequence-parallel over "seq").
+    """mesh: optional `jax.sharding.Mesh` with "data", "seq" and "tensor" axes (xattn_jax.models.sharding.make_mesh;
+    absent axes count as size 1): parameters, activations and the KV cache are sharded by xattn_jax.models.sharding's
+    rules and attention runs per device (sequence-parallel over "seq").
 
     Raises:
       ValueError: a size that is not a positive int, or chunk_size not a multiple of bucket dividing max_len.

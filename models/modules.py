@@ -112,12 +112,12 @@ class Attention(nnx.Module):
     return dict(batch_axis=batch, head_axis=head, seq_axis=seq if seq and mesh.shape[seq] > 1 else None)
 
   def _attend(self, q, k, v, q_lengths, kv_lengths, *, self_attention: bool):
-    T, S = q.shape[1], k.shape[1]
+    T = q.shape[1]
     if self.xattention is not None and T > 1:
       cfg = self.xattention
       kw = dict(is_causal=True, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
-                threshold=self.threshold.get_value(), stride=cfg.stride, block_size=cfg.block_size, keep_sink=cfg.keep_sink,
-                keep_diagonal=cfg.keep_diagonal, query_chunk_size=cfg.query_chunk_size,
+                threshold=self.threshold.get_value(), stride=cfg.stride, block_size=cfg.block_size,
+                keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal, query_chunk_size=cfg.query_chunk_size,
                 implementation=cfg.implementation, return_block_layout=True)
       mesh = current_mesh()
       if mesh is None:

@@ -80,7 +80,6 @@ def _kernel(q5_ref, k5_ref, e_ref, cnt_ref, nfull_ref, qlen_ref, kvlen_ref, qpos
             q_bars, k_bars, consumed, e_bar,
             *, s: int, g: int, causal: bool, c_scale: float, group: int, nrb: int, cfg: ScoresConfig):
   H = q5_ref.shape[-1]
-  dt = q5_ref.dtype
   bn, ch, ns = cfg.block_n, cfg.chunk, cfg.num_stages
   ng = bn // g
   ne = max(ng, _MIN_E_COLS)
@@ -326,7 +325,8 @@ def antidiagonal_scores(q, k, geometry: Geometry, *, stride: int, block_size: in
                 jax.ShapeDtypeStruct((B, N, ntiles, Trp), jnp.float32),  # the row max each tile used
                 jax.ShapeDtypeStruct((B, N, config.key_splits, 2, Trp), jnp.float32)),  # row max, sum (base 2)
       scratch_types=scratch,
-      grid=(N // config.cluster_heads * config.key_splits, nrb, B),  # heads fastest: the G heads of a kv head share K tiles in L2
+      # heads fastest: the G heads of a kv head share K tiles in L2
+      grid=(N // config.cluster_heads * config.key_splits, nrb, B),
       grid_names=("heads", "rows", "batch"),
       **(dict(cluster=(config.cluster_heads,), cluster_names=("cl",)) if config.cluster_heads > 1 else {}),
       num_threads=_NUM_CONSUMERS + 1,

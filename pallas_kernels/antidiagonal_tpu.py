@@ -222,7 +222,8 @@ def _kernel(
     l_ref[...] = l_ref[...] * jnp.exp(m_prev - m_use) + jnp.sum(p, axis=0, keepdims=True)
     m_ref[...] = m_next
     mhist_ref[pl.ds(t, 1), :] = m_next
-    acc_ref[pl.ds(pl.multiple_of(t * kpt, kpt), kpt), :] = jnp.sum(p.reshape(kpt, per, L), axis=1)  # block sums, relative to m_next
+    # block sums, relative to m_next
+    acc_ref[pl.ds(pl.multiple_of(t * kpt, kpt), kpt), :] = jnp.sum(p.reshape(kpt, per, L), axis=1)
 
   needed = (t <= last_needed) if skip else True
   full = ((t + 1) * tiles.kv_rows - 1) * s <= see_all  # the tile's last cell is visible to the first row

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import jax
 from jax.experimental.pallas import tpu as pltpu
 
 from xattn_jax import backends

@@ -25,7 +25,8 @@ CASES = [
     (1, 33, 90, 2, 1, 16, 8, 16, False, False),
     (2, 128, 200, 4, 2, 32, 16, 64, True, True),
 ]
-CASE_IDS = [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}s{c[6]}b{c[7]}{'c' if c[8] else 'nc'}{'L' if c[9] else ''}" for c in CASES]
+CASE_IDS = [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}s{c[6]}b{c[7]}{'c' if c[8] else 'nc'}{'L' if c[9] else ''}"
+            for c in CASES]
 
 
 def _case_inputs(case, seed, dtype=jnp.float32):

@@ -56,7 +56,8 @@ def test_allowed_blocks_match_the_oracle_geometry():
   q_lens, kv_lens = np.array([40, 0, 17]), np.array([100, 0, 64])
   for causal in (True, False):
     got = np.asarray(xa.allowed_blocks(q_len=40, kv_len=100, block_size=16, causal=causal,
-                                       query_seq_lengths=jnp.asarray(q_lens), key_value_seq_lengths=jnp.asarray(kv_lens)))
+                                       query_seq_lengths=jnp.asarray(q_lens),
+                                       key_value_seq_lengths=jnp.asarray(kv_lens)))
     assert got.shape == (3, 1, 3, 7)
     for b in range(3):
       for r in range(3):

@@ -93,10 +93,12 @@ SCORE_CASES = [  # B, T, S, N, K, H, stride, causal, with_lengths
 ]
 
 
-@pytest.mark.parametrize("options", [{}, {"cluster_heads": 2}, {"key_splits": 2}, {"p_operand": "smem", "num_stages": 2}],
+@pytest.mark.parametrize("options",
+                         [{}, {"cluster_heads": 2}, {"key_splits": 2}, {"p_operand": "smem", "num_stages": 2}],
                          ids=["default", "cluster2", "split2", "smemP"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("case", SCORE_CASES, ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}" for c in SCORE_CASES])
+@pytest.mark.parametrize("case", SCORE_CASES,
+                         ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}" for c in SCORE_CASES])
 def test_scores_kernel_matches_xla(case, dtype, options):
   from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as kernel
   from xattn_jax import scoring_xla

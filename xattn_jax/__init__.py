@@ -5,10 +5,6 @@ Pallas backends, registered with `xattn_jax.backends` when imported, as they are
 `xattn_jax.models` <- `xattn_jax.evaluation`, `xattn_jax.cli` and the benchmarks (see `_subpackages`).
 """
 
-from xattn_jax import _subpackages
-
-_subpackages.install()
-
 
 from xattn_jax._checks import traced_checks
 from xattn_jax.config import XAttentionConfig
@@ -35,5 +31,9 @@ __all__ = [
     "xattention",
 ]
 
-# The kernel layer registers its backends (last: it imports the core).
-from xattn_jax import pallas_kernels  # noqa: E402
+# The other folders import as xattn_jax.<name> (from a checkout too); the kernel layer registers its backends (last:
+# it imports the core).
+from xattn_jax import _subpackages  # noqa: E402
+
+_subpackages.install()
+from xattn_jax import pallas_kernels  # noqa: E402, F401

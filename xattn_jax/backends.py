@@ -87,9 +87,10 @@ def available() -> tuple[str, ...]:
 @dataclasses.dataclass(frozen=True)
 class Tuned:
   """A registered backend with its kernels' tuning (a configured backend), passed as `implementation=` alone or in a
-  sequence. Subclasses name the backend (`xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu`, `xattn_jax.pallas_kernels.tpu.Tpu`); each
-  field is None (the kernel's default) or that backend's kernel config: scores a ScoresConfig, forward a
-  ForwardConfig, backward a BackwardConfig. The registered factory gets the instance."""
+  sequence. Subclasses name the backend (`xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu`,
+  `xattn_jax.pallas_kernels.tpu.Tpu`); each field is None (the kernel's default) or that backend's kernel config:
+  scores a ScoresConfig, forward a ForwardConfig, backward a BackwardConfig. The registered factory gets the
+  instance."""
 
   scores: object = None
   forward: object = None

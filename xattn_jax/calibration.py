@@ -16,8 +16,8 @@ For causal self-attention (a prefill from position 0: T == S, query t at positio
     "selection": the smallest tau (bisection, resolution 2**-bisection_steps) whose actual selection (SPEC §2,
       forced blocks included) holds `target` of the head's exact mass, summed over its rows.
   Both are monotone in `target` (a larger target never lowers a head's tau) and lie in [0, 1].
-- `save_thresholds` / `load_thresholds`: the small JSON file that `xattn_jax.evaluation.calibration.attention_config` turns into
-  `AttentionConfig.layer_thresholds`.
+- `save_thresholds` / `load_thresholds`: the small JSON file that `xattn_jax.evaluation.calibration.attention_config`
+  turns into `AttentionConfig.layer_thresholds`.
 
 The model-level driver (capturing q/k/v of every layer, aggregating over prompts, the CLI) is
 `models/calibration.py`; this module stays free of the model so that any caller of `xattention` can calibrate.

@@ -22,8 +22,8 @@ def _check_threshold_value(value: float, name: str) -> float:
 
 
 def is_configured_backend(x) -> bool:
-  """A backend object carrying its kernels' tuning (e.g. `xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(...)`): hashable, with
-  a registered `name` and a `backend()` that builds it."""
+  """A backend object carrying its kernels' tuning (e.g. `xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(...)`):
+  hashable, with a registered `name` and a `backend()` that builds it."""
   return isinstance(getattr(x, "name", None), str) and callable(getattr(x, "backend", None))
 
 
@@ -52,8 +52,8 @@ class XAttentionConfig:
     query_chunk_size: queries processed per step, a multiple of block_size; bounds the memory of scores and block
       tables. None picks one from a memory budget.
     implementation: None (best for the platform), a backend name ("xla", ...) or configured backend
-      (`xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(forward=...)`, `xattn_jax.pallas_kernels.tpu.Tpu(...)`), or a sequence of
-      them tried in order.
+      (`xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(forward=...)`, `xattn_jax.pallas_kernels.tpu.Tpu(...)`), or a
+      sequence of them tried in order.
   """
 
   stride: int = 8
@@ -84,7 +84,8 @@ class XAttentionConfig:
     if self.query_chunk_size is not None:
       qcs = self.query_chunk_size
       if not isinstance(qcs, int) or isinstance(qcs, bool) or qcs <= 0 or qcs % self.block_size:
-        raise ValueError(f"query_chunk_size={qcs!r} must be None or a positive multiple of block_size={self.block_size}")
+        raise ValueError(
+            f"query_chunk_size={qcs!r} must be None or a positive multiple of block_size={self.block_size}")
     object.__setattr__(self, "implementation", normalize_implementation(self.implementation))
     for name in ("keep_sink", "keep_diagonal"):
       if not isinstance(getattr(self, name), bool):

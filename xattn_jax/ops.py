@@ -22,9 +22,8 @@ from xattn_jax.selection import dense_layout, select_layout
 # block) plus a scoring kernel's per-strided-row partial block sums (block_size / stride words per block).
 _TABLE_BUDGET_BYTES = 1024 * 2**20
 # Keyword arguments that Flax attention modules pass to an `attention_fn`; xattention accepts and checks them.
-_FLAX_KWARGS = frozenset(
-    {"dropout_rng", "dropout_rate", "broadcast_dropout", "deterministic", "dtype", "precision", "module", "promote_dtype"}
-)
+_FLAX_KWARGS = frozenset({"dropout_rng", "dropout_rate", "broadcast_dropout", "deterministic", "dtype", "precision",
+                          "module", "promote_dtype"})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
