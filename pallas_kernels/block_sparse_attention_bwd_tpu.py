@@ -75,6 +75,7 @@ from xattn_jax.pallas_kernels.block_sparse_attention_tpu import (
     BLOCK, NUM_LANES, SMEM_BUDGET_BYTES, VMEM_BUDGET_BYTES, _row_bounds, supports,
 )
 from xattn_jax.pallas_kernels.common import NT, check_budget, pad_tokens
+from xattn_jax.pallas_kernels.row_pipeline_tpu import RowPipeline, load_counts
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout, transposed_layout
 
@@ -143,9 +144,7 @@ def _dq_kernel(
   precision = _precision(q_vmem.dtype)
   f32_inputs = q_vmem.dtype == jnp.float32
 
-  counts_copy = pltpu.make_async_copy(counts_hbm.at[b, n, pl.ds(r0, rows)], cnt_smem, cnt_sem.at[0])
-  counts_copy.start()
-  counts_copy.wait()
+  load_counts(counts_hbm.at[b, n, pl.ds(r0, rows)], cnt_smem, cnt_sem.at[0])
 
   def row_copies(i):  # q, dO and stats of local row i
     slot, tokens = i % 2, pl.ds((r0 + i) * BLOCK, BLOCK)
@@ -165,35 +164,13 @@ def _dq_kernel(
     return (pltpu.make_async_copy(k_hbm.at[b, keys, kv_head], k_vmem.at[slot], k_sems.at[slot]),
             pltpu.make_async_copy(v_hbm.at[b, keys, kv_head], v_vmem.at[slot], v_sems.at[slot]))
 
-  def start_first_block(i, slot):
-    @pl.when(cnt_smem[i] > 0)
-    def _():
-      for cp in kv_copies(slot, idx_smem[i % 2, 0]):
-        cp.start()
-
-  def prefetch_next_row(i, slot):
-    @pl.when(i + 1 < n_rows)
-    def _():
-      idx_copy(i + 1).wait()
-      start_first_block(i + 1, slot)
-
-  # Prologue: row 0's index row, q / dO / stats, and first K/V block.
-  idx_copy(0).start()
-  for cp in row_copies(0):
-    cp.start()
-  idx_copy(0).wait()
-  start_first_block(0, 0)
+  pipe = RowPipeline(n_rows, idx_copy, row_copies, lambda i: cnt_smem[i],
+                     lambda i, slot: kv_copies(slot, idx_smem[i % 2, 0]))
+  pipe.prologue()  # row 0's index row, q / dO / stats, and first K/V block
 
   def row_body(i, slot0):
     r = r0 + i
-    for cp in row_copies(i):
-      cp.wait()
-
-    @pl.when(i + 1 < n_rows)
-    def _():
-      idx_copy(i + 1).start()
-      for cp in row_copies(i + 1):
-        cp.start()
+    pipe.advance(i)
 
     steps = cnt_smem[i]
     _, visible = _row_bounds(r, q_len, kv_len, q_pos, causal=causal)
@@ -231,7 +208,7 @@ def _dq_kernel(
 
       @pl.when(j + 1 == steps)
       def _():
-        prefetch_next_row(i, (slot0 + steps) % 2)
+        pipe.prefetch_next(i, (slot0 + steps) % 2)
 
       block = idx_smem[i % 2, j]
       needs_mask = (block + 1) * BLOCK > visible
@@ -243,7 +220,7 @@ def _dq_kernel(
 
     @pl.when(steps == 0)
     def _():
-      prefetch_next_row(i, slot0 % 2)
+      pipe.prefetch_next(i, slot0 % 2)
 
     @pl.when(i >= 2)
     def _():
@@ -278,9 +255,7 @@ def _dkv_kernel(
   precision = _precision(q_vmem.dtype)
   f32_inputs = q_vmem.dtype == jnp.float32
 
-  counts_copy = pltpu.make_async_copy(counts_hbm.at[b, h, c], cnt_smem, cnt_sem.at[0])
-  counts_copy.start()
-  counts_copy.wait()
+  load_counts(counts_hbm.at[b, h, c], cnt_smem, cnt_sem.at[0])
 
   def count(i, g):  # query blocks of head h*G + g that selected local key block i
     return cnt_smem[i * group + g]
@@ -320,35 +295,12 @@ def _dkv_kernel(
   def idx_copy(i):
     return pltpu.make_async_copy(indices_hbm.at[b, h, c0 + i], idx_smem.at[i % 2], idx_sems.at[i % 2])
 
-  def start_first_visit(i, slot):
-    @pl.when(num_visits(i) > 0)
-    def _():
-      for cp in visit_copies(slot, *visit(i, 0)):
-        cp.start()
-
-  def prefetch_next_block(i, slot):
-    @pl.when(i + 1 < n_rows)
-    def _():
-      idx_copy(i + 1).wait()
-      start_first_visit(i + 1, slot)
-
-  # Prologue: key block 0's index rows, K/V, and first visit.
-  idx_copy(0).start()
-  for cp in kv_copies(0):
-    cp.start()
-  idx_copy(0).wait()
-  start_first_visit(0, 0)
+  pipe = RowPipeline(n_rows, idx_copy, kv_copies, num_visits, lambda i, slot: visit_copies(slot, *visit(i, 0)))
+  pipe.prologue()  # key block 0's index rows, K/V, and first visit
 
   def block_body(i, slot0):
     block = c0 + i
-    for cp in kv_copies(i):
-      cp.wait()
-
-    @pl.when(i + 1 < n_rows)
-    def _():
-      idx_copy(i + 1).start()
-      for cp in kv_copies(i + 1):
-        cp.start()
+    pipe.advance(i)
 
     steps = num_visits(i)
     dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
@@ -384,7 +336,7 @@ def _dkv_kernel(
 
       @pl.when(j + 1 == steps)
       def _():
-        prefetch_next_block(i, (slot0 + steps) % 2)
+        pipe.prefetch_next(i, (slot0 + steps) % 2)
 
       _, r = visit(i, j)
       _, visible = _row_bounds(r, q_len, kv_len, q_pos, causal=causal)
@@ -397,7 +349,7 @@ def _dkv_kernel(
 
     @pl.when(steps == 0)
     def _():
-      prefetch_next_block(i, slot0 % 2)
+      pipe.prefetch_next(i, slot0 % 2)
 
     @pl.when(i >= 2)
     def _():

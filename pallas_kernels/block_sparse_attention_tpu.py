@@ -58,6 +58,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from xattn_jax.pallas_kernels.common import NT, SUPPORTED_HEAD_DIMS, check_budget, pad_tokens
+from xattn_jax.pallas_kernels.row_pipeline_tpu import RowPipeline, load_counts
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
@@ -137,9 +138,7 @@ def _kernel(
   f32_inputs = q_vmem.dtype == jnp.float32
   precision = lax.Precision.HIGHEST if f32_inputs else lax.Precision.DEFAULT
 
-  counts_copy = pltpu.make_async_copy(counts_hbm.at[b, n, pl.ds(r0, rows)], cnt_smem, cnt_sem.at[0])
-  counts_copy.start()
-  counts_copy.wait()
+  load_counts(counts_hbm.at[b, n, pl.ds(r0, rows)], cnt_smem, cnt_sem.at[0])
 
   def q_copy(i):
     src = q_hbm.at[b, pl.ds((r0 + i) * BLOCK, BLOCK), n]
@@ -166,32 +165,13 @@ def _kernel(
   def block_of(i, j):  # key block visited at step j of local row i (its index row must be in SMEM)
     return idx_smem[i % 2, j] if config.skip_unselected else j
 
-  def start_first_block(i, slot):
-    @pl.when(num_steps(i) > 0)
-    def _():
-      for cp in kv_copies(slot, block_of(i, 0)):
-        cp.start()
-
-  def prefetch_next_row(i, slot):
-    @pl.when(i + 1 < n_rows)
-    def _():
-      idx_copy(i + 1).wait()
-      start_first_block(i + 1, slot)
-
-  # Prologue: row 0's index row, q and first K/V block.
-  idx_copy(0).start()
-  q_copy(0).start()
-  idx_copy(0).wait()
-  start_first_block(0, 0)
+  pipe = RowPipeline(n_rows, idx_copy, lambda i: (q_copy(i),), num_steps,
+                     lambda i, slot: kv_copies(slot, block_of(i, 0)))
+  pipe.prologue()  # row 0's index row, q and first K/V block
 
   def row_body(i, slot0):
     r = r0 + i
-    q_copy(i).wait()
-
-    @pl.when(i + 1 < n_rows)
-    def _():
-      idx_copy(i + 1).start()
-      q_copy(i + 1).start()
+    pipe.advance(i)
 
     steps = num_steps(i)
     count = cnt_smem[i]
@@ -236,7 +216,7 @@ def _kernel(
 
       @pl.when(j + 1 == steps)
       def _():
-        prefetch_next_row(i, (slot0 + steps) % 2)
+        pipe.prefetch_next(i, (slot0 + steps) % 2)
 
       block = block_of(i, j)
       if config.skip_unselected:
@@ -256,7 +236,7 @@ def _kernel(
 
     @pl.when(steps == 0)
     def _():
-      prefetch_next_row(i, slot0 % 2)
+      pipe.prefetch_next(i, slot0 % 2)
 
     # Finalize the row: zero output and lse = -inf for padding queries and queries that saw no key.
     l = l_scratch[...]
