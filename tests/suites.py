@@ -390,6 +390,69 @@ class KernelAttentionSuite:
                                   np.asarray(out, np.float32))
 
 
+def backward_case_inputs(case, seed):
+  """q, k, v, (q_lens, kv_lens), layout and its dense mask of a backward case (B, T, S, N, K, H, dtype, causal,
+  q_lens, kv_lens, empty, options): a random layout at density 0.6 with the rows (b, n, r) in `empty` selecting
+  nothing."""
+  B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty, _ = case
+  q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
+  lens = (jnp.asarray(q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32))
+  layout, mask = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.6)
+  if empty:
+    for b, n, r in empty:
+      mask[b, n, r] = False
+    allowed = xa.allowed_blocks(q_len=T, kv_len=S, block_size=128, causal=causal, query_seq_lengths=lens[0],
+                                key_value_seq_lengths=lens[1])
+    layout = xa.BlockLayout.from_dense(jnp.asarray(mask), allowed=allowed)
+  return q, k, v, lens, layout, mask
+
+
+class KernelBackwardSuite:
+  """A Pallas backend's backward kernels (dQ and dK/dV, in its CPU interpreter) against the XLA backward, given the
+  same forward (out, lse) and random cotangents (dO, dlse). The test module provides a `backward_case` fixture:
+  (B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty rows ((b, n, r), ...), config options); subclasses set
+  `grad_tol` (max-normalized error per dtype) and `run_kernels`."""
+
+  grad_tol: dict = {}
+  scale = 0.125
+
+  def run_kernels(self, args, *, causal, scale, options):
+    raise NotImplementedError
+
+  def after_run(self):
+    """Backend hook: e.g. assert the interpreter recorded no race."""
+
+  def test_kernels_match_the_xla_backward(self, backward_case):
+    from tests.conftest import assert_max_normalized_close, random_cotangents
+    from xattn_jax import attention_xla, attention_xla_bwd
+    from xattn_jax.geometry import Geometry
+
+    B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty, options = backward_case
+    q, k, v, lens, layout, _ = backward_case_inputs(backward_case, seed=T + S + N + H)
+    for b, n, r in empty:
+      assert int(layout.counts[b, n, r]) == 0
+    geometry = Geometry.from_lengths(*lens)
+    kw = dict(causal=causal, scale=self.scale)
+    out, lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, **kw)
+    d_out, d_lse = random_cotangents(T, out, lse)
+    args = (q, k, v, out, lse, d_out, d_lse, layout, geometry)
+    got = self.run_kernels(args, **kw, options=options)
+    self.after_run()
+    want = attention_xla_bwd.block_sparse_attention_bwd(*args, **kw)
+    for name, a, b, x in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
+      assert a.dtype == x.dtype and a.shape == x.shape
+      assert_max_normalized_close(a, b, self.grad_tol[dtype], name)
+    dq, dk, dv = (np.asarray(x, np.float32) for x in got)
+    for b in range(B):  # padding queries and keys get exactly zero
+      assert np.all(dq[b, q_lens[b]:] == 0) and np.all(dk[b, kv_lens[b]:] == 0) and np.all(dv[b, kv_lens[b]:] == 0)
+    for b, n, r in empty:  # a row that selected nothing: zero dq
+      assert np.all(dq[b, r * 128:(r + 1) * 128, n] == 0)
+
+
+def backward_case_ids(cases) -> list[str]:
+  return [i + ("e" if c[10] else "") for i, c in zip(case_ids(cases), cases)]
+
+
 # Scoring kernels: block 128, strides 4/8/16, head dims 64/128; T off the block multiple, T < S, GQA, batches with
 # different lengths, causal and not.
 KERNEL_SCORE_CASES = [  # B, T, S, N, K, H, stride, dtype, causal, with_lengths

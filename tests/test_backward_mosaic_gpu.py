@@ -15,12 +15,13 @@ import pytest
 import xattn_jax as xa
 from xattn_jax.pallas_kernels import block_sparse_attention_bwd_mosaic_gpu as bwd_kernels
 from tests.conftest import assert_max_normalized_close, random_cotangents, random_qkv, run_checked
+from tests import suites
 from tests.suites import random_layout
 from tests.test_backend_mosaic_gpu import _races_found
 from tests.test_gradients import dense_masked, token_mask
 from xattn_jax import attention_xla, attention_xla_bwd
 from xattn_jax.geometry import Geometry
-from xattn_jax.layout import BlockLayout, allowed_blocks, transposed_layout
+from xattn_jax.layout import BlockLayout, transposed_layout
 
 SCALE = 0.125
 # Max-normalized error per input dtype: the kernels round P and dS to the input dtype before their matmuls, the XLA
@@ -36,63 +37,37 @@ def _close(got, want, dtype, what):
 _cotangents = random_cotangents
 
 
-# B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty rows (b, n, r) forced to select nothing
+# B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty rows (b, n, r) forced to select nothing, config
 KERNEL_CASES = [
-    (2, 300, 384, 4, 2, 64, jnp.bfloat16, True, (300, 190), (384, 250), ()),  # ragged, GQA 2, T < S, batch lengths
-    (1, 256, 256, 4, 1, 128, jnp.float16, False, (256,), (256,), ((0, 1, 1),)),  # GQA 4, H 128 (1-stage ring)
-    (1, 384, 384, 2, 2, 64, jnp.float16, True, (384,), (384,), ((0, 0, 2), (0, 1, 0))),  # 3 blocks, empty rows
-    (2, 256, 300, 2, 1, 64, jnp.bfloat16, False, (200, 130), (300, 140), ()),  # non-causal, padded keys
+    (2, 300, 384, 4, 2, 64, jnp.bfloat16, True, (300, 190), (384, 250), (), {}),  # ragged, GQA 2, T < S, lengths
+    (1, 256, 256, 4, 1, 128, jnp.float16, False, (256,), (256,), ((0, 1, 1),), {}),  # GQA 4, H 128 (1-stage ring)
+    (1, 384, 384, 2, 2, 64, jnp.float16, True, (384,), (384,), ((0, 0, 2), (0, 1, 0)), {}),  # 3 blocks, empty rows
+    (2, 256, 300, 2, 1, 64, jnp.bfloat16, False, (200, 130), (300, 140), (), {}),  # non-causal, padded keys
 ]
 
 
-def _case_inputs(case, seed):
-  B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty = case
-  q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
-  lens = (jnp.asarray(q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32))
-  layout, mask = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.6)
-  if empty:
-    for b, n, r in empty:
-      mask[b, n, r] = False
-    allowed = allowed_blocks(q_len=T, kv_len=S, block_size=128, causal=causal, query_seq_lengths=lens[0],
-                             key_value_seq_lengths=lens[1])
-    layout = BlockLayout.from_dense(jnp.asarray(mask), allowed=allowed)
-  return q, k, v, lens, layout, mask
+@pytest.fixture(params=KERNEL_CASES, ids=suites.backward_case_ids(KERNEL_CASES))
+def backward_case(request):
+  return request.param
 
 
-@pytest.mark.parametrize(
-    "case", KERNEL_CASES,
-    ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}"
-         for c in KERNEL_CASES])
-def test_kernels_match_the_xla_backward(case):
-  """Given the same forward (out, lse) and random cotangents (dO and dlse), the kernels' (dq, dk, dv) equal XLA's."""
-  B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty = case
-  q, k, v, lens, layout, _ = _case_inputs(case, seed=T + S + N)
-  for b, n, r in empty:
-    assert int(layout.counts[b, n, r]) == 0
-  geometry = Geometry.from_lengths(*lens)
-  kw = dict(causal=causal, scale=SCALE)
-  out, lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, **kw)
-  d_out, d_lse = _cotangents(T, out, lse)
-  args = (q, k, v, out, lse, d_out, d_lse, layout, geometry)
-  got = run_checked(bwd_kernels.block_sparse_attention_bwd, *args, **kw, config=INTERPRET, interpret=True)
-  assert not _races_found(), "the Mosaic GPU interpreter recorded a race"
-  want = attention_xla_bwd.block_sparse_attention_bwd(*args, **kw)
-  for name, a, b, x in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
-    assert a.dtype == x.dtype and a.shape == x.shape
-    _close(a, b, dtype, name)
-  dq, dk, dv = (np.asarray(x, np.float32) for x in got)
-  for b in range(B):  # padding queries and keys get exactly zero
-    assert np.all(dq[b, q_lens[b]:] == 0) and np.all(dk[b, kv_lens[b]:] == 0) and np.all(dv[b, kv_lens[b]:] == 0)
-  for b, n, r in empty:  # a row that selected nothing: zero dq
-    assert np.all(dq[b, r * 128:(r + 1) * 128, n] == 0)
+class TestBackwardMosaicGpuInterpret(suites.KernelBackwardSuite):
+  grad_tol = GRAD_TOL
 
+  def run_kernels(self, args, *, causal, scale, options):
+    config = bwd_kernels.BackwardConfig(**{**dict(operand="smem"), **options})
+    return run_checked(bwd_kernels.block_sparse_attention_bwd, *args, causal=causal, scale=scale, config=config,
+                       interpret=True)
+
+  def after_run(self):
+    assert not _races_found(), "the Mosaic GPU interpreter recorded a race"
 
 
 @pytest.mark.slow  # ~12 s in the interpreter: run with -m slow
 def test_ring_depth_and_query_tile():
   """The TMA ring depth does not change a bit (same arithmetic, other timing); 128-query dK/dV steps match XLA."""
-  case = (1, 384, 384, 2, 1, 64, jnp.float16, True, (384,), (384,), ())
-  q, k, v, lens, layout, _ = _case_inputs(case, seed=101)
+  case = (1, 384, 384, 2, 1, 64, jnp.float16, True, (384,), (384,), (), {})
+  q, k, v, lens, layout, _ = suites.backward_case_inputs(case, seed=101)
   geometry = Geometry.from_lengths(*lens)
   kw = dict(causal=True, scale=SCALE)
   out, lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, **kw)

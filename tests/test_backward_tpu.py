@@ -17,10 +17,11 @@ from xattn_jax.pallas_kernels import block_sparse_attention_bwd_tpu as bwd_kerne
 from xattn_jax.pallas_kernels import block_sparse_attention_tpu as attention_kernel
 from xattn_jax.pallas_kernels import tpu as tpu_backend
 from tests.conftest import assert_max_normalized_close, random_cotangents, random_qkv, run_checked
+from tests import suites
 from tests.suites import random_layout
 from tests.test_backend_tpu import _no_race, tpu_generation  # noqa: F401 (fixture)
 from tests.test_gradients import dense_masked, token_mask
-from xattn_jax import attention_xla, attention_xla_bwd, backends
+from xattn_jax import attention_xla, backends
 from xattn_jax.geometry import Geometry
 from xattn_jax.layout import BlockLayout, allowed_blocks, transposed_layout
 
@@ -37,41 +38,31 @@ def _close(got, want, dtype, what):
 _cotangents = random_cotangents
 
 
-# B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, (dq rows, dkv rows) per grid step
+# B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty rows, config (dq / dkv rows per grid step)
 KERNEL_CASES = [
-    (2, 300, 420, 4, 2, 64, jnp.bfloat16, True, (300, 190), (420, 250), (2, 2)),  # ragged chunks, GQA, T < S
-    (1, 256, 384, 2, 1, 128, jnp.float32, True, (256,), (384,), (32, 32)),
-    (2, 200, 330, 2, 2, 64, jnp.float32, False, (200, 77), (330, 140), (1, 2)),
-    (2, 250, 250, 4, 1, 128, jnp.bfloat16, False, (250, 130), (250, 250), (2, 1)),  # G = 4
+    (2, 300, 420, 4, 2, 64, jnp.bfloat16, True, (300, 190), (420, 250), (), dict(dq_block_rows=2, dkv_block_rows=2)),
+    (1, 256, 384, 2, 1, 128, jnp.float32, True, (256,), (384,), ((0, 1, 1),),
+     dict(dq_block_rows=32, dkv_block_rows=32)),
+    (2, 200, 330, 2, 2, 64, jnp.float32, False, (200, 77), (330, 140), (), dict(dq_block_rows=1, dkv_block_rows=2)),
+    (2, 250, 250, 4, 1, 128, jnp.bfloat16, False, (250, 130), (250, 250), (),  # G = 4
+     dict(dq_block_rows=2, dkv_block_rows=1)),
 ]
 
 
-@pytest.mark.parametrize(
-    "case", KERNEL_CASES,
-    ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}"
-         for c in KERNEL_CASES])
-def test_kernels_match_the_xla_backward(case):
-  """Given the same forward (out, lse) and random cotangents (dO and dlse), the kernels' (dq, dk, dv) equal XLA's."""
-  B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, rows = case
-  q, k, v = random_qkv(sum(case[:6]), B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
-  lens = (jnp.asarray(q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32))
-  layout, _ = random_layout(T + S, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.5)
-  geometry = Geometry.from_lengths(*lens)
-  kw = dict(causal=causal, scale=SCALE)
-  out, lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, **kw)
-  d_out, d_lse = _cotangents(T, out, lse)
-  args = (q, k, v, out, lse, d_out, d_lse, layout, geometry)
-  got = run_checked(bwd_kernels.block_sparse_attention_bwd, *args, **kw,
-                    config=bwd_kernels.BackwardConfig(dq_block_rows=rows[0], dkv_block_rows=rows[1]),
-                    interpret=tpu_backend.interpret_params())
-  _no_race()
-  want = attention_xla_bwd.block_sparse_attention_bwd(*args, **kw)
-  for name, a, b, x in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
-    assert a.dtype == x.dtype and a.shape == x.shape
-    _close(a, b, dtype, name)
-  dq, dk = np.asarray(got[0], np.float32), np.asarray(got[1], np.float32)
-  for b in range(B):  # padding queries and keys get exactly zero
-    assert np.all(dq[b, q_lens[b]:] == 0) and np.all(dk[b, kv_lens[b]:] == 0)
+@pytest.fixture(params=KERNEL_CASES, ids=suites.backward_case_ids(KERNEL_CASES))
+def backward_case(request):
+  return request.param
+
+
+class TestBackwardTpu(suites.KernelBackwardSuite):
+  grad_tol = GRAD_TOL
+
+  def run_kernels(self, args, *, causal, scale, options):
+    return run_checked(bwd_kernels.block_sparse_attention_bwd, *args, causal=causal, scale=scale,
+                       config=bwd_kernels.BackwardConfig(**options), interpret=tpu_backend.interpret_params())
+
+  def after_run(self):
+    _no_race()
 
 
 def _sparse_loss(q, k, v, layout, *, causal, lens, implementation):
