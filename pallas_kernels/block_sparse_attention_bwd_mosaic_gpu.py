@@ -75,6 +75,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu import supports, unmasked_prefix
 from xattn_jax.pallas_kernels.common import SM90_SMEM_BYTES, Operand, as_enum, pad_tokens
+from xattn_jax.pallas_kernels.tiles_mosaic_gpu import mask_scores
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout, transposed_layout
 
@@ -177,13 +178,8 @@ def _dq_kernel(
 
       s = pl.run_scoped(qk, plgpu.ACC((_ROWS, _BLOCK), jnp.float32)) * qk_scale
       if masked:
-        first_key = indices_ref[b, n, r, j] * _BLOCK
-        q_ids = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-        keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + first_key
-        ok = keys < kv_len
-        if causal:
-          ok &= keys <= q_ids + q_position
-        s = jnp.where(ok, s, -jnp.inf)
+        s = mask_scores(s, first_key=indices_ref[b, n, r, j] * _BLOCK, first_query_position=q_position,
+                        kv_len=kv_len, causal=causal)
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))  # 0 where masked and for dead queries
       plgpu.barrier_wait(v_barriers.at[slot])
 

@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xattn_jax.pallas_kernels.common import SM90_SMEM_BYTES, SUPPORTED_HEAD_DIMS, Operand, TileOrder, as_enum
+from xattn_jax.pallas_kernels.tiles_mosaic_gpu import mask_scores
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
@@ -158,13 +159,8 @@ def _kernel(
         plgpu.barrier_arrive(k_consumed_barriers.at[slot])
         s = s * qk_scale
         if masked:
-          first_key = indices_ref[b, n, r, j] * block_kv
-          rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-          keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + first_key
-          ok = keys < kv_len
-          if causal:
-            ok &= keys <= rows + q_position
-          s = jnp.where(ok, s, -jnp.inf)
+          s = mask_scores(s, first_key=indices_ref[b, n, r, j] * block_kv, first_query_position=q_position,
+                          kv_len=kv_len, causal=causal)
         m_new = jnp.maximum(m_i, s.max(axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows masked so far: exp2(-inf - 0) = 0, not NaN
         alpha = jnp.exp2(m_i - m_use)

@@ -47,7 +47,8 @@ def _persistent_grid(interpret: bool) -> dict:
   """ForwardConfig's num_ctas for this GPU: one CTA per multiprocessor (132 on an H100 SXM or H200, 114 on an H100
   PCIe). A persistent grid larger than the GPU would run its last CTAs in a second wave. The interpreter keeps the
   config's default."""
-  sm_count = None if interpret or jax.default_backend() != "gpu" else getattr(jax.devices()[0], "core_count", None)
+  device = None if interpret else jax.devices()[0]  # a CPU device when a CPU host exports for CUDA: the default
+  sm_count = getattr(device, "core_count", None) if getattr(device, "platform", None) == "gpu" else None
   return {"num_ctas": sm_count} if isinstance(sm_count, int) and sm_count > 0 else {}
 
 

@@ -145,6 +145,7 @@ def test_persistent_grid_has_one_cta_per_multiprocessor(monkeypatch):
   from xattn_jax.pallas_kernels import mosaic_gpu
 
   class FakeGPU:
+    platform = "gpu"
     core_count = 114
 
   monkeypatch.setattr(mosaic_gpu.jax, "devices", lambda *a: [FakeGPU()])
