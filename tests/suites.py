@@ -449,8 +449,13 @@ class KernelBackwardSuite:
       assert np.all(dq[b, r * 128:(r + 1) * 128, n] == 0)
 
 
-def backward_case_ids(cases) -> list[str]:
-  return [i + ("e" if c[10] else "") for i, c in zip(case_ids(cases), cases)]
+def backward_case_fixture(cases):
+  """The `backward_case` fixture of a test module, over its cases (ids end in "e" where rows are forced empty)."""
+  @pytest.fixture(params=cases, ids=[i + ("e" if c[10] else "") for i, c in zip(case_ids(cases), cases)])
+  def backward_case(request):
+    return request.param
+
+  return backward_case
 
 
 # Scoring kernels: block 128, strides 4/8/16, head dims 64/128; T off the block multiple, T < S, GQA, batches with

@@ -46,9 +46,7 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.fixture(params=KERNEL_CASES, ids=suites.backward_case_ids(KERNEL_CASES))
-def backward_case(request):
-  return request.param
+backward_case = suites.backward_case_fixture(KERNEL_CASES)
 
 
 class TestBackwardMosaicGpuInterpret(suites.KernelBackwardSuite):
