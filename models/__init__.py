@@ -24,12 +24,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-  """`models.haystack` and `models.calibration` moved to `xattn_jax.evaluation` (deprecated here)."""
-  if name in ("haystack", "calibration"):
-    import importlib
-    import warnings
-
-    warnings.warn(f"`models.{name}` moved to `xattn_jax.evaluation.{name}`", DeprecationWarning, stacklevel=2)
-    return importlib.import_module(f"xattn_jax.evaluation.{name}")
-  raise AttributeError(f"module 'xattn_jax.models' has no attribute {name!r}")
+def __getattr__(name: str):  # `models.haystack` and `models.calibration` moved to xattn_jax.evaluation
+  return _subpackages.moved_attribute("models", name)

@@ -5,7 +5,6 @@ Pallas backends, registered with `xattn_jax.backends` when imported, as they are
 `xattn_jax.models` <- `xattn_jax.evaluation`, `xattn_jax.cli` and the benchmarks (see `_subpackages`).
 """
 
-
 from xattn_jax._checks import traced_checks
 from xattn_jax.config import XAttentionConfig
 from xattn_jax.dense import DenseRoute, dense_attention, dense_route

@@ -77,6 +77,16 @@ def install() -> None:
     sys.meta_path.insert(0, _DeprecatedFinder())
 
 
+def moved_attribute(package: str, name: str):
+  """For an old package's module `__getattr__`: its submodule `name` where it moved (`DEPRECATED`), with a warning;
+  `from models import haystack` asks the package for the attribute before any finder sees `models.haystack`."""
+  new = DEPRECATED.get(f"{package}.{name}")
+  if new is None:
+    raise AttributeError(f"module {DEPRECATED[package]!r} has no attribute {name!r}")
+  warnings.warn(f"`{package}.{name}` moved to `{new}`", DeprecationWarning, stacklevel=3)
+  return importlib.import_module(new)
+
+
 def deprecated_alias(name: str) -> None:
   """Called first thing by the `models` and `pallas_kernels` packages: under the old top-level name, warn and make
   the name an alias of the `xattn_jax` package (which this import runs under its own name first)."""

@@ -98,17 +98,13 @@ class Tuned:
   name: ClassVar[str] = ""
 
   def backend(self) -> Backend:
-    return _factory(self.name)(self)
-
-
-def _factory(name: str) -> Callable[..., Backend]:
-  return _REGISTRY[name]
+    return _REGISTRY[self.name](self)
 
 
 def _load(name) -> Backend:
   if is_configured_backend(name):  # carries its own tuning
     return name.backend()
-  return _factory(name)()
+  return _REGISTRY[name]()
 
 
 def resolve(implementation) -> tuple[str, ...] | None:
@@ -149,23 +145,26 @@ def _first_supported(names, call):
   raise NotImplementedError("; ".join(reasons))
 
 
+def _default_names(platform: str) -> tuple[str, ...]:
+  """The registered backends of `platform`'s default order (a `jax.default_backend()` name)."""
+  return tuple(n for n in _DEFAULT_ORDER.get(platform, ("xla",)) if n in _REGISTRY)
+
+
 def _per_platform(call, *args):
   """`call(names, *args)` with each platform's default backend order, staged out with `lax.platform_dependent`:
   lowering keeps only the branch of the platform it lowers for (every branch is traced, each jitted kernel once
   per shape), so one exported program serves cpu, cuda and tpu, and a CPU host can export for a TPU."""
   def branch(platform):
-    names = tuple(n for n in _DEFAULT_ORDER.get(_LOWERING_PLATFORMS[platform], ("xla",)) if n in _REGISTRY)
-
     def run(*args):
       token = _TARGET.set(_LOWERING_PLATFORMS[platform])
       try:
-        return call(names, *args)
+        return call(_default_names(_LOWERING_PLATFORMS[platform]), *args)
       finally:
         _TARGET.reset(token)
     return run
 
   if _TARGET.get() is not None:  # already inside a platform's branch (a dispatch within a dispatched op)
-    return call(tuple(n for n in _DEFAULT_ORDER.get(_TARGET.get(), ("xla",)) if n in _REGISTRY), *args)
+    return call(_default_names(_TARGET.get()), *args)
   return jax.lax.platform_dependent(*args, default=branch("cpu"), cuda=branch("cuda"), tpu=branch("tpu"))
 
 
