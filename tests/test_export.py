@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 import xattn_jax as xa
+from tests.conftest import run_checked
 
 
 def _inputs():
@@ -30,8 +31,8 @@ def test_cpu_export_runs_the_reference_and_matches_jit():
   exported = jax.export.export(_XATTENTION, platforms=["cpu"])(q, k, v)
   text = exported.mlir_module()
   assert "tpu_custom_call" not in text and "mosaic_gpu" not in text.lower()
-  np.testing.assert_array_equal(np.asarray(exported.call(q, k, v), np.float32),
-                                np.asarray(_XATTENTION(q, k, v), np.float32))
+  want = run_checked(functools.partial(xa.xattention, is_causal=True, threshold=0.9), q, k, v)
+  np.testing.assert_array_equal(np.asarray(exported.call(q, k, v), np.float32), np.asarray(want, np.float32))
 
 
 def test_tpu_export_from_a_cpu_host_carries_the_tpu_kernels():
