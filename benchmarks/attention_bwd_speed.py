@@ -1,35 +1,38 @@
 """Attention backward speed on one GPU: dense cuDNN fwd+bwd vs our block-sparse fwd+bwd at fixed densities.
 
-    python benchmarks/attention_bwd_speed.py --lengths 8192,32768,131072 --out-dir benchmarks/results
+    python benchmarks/attention_bwd_speed.py --lengths 8192,32768,131072 --tag 8k-128k
 
 Shapes: B=1, 32 query heads, 8 kv heads, head dim 128, bf16, causal (flags change them). Per length, in one process:
 
     dense fwd+bwd     jax.vjp of jax.nn.dot_product_attention(implementation="cudnn") and its pullback of a random dO
     dense bwd         the pullback alone (residuals from a forward run beforehand)
     sparse fwd+bwd    the same for xattn_jax.block_sparse_attention (implementation pallas_mosaic_gpu, else xla) on a
-    sparse bwd        fixed-density causal layout (`attention_speed.fixed_density_layout`: the diagonal block plus
+    sparse bwd        fixed-density causal layout (`benchmarks.common.fixed_density_layout`: the diagonal block plus
                       random allowed blocks, d of the causal blocks), densities --densities percent
 
-Each entry is the median of --repeats timed calls after warm-up (`attention_speed.timed`). Ratios are to the dense
+Each entry is the median of --repeats timed calls after warm-up (`benchmarks.common.timed`). Ratios are to the dense
 time of the same direction. TFLOP/s count matmul FLOPs: forward 4 * H per (query, key) pair, backward 2.5 times that
-(5 matmuls of the same size for 2). Writes <out-dir>/<card>-<date>-bwd.json and .md.
+(5 matmuls of the same size for 2). Writes <out-dir>/attention_bwd_speed/<card>/<date>-<tag>.json and .md (after
+every row, so a run stopped early keeps what it measured).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import xattn_jax as xa  # noqa: E402
-from attention_speed import BLOCK, fixed_density_layout, timed  # noqa: E402
+import xattn_jax as xa
+from benchmarks.common import BLOCK, fixed_density_layout, rel_err, timed
+from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
+
+SCRIPT = "attention_bwd_speed"
 
 BWD_FLOP_FACTOR = 2.5  # dS, dP, dQ, dK, dV recompute S and take 5 matmuls of the forward's size where it takes 2
 
@@ -52,17 +55,13 @@ def vjp_fns(attention):
   return jax.jit(fwd_bwd), forward, backward
 
 
-def run(args, checkpoint=lambda result: None) -> dict:
+def run(args, argv=None, checkpoint=lambda result: None) -> dict:
   """checkpoint(partial result) is called after every row, so a run stopped early keeps what it measured."""
-  device = jax.devices()[0]
   rows = []
+  meta = metadata(SCRIPT, argv)
 
   def result():
-    return dict(
-        card=device.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
-        command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]), rows=rows, heads=N, kv_heads=K,
-        head_dim=H, implementation=list(args.implementation),
-    )
+    return dict(meta, rows=rows, heads=N, kv_heads=K, head_dim=H, implementation=list(args.implementation))
   key = jax.random.key(args.seed)
   N, K, H = args.heads, args.kv_heads, args.head_dim
 
@@ -102,8 +101,7 @@ def run(args, checkpoint=lambda result: None) -> dict:
       note = ""
       if d == 100 and want is not None:  # all causal blocks: the same gradients as cuDNN's
         got = sparse_fwd_bwd(q, k, v, d_out, layout)
-        errs = [float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
-                for a, b in zip(got, want)]
+        errs = [rel_err(a, b) for a, b in zip(got, want)]
         note = "rel err vs dense (dq, dk, dv) " + ", ".join(f"{e:.1e}" for e in errs)
       record(shape, "sparse fwd+bwd", real_d, t_all, base_all, (1 + BWD_FLOP_FACTOR) * pair_flops(pairs, H), note)
       if note:
@@ -136,7 +134,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ints = lambda s: [int(x) for x in s.split(",") if x]
+  ints = csv_of(int)
   parser.add_argument("--lengths", type=ints, default=[8192, 32768, 131072])
   parser.add_argument("--heads", type=int, default=32)
   parser.add_argument("--kv-heads", type=int, default=8)
@@ -149,25 +147,21 @@ def main(argv=None) -> int:
                       help="compare the 100%% layout's gradients with the dense ones up to this length")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out-dir", default="benchmarks/results")
-  parser.add_argument("--name", default="bwd", help="suffix of the result files, <card>-<date>-<name>.json/.md")
+  add_output_args(parser)
   parser.add_argument("--traced-checks", choices=["on", "off"], default="off",
                       help="xattn_jax's checkify value checks in the traced ops")
   args = parser.parse_args(argv)
   if args.repeats < 20:
     print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)
-  out = pathlib.Path(args.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
 
   def write(result):
-    stem = f"{result['card'].replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(to_markdown(result))
+    return write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
 
   with xa.traced_checks(args.traced_checks == "on"):  # restored on return (the script's main is also called in tests)
-    result = run(args, checkpoint=write)
-  write(result)
+    result = run(args, argv, checkpoint=write)
+  stem = write(result)
   print(to_markdown(result))
+  print(f"wrote {stem}.json, .md")
   return 0
 
 

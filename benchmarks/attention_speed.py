@@ -1,58 +1,32 @@
 """Attention speed on one GPU: dense cuDNN vs our block-sparse kernel at fixed densities, the estimator, end to end.
 
-    python benchmarks/attention_speed.py --lengths 8192,32768,131072 --kv-heads 8,32 --out-dir benchmarks/results
+    python benchmarks/attention_speed.py --lengths 8192,32768,131072 --kv-heads 8,32 --tag v3
 
 Shapes: B=1, 32 query heads, head dim 128, bf16, causal. Each entry is the median of --repeats timed calls after
 warm-up (host clock around `block_until_ready`; calls of 0.1 ms and up, so launch overhead is small), with the dense
 baseline timed the same way in the same process. Fixed-density layouts keep, in every query block row, the diagonal
 block and round(d * allowed) - 1 random other allowed blocks, so the density is d of the causal blocks.
-Writes <out-dir>/<card>-<date>.json and .md.
+Writes <out-dir>/attention_speed/<card>/<date>-<tag>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import xattn_jax as xa
+from benchmarks.common import BLOCK, fixed_density_layout, rel_err, timed
+from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
 from xattn_jax.synthetic import llm_like_qkv
 
-BLOCK = 128
-
-
-def timed(fn, *args, repeats: int, warmup: int = 3, pipeline: int = 1) -> dict:
-  """Milliseconds per call: median (and min, spread) of `repeats` samples after `warmup` calls. A sample is
-  `pipeline` calls issued back to back and waited for once, divided by `pipeline`: 1 measures one call's latency
-  including the host's dispatch; more hide the dispatch behind the device's work (throughput of back-to-back calls)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    outs = [fn(*args) for _ in range(pipeline)]
-    jax.block_until_ready(outs)
-    times.append((time.perf_counter() - start) * 1e3 / pipeline)
-  return {"ms": statistics.median(times), "min_ms": min(times), "spread_ms": statistics.pstdev(times)}
-
-
-def fixed_density_layout(key, *, batch, heads, length, density) -> xa.BlockLayout:
-  """Causal layout with `density` of each row's allowed blocks, always holding the diagonal."""
-  nb = length // BLOCK
-  allowed = xa.allowed_blocks(q_len=length, kv_len=length, block_size=BLOCK)  # [1, 1, nb, nb]
-  u = jax.random.uniform(key, (batch, heads, nb, nb))
-  diag = jnp.eye(nb, dtype=bool)
-  u = jnp.where(diag, 2.0, jnp.where(allowed, u, -1.0))
-  rank = jnp.argsort(jnp.argsort(-u, axis=-1), axis=-1)
-  keep = jnp.maximum(1, jnp.round(density * jnp.sum(allowed, axis=-1, keepdims=True))).astype(jnp.int32)
-  return xa.BlockLayout.from_dense(rank < keep, block_size=BLOCK, allowed=allowed)
+SCRIPT = "attention_speed"
 
 
 def calibrate_threshold(q, k, *, stride, density, implementation) -> float:
@@ -71,8 +45,7 @@ def sparse_flops(layout: xa.BlockLayout, head_dim: int) -> float:
   return 4.0 * head_dim * BLOCK * BLOCK * float(jnp.sum(layout.counts))
 
 
-def run(args) -> dict:
-  device = jax.devices()[0]
+def run(args, argv=None) -> dict:
   rows = []
   key = jax.random.key(args.seed)
   for length in args.lengths:
@@ -102,8 +75,7 @@ def run(args) -> dict:
                        tflops=sparse_flops(layout, args.head_dim) / t["ms"] / 1e9)
           if d == 100 and want_dense is not None:
             got = sparse(q, k, v, layout)
-            entry["rel_err_vs_cudnn"] = float(jnp.linalg.norm((got - want_dense).astype(jnp.float32))
-                                              / jnp.linalg.norm(want_dense.astype(jnp.float32)))
+            entry["rel_err_vs_cudnn"] = rel_err(got, want_dense)
           rows.append(entry)
           print(f"{length:>7} K={kv_heads:<2} sparse d={real_d:5.3f}     {t['ms']:9.3f} ms  "
                 f"{entry['ratio']:.3f}x dense (target <= {entry['target_ratio']:.3f})  {entry['tflops']:.0f} TFLOP/s",
@@ -128,7 +100,7 @@ def run(args) -> dict:
           base_s = timed(dense, sq, sk, sv, repeats=args.repeats, pipeline=args.pipeline)
           out, layout = e2e(sq, sk, sv)
           want = dense(sq, sk, sv)
-          err = float(jnp.linalg.norm((out - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
+          err = rel_err(out, want)
           rows.append(dict(shape, what=f"xattention s={stride} tau={tau:.3g}", density=float(layout.density()),
                            **t, ratio=t["ms"] / base_s["ms"], dense_ms=base_s["ms"], rel_err_vs_dense=err))
           print(f"{length:>7} K={kv_heads:<2} xattention s={stride:<2}     {t['ms']:9.3f} ms  "
@@ -144,11 +116,8 @@ def run(args) -> dict:
           print(f"{length:>7} K={kv_heads:<2} selection s={stride:<2}      {t['ms']:9.3f} ms  "
                 f"{t['ms'] / base_s['ms']:.3f}x dense (target <= 0.02)", flush=True)
           del scores
-  return dict(
-      card=device.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
-      command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]), rows=rows, heads=args.heads,
-      head_dim=args.head_dim, traced_checks=args.traced_checks, pipeline=args.pipeline,
-  )
+  return dict(metadata(SCRIPT, argv), rows=rows, heads=args.heads, head_dim=args.head_dim,
+              traced_checks=args.traced_checks, pipeline=args.pipeline)
 
 
 def to_markdown(result: dict) -> str:
@@ -178,7 +147,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ints = lambda s: [int(x) for x in s.split(",") if x]
+  ints = csv_of(int)
   parser.add_argument("--lengths", type=ints, default=[8192, 32768, 131072])
   parser.add_argument("--kv-heads", type=ints, default=[8, 32])
   parser.add_argument("--heads", type=int, default=32)
@@ -196,8 +165,7 @@ def main(argv=None) -> int:
   parser.add_argument("--pipeline", type=int, default=1,
                       help="calls per timed sample, issued back to back (see `timed`); 1 = per-call latency")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out-dir", default="benchmarks/results")
-  parser.add_argument("--name", default="", help="suffix of the result files, <card>-<date>-<name>.json/.md")
+  add_output_args(parser)
   parser.add_argument("--traced-checks", choices=["on", "off"], default="off",
                       help="xattn_jax's checkify value checks in the traced ops (on costs ~0.2-0.3 ms of dispatch)")
   args = parser.parse_args(argv)
@@ -206,13 +174,10 @@ def main(argv=None) -> int:
   if args.repeats < 20:
     print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)
   with xa.traced_checks(args.traced_checks == "on"):
-    result = run(args)
-  out = pathlib.Path(args.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = f"{result['card'].replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")
-  (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-  (out / f"{stem}.md").write_text(to_markdown(result))
+    result = run(args, argv)
+  stem = write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
   print(to_markdown(result))
+  print(f"wrote {stem}.json, .md")
   return 0
 
 

@@ -3,23 +3,22 @@
     python benchmarks/attention_variants.py --lengths 32768 --kv-heads 8,32 --densities 5,10,100 \
         --variants default,head,per-row --pipeline 1,10 --rounds 3
 
-For each (length, kv heads, density) case, on the fixed-density layouts of attention_speed.py (B=1, 32 query heads,
+For each (length, kv heads, density) case, on the fixed-density layouts of `benchmarks.common` (B=1, 32 query heads,
 head dim 128, bf16, causal): dense cuDNN, the public op, and the kernel called directly with each --variants
 ForwardConfig (default; head, rows = that tile_order; per-row = one CTA per layout row; smem = P through SMEM), timed in
 `--rounds` interleaved rounds (a slow drift of the card's clock shows as a spread between rounds, not as a
-difference between variants). Each timing is attention_speed's `timed` at every --pipeline value.
+difference between variants). Each timing is `benchmarks.common.timed` at every --pipeline value.
 
 --trace adds, per case, a profiler trace of 5 calls of the public op: every device kernel's name and mean duration,
 and the device span per call (first kernel start to last kernel end), so that the XLA prologue around the Mosaic
 kernel and the host dispatch can be told apart. --module swaps in another kernel module with the same API (to time
-an earlier version in the same run). Writes <out-dir>/<card>-<date>-<name>.md.
+an earlier version in the same run). Writes <out-dir>/attention_variants/<card>/<date>-<tag>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import glob
 import importlib
 import pathlib
@@ -30,10 +29,15 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import xattn_jax as xa
+from benchmarks.common import fixed_density_layout, timed, without_traced_checks
+from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
 from xattn_jax.geometry import Geometry
 
-from attention_speed import fixed_density_layout, timed  # benchmarks/ is on the path when run as a script
+SCRIPT = "attention_variants"
 
 VARIANTS = {"default": {}, "head": {"tile_order": "head"}, "rows": {"tile_order": "rows"},
             "per-row": {"num_ctas": None}, "smem": {"pv_operand": "smem"}}
@@ -69,39 +73,60 @@ def device_kernels(fn, *args, calls: int = 5) -> tuple[dict, float]:
   return kernels, statistics.median(spans)
 
 
+def to_markdown(result: dict) -> str:
+  pipeline = result["pipeline"]
+  lines = [f"# Sparse attention variants: {result['card']}, jax {result['jax']}, {result['date']}", "",
+           f"Command: `python benchmarks/{result['command']}`", "",
+           f"Kernel module {result['module']}. ms = median of {result['repeats']} samples per round, rounds separated "
+           "by '/'; pipeline p = p back-to-back calls per sample (1 includes the host dispatch). Traced checks off.",
+           "",
+           "| T | K | density | what | " + " | ".join(f"pipeline {p}: ms per round" for p in pipeline)
+           + " | ratio to cuDNN |", "|---|---|---|---|" + "---|" * len(pipeline) + "---|"]
+  lines += [table_line(row, len(pipeline)) for row in result["rows"]]
+  return "\n".join(lines) + "\n"
+
+
+def table_line(row: dict, pipelines: int) -> str:
+  """A row of the table: a timed call (ms per round at each pipeline value), a trace's device span per call, or one
+  device kernel of the trace."""
+  case = f"| {row['T']} | {row['K']} | {row['percent']}% |"
+  if "ms" in row:
+    cells = [" / ".join(f"{t:.3f}" for t in per_round) for per_round in row["ms"]]
+    return f"{case} {row['what']} | " + " | ".join(cells) + f" | {row['ratio']:.3f} |"
+  if "span_ms" in row:
+    return f"{case} {row['what']} | {row['span_ms']:.3f} ms |" + " |" * pipelines
+  return (f"| | | | device kernel {row['kernel'][:60]} x{row['per_call']:g} | {row['us']:.1f} us |"
+          + " |" * pipelines)
+
+
+@without_traced_checks  # production dispatch: no checkify effects in the timed programs
 def main(argv=None) -> int:
-  with xa.traced_checks(False):  # production dispatch: no checkify effects in the timed programs
-    return _main(argv)
-
-
-
-def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ints = lambda s: [int(x) for x in s.split(",") if x]
+  ints = csv_of(int)
   parser.add_argument("--lengths", type=ints, default=[32768])
   parser.add_argument("--kv-heads", type=ints, default=[8, 32])
   parser.add_argument("--densities", type=ints, default=[5, 10, 100])
-  parser.add_argument("--variants", type=lambda s: s.split(","), default=["default", "head", "per-row"])
+  parser.add_argument("--variants", type=csv_of(str), default=["default", "head", "per-row"])
   parser.add_argument("--pipeline", type=ints, default=[1, 10])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--trace", action="store_true")
   parser.add_argument("--module", default="xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu")
-  parser.add_argument("--out-dir", default="benchmarks/results")
-  parser.add_argument("--name", default="variants")
+  add_output_args(parser, tag="variants")
   args = parser.parse_args(argv)
   unknown = set(args.variants) - set(VARIANTS)
   if unknown:
     parser.error(f"--variants {sorted(unknown)} not in {sorted(VARIANTS)}")
   kernel = importlib.import_module(args.module)
   heads, head_dim = 32, 128
-  device = jax.devices()[0]
-  lines = [f"# Sparse attention variants: {device.device_kind}, jax {jax.__version__}, {datetime.date.today()}", "",
-           f"Command: `python benchmarks/{' '.join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:])}`", "",
-           f"Kernel module {args.module}. ms = median of {args.repeats} samples per round, rounds separated by '/'; "
-           "pipeline p = p back-to-back calls per sample (1 includes the host dispatch). Traced checks off.", "",
-           "| T | K | density | what | " + " | ".join(f"pipeline {p}: ms per round" for p in args.pipeline)
-           + " | ratio to cuDNN |", "|---|---|---|---|" + "---|" * len(args.pipeline) + "---|"]
+  rows = []
+  result = dict(metadata(SCRIPT, argv), module=args.module, repeats=args.repeats, rounds=args.rounds,
+                pipeline=args.pipeline, rows=rows)
+
+  def record(row):
+    rows.append(row)
+    print(table_line(row, len(args.pipeline)), flush=True)
+
   key = jax.random.key(0)
   for length in args.lengths:
     for kv_heads in args.kv_heads:
@@ -112,6 +137,7 @@ def _main(argv=None) -> int:
       geometry = Geometry.from_lengths(jnp.array([length], jnp.int32), jnp.array([length], jnp.int32))
       dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
       for percent in args.densities:
+        case = dict(T=length, K=kv_heads, percent=percent)
         layout = fixed_density_layout(ks[3], batch=1, heads=heads, length=length, density=percent / 100)
         calls = {"dense cudnn": (dense, (q, k, v)),
                  "public op": (jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
@@ -127,24 +153,16 @@ def _main(argv=None) -> int:
               times[name][p].append(timed(fn, *fn_args, repeats=args.repeats, pipeline=p)["ms"])
         base = statistics.median(times["dense cudnn"][args.pipeline[0]])
         for name in calls:
-          cells = [" / ".join(f"{t:.3f}" for t in times[name][p]) for p in args.pipeline]
-          ratio = statistics.median(times[name][args.pipeline[0]]) / base
-          lines.append(f"| {length} | {kv_heads} | {percent}% | {name} | " + " | ".join(cells) + f" | {ratio:.3f} |")
-          print(lines[-1], flush=True)
+          record(dict(case, what=name, ms=[times[name][p] for p in args.pipeline],
+                      ratio=statistics.median(times[name][args.pipeline[0]]) / base))
         if args.trace:
           fn, fn_args = calls["public op"]
           kernels, span = device_kernels(fn, *fn_args)
-          lines.append(f"| {length} | {kv_heads} | {percent}% | public op, device span per call | {span:.3f} ms |"
-                       + " |" * len(args.pipeline))
+          record(dict(case, what="public op, device span per call", span_ms=span))
           for name, (per_call, us) in sorted(kernels.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
-            lines.append(f"| | | | device kernel {name[:60]} x{per_call:g} | {us:.1f} us |" + " |" * len(args.pipeline))
-          print("\n".join(lines[-len(kernels) - 1:]), flush=True)
-  pathlib.Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-  stem = f"{device.device_kind.replace(' ', '_')}-{datetime.date.today()}-{args.name}"
-  out = f"{args.out_dir}/{stem}.md"
-  with open(out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print(f"wrote {out}")
+            record(dict(case, kernel=name, per_call=per_call, us=us))
+  stem = write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
+  print(f"wrote {stem}.json, .md")
   return 0
 
 

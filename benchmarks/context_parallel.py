@@ -15,8 +15,6 @@ Writes <out-dir>/context_parallel/<card>/<date>-<tag>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
 import sys
 
@@ -24,10 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import xattn_jax as xa
-from attention_speed import timed  # benchmarks/ is on the path when run as a script
+from benchmarks.common import timed, without_traced_checks
+from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
 from xattn_jax.context_parallel import chunk_tokens
 from xattn_jax.synthetic import llm_like_qkv
+
+SCRIPT = "context_parallel"
 
 
 def bytes_received(*, T: int, S: int, N: int, K: int, H: int, P: int, block: int, itemsize: int = 2) -> dict:
@@ -57,7 +61,7 @@ def needed_key_blocks(counts, indices, *, P: int, block: int) -> float:
   return float(np.mean(fractions))
 
 
-def run(args) -> dict:
+def run(args, argv=None) -> dict:
   devices = jax.devices()
   rows = []
   for T in args.lengths:
@@ -100,8 +104,7 @@ def run(args) -> dict:
             f"(~{row['predicted_comm_ms']:.1f} ms at {args.link_gb_s:g} GB/s)  selected K/V {needed:.0%}  "
             f"max diff {diff:.1e}", flush=True)
       del qs, ks, vs, got
-  return dict(card=devices[0].device_kind, devices=len(devices), jax=jax.__version__,
-              date=datetime.date.today().isoformat(), command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
+  return dict(metadata(SCRIPT, argv), devices=len(devices),
               shape=dict(N=args.heads, K=args.kv_heads, H=args.head_dim, dtype=str(jnp.dtype(args.dtype)),
                          threshold=args.threshold, stride=args.stride, block=args.block),
               link_gb_s=args.link_gb_s, rows=rows)
@@ -131,9 +134,10 @@ def to_markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+@without_traced_checks
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ints = lambda s: [int(x) for x in s.split(",") if x]
+  ints = csv_of(int)
   parser.add_argument("--lengths", type=ints, default=[131072, 262144, 1048576])
   parser.add_argument("--devices", type=ints, default=[1, 2, 4, 8], help="device counts P (the first P devices)")
   parser.add_argument("--heads", type=int, default=32)
@@ -147,17 +151,12 @@ def main(argv=None) -> int:
                       help="GB/s each device receives at (NVLink 4 all-gather: ~350-450)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out-dir", default="benchmarks/results")
-  parser.add_argument("--tag", default="run")
+  add_output_args(parser)
   args = parser.parse_args(argv)
-  with xa.traced_checks(False):
-    result = run(args)
-  out = pathlib.Path(args.out_dir) / "context_parallel" / result["card"].replace(" ", "_")
-  out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"{result['date']}-{args.tag}"
-  stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-  stem.with_suffix(".md").write_text(to_markdown(result))
+  result = run(args, argv)
+  stem = write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
   print(to_markdown(result))
+  print(f"wrote {stem}.json, .md")
   return 0
 
 

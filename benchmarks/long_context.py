@@ -1,6 +1,6 @@
 """One long single-sequence `xattention` call (256K .. 1M tokens) on one GPU: time and peak memory, vs dense cuDNN.
 
-    python benchmarks/long_context.py --length 1048576 --out-dir benchmarks/results
+    python benchmarks/long_context.py --length 1048576
 
 B=1, 32 query heads, 8 kv heads, head dim 128, bf16, causal, on the synthetic LLM-like input of
 `xattn_jax.synthetic.llm_like_qkv`. Reported: XLA's temporaries of the compiled call (`memory_analysis`: the memory
@@ -9,13 +9,13 @@ sums of one chunk), the time of the call (median of --repeats), the device alloc
 started, so it also covers generating q/k/v: an upper bound only; run one length per process), the density (from a
 second call that also returns the block layout, itself large at 1M tokens: 4 bytes per (head, query block, key
 block)), and dense cuDNN timed in the same process.
-Appends a row to <out-dir>/<card>-<date>-long-context.json and rewrites the .md next to it.
+Appends its run to <out-dir>/long_context/<card>/<date>-<tag>.json ({"runs": [...]}, one per process) and rewrites
+the .md next to it.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import sys
@@ -23,9 +23,15 @@ import sys
 import jax
 import jax.numpy as jnp
 
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import xattn_jax as xa
-from attention_speed import timed  # run as `python benchmarks/long_context.py`: benchmarks/ is on the path
+from benchmarks.common import timed, without_traced_checks
+from benchmarks.result_files import add_output_args, metadata, result_stem, stem_file, write_result
 from xattn_jax.synthetic import llm_like_qkv
+
+SCRIPT = "long_context"
 
 
 def _in_use(device) -> tuple[int, int]:
@@ -33,7 +39,7 @@ def _in_use(device) -> tuple[int, int]:
   return int(stats.get("bytes_in_use", -1)), int(stats.get("peak_bytes_in_use", -1))
 
 
-def run(args) -> dict:
+def run(args, argv=None) -> dict:
   device = jax.devices()[0]
   T, N, K, H = args.length, args.heads, args.kv_heads, args.head_dim
   q, k, v = llm_like_qkv(jax.random.key(args.seed), seq_len=T, num_heads=N, num_kv_heads=K, head_dim=H)
@@ -70,11 +76,12 @@ def run(args) -> dict:
     d = timed(dense, q, k, v, repeats=args.dense_repeats, warmup=1)
     row.update(dense_ms=d["ms"], dense_spread_ms=d["spread_ms"], speedup=d["ms"] / t["ms"])
     print(f"T={T}: dense cuDNN {d['ms']:.1f} ms -> xattention {row['speedup']:.2f}x faster", flush=True)
-  return dict(card=device.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
-              command=" ".join(["long_context.py"] + sys.argv[1:]), row=row)
+  return dict(metadata(SCRIPT, argv), row=row)
 
 
-def to_markdown(results: list[dict]) -> str:
+def to_markdown(result) -> str:
+  """The table of every run in the file: {"runs": [run, ...]}, or the bare list of runs of files written before."""
+  results = result if isinstance(result, list) else result["runs"]
   lines = ["# Long single-sequence xattention calls", "",
            "B=1, bf16, causal, synthetic LLM-like input (`xattn_jax.synthetic`), traced checks off. temp = XLA's "
            "temporaries of the compiled call (memory beyond its arguments q/k/v and its output; -1: not recorded). "
@@ -95,13 +102,8 @@ def to_markdown(results: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+@without_traced_checks  # production dispatch: no checkify effects in the timed programs
 def main(argv=None) -> int:
-  with xa.traced_checks(False):  # production dispatch: no checkify effects in the timed programs
-    return _main(argv)
-
-
-
-def _main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--length", type=int, default=1 << 20)
   p.add_argument("--heads", type=int, default=32)
@@ -114,18 +116,18 @@ def _main(argv=None) -> int:
   p.add_argument("--dense-repeats", type=int, default=1, help="0 skips dense cuDNN")
   p.add_argument("--no-density", dest="density", action="store_false")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out-dir", default="benchmarks/results")
+  add_output_args(p)
   args = p.parse_args(argv)
-  result = run(args)
-  out = pathlib.Path(args.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"{result['card'].replace(' ', '_')}-{result['date']}-long-context"
-  path = stem.with_suffix(".json")
-  results = json.loads(path.read_text()) if path.exists() else []
-  results.append(result)
-  path.write_text(json.dumps(results, indent=1))
-  stem.with_suffix(".md").write_text(to_markdown(results))
-  print(to_markdown(results))
+  result = run(args, argv)
+  path = stem_file(result_stem(args.out_dir, script=SCRIPT, card=result["card"], date=result["date"], tag=args.tag),
+                   ".json")
+  previous = json.loads(path.read_text()) if path.exists() else []
+  runs = (previous if isinstance(previous, list) else previous["runs"]) + [result]
+  record = {k: result[k] for k in ("card", "jax", "date", "command")}  # the file's: the last run's
+  stem = write_result(dict(record, runs=runs), script=SCRIPT, tag=args.tag, out_dir=args.out_dir,
+                      to_markdown=to_markdown)
+  print(to_markdown(runs))
+  print(f"wrote {stem}.json, .md")
   return 0
 
 

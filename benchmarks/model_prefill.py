@@ -1,6 +1,6 @@
 """Time to first token and long-context decode of an 8B-class model on one GPU: dense vs XAttention.
 
-    python benchmarks/model_prefill.py --lengths 8192,32768,131072 --out-dir benchmarks/results
+    python benchmarks/model_prefill.py --lengths 8192,32768,131072 --tag 8k-128k
     python benchmarks/model_prefill.py --sections decode --decode-contexts 32768,131072 --decode-batches 1,8
 
 Model: the Llama-3.1-8B shape (`xattn_jax.models.llama3_1_8b`, all 32 layers unless --layers), random bf16 weights
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import pathlib
 import statistics
 import sys
@@ -40,10 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import xattn_jax as xa
-from attention_speed import fixed_density_layout, timed  # benchmarks/ is on the path when run as a script
+from benchmarks.common import fixed_density_layout, timed, without_traced_checks
+from benchmarks.result_files import add_output_args, csv_of, metadata, stem_file, write_result
 from xattn_jax.models import AttentionConfig, Generator, Transformer, from_pretrained, llama3_1_8b
 
+SCRIPT = "model_prefill"
 GiB = 2**30
 THRESHOLD_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Overrides of the Llama-3.1-8B preset: "tiny" runs the whole script on a CPU in seconds (its smoke test).
@@ -343,7 +346,7 @@ def to_markdown(result: dict) -> str:
     lines += ["", "Threshold search (density against tau, one prefill with the grid over the layers):", ""]
     for s in result["threshold_search"]:
       lines.append(f"- T={s['T']}: " + ", ".join(f"{t:g}: {d:.3f}" for t, d in zip(s["grid"], s["densities"]))
-                   + "; chosen " + ", ".join(f"~{k:.0%}: tau {v:.3f}" for k, v in s["thresholds"].items()))
+                   + "; chosen " + ", ".join(f"~{float(k):.0%}: tau {v:.3f}" for k, v in s["thresholds"].items()))
     lines += ["", "Op-level times per layer (random inputs, same shapes, same process):", ""]
     for o in result["ops"]:
       lines.append(f"- T={o['T']}: dense ({o['dense_route']}) {o['dense_ms']:.2f} ms, estimator "
@@ -395,16 +398,10 @@ def plot(result: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+@without_traced_checks  # production dispatch: no checkify effects in the timed programs
 def main(argv=None) -> int:
-  with xa.traced_checks(False):  # production dispatch: no checkify effects in the timed programs
-    return _main(argv)
-
-
-
-def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ints = lambda s: [int(x) for x in s.split(",") if x]
-  floats = lambda s: [float(x) for x in s.split(",") if x]
+  ints, floats = csv_of(int), csv_of(float)
   parser.add_argument("--sections", default="prefill", help="comma separated: prefill, decode")
   parser.add_argument("--lengths", type=ints, default=[8192, 32768, 131072])
   parser.add_argument("--chunk-size", type=int, default=None, help="default: min(T / 4, 32768)")
@@ -415,8 +412,8 @@ def _main(argv=None) -> int:
   parser.add_argument("--target-densities", type=floats, default=[0.10, 0.25])
   parser.add_argument("--refine", type=int, default=2,
                       help="flat-tau prefills per target density that correct the searched tau (0: none)")
-  parser.add_argument("--kinds", type=lambda s: s.split(","), default=["dense", "xattention"])
-  parser.add_argument("--modes", type=lambda s: s.split(","), default=["one-shot", "chunked"])
+  parser.add_argument("--kinds", type=csv_of(str), default=["dense", "xattention"])
+  parser.add_argument("--modes", type=csv_of(str), default=["one-shot", "chunked"])
   parser.add_argument("--no-natural", dest="natural", action="store_false",
                       help="skip XAttention at --threshold (slow at long lengths: random weights keep ~half)")
   parser.add_argument("--stride", type=int, default=8)
@@ -428,8 +425,7 @@ def _main(argv=None) -> int:
   parser.add_argument("--decode-batches", type=ints, default=[1, 8])
   parser.add_argument("--decode-tokens", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out-dir", default="benchmarks/results")
-  parser.add_argument("--tag", default="run")
+  add_output_args(parser)
   args = parser.parse_args(argv)
   sections = set(args.sections.split(","))
   if not sections <= {"prefill", "decode"}:
@@ -437,27 +433,21 @@ def _main(argv=None) -> int:
   if "decode" not in sections:
     args.decode_contexts = []
   model = make_model(args)
-  card = jax.devices()[0].device_kind
-  result = dict(card=card, jax=jax.__version__, date=datetime.date.today().isoformat(),
-                command=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
+  result = dict(metadata(SCRIPT, argv),
                 model=(f"{args.checkpoint or args.shape + ' shape, random bf16 weights'}, {model.config.num_layers} "
                        f"layers, XAttention stride {args.stride}, block 128"),
                 prefill=[], threshold_search=[], ops=[], decode=[])
-  out = pathlib.Path(args.out_dir) / "model_prefill" / card.replace(" ", "_")
-  out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"{result['date']}-{args.tag}"
-
   def write():
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(to_markdown(result))
+    return write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
 
   if "prefill" in sections:
     prefill_section(args, model, result, write)
-    plot(result, stem.with_suffix(".png"))
+    plot(result, stem_file(write(), ".png"))
   if "decode" in sections:
     decode_section(args, model, result, write)
-  write()
+  stem = write()
   print(to_markdown(result))
+  print(f"wrote {stem}.json, .md")
   return 0
 
 

@@ -1,17 +1,16 @@
 """Sharded XAttention and model prefill on all local GPUs vs one GPU, checked and timed in one process.
 
-    python benchmarks/multi_gpu.py --out-dir benchmarks/results
+    python benchmarks/multi_gpu.py --tag 2gpu
 
 Op: B=2, T=S=16384, 32 query / 8 kv heads, head dim 128, bf16, causal, synthetic LLM-like input, tau 0.9; mesh
 (data=1, tensor=#GPUs) and (data=#GPUs, tensor=1). Model: a random 8-layer Llama-like model (d 2048, 32/8 heads)
 prefilling 2 x 8192 tokens with XAttention. Median of --repeats calls after warm-up.
+Writes <out-dir>/multi_gpu/<card>/<date>-<tag>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
 import sys
 
@@ -20,26 +19,34 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import xattn_jax as xa
+from benchmarks.common import rel_err, timed, without_traced_checks
+from benchmarks.result_files import add_output_args, metadata, write_result
 from xattn_jax.models.config import AttentionConfig, ModelConfig
 from xattn_jax.models.generate import Generator
 from xattn_jax.models.sharding import make_mesh
 from xattn_jax.models.transformer import Transformer
 from xattn_jax.synthetic import llm_like_qkv
 
-from attention_speed import timed  # run as `python benchmarks/multi_gpu.py`: benchmarks/ is on the path
+SCRIPT = "multi_gpu"
 
 
+def to_markdown(result: dict) -> str:
+  lines = [f"# Multi-GPU: {result['gpus']} x {result['card']}, jax {result['jax']}, {result['date']}", "",
+           f"Command: `python benchmarks/{result['command']}`", "", "| what | ms (median) | rel. err vs 1 GPU |",
+           "|---|---|---|"] + [f"| {r['what']} | {r['ms']:.2f} | {r['rel_err']:.2e} |" for r in result["rows"]]
+  return "\n".join(lines) + "\n"
+
+
+@without_traced_checks  # the ops timed without the dispatch cost of traced checks
 def main(argv=None) -> int:
-  with xa.traced_checks(False):  # the ops timed without the dispatch cost of traced checks
-    return _main(argv)
-
-
-def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--length", type=int, default=16384)
   parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--out-dir", default="benchmarks/results")
+  add_output_args(parser)
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on CPU devices")
   args = parser.parse_args(argv)
   n = jax.device_count()
@@ -54,7 +61,7 @@ def _main(argv=None) -> int:
     mesh = make_mesh(data, tensor)
     sharded = jax.jit(lambda q, k, v, mesh=mesh: xa.sharded_xattention(q, k, v, mesh=mesh, **kw))
     got = sharded(q, k, v)
-    err = float(jnp.linalg.norm((got - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
+    err = rel_err(got, want)
     ms = timed(sharded, q, k, v, repeats=args.repeats)['ms']
     rows.append(dict(what=f"op, mesh data={data} tensor={tensor}", ms=ms, rel_err=err))
   config = ModelConfig(vocab_size=32000, d_model=2048, num_layers=8, num_heads=32, num_kv_heads=8, head_dim=64,
@@ -76,17 +83,10 @@ def _main(argv=None) -> int:
     base = results["model prefill, 1 GPU"]
     rows.append(dict(what=name, ms=ms, rel_err=float(np.linalg.norm(results[name] - base) / np.linalg.norm(base)),
                      same_argmax=bool(np.all(results[name].argmax(-1) == base.argmax(-1)))))
-  result = dict(card=jax.devices()[0].device_kind, gpus=n, jax=jax.__version__, date=datetime.date.today().isoformat(),
-                command=" ".join(["multi_gpu.py"] + sys.argv[1:]), rows=rows)
-  lines = [f"# Multi-GPU: {n} x {result['card']}, jax {result['jax']}, {result['date']}", "",
-           f"Command: `python benchmarks/{result['command']}`", "", "| what | ms (median) | rel. err vs 1 GPU |",
-           "|---|---|---|"] + [f"| {r['what']} | {r['ms']:.2f} | {r['rel_err']:.2e} |" for r in rows]
-  out = pathlib.Path(args.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = f"multi_gpu-{n}x{result['card'].replace(' ', '_')}-{result['date']}"
-  (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  result = dict(metadata(SCRIPT, argv), gpus=n, rows=rows)
+  stem = write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
+  print(to_markdown(result))
+  print(f"wrote {stem}.json, .md")
   return 0
 
 

@@ -1,7 +1,7 @@
 """Accuracy of XAttention on RULER-style long-context tasks with a real model, against dense attention.
 
     python benchmarks/niah.py --model smollm2 --lengths 2048,4096 --tasks single,multikey --samples 10 \
-        --configs dense,s8_t0.9,cal0.9 --tag niah-first
+        --configs dense,s8_t0.9,cal0.9 --tag first
 
 Tasks (`xattn_jax.evaluation.haystack`, generated offline and seeded): single needle, multi-key (4 needles, one asked),
 multi-value (one key, 4 values, all asked), variable tracking (a 5-variable chain, all asked); haystacks: RULER's
@@ -22,15 +22,19 @@ Configs (--configs, comma separated):
   file:PATH        XAttention with the thresholds of a file written by `xattn-jax calibrate`
 Default: dense, s{8,16} x t{0.8,0.9,0.95}, cal0.9.
 
-Resumable: every (sample, config) result is one line of {tag}.jsonl, and a rerun skips the lines already there, so
-a run can be stopped and continued, or extended with more samples, lengths, tasks or configs. Then it writes:
-  {tag}.json / {tag}.md        accuracy per task x length x config (samples, binomial standard error, the paired
-                               difference to dense and its standard error), block density per config, timings
-  {tag}-accuracy-density.png   accuracy vs measured block density
-  {tag}-masks.png              the selected block masks of a few heads (one prompt) as heat maps
-  {tag}-fidelity.json          per layer and head: exact attention mass inside the selected blocks (recall) and
+The files of a run are <out-dir>/niah/<card>/<date>-<tag>* (RUN below), dated by the run's first call.
+Resumable: every (sample, config) result is one line of RUN.jsonl, and a rerun with the same tag skips the lines
+already there, so a run can be stopped and continued (on a later day too), or extended with more samples, lengths,
+tasks or configs. Then it writes:
+  RUN.json / RUN.md            accuracy per task x length x config (samples, binomial standard error, the paired
+                               difference to dense and its standard error), block density per config, timings, the
+                               fidelity summary; the .md is generated from the .json (`benchmarks.render`)
+  RUN-accuracy-density.png     accuracy vs measured block density
+  RUN-masks.png                the selected block masks of a few heads (one prompt) as heat maps
+  RUN-fidelity.json            per layer and head: exact attention mass inside the selected blocks (recall) and
                                relative error of the attention output vs dense, on real activations
-`--report-only` rebuilds the outputs from the JSONL without running the model.
+`--report-only` rebuilds the outputs from the JSONL without running the model (on any card: it finds the run's
+folder).
 """
 
 from __future__ import annotations
@@ -50,6 +54,13 @@ import sys
 import time
 
 import numpy as np
+
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+from benchmarks.result_files import add_output_args, card_dir, csv_of, metadata, result_stem, stem_file, write_result
+
+SCRIPT = "niah"
 
 DEFAULT_CONFIGS = ("dense", "s8_t0.8", "s8_t0.9", "s8_t0.95", "s16_t0.8", "s16_t0.9", "s16_t0.95", "cal0.9")
 
@@ -134,8 +145,23 @@ def _load_jsonl(path: pathlib.Path) -> list[dict]:
   return records
 
 
+def run_stem(out_dir, tag: str, card: str, *, any_card: bool = False) -> pathlib.Path:
+  """The files of run `tag` without their suffixes: <out-dir>/niah/<card>/<date>-<tag>, with the date of the run's
+  JSONL if it has one (the latest, if several), else today's. any_card: a run found under another card's folder
+  also counts (--report-only rebuilds a GPU run's report on any machine)."""
+  root = pathlib.Path(out_dir) / SCRIPT
+  pattern = re.compile(rf"\d{{4}}-\d{{2}}-\d{{2}}-{re.escape(tag)}\.jsonl")
+  runs = lambda folder: sorted(p for p in folder.glob("*.jsonl") if pattern.fullmatch(p.name))
+  found = runs(root / card_dir(card))
+  if not found and any_card and root.is_dir():
+    found = sorted((p for folder in root.iterdir() if folder.is_dir() for p in runs(folder)), key=lambda p: p.name)
+  if found:
+    return found[-1].with_name(found[-1].name.removesuffix(".jsonl"))
+  return result_stem(out_dir, script=SCRIPT, card=card, date=datetime.date.today().isoformat(), tag=tag)
+
+
 class Runner:
-  def __init__(self, args):
+  def __init__(self, args, stem: pathlib.Path):
     import jax.numpy as jnp
 
     from xattn_jax.models.loading import from_pretrained, load_tokenizer
@@ -143,15 +169,15 @@ class Runner:
     self.args = args
     self.model = from_pretrained(args.model, dtype={"f32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype])
     self.tok = load_tokenizer(args.model)
-    self.out = pathlib.Path(args.out_dir)
-    self.out.mkdir(parents=True, exist_ok=True)
+    self.stem = stem
+    stem.parent.mkdir(parents=True, exist_ok=True)
     self.thresholds: dict[str, dict] = {}
     self._generators: dict = {}
     self._compiled: set = set()
     self.configs = [parse_config(c, cal_stride=args.cal_stride) for c in args.configs]
 
   def path(self, suffix: str) -> pathlib.Path:
-    return self.out / f"{self.args.tag}{suffix}"
+    return stem_file(self.stem, suffix)
 
   def count_tokens(self, sample) -> int:
     from xattn_jax.evaluation.calibration import prompt_ids
@@ -440,7 +466,23 @@ def _fmt_acc(c) -> str:
   return f"{100 * c['accuracy']:.1f} ± {100 * c['se']:.1f} (n={c['n']})"
 
 
-def write_report(path_md: pathlib.Path, summary: dict, env: dict, fidelity: dict | None, run_args: dict) -> None:
+def fidelity_summary(fidelity: dict | None) -> dict | None:
+  """What the report shows of the fidelity file: per config, over layers x heads, the mean and worst recall and
+  relative error, and the mean density."""
+  if not fidelity:
+    return None
+  configs = {}
+  for name, m in fidelity["configs"].items():
+    r, e, d = (np.asarray(m[k]) for k in ("recall", "rel_error", "density"))
+    configs[name] = dict(recall_mean=float(r.mean()), recall_min=float(r.min()), rel_error_mean=float(e.mean()),
+                         rel_error_max=float(e.max()), density_mean=float(d.mean()))
+  return dict(prompts=fidelity["prompts"], length=fidelity["length"], configs=configs)
+
+
+def to_markdown(result: dict) -> str:
+  """The report of a run's json: accuracy tables per task, time per sample, and the fidelity summary if recorded
+  (reports written before it was part of the json show no fidelity section)."""
+  env, run_args, summary, fidelity = result["env"], result["args"], result, result.get("fidelity")
   lines = [f"# RULER-style accuracy, dense vs XAttention: {env['model']}, {env['device']}", "",
            f"Date {env['date']}; jax {env['jax']}; host {env['host']}.", "",
            f"Command: `{env['command']}`", ""] + (
@@ -486,10 +528,10 @@ def write_report(path_md: pathlib.Path, summary: dict, env: dict, fidelity: dict
               "| config | recall mean | recall min | rel. error mean | rel. error max | density mean |",
               "|---|---|---|---|---|---|"]
     for name, m in fidelity["configs"].items():
-      r, e, d = (np.asarray(m[k]) for k in ("recall", "rel_error", "density"))
-      lines.append(f"| {name} | {r.mean():.4f} | {r.min():.4f} | {e.mean():.4f} | {e.max():.4f} | {d.mean():.3f} |")
+      lines.append(f"| {name} | {m['recall_mean']:.4f} | {m['recall_min']:.4f} | {m['rel_error_mean']:.4f} | "
+                   f"{m['rel_error_max']:.4f} | {m['density_mean']:.3f} |")
     lines.append("")
-  path_md.write_text("\n".join(lines) + "\n")
+  return "\n".join(lines) + "\n"
 
 
 def plot_accuracy_density(path: pathlib.Path, summary: dict) -> None:
@@ -527,41 +569,38 @@ def plot_accuracy_density(path: pathlib.Path, summary: dict) -> None:
   plt.close(fig)
 
 
-def report(args, env: dict) -> dict:
-  out = pathlib.Path(args.out_dir)
-  records = _load_jsonl(out / f"{args.tag}.jsonl")
+def report(args, env: dict, stem: pathlib.Path, argv=None) -> dict:
+  records = _load_jsonl(stem_file(stem, ".jsonl"))
   if not records:
-    raise SystemExit(f"no results in {out / f'{args.tag}.jsonl'}")
+    raise SystemExit(f"no results in {stem_file(stem, '.jsonl')}")
   summary = summarize(records, list(args.configs))
-  fid_path = out / f"{args.tag}-fidelity.json"
+  fid_path = stem_file(stem, "-fidelity.json")
   fidelity = json.loads(fid_path.read_text()) if fid_path.exists() else None
   run_args = dict(tasks=args.tasks, haystacks=args.haystacks, lengths=args.lengths, samples=args.samples,
                   configs=args.configs, block_size=args.block_size, seed=args.seed, cal_method=args.cal_method,
                   cal_prompts=args.cal_prompts, cal_length=args.cal_length, dtype=args.dtype, batch=args.batch,
                   max_new_tokens=args.max_new_tokens, implementation=args.implementation)
-  (out / f"{args.tag}.json").write_text(json.dumps(dict(env=env, args=run_args, **summary), indent=1) + "\n")
-  write_report(out / f"{args.tag}.md", summary, env, fidelity, run_args)
-  plot_accuracy_density(out / f"{args.tag}-accuracy-density.png", summary)
-  _log(f"wrote {out / args.tag}.json, .md, -accuracy-density.png")
+  # The run's card, jax and date (its folder and file name), not those of a --report-only rebuild's machine.
+  result = dict(metadata(SCRIPT, argv), card=records[-1].get("device", env["device"]), jax=env["jax"],
+                date=stem.name[:10], env=env, args=run_args, **summary, fidelity=fidelity_summary(fidelity))
+  stem = write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
+  plot_accuracy_density(stem_file(stem, "-accuracy-density.png"), summary)
+  _log(f"wrote {stem}.json, .md, -accuracy-density.png")
   return summary
-
-
-def _csv(kind):
-  return lambda s: [kind(x) for x in s.split(",") if x]
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="smollm2", help='"smollm2", a Hugging Face directory or a .gguf file')
-  p.add_argument("--tasks", type=_csv(str), default=["single", "multikey", "multivalue", "vartrack"])
-  p.add_argument("--haystacks", type=_csv(str), default=["noise", "prose"])
-  p.add_argument("--lengths", type=_csv(int), default=[2048, 4096, 8192])
+  p.add_argument("--tasks", type=csv_of(str), default=["single", "multikey", "multivalue", "vartrack"])
+  p.add_argument("--haystacks", type=csv_of(str), default=["noise", "prose"])
+  p.add_argument("--lengths", type=csv_of(int), default=[2048, 4096, 8192])
   p.add_argument("--samples", type=int, default=10, help="samples per task x haystack x length")
   p.add_argument("--round-size", type=int, default=5, help="sample indices per round over lengths and configs")
   p.add_argument("--batch", type=int, default=8, help="prompts per generate call (one length, one config)")
   p.add_argument("--max-new-tokens", type=int, default=64,
                  help="answer budget of every task (the prompt fills the rest of the length)")
-  p.add_argument("--configs", type=_csv(str), default=list(DEFAULT_CONFIGS))
+  p.add_argument("--configs", type=csv_of(str), default=list(DEFAULT_CONFIGS))
   p.add_argument("--block-size", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--implementation", default=None,
@@ -572,7 +611,7 @@ def parse_args(argv=None):
   p.add_argument("--cal-stride", type=int, default=8)
   p.add_argument("--cal-prompts", type=int, default=4)
   p.add_argument("--cal-length", type=int, default=4096)
-  p.add_argument("--cal-tasks", type=_csv(str), default=["single", "multikey"])
+  p.add_argument("--cal-tasks", type=csv_of(str), default=["single", "multikey"])
   p.add_argument("--search-prompts", type=int, default=40, help="dev prompts of the min<tau> threshold search")
   p.add_argument("--search-length", type=int, default=4096)
   p.add_argument("--search-factor", type=float, default=0.9, help="each step lowers a layer's thresholds by this")
@@ -583,10 +622,9 @@ def parse_args(argv=None):
   p.add_argument("--mask-heads", type=lambda s: [tuple(int(x) for x in hh.split(":")) for hh in s.split(",")],
                  default=None, help="layer:head pairs for the mask heat maps (default: four spread over the model)")
   p.add_argument("--no-masks", dest="masks", action="store_false")
-  p.add_argument("--out-dir", default=str(pathlib.Path(__file__).parent / "results"))
-  p.add_argument("--tag", default="niah")
+  add_output_args(p)
   p.add_argument("--report-only", action="store_true", help="rebuild the table and plots from the JSONL")
-  p.add_argument("--require-equal", type=_csv(str), default=[],
+  p.add_argument("--require-equal", type=csv_of(str), default=[],
                  help="configs whose answers must equal dense's on every sample (exit 1 otherwise), e.g. s8_t1.0")
   args = p.parse_args(argv)
   if args.implementation:
@@ -603,19 +641,20 @@ def main(argv=None) -> dict:
   env = dict(model=args.model, device=jax.devices()[0].device_kind, jax=jax.__version__,
              date=datetime.date.today().isoformat(), host=f"{platform.machine()}, {os.cpu_count()} CPUs",
              command="python benchmarks/niah.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
-  previous = pathlib.Path(args.out_dir) / f"{args.tag}.json"
+  stem = run_stem(args.out_dir, args.tag, env["device"], any_card=args.report_only)
+  previous = stem_file(stem, ".json")
   if args.report_only and previous.exists():  # the table describes the runs that made the JSONL, not this host
     env = json.loads(previous.read_text())["env"] | dict(rebuilt_by=env["command"])
   if not args.report_only:
-    runner = Runner(args)
+    runner = Runner(args, stem)
     if args.fidelity_prompts > 0:  # first: cheap, and kept if a long run is stopped
       runner.fidelity()
     if args.masks:
       runner.masks()
     runner.run()
-  summary = report(args, env)
+  summary = report(args, env, stem, argv)
   if args.require_equal:
-    check_equal_answers(_load_jsonl(pathlib.Path(args.out_dir) / f"{args.tag}.jsonl"), args.require_equal)
+    check_equal_answers(_load_jsonl(stem_file(stem, ".jsonl")), args.require_equal)
   return summary
 
 

@@ -14,13 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import time
+
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+from benchmarks.result_files import csv_of  # imports no JAX: XLA_FLAGS below must be set before it loads
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ints = lambda s: [int(x) for x in s.split(",") if x]
+  ints = csv_of(int)
   parser.add_argument("--lengths", type=ints, default=[32768, 131072])
   parser.add_argument("--chunk-sizes", type=ints, default=[0, 32768], help="0: one-shot prefill")
   parser.add_argument("--kinds", default="dense,xattention")

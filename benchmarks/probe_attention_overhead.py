@@ -5,24 +5,23 @@ per layout row), the whole public op under jit, the XLA prologue (`unmasked_pref
 for the host dispatch floor.
 """
 
+import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import xattn_jax as xa
+from benchmarks.common import timed, without_traced_checks
 from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 from xattn_jax.geometry import Geometry
 
-from attention_speed import timed  # run as `python benchmarks/probe_attention_overhead.py`: benchmarks/ is on the path
 
-
+@without_traced_checks  # the ops timed without the dispatch cost of traced checks
 def main():
-  with xa.traced_checks(False):  # the ops timed without the dispatch cost of traced checks
-    return _main()
-
-
-def _main():
   heads, kv_heads, head_dim = 32, 8, 128
   tiny = jax.jit(lambda x: x + 1)
   print(f"host floor (x+1): {timed(tiny, jnp.ones(8), repeats=30)['ms']:.3f} ms")

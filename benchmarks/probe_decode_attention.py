@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 
-from attention_speed import timed  # benchmarks/ is on the path when run as a script
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+from benchmarks.common import timed
+from benchmarks.result_files import csv_of
 from xattn_jax import dense
 
 
@@ -46,15 +52,15 @@ def unrolled_decode(q, k, v, kv_lengths, scale):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--lengths", default="32768,131072")
-  parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--lengths", type=csv_of(int), default=[32768, 131072])
+  parser.add_argument("--batches", type=csv_of(int), default=[1, 8])
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args()
   N, K, H = 32, 8, 128
   scale = H ** -0.5
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
-  for B in map(int, args.batches.split(",")):
-    for S in map(int, args.lengths.split(",")):
+  for B in args.batches:
+    for S in args.lengths:
       if 2 * B * S * K * H * 2 > 60 * 2 ** 30:
         print(f"B={B} S={S}: skipped (cache over 60 GiB)")
         continue

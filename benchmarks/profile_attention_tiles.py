@@ -16,17 +16,19 @@ profile's cycles are divided by.
 """
 
 import csv
+import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 
-import xattn_jax as xa
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+from benchmarks.attention_variants import VARIANTS, direct_call
+from benchmarks.common import fixed_density_layout, without_traced_checks
 from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 from xattn_jax.geometry import Geometry
-
-from attention_speed import fixed_density_layout  # benchmarks/ is on the path when run as a script
-from attention_variants import VARIANTS, direct_call
 
 
 def sass_top(path: str, lines: int = 40) -> None:
@@ -57,13 +59,8 @@ def sass_top(path: str, lines: int = 40) -> None:
             + " | ".join(r[i] for i in columns[1:]) + "  " + r[source][:110])
 
 
+@without_traced_checks  # production dispatch: no checkify effects in the timed programs
 def main():
-  with xa.traced_checks(False):  # production dispatch: no checkify effects in the timed programs
-    return _main()
-
-
-
-def _main():
   if sys.argv[1] == "--sass-top":
     return sass_top(sys.argv[2])
   heads, head_dim = 32, 128

@@ -1,22 +1,20 @@
 """Does XAttention train like dense attention? Trains the same model from the same initialisation twice on a
 synthetic long-context task, once with dense attention and once with XAttention in the forward and the backward.
 
-    python benchmarks/train_long_context.py --preset cpu-small --out-dir benchmarks/results
-    python benchmarks/train_long_context.py --preset gpu --out-dir benchmarks/results     # on the GPU machine
+    python benchmarks/train_long_context.py --preset cpu-small
+    python benchmarks/train_long_context.py --preset gpu     # on the GPU machine
 
 Task ("copy"): each sequence is T/2 random tokens followed by the same T/2 tokens again; the loss counts the second
 half. Solving it needs attention T/2 tokens back -- a long-range, block-sparse pattern (one off-diagonal band) that
 the estimator has to find, while early in training attention is diffuse (high density). Logged every
 --log-every steps: loss, gradient norm, step time, and the selected block density per layer (a prefill of a batch).
-Writes <out-dir>/train-<preset>-<card>-<date>.json/.md and a PNG of the loss curves; saves the final parameters of
-each run with orbax under <out-dir>/checkpoints/ (skipped with --no-checkpoint).
+Writes <out-dir>/train_long_context/<card>/<date>-<preset>[-<tag>].json and .md and a PNG of the loss curves; saves
+the final parameters of each run with orbax under <out-dir>/checkpoints/ (skipped with --no-checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
 import sys
 import time
@@ -26,12 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import xattn_jax as xa
+from benchmarks.common import without_traced_checks
+from benchmarks.result_files import add_output_args, metadata, stem_file, write_result
 from xattn_jax.models.config import AttentionConfig, ModelConfig
 from xattn_jax.models.generate import Generator
 from xattn_jax.models.training import TrainConfig, Trainer
 from xattn_jax.models.transformer import Transformer
 
+SCRIPT = "train_long_context"
 PRESETS = {
     "cpu-small": dict(length=1024, batch=8, steps=300, d_model=128, layers=2, heads=4, kv_heads=2, head_dim=32,
                       vocab=32, block_size=64, stride=8, lr=1e-2, warmup=20),
@@ -106,27 +110,68 @@ def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, 
   return dict(name=name, log=log, median_step_s=float(np.median([r["step_s"] for r in log[1:]] or [np.nan])))
 
 
+def to_markdown(result: dict) -> str:
+  runs, tau = result["runs"], result["threshold"]
+  lines = [f"# Training dense vs XAttention: {result['preset']}, {result['card']}, jax {result['jax']}, "
+           f"{result['date']}", "",
+           f"Command: `python benchmarks/{result['command']}`", "",
+           f"Settings: {result['settings']}, tau {tau}, copy distance T/2 + {result.get('copy_shift', 0)}", "",
+           "| step | " + " | ".join(f"{r['name']} loss" for r in runs) + " | "
+           + " | ".join(f"{r['name']} tau, density per layer" for r in runs if r["name"] != "dense") + " |",
+           "|---|" + "---|" * (len(runs) + sum(r["name"] != "dense" for r in runs))]
+  for rows in zip(*(r["log"] for r in runs)):
+    cells = [f"{x['loss']:.4f}" for x in rows]
+    cells += [f"{x.get('tau') if x.get('tau') is not None else tau:.3g}: "  # no "tau" in runs before the schedules
+              + " ".join(f"{d:.2f}" for d in x["densities"]) for r, x in zip(runs, rows) if r["name"] != "dense"]
+    lines.append(f"| {rows[0]['step']} | " + " | ".join(cells) + " |")
+  lines += ["", "Median step time: " + ", ".join(f"{r['name']} {r['median_step_s'] * 1e3:.1f} ms" for r in runs)
+            + "."]
+  return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+  """Loss curves and the XAttention runs' density per layer against the step."""
+  try:
+    import matplotlib
+  except ImportError:
+    print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
+    return
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  for r in result["runs"]:
+    ax1.plot([x["step"] for x in r["log"]], [x["loss"] for x in r["log"]], label=r["name"])
+  ax1.set(xlabel="step", ylabel="loss (copied half)", yscale="log", title="training loss")
+  ax1.legend()
+  for r in result["runs"]:
+    if r["name"] == "dense":
+      continue
+    xr = r["log"]
+    for layer in range(len(xr[0]["densities"])):
+      ax2.plot([x["step"] for x in xr], [x["densities"][layer] for x in xr], label=f"{r['name']} layer {layer}")
+  ax2.set(xlabel="step", ylabel="selected block density", title=f"XAttention density (tau {result['threshold']})")
+  ax2.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+@without_traced_checks  # production dispatch: no checkify effects in the timed programs
 def main(argv=None) -> int:
-  with xa.traced_checks(False):  # production dispatch: no checkify effects in the timed programs
-    return _main(argv)
-
-
-
-def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--threshold", type=float, default=0.9)
   parser.add_argument("--log-every", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out-dir", default="benchmarks/results")
+  add_output_args(parser, tag="")
   parser.add_argument("--no-checkpoint", action="store_true")
   parser.add_argument("--runs", default="dense,xattention",
                       help="comma separated: dense, xattention (tau fixed), schedule (XAttention with tau 1.0 for "
                            "--dense-steps steps, then down to --threshold over --ramp-steps)")
   parser.add_argument("--dense-steps", type=int, default=100)
   parser.add_argument("--ramp-steps", type=int, default=50)
-  parser.add_argument("--name", default="", help="suffix of the result files")
   parser.add_argument("--copy-shift", type=int, default=0,
                       help="zeros between the two halves: the copy distance is T/2 + shift. With stride s (even), the "
                            "antidiagonal estimator never samples a diagonal whose distance is a multiple of s "
@@ -137,9 +182,9 @@ def _main(argv=None) -> int:
   if args.steps:
     preset["steps"] = args.steps
     preset["warmup"] = min(preset["warmup"], args.steps // 10)
-  out = pathlib.Path(args.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  checkpoints = None if args.no_checkpoint else out / "checkpoints"
+  checkpoints = None if args.no_checkpoint else pathlib.Path(args.out_dir) / "checkpoints"
+  if checkpoints is not None:
+    checkpoints.mkdir(parents=True, exist_ok=True)
   xcfg = xa.XAttentionConfig(threshold=args.threshold, stride=preset["stride"], block_size=preset["block_size"])
   sparse = AttentionConfig(kind="xattention", xattention=xcfg)
   choices = {"dense": (AttentionConfig(), None), "xattention": (sparse, None),
@@ -149,51 +194,13 @@ def _main(argv=None) -> int:
     parser.error(f"--runs {args.runs!r}: choose from {sorted(choices)}")
   runs = [run(preset, choices[name][0], seed=args.seed, log_every=args.log_every, checkpoint_dir=checkpoints,
               name=name, schedule=choices[name][1], shift=args.copy_shift) for name in names]
-  card = jax.devices()[0].device_kind
-  result = dict(card=card, jax=jax.__version__, date=datetime.date.today().isoformat(), preset=args.preset,
-                settings=preset, threshold=args.threshold, dense_steps=args.dense_steps, ramp_steps=args.ramp_steps,
-                copy_shift=args.copy_shift,
-                command=" ".join(["train_long_context.py"] + (argv if argv is not None else sys.argv[1:])), runs=runs)
-  stem = f"train-{args.preset}-{card.replace(' ', '_')}-{result['date']}" + (f"-{args.name}" if args.name else "")
-  (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-  lines = [f"# Training dense vs XAttention: {args.preset}, {card}, jax {jax.__version__}, {result['date']}", "",
-           f"Command: `python benchmarks/{result['command']}`", "",
-           f"Settings: {preset}, tau {args.threshold}, copy distance T/2 + {args.copy_shift}", "",
-           "| step | " + " | ".join(f"{r['name']} loss" for r in runs) + " | "
-           + " | ".join(f"{r['name']} tau, density per layer" for r in runs if r["name"] != "dense") + " |",
-           "|---|" + "---|" * (len(runs) + sum(r["name"] != "dense" for r in runs))]
-  for rows in zip(*(r["log"] for r in runs)):
-    cells = [f"{x['loss']:.4f}" for x in rows]
-    cells += [f"{x['tau'] if x['tau'] is not None else args.threshold:.3g}: "
-              + " ".join(f"{d:.2f}" for d in x["densities"]) for r, x in zip(runs, rows) if r["name"] != "dense"]
-    lines.append(f"| {rows[0]['step']} | " + " | ".join(cells) + " |")
-  lines += ["", "Median step time: " + ", ".join(f"{r['name']} {r['median_step_s'] * 1e3:.1f} ms" for r in runs)
-            + "."]
-  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in runs:
-      ax1.plot([x["step"] for x in r["log"]], [x["loss"] for x in r["log"]], label=r["name"])
-    ax1.set(xlabel="step", ylabel="loss (copied half)", yscale="log", title="training loss")
-    ax1.legend()
-    for r in runs:
-      if r["name"] == "dense":
-        continue
-      xr = r["log"]
-      for layer in range(len(xr[0]["densities"])):
-        ax2.plot([x["step"] for x in xr], [x["densities"][layer] for x in xr], label=f"{r['name']} layer {layer}")
-    ax2.set(xlabel="step", ylabel="selected block density", title=f"XAttention density (tau {args.threshold})")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=100)
-  except ImportError:
-    print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
-  print("\n".join(lines))
+  result = dict(metadata(SCRIPT, argv), preset=args.preset, settings=preset, threshold=args.threshold,
+                dense_steps=args.dense_steps, ramp_steps=args.ramp_steps, copy_shift=args.copy_shift, runs=runs)
+  tag = args.preset + (f"-{args.tag}" if args.tag else "")  # the preset always named: cpu-small, gpu-shift1
+  stem = write_result(result, script=SCRIPT, tag=tag, out_dir=args.out_dir, to_markdown=to_markdown)
+  plot(result, stem_file(stem, ".png"))
+  print(to_markdown(result))
+  print(f"wrote {stem}.json, .md, .png")
   return 0
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,6 @@ from tests.conftest import random_qkv, run_checked
 from xattn_jax import calibration as xcal
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_llama"
-BENCH = pathlib.Path(__file__).parents[1] / "benchmarks"
 TINY = ModelConfig(vocab_size=97, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96)
 BLK = 16
 
@@ -79,8 +77,7 @@ def test_string_match_all_and_bad_input():
 
 
 def _niah():
-  sys.path.insert(0, str(BENCH))
-  import niah
+  from benchmarks import niah
 
   return niah
 
@@ -309,21 +306,25 @@ def test_niah_end_to_end_on_the_tiny_fixture(tmp_path):
           "--cal-prompts", "1", "--cal-length", "1024", "--fidelity-length", "1024", "--out-dir", str(tmp_path),
           "--tag", "t", "--max-new-tokens", "8", "--require-equal", "s8_t1.0"]
   summary = niah.main(argv)
-  for suffix in (".json", ".md", ".jsonl", "-fidelity.json", "-masks.png", "-accuracy-density.png",
+  (jsonl,) = (tmp_path / "niah" / "cpu").glob("*-t.jsonl")  # <out-dir>/niah/<card>/<date>-<tag>.*
+  run = str(jsonl).removesuffix(".jsonl")
+  for suffix in (".json", ".md", "-fidelity.json", "-masks.png", "-accuracy-density.png",
                  "-thresholds-cal0.9-s8.json", "-thresholds-min0.9-s8.json"):
-    assert (tmp_path / f"t{suffix}").exists(), suffix
-  records = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert pathlib.Path(run + suffix).exists(), suffix
+  report = json.loads(pathlib.Path(run + ".json").read_text())
+  assert pathlib.Path(run + ".md").read_text() == niah.to_markdown(report) and "Fidelity" in niah.to_markdown(report)
+  records = [json.loads(x) for x in jsonl.read_text().splitlines()]
   assert len(records) == 2 * 5
   assert {r["config"] for r in records} == {"dense", "s8_t1.0", "s16_t0.5", "cal0.9", "min0.9"}
-  search = json.loads((tmp_path / "t-thresholds-min0.9-s8.json").read_text())
+  search = json.loads(pathlib.Path(run + "-thresholds-min0.9-s8.json").read_text())
   assert len(search["history"]) <= 3 and search["start"] == 0.9
   assert summary["per_config"]["dense"]["density"] == 1.0
   assert 0 < summary["per_config"]["s16_t0.5"]["density"] < 1
-  fidelity = json.loads((tmp_path / "t-fidelity.json").read_text())
+  fidelity = json.loads(pathlib.Path(run + "-fidelity.json").read_text())
   assert np.allclose(fidelity["configs"]["s8_t1.0"]["recall"], 1.0, atol=1e-4)
   # Resumable: a second run finds every (sample, config) done and only rebuilds the report.
   niah.main(argv)
-  assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 10
+  assert len(jsonl.read_text().splitlines()) == 10
 
 
 def test_threshold_search_on_a_generator_reuses_one_compilation():

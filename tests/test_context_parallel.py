@@ -114,11 +114,8 @@ def test_model_prefill_and_decode_on_a_seq_mesh(data, seq, tensor):
 def test_benchmark_script_runs_at_toy_size(tmp_path):
   """benchmarks/context_parallel.py end to end on 1, 2 and 4 CPU devices (its numbers mean nothing here)."""
   import json
-  import pathlib
-  import sys
 
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-  import context_parallel
+  from benchmarks import context_parallel
 
   with xa.traced_checks(True):  # the script's main turns them off inside its own block
     assert context_parallel.main(["--lengths", "1024", "--devices", "1,2,4", "--heads", "4", "--kv-heads", "2",

@@ -1,0 +1,60 @@
+"""Measurement helpers of the benchmark scripts: wall-clock timing of jitted calls, fixed-density causal layouts,
+relative error, and the traced-check scope that timed programs run in."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import xattn_jax as xa
+
+BLOCK = 128  # the block size of every benchmark layout
+
+
+def timed(fn, *args, repeats: int, warmup: int = 3, pipeline: int = 1) -> dict:
+  """Milliseconds per call: median (and min, spread) of `repeats` samples after `warmup` calls. A sample is
+  `pipeline` calls issued back to back and waited for once, divided by `pipeline`: 1 measures one call's latency
+  including the host's dispatch; more hide the dispatch behind the device's work (throughput of back-to-back calls)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    outs = [fn(*args) for _ in range(pipeline)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - start) * 1e3 / pipeline)
+  return {"ms": statistics.median(times), "min_ms": min(times), "spread_ms": statistics.pstdev(times)}
+
+
+def fixed_density_layout(key, *, batch, heads, length, density) -> xa.BlockLayout:
+  """Causal layout with `density` of each row's allowed blocks, always holding the diagonal: in every query block
+  row the diagonal block and round(density * allowed) - 1 random other allowed blocks."""
+  nb = length // BLOCK
+  allowed = xa.allowed_blocks(q_len=length, kv_len=length, block_size=BLOCK)  # [1, 1, nb, nb]
+  u = jax.random.uniform(key, (batch, heads, nb, nb))
+  diag = jnp.eye(nb, dtype=bool)
+  u = jnp.where(diag, 2.0, jnp.where(allowed, u, -1.0))
+  rank = jnp.argsort(jnp.argsort(-u, axis=-1), axis=-1)
+  keep = jnp.maximum(1, jnp.round(density * jnp.sum(allowed, axis=-1, keepdims=True))).astype(jnp.int32)
+  return xa.BlockLayout.from_dense(rank < keep, block_size=BLOCK, allowed=allowed)
+
+
+def rel_err(got, want) -> float:
+  """||got - want|| / ||want|| in float32 (Frobenius norms over all axes)."""
+  return float(jnp.linalg.norm((got - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
+
+
+def without_traced_checks(fn):
+  """`fn` run with xattn_jax's traced checkify value checks off, as production dispatch runs: no checkify effects in
+  the timed programs (with them a call pays ~0.2-0.3 ms on JAX's slow dispatch path). The setting is restored on
+  return, so a script's main can be called from tests."""
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    with xa.traced_checks(False):
+      return fn(*args, **kwargs)
+
+  return wrapper
