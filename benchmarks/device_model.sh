@@ -9,6 +9,20 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 quiet() { grep -v '^|' | grep -E '^ +[0-9]|^decode|^dense|^xattention|Error|error' | tail -24; }
 step() { [ "$1" != 0 ]; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
+python3 -c "import jax; print('jax', jax.__version__)" | tee -a "$OUT/env.txt"
+step "${TTEST:-0}" && timeout ${TTEST:-0} python3 -m pytest -q -p no:cacheprovider tests/test_dense_device.py \
+  tests/test_export.py tests/test_mosaic_gpu_device.py -k "${TESTS:-default_dispatch or public_op or export or dense or alternating}" \
+  2>&1 | tee "$OUT/gpu_tests.txt" | tail -6
+step "${TEST_SPEED:-0}" && timeout ${TEST_SPEED:-0} python3 benchmarks/estimator_speed.py --out-dir "$OUT" 2>&1 \
+  | grep -E '^ +[0-9]|Error|error'
+compile_probe() { timeout ${TCOMP:-0} python3 benchmarks/probe_compile.py "$@" 2>&1 | grep -E '^(dense|xattention)|Error'; }
+if step "${TCOMP:-0}"; then  # compile time of the 128K programs: per layer count, program and XLA flag
+  { compile_probe --layers 1,32 --programs prefill,extend --kinds xattention,dense
+    XLA_FLAGS=--xla_gpu_autotune_level=0 compile_probe --layers 32
+    XLA_FLAGS=--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL compile_probe --layers 32
+  } | tee "$OUT/compile.txt"
+fi
 step "${T128:-300}" && timeout ${T128:-300} python3 benchmarks/model_prefill.py --lengths 131072 \
   ${EXTRA128---extra-stride 16} --no-natural --target-densities ${TARGETS:-0.1} --modes ${MODES:-one-shot,chunked} \
   --out-dir "$OUT" --tag 128k --repeats 1 2>&1 | quiet

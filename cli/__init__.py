@@ -160,6 +160,9 @@ def _time(fn, *args, repeats: int, what: str) -> float:
 def _check_blocks(args) -> None:
   if args.block_size % args.stride:
     raise UsageError(f"--stride {args.stride} must divide --block-size {args.block_size}")
+  if args.estimator == "alternating" and (args.block_size // args.stride) % 2:
+    raise UsageError(f"--estimator alternating needs an even --block-size / --stride, got {args.block_size} / "
+                     f"{args.stride}")
 
 
 def _op(args) -> int:
@@ -172,7 +175,7 @@ def _op(args) -> int:
                          num_kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=dtype)
   sparse = jax.jit(lambda q, k, v: xa.xattention(
       q, k, v, is_causal=True, threshold=args.threshold, stride=args.stride, block_size=args.block_size,
-      implementation=args.implementation, return_block_layout=True))
+      estimator=args.estimator, implementation=args.implementation, return_block_layout=True))
   dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
   out, layout = sparse(q, k, v)
   ref = dense(q, k, v)
@@ -182,7 +185,7 @@ def _op(args) -> int:
   density = float(layout.density())
   print(f"device: {jax.devices()[0].device_kind}   jax {jax.__version__}")
   print(f"shape: B={args.batch} T=S={args.seq_len} N={args.heads} K={args.kv_heads} H={args.head_dim} {args.dtype}, "
-        f"causal, stride={args.stride}, threshold={args.threshold}")
+        f"causal, stride={args.stride}, estimator={args.estimator}, threshold={args.threshold}")
   print(f"{'':12}{'time (ms)':>12}{'density':>10}{'rel. error':>12}")
   print(f"{'dense':12}{t_dense * 1e3:12.2f}{1.0:10.3f}{0.0:12.2e}")
   print(f"{'xattention':12}{t_sparse * 1e3:12.2f}{density:10.3f}{err:12.2e}")
@@ -206,7 +209,8 @@ def _attention_config(args, attention: str):
 
     return attention_config(args.thresholds, implementation=args.implementation)
   return AttentionConfig(kind="xattention", dense_layers=args.dense_layers, xattention=xa.XAttentionConfig(
-      stride=args.stride, threshold=args.threshold, block_size=args.block_size, implementation=args.implementation))
+      stride=args.stride, threshold=args.threshold, block_size=args.block_size, estimator=args.estimator,
+      implementation=args.implementation))
 
 
 def _check_model_args(args) -> None:
@@ -334,8 +338,10 @@ def _calibrate(args) -> int:
   start = time.perf_counter()
   with _step(f"calibrating on {len(prompts)} prompts"):
     result = calibrate(model, prompts, target=args.target, stride=args.stride, block_size=args.block_size,
-                       method=args.method, aggregate=args.aggregate, progress=lambda msg: log.info("%s", msg))
-  save_thresholds(args.out, result.thresholds, stride=args.stride, block_size=args.block_size, target=args.target,
+                       method=args.method, aggregate=args.aggregate, progress=lambda msg: log.info("%s", msg),
+                       estimator=args.estimator)
+  save_thresholds(args.out, result.thresholds, stride=args.stride, block_size=args.block_size,
+                  estimator=args.estimator, target=args.target,
                   method=args.method, aggregate=args.aggregate, model=str(args.model), prompts=len(prompts),
                   calibration_prompts=source, prompt_tokens=[len(p) for p in prompts],
                   seconds=round(time.perf_counter() - start, 1))
@@ -355,6 +361,9 @@ def _xattention_args(p, *, threshold: bool = True) -> None:
                    help="tau in [0, inf): the share of each query block's estimated attention mass to keep; "
                         "tau >= 1 keeps every block (dense)")
   p.add_argument("--block-size", type=positive_int, default=128, help="tokens per block")
+  p.add_argument("--estimator", choices=["antidiagonal", "alternating"], default="antidiagonal",
+                 help="block-importance estimator: the paper's antidiagonal (with an even stride it samples odd token "
+                      "distances only) or alternating (every distance; SPEC 1.7)")
 
 
 def _model_args(p, *, attention: bool) -> None:
@@ -367,7 +376,8 @@ def _model_args(p, *, attention: bool) -> None:
                    "model's layers")
   _xattention_args(p)
   p.add_argument("--thresholds", default=None, type=existing_file,
-                 help="a file of `xattn-jax calibrate` (per-head thresholds; overrides --stride/--threshold)")
+                 help="a file of `xattn-jax calibrate` (per-head thresholds; overrides --stride/--threshold/"
+                      "--estimator)")
   p.add_argument("--dense-layers", type=nonnegative_int, default=0, help="keep the first n layers dense")
   p.add_argument("--implementation", type=implementation, default="auto",
                  help=f"kernels: auto (the best for this platform) or one of {', '.join(backends.available())}")

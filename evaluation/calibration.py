@@ -100,18 +100,19 @@ class Calibration:
   aggregate: str
   stride: int
   block_size: int
+  estimator: str = "antidiagonal"
 
 
 def calibrate(model: Transformer, prompts: Sequence[Sequence[int]], *, target: float = 0.9, stride: int = 8,
               block_size: int = 128, method: str = "reference", aggregate: str = "max", bucket: int = 512,
-              progress: Callable[[str], None] | None = None) -> Calibration:
+              progress: Callable[[str], None] | None = None, estimator: str = "antidiagonal") -> Calibration:
   """Per-(layer, head) thresholds that keep the blocks covering `target` of the exact attention mass.
 
   Args:
     model: the model (its attention config is ignored: q/k come from a dense prefill).
     prompts: token id lists (a few thousand tokens each is typical).
     target: fraction of the exact attention mass to cover, in [0, 1].
-    stride, block_size: the XAttention settings the thresholds are for (the estimate depends on the stride).
+    stride, block_size, estimator: the XAttention settings the thresholds are for (the estimate depends on them).
     method: "reference" (the reference code's profiling rule) or "selection" (bisection on our own selection);
       see `xattn_jax.calibration`.
     aggregate: "max" over prompts (the reference's choice: every calibration prompt reaches the target) or "mean".
@@ -128,14 +129,15 @@ def calibrate(model: Transformer, prompts: Sequence[Sequence[int]], *, target: f
     rows = []
     for layer in iter_layer_qkv(model, tokens, lengths):
       tau = xcal.head_thresholds(layer.q, layer.k, target, stride=stride, block_size=block_size, lengths=lengths,
-                                 method=method)
+                                 method=method, estimator=estimator)
       rows.append(np.asarray(tau[0]))
     per_prompt.append(np.stack(rows))
     if progress:
       progress(f"calibration prompt {p + 1}/{len(prompts)}: mean tau {per_prompt[-1].mean():.3f}")
   per_prompt = np.stack(per_prompt)
   table = per_prompt.max(axis=0) if aggregate == "max" else per_prompt.mean(axis=0)
-  return Calibration(np.clip(table, 0.0, 1.0), per_prompt, float(target), method, aggregate, stride, block_size)
+  return Calibration(np.clip(table, 0.0, 1.0), per_prompt, float(target), method, aggregate, stride, block_size,
+                     estimator)
 
 
 def fidelity(model: Transformer, prompts: Sequence[Sequence[int]], settings: Mapping[str, tuple[int, object]], *,
@@ -146,7 +148,8 @@ def fidelity(model: Transformer, prompts: Sequence[Sequence[int]], settings: Map
   per-layer fidelity of the op on real activations).
 
   Args:
-    settings: name -> (stride, thresholds), thresholds a float or an array-like [L, N] (e.g. a calibration).
+    settings: name -> (stride, thresholds) or (stride, thresholds, estimator), thresholds a float or an array-like
+      [L, N] (e.g. a calibration); the estimator defaults to the paper's antidiagonal.
 
   Returns:
     name -> {"recall", "rel_error", "density"}: float arrays [P, L, N] (prompt, layer, head).
@@ -157,11 +160,12 @@ def fidelity(model: Transformer, prompts: Sequence[Sequence[int]], settings: Map
     for layer in iter_layer_qkv(model, tokens, lengths):
       mass = xcal.block_attention_mass(layer.q, layer.k, block_size=block_size, lengths=lengths)
       N = layer.q.shape[2]
-      for name, (stride, thresholds) in settings.items():
+      for name, (stride, thresholds, *estimator) in settings.items():
         tau = np.asarray(thresholds, np.float32)
         tau = np.broadcast_to(tau[layer.layer] if tau.ndim == 2 else tau, (N,))
         result = xcal.attention_fidelity(layer.q, layer.k, layer.v, jnp.asarray(tau), stride=stride,
-                                         block_size=block_size, lengths=lengths, mass=mass)
+                                         block_size=block_size, lengths=lengths, mass=mass,
+                                         estimator=estimator[0] if estimator else "antidiagonal")
         for m in rows[name]:
           rows[name][m].append(np.asarray(result[m][0]))
     for name in settings:
@@ -210,10 +214,12 @@ def minimum_threshold_search(thresholds, evaluate: Callable[[np.ndarray], float]
 
 
 def attention_config(thresholds: str | os.PathLike | Mapping, **xattention_overrides) -> AttentionConfig:
-  """The AttentionConfig of a thresholds file (or its loaded dict): XAttention with the file's stride and block
-  size and its per-layer, per-head thresholds (AttentionConfig.layer_thresholds)."""
+  """The AttentionConfig of a thresholds file (or its loaded dict): XAttention with the file's stride, block size
+  and estimator (the paper's where the file predates the choice) and its per-layer, per-head thresholds
+  (AttentionConfig.layer_thresholds)."""
   record = thresholds if isinstance(thresholds, Mapping) else xcal.load_thresholds(thresholds)
-  xattention = XAttentionConfig(**(dict(stride=record["stride"], block_size=record["block_size"])
+  xattention = XAttentionConfig(**(dict(stride=record["stride"], block_size=record["block_size"],
+                                        estimator=record.get("estimator", "antidiagonal"))
                                    | xattention_overrides))
   return AttentionConfig(kind="xattention", xattention=xattention,
                          layer_thresholds=tuple(tuple(row) for row in record["layer_thresholds"]))

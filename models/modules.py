@@ -118,7 +118,7 @@ class Attention(nnx.Module):
       kw = dict(is_causal=True, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
                 threshold=self.threshold.get_value(), stride=cfg.stride, block_size=cfg.block_size,
                 keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal, query_chunk_size=cfg.query_chunk_size,
-                implementation=cfg.implementation, return_block_layout=True)
+                implementation=cfg.implementation, estimator=cfg.estimator, return_block_layout=True)
       mesh = current_mesh()
       if mesh is None:
         out, layout = xattn_jax.xattention(q, k, v, **kw)

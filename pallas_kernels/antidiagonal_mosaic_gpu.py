@@ -2,7 +2,10 @@
 
 One pass, no [T/s, S/s] matrix in HBM. The strided logits are z = sum_u Q_u K_u^T with
     Q_u = q.reshape(B, T/s, s, N, H)[b, :, s-1-u, n, :]      K_u = k.reshape(B, S/s, s, K, H)[b, :, u, n//G, :]
-(both free reshapes, so every operand is a plain TMA box).
+(both free reshapes, so every operand is a plain TMA box). Another estimator of SPEC §1.7 pairs key offset u with
+query offset o_i(u) instead of s-1-u; one fused XLA copy of q (`_kernel_query_order`) stores o_i(u) at slot s-1-u,
+so the kernel is the same: at 128K, 32 heads, H = 128 that is 2 GiB of HBM traffic, ~0.7 ms on an H200 next to
+the estimator's ~17 ms (the paper's order needs no copy).
 
 Kernel (grid (heads x key_splits, row blocks, batch), optional 2-CTA cluster over heads; 3 warpgroups):
   WG2 (producer)   streams the contraction (u, h-chunk) in steps of `chunk` = 64 columns of s*H: per step one TMA of
@@ -37,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xattn_jax.pallas_kernels.common import Operand, as_enum
+from xattn_jax.estimators import Estimator, arrange_query_groups
 from xattn_jax.geometry import Geometry, cdiv
 
 _LOG2E = math.log2(math.e)
@@ -263,10 +267,19 @@ def supports(q, k, *, stride: int, block_size: int, config: ScoresConfig = Score
   return None
 
 
+def _kernel_query_order(q5: jax.Array, estimator: Estimator) -> jax.Array:
+  """q5 [B, T/s, s, N, H] in token order -> the order the kernel reads (slot s-1-u holds the query offset paired
+  with key offset u): the reverse of the estimator's Qr order; the identity for the paper's antidiagonal."""
+  if estimator is Estimator.ANTIDIAGONAL:
+    return q5
+  return jnp.flip(arrange_query_groups(q5, estimator, row_axis=1, slot_axis=2), 2)
+
+
 @functools.partial(jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "interpret", "config",
-                                             "return_parts"))
+                                             "return_parts", "estimator"))
 def antidiagonal_scores(q, k, geometry: Geometry, *, stride: int, block_size: int, causal: bool, scale: float,
-                        interpret=False, config: ScoresConfig | None = None, return_parts: bool = False):
+                        interpret=False, config: ScoresConfig | None = None, return_parts: bool = False,
+                        estimator: Estimator = Estimator.ANTIDIAGONAL):
   """SPEC §1 block scores f32 [B, N, ceil(T/blk), ceil(S/blk)]. `interpret`: False, True or InterpretGPUParams."""
   if config is None:
     config = ScoresConfig(p_operand="smem" if interpret else "registers", num_stages=2 if interpret else 4)
@@ -296,7 +309,7 @@ def antidiagonal_scores(q, k, geometry: Geometry, *, stride: int, block_size: in
     x = lax.cond(jnp.any(lengths % s != 0), zero, lambda x: x, x)
     return jnp.pad(x, ((0, 0), (0, total - x.shape[1]), (0, 0), (0, 0)))
 
-  q5 = zero_pad(q, geometry.q_lengths, Tp).reshape(B, Trp, s, N, H)
+  q5 = _kernel_query_order(zero_pad(q, geometry.q_lengths, Tp).reshape(B, Trp, s, N, H), estimator)
   k5 = zero_pad(k, geometry.kv_lengths, Sp).reshape(B, Sp // s, s, K, H)
   count, n_full = _tables(geometry, s=s, nrb=nrb, cta_rows=config.cta_rows, bn=bn, causal=causal)
   e = jnp.asarray(indicator(bn, g))

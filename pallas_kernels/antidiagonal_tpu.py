@@ -1,8 +1,9 @@
 """Antidiagonal block scoring (SPEC §1) for TPU (Pallas, Mosaic TPU lowering): one pass, scores never in HBM.
 
 Strided views (built by one fused XLA copy per operand, see `strided_rows`): Qr [B, N, Tp/s, s*H] (each group of s
-query tokens reversed) and Kr [B, K, Sp/s, s*H], padding tokens zeroed. Z = Qr Kr^T * scale / s is the antidiagonal
-sum of every s x s cell. The kernel computes the TRANSPOSED logits tile, keys in sublanes and query rows in lanes,
+query tokens reversed, or in the order of another estimator of SPEC §1.7) and Kr [B, K, Sp/s, s*H], padding tokens
+zeroed. Z = Qr Kr^T * scale / s is the antidiagonal sum of every s x s cell. The kernel computes the TRANSPOSED
+logits tile, keys in sublanes and query rows in lanes,
 
     z[j, i] = <Kr[j], Qr[i]>        z: [kv_rows, L],  L = heads_per_step * q_rows  (lanes: head-major query rows)
 
@@ -56,6 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from xattn_jax.pallas_kernels.common import NT, SUPPORTED_HEAD_DIMS, check_budget
+from xattn_jax.estimators import Estimator, arrange_query_groups
 from xattn_jax.geometry import Geometry, cdiv
 
 BLOCK = 128
@@ -268,22 +270,25 @@ def supports(q, k, *, stride: int, block_size: int) -> str | None:
   return None
 
 
-def strided_rows(x: jax.Array, lengths: jax.Array, *, stride: int, padded_len: int, reverse: bool) -> jax.Array:
-  """[B, L, h, H] -> [B, h, padded_len/s, s*H]: groups of s tokens concatenated (reversed if asked), padding zeroed.
+def strided_rows(x: jax.Array, lengths: jax.Array, *, stride: int, padded_len: int,
+                 queries: Estimator | None) -> jax.Array:
+  """[B, L, h, H] -> [B, h, padded_len/s, s*H]: groups of s tokens concatenated, padding zeroed; in token order for
+  keys (`queries` None), in the estimator's Qr order for queries (`xattn_jax.estimators.arrange_query_groups`).
 
-  XLA fuses pad, mask, reverse and transpose into one copy (read + write of the operand).
+  XLA fuses pad, mask, reorder and transpose into one copy (read + write of the operand).
   """
   B, length, heads, H = x.shape
   x = jnp.pad(x, ((0, 0), (0, padded_len - length), (0, 0), (0, 0)))
   token = jnp.arange(padded_len, dtype=jnp.int32)
   x = jnp.where((token[None, :] < lengths[:, None])[..., None, None], x, jnp.zeros((), x.dtype))
   x = x.reshape(B, padded_len // stride, stride, heads, H)
-  if reverse:
-    x = x[:, :, ::-1]
+  if queries is not None:
+    x = arrange_query_groups(x, queries, row_axis=1, slot_axis=2)
   return x.transpose(0, 3, 1, 2, 4).reshape(B, heads, padded_len // stride, stride * H)
 
 
-@functools.partial(jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "config", "interpret",
+                                             "estimator"))
 def antidiagonal_scores(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
@@ -295,6 +300,7 @@ def antidiagonal_scores(
     scale: float,
     config: ScoresConfig = ScoresConfig(),
     interpret: bool | pltpu.InterpretParams = False,
+    estimator: Estimator = Estimator.ANTIDIAGONAL,
 ) -> jax.Array:  # f32 [B, N, ceil(T/128), ceil(S/128)]
   """SPEC §1 block scores on validated inputs (see `xattn_jax.antidiagonal_scores`).
 
@@ -308,6 +314,7 @@ def antidiagonal_scores(
     scale: logit scale (the kernel applies scale / stride).
     config: static tiles.
     interpret: False on a TPU; True or `pltpu.InterpretParams` runs the Pallas TPU interpreter.
+    estimator: the order of the query tokens in each strided row (SPEC §1.7); only the copy building Qr changes.
 
   Returns:
     float32 [B, N, ceil(T/128), ceil(S/128)].
@@ -329,8 +336,8 @@ def antidiagonal_scores(
   check_budget("pallas_tpu antidiagonal_scores", "SMEM", smem_bytes(batch=B), SMEM_BUDGET_BYTES)
   s, hps = stride, tiles.heads_per_step
   tq, tk = tiles.q_rows * s, tiles.kv_rows * s
-  qr = strided_rows(q, geometry.q_lengths, stride=s, padded_len=tiles.num_q_tiles * tq, reverse=True)
-  kr = strided_rows(k, geometry.kv_lengths, stride=s, padded_len=tiles.num_kv_tiles * tk, reverse=False)
+  qr = strided_rows(q, geometry.q_lengths, stride=s, padded_len=tiles.num_q_tiles * tq, queries=estimator)
+  kr = strided_rows(k, geometry.kv_lengths, stride=s, padded_len=tiles.num_kv_tiles * tk, queries=None)
   qbt, nkb_p = tiles.q_blocks_per_tile, tiles.num_kv_blocks_padded
   steps_per_kv_head = G // hps
 

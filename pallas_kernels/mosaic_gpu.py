@@ -73,13 +73,13 @@ def backend(tuning: MosaicGpu | None = None) -> Backend:
 
   tuning = tuning or MosaicGpu()
 
-  def scores(q, k, geometry, *, stride, block_size, causal, scale, interpret):
+  def scores(q, k, geometry, *, stride, block_size, causal, scale, estimator, interpret):
     _check_platform(interpret, "scores")
     config = tuning.scores
     if config is not None and interpret:
       config = dataclasses.replace(config, p_operand="smem")
     return scores_kernel.antidiagonal_scores(q, k, geometry, stride=stride, block_size=block_size, causal=causal,
-                                             scale=scale, config=config, interpret=interpret)
+                                             scale=scale, config=config, interpret=interpret, estimator=estimator)
 
   def attention(q, k, v, layout, geometry, *, causal, scale, interpret):
     _check_platform(interpret, "attention")

@@ -53,9 +53,9 @@ def backend(tuning: Tpu | None = None) -> Backend:
   tuning = tuning or Tpu()
   configured = lambda config: {} if config is None else {"config": config}
 
-  def scores(q, k, geometry, *, stride, block_size, causal, scale, interpret):
+  def scores(q, k, geometry, *, stride, block_size, causal, scale, estimator, interpret):
     return scoring_kernel.antidiagonal_scores(
-        q, k, geometry, stride=stride, block_size=block_size, causal=causal, scale=scale,
+        q, k, geometry, stride=stride, block_size=block_size, causal=causal, scale=scale, estimator=estimator,
         interpret=_interpret(interpret), **configured(tuning.scores),
     )
 

@@ -27,8 +27,8 @@ def block_geometry(r: int, *, block_size: int, q_len: int, kv_len: int, causal: 
   return (kv_len - 1) // block_size if kv_len > 0 else -1, diagonal
 
 
-def scores(q, k, *, stride, block_size, causal, scale=None, q_lens=None, kv_lens=None):
-  """SPEC §1: float64 [B, N, ceil(T/blk), ceil(S/blk)]."""
+def scores(q, k, *, stride, block_size, causal, scale=None, q_lens=None, kv_lens=None, estimator="antidiagonal"):
+  """SPEC §1: float64 [B, N, ceil(T/blk), ceil(S/blk)]; `estimator` as SPEC §1.7."""
   q = np.asarray(q, np.float64)
   k = np.asarray(k, np.float64)
   B, T, N, H = q.shape
@@ -47,8 +47,14 @@ def scores(q, k, *, stride, block_size, causal, scale=None, q_lens=None, kv_lens
       kk = np.zeros((cols * s, H))
       kk[:kb] = k[b, :kb, n // G]
       logits = qq @ kk.T
-      # z[i, j] = sum_u <q[i*s + s-1-u], k[j*s + u]>: the antidiagonal of cell (i, j)
-      z = sum(logits[s - 1 - u::s, u::s] for u in range(s)) * (scale / s)
+      # z[i, j] = sum_u <q[i*s + o_i(u)], k[j*s + u]>: o_i(u) = s-1-u, the antidiagonal of cell (i, j); the
+      # alternating estimator's odd rows take o_i(u) = (s - u) mod s
+      z = np.zeros((rows, cols))
+      for i in range(rows):
+        for u in range(s):
+          o = (s - u) % s if estimator == "alternating" and i % 2 else s - 1 - u
+          z[i] += logits[i * s + o, u::s]
+      z *= scale / s
       p = np.zeros((rows, cols))
       for i in range(rows):
         if i * s >= qb:

@@ -25,6 +25,7 @@ CASES = [
     (1, 33, 90, 2, 1, 16, 8, 16, False, False),
     (2, 128, 200, 4, 2, 32, 16, 64, True, True),
 ]
+ESTIMATORS = ["antidiagonal", "alternating"]
 CASE_IDS = [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}s{c[6]}b{c[7]}{'c' if c[8] else 'nc'}{'L' if c[9] else ''}"
             for c in CASES]
 
@@ -67,14 +68,39 @@ class ScoresSuite:
   def scores(self, q, k, **kw):
     return run_checked(xa.antidiagonal_scores, q, k, implementation=self.implementation, interpret=self.interpret, **kw)
 
+  @pytest.mark.parametrize("estimator", ESTIMATORS)
   @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-  def test_matches_oracle(self, case):
+  def test_matches_oracle(self, case, estimator):
     q, k, _, lens = _case_inputs(case, seed=11)
     _, T, S, _, _, _, stride, blk, causal, _ = case
-    got = self.scores(q, k, stride=stride, block_size=blk, causal=causal, **_lengths_kwargs(lens))
-    want = oracle.scores(q, k, stride=stride, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1])
+    got = self.scores(q, k, stride=stride, block_size=blk, causal=causal, estimator=estimator,
+                      **_lengths_kwargs(lens))
+    want = oracle.scores(q, k, stride=stride, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1],
+                         estimator=estimator)
     assert got.dtype == jnp.float32 and got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), want, atol=self.atol, rtol=1e-5)
+
+  @pytest.mark.parametrize("estimator", ESTIMATORS)
+  def test_which_token_distances_are_sampled(self, estimator):
+    """SPEC §1.7: attention only at token distance d (one-hot keys, q_t = k_{t-d}). With s = 8 the paper's
+    antidiagonal puts every row's mass on the key blocks holding t - d for odd d and sees nothing (uniform rows) for
+    even d; the alternating estimator's odd rows see even d and its even rows odd d, so > half the mass lands there
+    for every d."""
+    T, s, blk = 256, 8, 32
+    keys = np.eye(T, dtype=np.float32)
+    for d in [0, 1, 2, 3, 8, 9, 16, 64, 65]:
+      q = jnp.asarray(np.roll(keys, d, axis=0)[None, :, None])  # q_t = k_{(t-d) mod T}
+      a = np.asarray(self.scores(q, jnp.asarray(keys[None, :, None]), stride=s, block_size=blk, causal=False,
+                                 scale=20.0 * s, estimator=estimator))[0, 0]
+      for r in range(T // blk):
+        target = {((r * blk - d) % T) // blk, ((r * blk + blk - 1 - d) % T) // blk}
+        share = sum(a[r, c] for c in target) / a[r].sum()
+        if estimator == "alternating":
+          assert share > 0.5, (d, r, share)
+        elif d % 2:
+          assert share > 0.99, (d, r, share)
+        else:
+          np.testing.assert_allclose(share, len(target) * blk / T, rtol=1e-4, err_msg=f"{d=} {r=}")
 
   @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
   def test_low_precision_inputs(self, dtype):
@@ -225,15 +251,17 @@ class XAttentionSuite:
   def run(self, q, k, v, **kw):
     return run_checked(xa.xattention, q, k, v, implementation=self.implementation, interpret=self.interpret, **kw)
 
-  @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-  def test_pipeline_matches_oracle(self, case):
+  @pytest.mark.parametrize("case,estimator", [(c, "antidiagonal") for c in CASES] + [(CASES[2], "alternating")],
+                           ids=CASE_IDS + [CASE_IDS[2] + "-alternating"])
+  def test_pipeline_matches_oracle(self, case, estimator):
     """estimate -> select -> attend, each stage against the float64 oracle."""
     q, k, v, lens = _case_inputs(case, seed=31)
     B, T, S, N, _, _, stride, blk, causal, _ = case
     tau = 0.6
     out, layout = self.run(q, k, v, is_causal=causal, threshold=tau, stride=stride, block_size=blk,
-                           return_block_layout=True, **_lengths_kwargs(lens))
-    want_scores = oracle.scores(q, k, stride=stride, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1])
+                           return_block_layout=True, estimator=estimator, **_lengths_kwargs(lens))
+    want_scores = oracle.scores(q, k, stride=stride, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1],
+                                estimator=estimator)
     want_mask = oracle.select(want_scores, q_len=T, kv_len=S, block_size=blk, threshold=tau, causal=causal,
                               q_lens=lens[0], kv_lens=lens[1])
     np.testing.assert_array_equal(np.asarray(layout.to_dense()), want_mask)
@@ -250,13 +278,14 @@ class XAttentionSuite:
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5, rtol=1e-5)
     assert float(layout.density()) == 1.0
 
-  def test_chunk_size_independence(self):
+  @pytest.mark.parametrize("estimator", ESTIMATORS)
+  def test_chunk_size_independence(self, estimator):
     """FIX of SPEC §1.6: neither the layout nor the output depends on how queries are chunked."""
     B, T, S, N, K, H, blk = 2, 150, 230, 4, 2, 16, 32
     q, k, v = random_qkv(33, B=B, T=T, S=S, N=N, K=K, H=H)
     lens = lengths_pair(34, B=B, T=T, S=S)
     kw = dict(is_causal=True, threshold=0.7, stride=8, block_size=blk, return_block_layout=True,
-              **_lengths_kwargs(lens))
+              estimator=estimator, **_lengths_kwargs(lens))
     out_a, lay_a = self.run(q, k, v, **kw)
     out_b, lay_b = self.run(q, k, v, query_chunk_size=blk, **kw)
     out_c, lay_c = self.run(q, k, v, query_chunk_size=2 * blk, **kw)
@@ -497,6 +526,19 @@ class KernelScoresSuite:
     self.after_run()
     want = oracle.scores(q, k, stride=stride, block_size=128, causal=causal, q_lens=lens[0], kv_lens=lens[1])
     assert got.dtype == jnp.float32 and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, atol=self.atol[dtype], rtol=1e-5)
+
+  def test_alternating_estimator_matches_oracle(self):
+    """SPEC §1.7's alternating estimator (the first case: bf16 where taken, stride 8, causal, two lengths)."""
+    B, T, S, N, K, H, stride, dtype, causal, _ = KERNEL_SCORE_CASES[0]
+    dtype = self.dtype(dtype)
+    q, k, _ = random_qkv(75, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
+    lens = lengths_pair(76, B=B, T=T, S=S)
+    got = self.scores(q, k, stride=stride, block_size=128, causal=causal, estimator="alternating",
+                      **_lengths_kwargs(lens))
+    self.after_run()
+    want = oracle.scores(q, k, stride=stride, block_size=128, causal=causal, q_lens=lens[0], kv_lens=lens[1],
+                         estimator="alternating")
     np.testing.assert_allclose(np.asarray(got), want, atol=self.atol[dtype], rtol=1e-5)
 
   def test_row_sums_and_causality(self):

@@ -31,8 +31,10 @@ def test_cpu_export_runs_the_reference_and_matches_jit():
   exported = jax.export.export(_XATTENTION, platforms=["cpu"])(q, k, v)
   text = exported.mlir_module()
   assert "tpu_custom_call" not in text and "mosaic_gpu" not in text.lower()
-  want = run_checked(functools.partial(xa.xattention, is_causal=True, threshold=0.9), q, k, v)
-  np.testing.assert_array_equal(np.asarray(exported.call(q, k, v), np.float32), np.asarray(want, np.float32))
+  with jax.default_device(jax.devices("cpu")[0]):  # on an accelerator host too
+    q, k, v = jax.device_put((q, k, v), jax.devices("cpu")[0])
+    want = run_checked(functools.partial(xa.xattention, is_causal=True, threshold=0.9), q, k, v)
+    np.testing.assert_array_equal(np.asarray(exported.call(q, k, v), np.float32), np.asarray(want, np.float32))
 
 
 def test_tpu_export_from_a_cpu_host_carries_the_tpu_kernels():

@@ -8,6 +8,7 @@ Pallas backends, registered with `xattn_jax.backends` when imported, as they are
 from xattn_jax._checks import traced_checks
 from xattn_jax.config import XAttentionConfig
 from xattn_jax.dense import DenseRoute, dense_attention, dense_route
+from xattn_jax.estimators import Estimator
 from xattn_jax.layout import BlockLayout, allowed_blocks
 from xattn_jax.ops import antidiagonal_scores, block_sparse_attention, xattention
 from xattn_jax.selection import select_blocks
@@ -17,6 +18,7 @@ from xattn_jax.flax_attention import attention_fn
 __all__ = [
     "BlockLayout",
     "DenseRoute",
+    "Estimator",
     "XAttentionConfig",
     "allowed_blocks",
     "antidiagonal_scores",

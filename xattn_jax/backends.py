@@ -18,14 +18,15 @@ from typing import ClassVar, Protocol
 import jax
 
 from xattn_jax.config import is_configured_backend, normalize_implementation
+from xattn_jax.estimators import Estimator
 from xattn_jax.geometry import Geometry
 from xattn_jax.layout import BlockLayout
 
 
 class ScoresFn(Protocol):
   def __call__(self, q: jax.Array, k: jax.Array, geometry: Geometry, *, stride: int, block_size: int, causal: bool,
-               scale: float, interpret) -> jax.Array:
-    """SPEC §1 block scores, f32 [B, N, nQb, nKb]."""
+               scale: float, estimator: Estimator, interpret) -> jax.Array:
+    """SPEC §1 block scores, f32 [B, N, nQb, nKb], of the estimator of SPEC §1.7."""
 
 
 class AttentionFn(Protocol):

@@ -90,15 +90,15 @@ def _recall(mass: jax.Array, selected: jax.Array) -> jax.Array:
   return inside / jnp.maximum(jnp.sum(mass, axis=(-1, -2)), 1e-30)
 
 
-@functools.partial(jax.jit, static_argnames=("stride", "block_size", "keep_sink", "implementation"))
+@functools.partial(jax.jit, static_argnames=("stride", "block_size", "keep_sink", "implementation", "estimator"))
 def attention_fidelity(q, k, v, threshold, *, stride: int = 8, block_size: int = 128, lengths=None,
-                       keep_sink: bool = True, implementation=None, mass=None) -> dict:
+                       keep_sink: bool = True, implementation=None, mass=None, estimator: str = "antidiagonal") -> dict:
   """How close XAttention stays to dense causal self-attention on these inputs.
 
   Args:
     q: [B, T, N, H]; k, v: [B, T, K, H].
     threshold: tau, a float or float [N] (traced: new values do not recompile).
-    stride, block_size, keep_sink, implementation: the XAttention settings.
+    stride, block_size, keep_sink, implementation, estimator: the XAttention settings.
     lengths: int [B] real tokens (right padding); default T.
     mass: `block_attention_mass(q, k, ...)` if already computed (it does not depend on the setting).
 
@@ -114,7 +114,7 @@ def attention_fidelity(q, k, v, threshold, *, stride: int = 8, block_size: int =
   out, layout = ops.xattention(
       q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
       threshold=jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (N,)), stride=stride, block_size=block_size,
-      keep_sink=keep_sink, implementation=implementation, return_block_layout=True)
+      keep_sink=keep_sink, implementation=implementation, estimator=estimator, return_block_layout=True)
   dense = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                        key_value_seq_lengths=lengths)
   real = (jnp.arange(T)[None, :] < lengths[:, None])[:, :, None, None]
@@ -142,10 +142,10 @@ def _reference_rule(scores, mass, target):
 
 
 @functools.partial(jax.jit, static_argnames=("stride", "block_size", "method", "bisection_steps", "keep_sink",
-                                             "implementation"))
+                                             "implementation", "estimator"))
 def head_thresholds(q, k, target, *, stride: int = 8, block_size: int = 128, lengths=None,
                     method: str = "reference", bisection_steps: int = 12, keep_sink: bool = True,
-                    implementation=None, mass=None) -> jax.Array:
+                    implementation=None, mass=None, estimator: str = "antidiagonal") -> jax.Array:
   """Per-head tau that keeps the blocks covering `target` of the exact attention mass: float32 [B, N] in [0, 1].
 
   q [B, T, N, H], k [B, T, K, H] (causal self-attention); target in [0, 1] (traced); `method` is "reference" or
@@ -159,7 +159,7 @@ def head_thresholds(q, k, target, *, stride: int = 8, block_size: int = 128, len
     mass = block_attention_mass(q, k, block_size=block_size, lengths=lengths)
   scores = ops.antidiagonal_scores(q, k, stride=stride, block_size=block_size, causal=True,
                                    query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                   implementation=implementation)
+                                   implementation=implementation, estimator=estimator)
   target = jnp.asarray(target, jnp.float32)
   if method == "reference":
     return _reference_rule(scores, mass, target)

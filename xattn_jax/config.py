@@ -11,6 +11,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from xattn_jax.estimators import check_estimator
+
 Implementation = object  # None, a backend name or configured backend, or a tuple of them (see normalize_implementation)
 
 
@@ -51,6 +53,7 @@ class XAttentionConfig:
     keep_diagonal: always keep the diagonal key block (forced anyway in causal attention).
     query_chunk_size: queries processed per step, a multiple of block_size; bounds the memory of scores and block
       tables. None picks one from a memory budget.
+    estimator: "antidiagonal" (the paper's) or "alternating" (samples every token distance; SPEC §1.7).
     implementation: None (best for the platform), a backend name ("xla", ...) or configured backend
       (`xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(forward=...)`, `xattn_jax.pallas_kernels.tpu.Tpu(...)`), or a
       sequence of them tried in order.
@@ -63,6 +66,7 @@ class XAttentionConfig:
   keep_diagonal: bool = True
   query_chunk_size: int | None = None
   implementation: Implementation = None
+  estimator: str = "antidiagonal"
 
   def __post_init__(self):
     for name in ("stride", "block_size"):
@@ -87,6 +91,8 @@ class XAttentionConfig:
         raise ValueError(
             f"query_chunk_size={qcs!r} must be None or a positive multiple of block_size={self.block_size}")
     object.__setattr__(self, "implementation", normalize_implementation(self.implementation))
+    object.__setattr__(self, "estimator",
+                       check_estimator(self.estimator, stride=self.stride, block_size=self.block_size).value)
     for name in ("keep_sink", "keep_diagonal"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")

@@ -48,7 +48,7 @@ def attention_fn(config: XAttentionConfig | None = None, *, is_causal: bool | No
     return xattention(
         query, key, value, bias, mask, is_causal=is_causal if forced_causal is None else forced_causal,
         threshold=config.threshold, stride=config.stride, block_size=config.block_size, keep_sink=config.keep_sink,
-        keep_diagonal=config.keep_diagonal, query_chunk_size=config.query_chunk_size,
+        keep_diagonal=config.keep_diagonal, query_chunk_size=config.query_chunk_size, estimator=config.estimator,
         implementation=config.implementation, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
         broadcast_dropout=broadcast_dropout, deterministic=deterministic, dtype=dtype, precision=precision,
         module=module, **overrides, **unused,

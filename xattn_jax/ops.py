@@ -14,6 +14,7 @@ import numpy as np
 from jax import lax
 
 from xattn_jax import _checks, backends
+from xattn_jax.estimators import Estimator, check_estimator
 from xattn_jax.geometry import Geometry, block_bounds, cdiv
 from xattn_jax.layout import BlockLayout, validate_layout
 from xattn_jax.selection import dense_layout, select_layout
@@ -70,6 +71,7 @@ def antidiagonal_scores(
     key_value_seq_lengths=None,
     implementation=None,
     interpret: bool = False,
+    estimator: str = "antidiagonal",
 ) -> jax.Array:
   """Antidiagonal block-importance scores (SPEC §1).
 
@@ -84,6 +86,8 @@ def antidiagonal_scores(
     key_value_seq_lengths: optional int [B], real keys per batch element.
     implementation: None, a backend name or a sequence of names (see `xattn_jax.backends`).
     interpret: run Pallas kernels in their CPU interpreter.
+    estimator: "antidiagonal" (the paper's: with an even stride it samples odd token distances only) or
+      "alternating" (odd strided rows use the cell's next antidiagonal, so every distance is sampled; SPEC §1.7).
 
   Returns:
     float32 [B, N, ceil(T/block_size), ceil(S/block_size)]: per query block, the estimated attention mass of each
@@ -97,9 +101,10 @@ def antidiagonal_scores(
   stride, block_size = _checks.check_stride_block(stride, block_size)
   scale = _checks.check_scale(scale, dims.H)
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
+  estimator = check_estimator(estimator, stride=stride, block_size=block_size)
   return backends.dispatch(
       "antidiagonal_scores", implementation, q, k, Geometry.from_lengths(q_lengths, kv_lengths), stride=stride,
-      block_size=block_size, causal=bool(causal), scale=scale, interpret=bool(interpret),
+      block_size=block_size, causal=bool(causal), scale=scale, estimator=estimator, interpret=bool(interpret),
   )
 
 
@@ -176,6 +181,7 @@ def xattention(
     implementation=None,
     interpret: bool = False,
     return_block_layout: bool = False,
+    estimator: str = "antidiagonal",
     **kwargs,
 ):
   """XAttention: estimate block importance, select blocks, attend -- a drop-in for `jax.nn.dot_product_attention`.
@@ -204,6 +210,8 @@ def xattention(
     implementation: None, a backend name or a sequence of names.
     interpret: run Pallas kernels in their CPU interpreter.
     return_block_layout: also return the BlockLayout (B, N, nQb, nKb) that was used.
+    estimator: the block-importance estimator, "antidiagonal" (the paper's) or "alternating" (sees every token
+      distance; SPEC §1.7).
     **kwargs: what Flax passes to an attention_fn (dropout_rng, dropout_rate, deterministic, dtype, precision,
       module, ...); active dropout raises NotImplementedError.
 
@@ -228,7 +236,8 @@ def xattention(
       query, key, value, scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, threshold=threshold, stride=stride, block_size=block_size,
       keep_sink=keep_sink, keep_diagonal=keep_diagonal, query_chunk_size=query_chunk_size,
-      implementation=implementation, interpret=interpret, return_block_layout=return_block_layout)
+      implementation=implementation, interpret=interpret, return_block_layout=return_block_layout,
+      estimator=estimator)
   result = _xattention(query, key, value, geometry, tau, **static)
   out = result[0][0] if unbatched else result[0]
   return (out, result[1]) if return_block_layout else out
@@ -236,7 +245,7 @@ def xattention(
 
 def prepare_xattention(query, key, value, *, scale, is_causal, query_seq_lengths, key_value_seq_lengths, threshold,
                        stride, block_size, keep_sink, keep_diagonal, query_chunk_size, implementation, interpret,
-                       return_block_layout):
+                       return_block_layout, estimator="antidiagonal"):
   """Validates `xattention`'s (batched) arguments: (geometry, tau [N], the static keyword arguments of `_xattention`).
 
   Shared by `xattention` and the sequence-parallel path of `sharded_xattention`, which runs `_xattention` per device
@@ -258,7 +267,8 @@ def prepare_xattention(query, key, value, *, scale, is_causal, query_seq_lengths
   static = dict(scale=scale, causal=bool(is_causal), stride=stride, block_size=block_size,
                 keep_sink=bool(keep_sink), keep_diagonal=bool(keep_diagonal),
                 chunk=min(query_chunk_size, nqb * block_size), implementation=backends.resolve(implementation),
-                interpret=bool(interpret), return_block_layout=bool(return_block_layout))
+                interpret=bool(interpret), return_block_layout=bool(return_block_layout),
+                estimator=check_estimator(estimator, stride=stride, block_size=block_size))
   return Geometry.from_lengths(q_lengths, kv_lengths), tau, static
 
 
@@ -272,12 +282,12 @@ def _output_buffer(q, out_shape):
     jax.jit,
     static_argnames=(
         "scale", "causal", "stride", "block_size", "keep_sink", "keep_diagonal", "chunk", "implementation",
-        "interpret", "return_block_layout", "dense",
+        "interpret", "return_block_layout", "dense", "estimator",
     ),
 )
 def _xattention(
     q, k, v, geometry: Geometry, tau, *, scale, causal, stride, block_size, keep_sink, keep_diagonal, chunk,
-    implementation, interpret, return_block_layout, dense=False,
+    implementation, interpret, return_block_layout, dense=False, estimator=Estimator.ANTIDIAGONAL,
 ):
   """Estimate, select and attend per query chunk of `chunk` tokens; with `dense` (or a decode step) every allowed
   block is attended and nothing is estimated: `dense_attention`'s blockwise route."""
@@ -291,7 +301,7 @@ def _xattention(
     else:
       scores = backends.dispatch(  # the selection is a constant of the attention: no gradient through it
           "antidiagonal_scores", implementation, lax.stop_gradient(qc), lax.stop_gradient(k), geom, stride=stride,
-          block_size=block_size, causal=causal, scale=scale, interpret=interpret,
+          block_size=block_size, causal=causal, scale=scale, estimator=estimator, interpret=interpret,
       )
       layout = select_layout(
           scores, geom, tau, block_size=block_size, causal=causal, keep_sink=keep_sink, keep_diagonal=keep_diagonal

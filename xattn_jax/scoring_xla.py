@@ -6,7 +6,8 @@ The antidiagonal sum of the s x s cell (i, j) of q k^T is one matmul row of stri
     Qr[i] = q[i*s+s-1] | q[i*s+s-2] | ... | q[i*s]        (reversed inside the group)
     Z[i, j] = <Qr[i], Kr[j]> = sum_u <q[i*s+s-1-u], k[j*s+u]>
 
-e.g. s = 2: Z[0, 0] = <q1, k0> + <q0, k1>, the antidiagonal of the 2 x 2 top-left cell.
+e.g. s = 2: Z[0, 0] = <q1, k0> + <q0, k1>, the antidiagonal of the 2 x 2 top-left cell. Other estimators
+(`xattn_jax.estimators`, SPEC §1.7) only change the order of the tokens inside each Qr row.
 
 Memory: the queries are processed in chunks of strided rows so that the [rows, S/s] logits of one chunk stay within
 a budget; the softmax is over whole rows, so the result does not depend on the chunk size.
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from xattn_jax.estimators import Estimator, arrange_query_groups
 from xattn_jax.geometry import Geometry, cdiv
 
 # Bytes of float32 logits per query chunk; XLA keeps two or three such buffers alive (logits, exp, probabilities).
@@ -34,7 +36,7 @@ def row_chunk_tokens(*, batch: int, heads: int, kv_len: int, stride: int, block_
 
 
 @functools.partial(
-    jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "query_chunk_size")
+    jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "query_chunk_size", "estimator")
 )
 def antidiagonal_scores(
     q: jax.Array,  # [B, T, N, H]
@@ -46,6 +48,7 @@ def antidiagonal_scores(
     causal: bool,
     scale: float,
     query_chunk_size: int | None = None,
+    estimator: Estimator = Estimator.ANTIDIAGONAL,
 ) -> jax.Array:  # f32 [B, N, ceil(T/block_size), ceil(S/block_size)]
   """SPEC §1 block scores, float32, for validated inputs (see `xattn_jax.antidiagonal_scores`)."""
   B, T, N, H = q.shape
@@ -66,8 +69,8 @@ def antidiagonal_scores(
   kf = jnp.where((j[None, :] < geometry.kv_lengths[:, None])[..., None, None], kf, 0.0)
 
   kr = kf.reshape(B, cols, s, K, H).transpose(0, 3, 1, 2, 4).reshape(B, K, cols, s * H)
-  qr = qf.reshape(B, n_chunks, rows, s, K, G, H)[:, :, :, ::-1]
-  qr = qr.transpose(1, 0, 4, 5, 2, 3, 6).reshape(n_chunks, B, K, G, rows, s * H)
+  qr = arrange_query_groups(qf.reshape(B, n_chunks * rows, s, K, G, H), estimator, row_axis=1, slot_axis=2)
+  qr = qr.reshape(B, n_chunks, rows, s, K, G, H).transpose(1, 0, 4, 5, 2, 3, 6).reshape(n_chunks, B, K, G, rows, s * H)
 
   col = jnp.arange(cols, dtype=jnp.int32) * s  # first key token of each strided column
   col_ok = col[None, None, :] < geometry.kv_lengths[:, None, None]  # [B, 1, cols]

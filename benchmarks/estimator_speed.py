@@ -1,0 +1,87 @@
+"""Estimator time per estimator (SPEC §1.7) and stride against dense cuDNN attention timed in the same process.
+
+    python benchmarks/estimator_speed.py --lengths 32768,131072 --strides 8,16 --tag estimators
+
+B = 1, 32 query / 8 kv heads, head dim 128, bf16, causal, random normal inputs, the default backend (Mosaic GPU on a
+Hopper GPU). Each row: `xa.antidiagonal_scores` in ms (median of --repeats waited-for calls), its ratio to cuDNN and
+to the paper's estimator at the same stride and length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+
+if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+import xattn_jax as xa
+from benchmarks.common import timed, without_traced_checks
+from benchmarks.result_files import add_output_args, csv_of, write_result
+
+SCRIPT = "estimator_speed"
+ESTIMATORS = [e.value for e in xa.Estimator]
+
+
+def run(args) -> dict:
+  rows = []
+  for length in args.lengths:
+    keys = jax.random.split(jax.random.key(length), 3)
+    q = jax.random.normal(keys[0], (1, length, args.heads, args.head_dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (1, length, args.kv_heads, args.head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (1, length, args.kv_heads, args.head_dim), jnp.bfloat16)
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                 implementation=args.dense_implementation))
+    dense_ms = timed(dense, q, k, v, repeats=args.repeats)["ms"]
+    for stride in args.strides:
+      paper_ms = None
+      for estimator in ESTIMATORS:
+        fn = jax.jit(lambda q, k, s=stride, e=estimator: xa.antidiagonal_scores(q, k, stride=s, estimator=e))
+        t = timed(fn, q, k, repeats=args.repeats)
+        paper_ms = paper_ms or t["ms"]
+        rows.append(dict(length=length, stride=stride, estimator=estimator, ms=t["ms"], min_ms=t["min_ms"],
+                         dense_ms=dense_ms, of_dense=t["ms"] / dense_ms, of_paper=t["ms"] / paper_ms))
+        print(f"{length:>7} s={stride:<2} {estimator:<12} {t['ms']:8.3f} ms  {t['ms'] / dense_ms:6.1%} of cuDNN "
+              f"({dense_ms:.2f} ms)  {t['ms'] / paper_ms:5.2f}x the paper's", flush=True)
+  return dict(shape=dict(B=1, N=args.heads, K=args.kv_heads, H=args.head_dim, dtype="bfloat16", causal=True),
+              repeats=args.repeats, rows=rows)
+
+
+def to_markdown(result: dict) -> str:
+  shape = result["shape"]
+  lines = [f"# Estimator time: {result['card']}, jax {result['jax']}, {result['date']}", "",
+           f"`{result['command']}`", "",
+           f"B={shape['B']}, N={shape['N']}, K={shape['K']}, H={shape['H']}, {shape['dtype']}, causal; median of "
+           f"{result['repeats']} waited-for calls; dense = cuDNN in the same process.", "",
+           "| T | stride | estimator | ms | of cuDNN | vs the paper's |", "|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    lines.append(f"| {r['length']} | {r['stride']} | {r['estimator']} | {r['ms']:.3f} | {r['of_dense']:.1%} | "
+                 f"{r['of_paper']:.2f}x |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--lengths", type=csv_of(int), default=[32768, 131072])
+  p.add_argument("--strides", type=csv_of(int), default=[8, 16])
+  p.add_argument("--heads", type=int, default=32)
+  p.add_argument("--kv-heads", type=int, default=8)
+  p.add_argument("--head-dim", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--dense-implementation", default="cudnn", help="jax.nn.dot_product_attention's (None: XLA)")
+  add_output_args(p, tag="estimators")
+  args = p.parse_args(argv)
+  if args.dense_implementation == "None":
+    args.dense_implementation = None
+  result = without_traced_checks(run)(args)
+  stem = write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
+  print(f"wrote {stem}.json / .md")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,65 @@
+"""Where the compile time of the model's prefill programs goes: trace, lower and XLA compile, timed apart.
+
+The Llama-3.1-8B shape is built abstractly (no weights are allocated), so only compilation is measured; run once per
+XLA_FLAGS variant (flags are read once per process). Example:
+    python benchmarks/probe_compile.py --layers 1,32 --length 131072 --kinds dense,xattention --programs prefill
+    XLA_FLAGS=--xla_gpu_autotune_level=0 python benchmarks/probe_compile.py --layers 32 --length 131072
+One line per program: trace s, lower s, compile s, XLA temporaries, and the Mosaic GPU kernels in the module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import xattn_jax as xa
+from xattn_jax.models import AttentionConfig, Generator, Transformer, llama3_1_8b
+
+GiB = 1 << 30
+
+
+def probe(kind: str, layers: int, length: int, program: str, chunk: int, stride: int) -> str:
+  attention = (AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(stride=stride, threshold=0.9))
+               if kind == "xattention" else AttentionConfig(kind="dense"))
+  config = llama3_1_8b(num_layers=layers, attention=attention)
+  model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  gen = Generator(model, max_len=length, chunk_size=length if program == "prefill" else chunk)
+  cache = jax.eval_shape(lambda: model.init_cache(1, length))
+  width = length if program == "prefill" else chunk
+  args = (gen.state, jax.ShapeDtypeStruct((1, width), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32), cache)
+  t0 = time.perf_counter()
+  traced = gen._jitted[program].trace(*args)
+  t1 = time.perf_counter()
+  lowered = traced.lower()
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+  kernels = lowered.as_text().count("@mosaic_gpu_v2")
+  temps = compiled.memory_analysis().temp_size_in_bytes / GiB
+  return (f"{kind:<10} s={stride:<2} layers {layers:>2} T {length:>6} {program:<7} chunk {width:>6}: trace "
+          f"{t1 - t0:5.1f} s lower {t2 - t1:5.1f} s compile {t3 - t2:6.1f} s temps {temps:6.2f} GiB kernels "
+          f"{kernels} | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--layers", default="32")
+  p.add_argument("--length", type=int, default=131072)
+  p.add_argument("--kinds", default="xattention")
+  p.add_argument("--programs", default="prefill", help="prefill (one shot) and/or extend (one chunk into the cache)")
+  p.add_argument("--chunk", type=int, default=32768)
+  p.add_argument("--stride", type=int, default=8)
+  args = p.parse_args()
+  for kind in args.kinds.split(","):
+    for program in args.programs.split(","):
+      for layers in map(int, args.layers.split(",")):
+        print(probe(kind, layers, args.length, program, args.chunk, args.stride), flush=True)
+
+
+if __name__ == "__main__":
+  main()
