@@ -46,6 +46,7 @@ def vjp_fns(attention):
   """(fwd+bwd, fwd, bwd) jitted for attention(q, k, v, *extra): forward and pullback of dO in one call; the forward
   returning the pullback (a pytree of residuals); the pullback alone. `extra` (e.g. the block layout) are jit
   arguments, not constants: XLA would otherwise constant-fold the layout's transposes at compile time."""
+
   def fwd_bwd(q, k, v, d_out, *extra):
     _, pullback = jax.vjp(lambda q, k, v: attention(q, k, v, *extra), q, k, v)
     return pullback(d_out)
@@ -62,14 +63,18 @@ def run(args, argv=None, checkpoint=lambda result: None) -> dict:
 
   def result():
     return dict(meta, rows=rows, heads=N, kv_heads=K, head_dim=H, implementation=list(args.implementation))
+
   key = jax.random.key(args.seed)
   N, K, H = args.heads, args.kv_heads, args.head_dim
 
   def record(shape, what, density, t, base, flops, note=""):
     entry = dict(shape, what=what, density=density, **t, ratio=t["ms"] / base["ms"], tflops=flops / t["ms"] / 1e9)
     rows.append(entry)
-    print(f"{shape['T']:>7} {what:<22} d={density:5.3f} {t['ms']:9.3f} ms  {entry['ratio']:.3f}x dense  "
-          f"{entry['tflops']:.0f} TFLOP/s {note}", flush=True)
+    print(
+      f"{shape['T']:>7} {what:<22} d={density:5.3f} {t['ms']:9.3f} ms  {entry['ratio']:.3f}x dense  "
+      f"{entry['tflops']:.0f} TFLOP/s {note}",
+      flush=True,
+    )
     checkpoint(result())
 
   for length in args.lengths:
@@ -80,20 +85,21 @@ def run(args, argv=None, checkpoint=lambda result: None) -> dict:
     v = jax.random.normal(kv, (1, length, K, H), jnp.bfloat16)
     d_out = jax.random.normal(ko, (1, length, N, H), jnp.bfloat16)
     causal_pairs = N * length * (length + 1) / 2
-    dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                         implementation=args.dense_implementation)
+    dense = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=args.dense_implementation
+    )
     dense_fwd_bwd, dense_fwd, dense_bwd = vjp_fns(dense)
     base_all = timed(dense_fwd_bwd, q, k, v, d_out, repeats=args.repeats)
     base_bwd = timed(dense_bwd, dense_fwd(q, k, v), d_out, repeats=args.repeats)
     name = args.dense_implementation
-    record(shape, f"dense {name} fwd+bwd", 1.0, base_all, base_all,
-           (1 + BWD_FLOP_FACTOR) * pair_flops(causal_pairs, H))
+    record(shape, f"dense {name} fwd+bwd", 1.0, base_all, base_all, (1 + BWD_FLOP_FACTOR) * pair_flops(causal_pairs, H))
     record(shape, f"dense {name} bwd", 1.0, base_bwd, base_bwd, BWD_FLOP_FACTOR * pair_flops(causal_pairs, H))
     want = dense_fwd_bwd(q, k, v, d_out) if length <= args.check_max_length else None
     for d in args.densities:
       layout = fixed_density_layout(kl, batch=1, heads=N, length=length, density=d / 100)
-      sparse = lambda q, k, v, layout: xa.block_sparse_attention(q, k, v, layout, causal=True,
-                                                                 implementation=args.implementation)
+      sparse = lambda q, k, v, layout: xa.block_sparse_attention(
+        q, k, v, layout, causal=True, implementation=args.implementation
+      )
       sparse_fwd_bwd, sparse_fwd, sparse_bwd = vjp_fns(sparse)
       real_d = float(layout.density())
       pairs = float(jnp.sum(layout.counts)) * BLOCK * BLOCK
@@ -113,22 +119,25 @@ def run(args, argv=None, checkpoint=lambda result: None) -> dict:
 
 def to_markdown(result: dict) -> str:
   lines = [
-      f"# Attention backward speed: {result['card']}, jax {result['jax']}, {result['date']}",
-      "",
-      f"Command: `python benchmarks/{result['command']}`",
-      "",
-      f"B=1, {result['heads']} query heads, {result['kv_heads']} kv heads, head dim {result['head_dim']}, bf16, "
-      f"causal; sparse = {','.join(result['implementation'])}. ms = median; ratio = time / dense time of the same "
-      "direction (fwd+bwd or bwd) and shape in the same process; TFLOP/s of matmul FLOPs (bwd = 2.5 x fwd).",
-      "",
-      "| T | what | density | ms | spread ms | ratio | TFLOP/s | note |",
-      "|---|---|---|---|---|---|---|---|",
+    f"# Attention backward speed: {result['card']}, jax {result['jax']}, {result['date']}",
+    "",
+    f"Command: `python benchmarks/{result['command']}`",
+    "",
+    f"B=1, {result['heads']} query heads, {result['kv_heads']} kv heads, head dim {result['head_dim']}, bf16, "
+    f"causal; sparse = {','.join(result['implementation'])}. ms = median; ratio = time / dense time of the same "
+    "direction (fwd+bwd or bwd) and shape in the same process; TFLOP/s of matmul FLOPs (bwd = 2.5 x fwd).",
+    "",
+    "| T | what | density | ms | spread ms | ratio | TFLOP/s | note |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
-    note = "" if "rel_err_vs_dense" not in r else "rel err dq/dk/dv " + ", ".join(
-        f"{e:.1e}" for e in r["rel_err_vs_dense"])
-    lines.append(f"| {r['T']} | {r['what']} | {r['density']:.3f} | {r['ms']:.3f} | {r['spread_ms']:.3f} | "
-                 f"{r['ratio']:.3f} | {r['tflops']:.0f} | {note} |")
+    note = (
+      "" if "rel_err_vs_dense" not in r else "rel err dq/dk/dv " + ", ".join(f"{e:.1e}" for e in r["rel_err_vs_dense"])
+    )
+    lines.append(
+      f"| {r['T']} | {r['what']} | {r['density']:.3f} | {r['ms']:.3f} | {r['spread_ms']:.3f} | "
+      f"{r['ratio']:.3f} | {r['tflops']:.0f} | {note} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -140,16 +149,25 @@ def main(argv=None) -> int:
   parser.add_argument("--kv-heads", type=int, default=8)
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--densities", type=ints, default=[5, 10, 25, 50, 100])
-  parser.add_argument("--implementation", type=lambda s: tuple(s.split(",")), default=("pallas_mosaic_gpu", "xla"),
-                      help="backends tried in order (comma separated), forward and backward")
+  parser.add_argument(
+    "--implementation",
+    type=lambda s: tuple(s.split(",")),
+    default=("pallas_mosaic_gpu", "xla"),
+    help="backends tried in order (comma separated), forward and backward",
+  )
   parser.add_argument("--dense-implementation", default="cudnn", help="jax.nn.dot_product_attention implementation")
-  parser.add_argument("--check-max-length", type=int, default=32768,
-                      help="compare the 100%% layout's gradients with the dense ones up to this length")
+  parser.add_argument(
+    "--check-max-length",
+    type=int,
+    default=32768,
+    help="compare the 100%% layout's gradients with the dense ones up to this length",
+  )
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
   add_output_args(parser)
-  parser.add_argument("--traced-checks", choices=["on", "off"], default="off",
-                      help="xattn_jax's checkify value checks in the traced ops")
+  parser.add_argument(
+    "--traced-checks", choices=["on", "off"], default="off", help="xattn_jax's checkify value checks in the traced ops"
+  )
   args = parser.parse_args(argv)
   if args.repeats < 20:
     print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)

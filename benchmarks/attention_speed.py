@@ -56,91 +56,155 @@ def run(args, argv=None) -> dict:
       k = jax.random.normal(kk, (1, length, kv_heads, args.head_dim), jnp.bfloat16)
       v = jax.random.normal(kv, (1, length, kv_heads, args.head_dim), jnp.bfloat16)
       dense_flops = 4.0 * length * length * args.head_dim * args.heads / 2
-      dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, implementation=args.dense_implementation))
+      dense = jax.jit(
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=args.dense_implementation)
+      )
       base = timed(dense, q, k, v, repeats=args.repeats, pipeline=args.pipeline)
-      rows.append(dict(shape, what=f"dense {args.dense_implementation}", density=1.0, **base, ratio=1.0,
-                       tflops=dense_flops / base["ms"] / 1e9))
+      rows.append(
+        dict(
+          shape,
+          what=f"dense {args.dense_implementation}",
+          density=1.0,
+          **base,
+          ratio=1.0,
+          tflops=dense_flops / base["ms"] / 1e9,
+        )
+      )
       print(f"{length:>7} K={kv_heads:<2} dense {args.dense_implementation:<14} {base['ms']:9.3f} ms", flush=True)
       if "sparse" in args.sections:
-        sparse = jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
-            q, k, v, layout, causal=True, implementation=args.implementation))
+        sparse = jax.jit(
+          lambda q, k, v, layout: xa.block_sparse_attention(
+            q, k, v, layout, causal=True, implementation=args.implementation
+          )
+        )
         want_dense = dense(q, k, v) if length <= 32768 else None
         for d in args.densities:
           layout = fixed_density_layout(kl, batch=1, heads=args.heads, length=length, density=d / 100)
           t = timed(sparse, q, k, v, layout, repeats=args.repeats, pipeline=args.pipeline)
           real_d = float(layout.density())
-          entry = dict(shape, what="sparse kernel", density=real_d, **t, ratio=t["ms"] / base["ms"],
-                       target_ratio=1.15 * real_d if d < 100 else 1.05,
-                       tflops=sparse_flops(layout, args.head_dim) / t["ms"] / 1e9)
+          entry = dict(
+            shape,
+            what="sparse kernel",
+            density=real_d,
+            **t,
+            ratio=t["ms"] / base["ms"],
+            target_ratio=1.15 * real_d if d < 100 else 1.05,
+            tflops=sparse_flops(layout, args.head_dim) / t["ms"] / 1e9,
+          )
           if d == 100 and want_dense is not None:
             got = sparse(q, k, v, layout)
             entry["rel_err_vs_cudnn"] = rel_err(got, want_dense)
           rows.append(entry)
-          print(f"{length:>7} K={kv_heads:<2} sparse d={real_d:5.3f}     {t['ms']:9.3f} ms  "
-                f"{entry['ratio']:.3f}x dense (target <= {entry['target_ratio']:.3f})  {entry['tflops']:.0f} TFLOP/s",
-                flush=True)
+          print(
+            f"{length:>7} K={kv_heads:<2} sparse d={real_d:5.3f}     {t['ms']:9.3f} ms  "
+            f"{entry['ratio']:.3f}x dense (target <= {entry['target_ratio']:.3f})  {entry['tflops']:.0f} TFLOP/s",
+            flush=True,
+          )
       for stride in args.strides if "estimator" in args.sections else ():
         est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride, implementation=args.implementation))
         t = timed(est, q, k, repeats=args.repeats, pipeline=args.pipeline)
         rows.append(dict(shape, what=f"estimator s={stride}", density=None, **t, ratio=t["ms"] / base["ms"]))
-        print(f"{length:>7} K={kv_heads:<2} estimator s={stride:<2}      {t['ms']:9.3f} ms  "
-              f"{t['ms'] / base['ms']:.3f}x dense", flush=True)
+        print(
+          f"{length:>7} K={kv_heads:<2} estimator s={stride:<2}      {t['ms']:9.3f} ms  "
+          f"{t['ms'] / base['ms']:.3f}x dense",
+          flush=True,
+        )
       if "e2e" in args.sections:
-        sq, sk, sv = llm_like_qkv(kq, seq_len=length, num_heads=args.heads, num_kv_heads=kv_heads,
-                                  head_dim=args.head_dim)
+        sq, sk, sv = llm_like_qkv(
+          kq, seq_len=length, num_heads=args.heads, num_kv_heads=kv_heads, head_dim=args.head_dim
+        )
         for stride in args.strides:
           tau = args.threshold
           if args.e2e_density is not None:  # the tau that keeps about this fraction of causal blocks on this input
-            tau = calibrate_threshold(sq, sk, stride=stride, density=args.e2e_density,
-                                      implementation=args.implementation)
-          e2e = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=tau, stride=stride,
-                                                      implementation=args.implementation, return_block_layout=True))
+            tau = calibrate_threshold(
+              sq, sk, stride=stride, density=args.e2e_density, implementation=args.implementation
+            )
+          e2e = jax.jit(
+            lambda q, k, v: xa.xattention(
+              q,
+              k,
+              v,
+              is_causal=True,
+              threshold=tau,
+              stride=stride,
+              implementation=args.implementation,
+              return_block_layout=True,
+            )
+          )
           t = timed(e2e, sq, sk, sv, repeats=args.repeats, pipeline=args.pipeline)
           base_s = timed(dense, sq, sk, sv, repeats=args.repeats, pipeline=args.pipeline)
           out, layout = e2e(sq, sk, sv)
           want = dense(sq, sk, sv)
           err = rel_err(out, want)
-          rows.append(dict(shape, what=f"xattention s={stride} tau={tau:.3g}", density=float(layout.density()),
-                           **t, ratio=t["ms"] / base_s["ms"], dense_ms=base_s["ms"], rel_err_vs_dense=err))
-          print(f"{length:>7} K={kv_heads:<2} xattention s={stride:<2}     {t['ms']:9.3f} ms  "
-                f"{base_s['ms'] / t['ms']:.2f}x faster, density {float(layout.density()):.3f}, rel err {err:.2e}",
-                flush=True)
+          rows.append(
+            dict(
+              shape,
+              what=f"xattention s={stride} tau={tau:.3g}",
+              density=float(layout.density()),
+              **t,
+              ratio=t["ms"] / base_s["ms"],
+              dense_ms=base_s["ms"],
+              rel_err_vs_dense=err,
+            )
+          )
+          print(
+            f"{length:>7} K={kv_heads:<2} xattention s={stride:<2}     {t['ms']:9.3f} ms  "
+            f"{base_s['ms'] / t['ms']:.2f}x faster, density {float(layout.density()):.3f}, rel err {err:.2e}",
+            flush=True,
+          )
           # The selection and layout building alone (XLA), from the scores the estimator produced.
-          scores = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride,
-                                                               implementation=args.implementation))(sq, sk)
+          scores = jax.jit(
+            lambda q, k: xa.antidiagonal_scores(q, k, stride=stride, implementation=args.implementation)
+          )(sq, sk)
           select = jax.jit(lambda s: xa.select_blocks(s, q_len=length, kv_len=length, threshold=tau))
           t = timed(select, scores, repeats=args.repeats, pipeline=args.pipeline)
-          rows.append(dict(shape, what=f"selection s={stride} tau={tau:.3g}", density=None, **t,
-                           ratio=t["ms"] / base_s["ms"], target_ratio=0.02))
-          print(f"{length:>7} K={kv_heads:<2} selection s={stride:<2}      {t['ms']:9.3f} ms  "
-                f"{t['ms'] / base_s['ms']:.3f}x dense (target <= 0.02)", flush=True)
+          rows.append(
+            dict(
+              shape,
+              what=f"selection s={stride} tau={tau:.3g}",
+              density=None,
+              **t,
+              ratio=t["ms"] / base_s["ms"],
+              target_ratio=0.02,
+            )
+          )
+          print(
+            f"{length:>7} K={kv_heads:<2} selection s={stride:<2}      {t['ms']:9.3f} ms  "
+            f"{t['ms'] / base_s['ms']:.3f}x dense (target <= 0.02)",
+            flush=True,
+          )
           del scores
-  return dict(metadata(SCRIPT, argv), rows=rows, heads=args.heads, head_dim=args.head_dim,
-              traced_checks=args.traced_checks, pipeline=args.pipeline)
+  return dict(
+    metadata(SCRIPT, argv),
+    rows=rows,
+    heads=args.heads,
+    head_dim=args.head_dim,
+    traced_checks=args.traced_checks,
+    pipeline=args.pipeline,
+  )
 
 
 def to_markdown(result: dict) -> str:
   lines = [
-      f"# Attention speed: {result['card']}, jax {result['jax']}, {result['date']}",
-      "",
-      f"Command: `python benchmarks/{result['command']}`",
-      "",
-      f"B=1, {result['heads']} query heads, head dim {result['head_dim']}, bf16, causal. ms = median; ratio = time / "
-      "dense time of the same shape in the same process (for xattention rows: of the same synthetic input). "
-      f"Traced value checks: {result.get('traced_checks', 'on')}. Calls per timed sample: "
-      f"{result.get('pipeline', 1)} (1: each call waited for, host dispatch included; more: back-to-back calls).",
-      "",
-      "| T | K | what | density | ms | spread ms | ratio | target | TFLOP/s | note |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+    f"# Attention speed: {result['card']}, jax {result['jax']}, {result['date']}",
+    "",
+    f"Command: `python benchmarks/{result['command']}`",
+    "",
+    f"B=1, {result['heads']} query heads, head dim {result['head_dim']}, bf16, causal. ms = median; ratio = time / "
+    "dense time of the same shape in the same process (for xattention rows: of the same synthetic input). "
+    f"Traced value checks: {result.get('traced_checks', 'on')}. Calls per timed sample: "
+    f"{result.get('pipeline', 1)} (1: each call waited for, host dispatch included; more: back-to-back calls).",
+    "",
+    "| T | K | what | density | ms | spread ms | ratio | target | TFLOP/s | note |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
     note = ", ".join(f"{k}={r[k]:.2e}" for k in ("rel_err_vs_cudnn", "rel_err_vs_dense") if k in r)
     dens = "" if r["density"] is None else f"{r['density']:.3f}"
     lines.append(
-        f"| {r['T']} | {r['K']} | {r['what']} | {dens} | {r['ms']:.3f} | {r['spread_ms']:.3f} | {r['ratio']:.3f} | "
-        f"{r.get('target_ratio', '') and format(r['target_ratio'], '.3f')} | "
-        f"{'' if 'tflops' not in r else format(r['tflops'], '.0f')} | {note} |"
+      f"| {r['T']} | {r['K']} | {r['what']} | {dens} | {r['ms']:.3f} | {r['spread_ms']:.3f} | {r['ratio']:.3f} | "
+      f"{r.get('target_ratio', '') and format(r['target_ratio'], '.3f')} | "
+      f"{'' if 'tflops' not in r else format(r['tflops'], '.0f')} | {note} |"
     )
   return "\n".join(lines) + "\n"
 
@@ -155,19 +219,35 @@ def main(argv=None) -> int:
   parser.add_argument("--densities", type=ints, default=[5, 10, 25, 50, 100])
   parser.add_argument("--strides", type=ints, default=[8, 16])
   parser.add_argument("--threshold", type=float, default=0.9)
-  parser.add_argument("--e2e-density", type=float, default=None,
-                      help="instead of --threshold, calibrate tau per stride to keep this fraction of causal blocks")
+  parser.add_argument(
+    "--e2e-density",
+    type=float,
+    default=None,
+    help="instead of --threshold, calibrate tau per stride to keep this fraction of causal blocks",
+  )
   parser.add_argument("--sections", default="sparse,estimator,e2e")
-  parser.add_argument("--implementation", type=lambda s: tuple(s.split(",")), default=("pallas_mosaic_gpu", "xla"),
-                      help="backends tried in order (comma separated)")
+  parser.add_argument(
+    "--implementation",
+    type=lambda s: tuple(s.split(",")),
+    default=("pallas_mosaic_gpu", "xla"),
+    help="backends tried in order (comma separated)",
+  )
   parser.add_argument("--dense-implementation", default="cudnn", help="jax.nn.dot_product_attention implementation")
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--pipeline", type=int, default=1,
-                      help="calls per timed sample, issued back to back (see `timed`); 1 = per-call latency")
+  parser.add_argument(
+    "--pipeline",
+    type=int,
+    default=1,
+    help="calls per timed sample, issued back to back (see `timed`); 1 = per-call latency",
+  )
   parser.add_argument("--seed", type=int, default=0)
   add_output_args(parser)
-  parser.add_argument("--traced-checks", choices=["on", "off"], default="off",
-                      help="xattn_jax's checkify value checks in the traced ops (on costs ~0.2-0.3 ms of dispatch)")
+  parser.add_argument(
+    "--traced-checks",
+    choices=["on", "off"],
+    default="off",
+    help="xattn_jax's checkify value checks in the traced ops (on costs ~0.2-0.3 ms of dispatch)",
+  )
   args = parser.parse_args(argv)
   if args.pipeline < 1:
     parser.error(f"--pipeline {args.pipeline} must be >= 1")

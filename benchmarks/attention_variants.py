@@ -39,8 +39,13 @@ from xattn_jax.geometry import Geometry
 
 SCRIPT = "attention_variants"
 
-VARIANTS = {"default": {}, "head": {"tile_order": "head"}, "rows": {"tile_order": "rows"},
-            "per-row": {"num_ctas": None}, "smem": {"pv_operand": "smem"}}
+VARIANTS = {
+  "default": {},
+  "head": {"tile_order": "head"},
+  "rows": {"tile_order": "rows"},
+  "per-row": {"num_ctas": None},
+  "smem": {"pv_operand": "smem"},
+}
 
 
 def device_kernels(fn, *args, calls: int = 5) -> tuple[dict, float]:
@@ -67,7 +72,7 @@ def device_kernels(fn, *args, calls: int = 5) -> tuple[dict, float]:
   events.sort()
   # Calls are waited for one by one, so a gap longer than any call's own gaps separates them: split at the
   # calls - 1 largest gaps.
-  gaps = sorted(range(1, len(events)), key=lambda i: events[i][0] - events[i - 1][0] - events[i - 1][1])[-(calls - 1):]
+  gaps = sorted(range(1, len(events)), key=lambda i: events[i][0] - events[i - 1][0] - events[i - 1][1])[-(calls - 1) :]
   bounds = [0, *sorted(gaps), len(events)]
   spans = [(events[hi - 1][0] + events[hi - 1][1] - events[lo][0]) / 1e6 for lo, hi in zip(bounds, bounds[1:])]
   return kernels, statistics.median(spans)
@@ -75,13 +80,17 @@ def device_kernels(fn, *args, calls: int = 5) -> tuple[dict, float]:
 
 def to_markdown(result: dict) -> str:
   pipeline = result["pipeline"]
-  lines = [f"# Sparse attention variants: {result['card']}, jax {result['jax']}, {result['date']}", "",
-           f"Command: `python benchmarks/{result['command']}`", "",
-           f"Kernel module {result['module']}. ms = median of {result['repeats']} samples per round, rounds separated "
-           "by '/'; pipeline p = p back-to-back calls per sample (1 includes the host dispatch). Traced checks off.",
-           "",
-           "| T | K | density | what | " + " | ".join(f"pipeline {p}: ms per round" for p in pipeline)
-           + " | ratio to cuDNN |", "|---|---|---|---|" + "---|" * len(pipeline) + "---|"]
+  lines = [
+    f"# Sparse attention variants: {result['card']}, jax {result['jax']}, {result['date']}",
+    "",
+    f"Command: `python benchmarks/{result['command']}`",
+    "",
+    f"Kernel module {result['module']}. ms = median of {result['repeats']} samples per round, rounds separated "
+    "by '/'; pipeline p = p back-to-back calls per sample (1 includes the host dispatch). Traced checks off.",
+    "",
+    "| T | K | density | what | " + " | ".join(f"pipeline {p}: ms per round" for p in pipeline) + " | ratio to cuDNN |",
+    "|---|---|---|---|" + "---|" * len(pipeline) + "---|",
+  ]
   lines += [table_line(row, len(pipeline)) for row in result["rows"]]
   return "\n".join(lines) + "\n"
 
@@ -95,8 +104,7 @@ def table_line(row: dict, pipelines: int) -> str:
     return f"{case} {row['what']} | " + " | ".join(cells) + f" | {row['ratio']:.3f} |"
   if "span_ms" in row:
     return f"{case} {row['what']} | {row['span_ms']:.3f} ms |" + " |" * pipelines
-  return (f"| | | | device kernel {row['kernel'][:60]} x{row['per_call']:g} | {row['us']:.1f} us |"
-          + " |" * pipelines)
+  return f"| | | | device kernel {row['kernel'][:60]} x{row['per_call']:g} | {row['us']:.1f} us |" + " |" * pipelines
 
 
 @without_traced_checks  # production dispatch: no checkify effects in the timed programs
@@ -120,8 +128,14 @@ def main(argv=None) -> int:
   kernel = importlib.import_module(args.module)
   heads, head_dim = 32, 128
   rows = []
-  result = dict(metadata(SCRIPT, argv), module=args.module, repeats=args.repeats, rounds=args.rounds,
-                pipeline=args.pipeline, rows=rows)
+  result = dict(
+    metadata(SCRIPT, argv),
+    module=args.module,
+    repeats=args.repeats,
+    rounds=args.rounds,
+    pipeline=args.pipeline,
+    rows=rows,
+  )
 
   def record(row):
     rows.append(row)
@@ -139,13 +153,23 @@ def main(argv=None) -> int:
       for percent in args.densities:
         case = dict(T=length, K=kv_heads, percent=percent)
         layout = fixed_density_layout(ks[3], batch=1, heads=heads, length=length, density=percent / 100)
-        calls = {"dense cudnn": (dense, (q, k, v)),
-                 "public op": (jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
-                     q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu")), (q, k, v, layout))}
+        calls = {
+          "dense cudnn": (dense, (q, k, v)),
+          "public op": (
+            jax.jit(
+              lambda q, k, v, layout: xa.block_sparse_attention(
+                q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu"
+              )
+            ),
+            (q, k, v, layout),
+          ),
+        }
         for name in args.variants:
           config = kernel.ForwardConfig(**VARIANTS[name])
-          calls[f"kernel {name}"] = (jax.jit(direct_call(kernel.block_sparse_attention, geometry, config)),
-                                     (q, k, v, layout))
+          calls[f"kernel {name}"] = (
+            jax.jit(direct_call(kernel.block_sparse_attention, geometry, config)),
+            (q, k, v, layout),
+          )
         times = {name: {p: [] for p in args.pipeline} for name in calls}
         for _ in range(args.rounds):
           for name, (fn, fn_args) in calls.items():
@@ -153,8 +177,14 @@ def main(argv=None) -> int:
               times[name][p].append(timed(fn, *fn_args, repeats=args.repeats, pipeline=p)["ms"])
         base = statistics.median(times["dense cudnn"][args.pipeline[0]])
         for name in calls:
-          record(dict(case, what=name, ms=[times[name][p] for p in args.pipeline],
-                      ratio=statistics.median(times[name][args.pipeline[0]]) / base))
+          record(
+            dict(
+              case,
+              what=name,
+              ms=[times[name][p] for p in args.pipeline],
+              ratio=statistics.median(times[name][args.pipeline[0]]) / base,
+            )
+          )
         if args.trace:
           fn, fn_args = calls["public op"]
           kernels, span = device_kernels(fn, *fn_args)
@@ -168,8 +198,7 @@ def main(argv=None) -> int:
 
 def direct_call(fn, geometry, config):
   """The kernel's entry point with the layout's geometry and a config, returning only the output."""
-  return lambda q, k, v, layout: fn(q, k, v, layout, geometry, causal=True, scale=q.shape[-1] ** -0.5,
-                                    config=config)[0]
+  return lambda q, k, v, layout: fn(q, k, v, layout, geometry, causal=True, scale=q.shape[-1] ** -0.5, config=config)[0]
 
 
 if __name__ == "__main__":

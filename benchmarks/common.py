@@ -52,6 +52,7 @@ def without_traced_checks(fn):
   """`fn` run with xattn_jax's traced checkify value checks off, as production dispatch runs: no checkify effects in
   the timed programs (with them a call pays ~0.2-0.3 ms on JAX's slow dispatch path). The setting is restored on
   return, so a script's main can be called from tests."""
+
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     with xa.traced_checks(False):

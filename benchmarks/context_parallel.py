@@ -56,7 +56,7 @@ def needed_key_blocks(counts, indices, *, P: int, block: int) -> float:
     for r in rows:
       for b in range(B):
         for n in range(N):
-          used[b, n, indices[b, n, r, :counts[b, n, r]]] = True
+          used[b, n, indices[b, n, r, : counts[b, n, r]]] = True
     fractions.append(used.mean())
   return float(np.mean(fractions))
 
@@ -65,8 +65,9 @@ def run(args, argv=None) -> dict:
   devices = jax.devices()
   rows = []
   for T in args.lengths:
-    q, k, v = llm_like_qkv(jax.random.key(args.seed), seq_len=T, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                           head_dim=args.head_dim)
+    q, k, v = llm_like_qkv(
+      jax.random.key(args.seed), seq_len=T, num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim
+    )
     q, k, v = (x.astype(args.dtype) for x in (q, k, v))
     kw = dict(is_causal=True, threshold=args.threshold, stride=args.stride, block_size=args.block)
     plain = jax.jit(lambda q, k, v: xa.xattention(q, k, v, **kw))
@@ -75,8 +76,17 @@ def run(args, argv=None) -> dict:
     layout = jax.jit(lambda q, k, v: xa.xattention(q, k, v, return_block_layout=True, **kw)[1])(q, k, v)
     density = float(layout.density())
     counts, indices = np.asarray(layout.counts), np.asarray(layout.indices)
-    rows.append(dict(T=T, P=1, what="xattention (unsharded)", ms=base["ms"], spread_ms=base["spread_ms"],
-                     density=density, temp_gib=_temps(plain, q, k, v)))
+    rows.append(
+      dict(
+        T=T,
+        P=1,
+        what="xattention (unsharded)",
+        ms=base["ms"],
+        spread_ms=base["spread_ms"],
+        density=density,
+        temp_gib=_temps(plain, q, k, v),
+      )
+    )
     print(f"{T:>8} unsharded       {base['ms']:10.2f} ms  density {density:.3f}", flush=True)
     for P in args.devices:
       if P > len(devices):
@@ -85,29 +95,62 @@ def run(args, argv=None) -> dict:
       mesh = jax.make_mesh((P,), ("seq",), devices=devices[:P], axis_types=(jax.sharding.AxisType.Auto,))
       spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "seq", None, None))
       qs, ks, vs = (jax.device_put(x, spec) for x in (q, k, v))
-      fn = jax.jit(lambda q, k, v: xa.sharded_xattention(q, k, v, mesh=mesh, batch_axis=None, head_axis=None,
-                                                         seq_axis="seq", **kw))
+      fn = jax.jit(
+        lambda q, k, v: xa.sharded_xattention(q, k, v, mesh=mesh, batch_axis=None, head_axis=None, seq_axis="seq", **kw)
+      )
       got = fn(qs, ks, vs)
       diff = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
       t = timed(fn, qs, ks, vs, repeats=args.repeats)
       needed = needed_key_blocks(counts, indices, P=P, block=args.block)
-      moved = bytes_received(T=T, S=T, N=args.heads, K=args.kv_heads, H=args.head_dim, P=P, block=args.block,
-                             itemsize=jnp.dtype(args.dtype).itemsize)
-      row = dict(T=T, P=P, what="sharded_xattention seq", ms=t["ms"], spread_ms=t["spread_ms"],
-                 speedup=base["ms"] / t["ms"], efficiency=base["ms"] / t["ms"] / P, temp_gib=_temps(fn, qs, ks, vs),
-                 bytes_received_gib=moved["total"] / 2**30, kv_gather_gib=moved["kv_gather"] / 2**30,
-                 predicted_comm_ms=moved["total"] / (args.link_gb_s * 1e9) * 1e3, max_abs_diff=diff,
-                 needed_kv_fraction=needed)
+      moved = bytes_received(
+        T=T,
+        S=T,
+        N=args.heads,
+        K=args.kv_heads,
+        H=args.head_dim,
+        P=P,
+        block=args.block,
+        itemsize=jnp.dtype(args.dtype).itemsize,
+      )
+      row = dict(
+        T=T,
+        P=P,
+        what="sharded_xattention seq",
+        ms=t["ms"],
+        spread_ms=t["spread_ms"],
+        speedup=base["ms"] / t["ms"],
+        efficiency=base["ms"] / t["ms"] / P,
+        temp_gib=_temps(fn, qs, ks, vs),
+        bytes_received_gib=moved["total"] / 2**30,
+        kv_gather_gib=moved["kv_gather"] / 2**30,
+        predicted_comm_ms=moved["total"] / (args.link_gb_s * 1e9) * 1e3,
+        max_abs_diff=diff,
+        needed_kv_fraction=needed,
+      )
       rows.append(row)
-      print(f"{T:>8} P={P:<2} {t['ms']:10.2f} ms  {row['speedup']:5.2f}x ({row['efficiency']:.0%} of linear)  "
-            f"temps {row['temp_gib']:.2f} GiB/device  receives {row['bytes_received_gib']:.2f} GiB "
-            f"(~{row['predicted_comm_ms']:.1f} ms at {args.link_gb_s:g} GB/s)  selected K/V {needed:.0%}  "
-            f"max diff {diff:.1e}", flush=True)
+      print(
+        f"{T:>8} P={P:<2} {t['ms']:10.2f} ms  {row['speedup']:5.2f}x ({row['efficiency']:.0%} of linear)  "
+        f"temps {row['temp_gib']:.2f} GiB/device  receives {row['bytes_received_gib']:.2f} GiB "
+        f"(~{row['predicted_comm_ms']:.1f} ms at {args.link_gb_s:g} GB/s)  selected K/V {needed:.0%}  "
+        f"max diff {diff:.1e}",
+        flush=True,
+      )
       del qs, ks, vs, got
-  return dict(metadata(SCRIPT, argv), devices=len(devices),
-              shape=dict(N=args.heads, K=args.kv_heads, H=args.head_dim, dtype=str(jnp.dtype(args.dtype)),
-                         threshold=args.threshold, stride=args.stride, block=args.block),
-              link_gb_s=args.link_gb_s, rows=rows)
+  return dict(
+    metadata(SCRIPT, argv),
+    devices=len(devices),
+    shape=dict(
+      N=args.heads,
+      K=args.kv_heads,
+      H=args.head_dim,
+      dtype=str(jnp.dtype(args.dtype)),
+      threshold=args.threshold,
+      stride=args.stride,
+      block=args.block,
+    ),
+    link_gb_s=args.link_gb_s,
+    rows=rows,
+  )
 
 
 def _temps(fn, *args) -> float:
@@ -117,20 +160,29 @@ def _temps(fn, *args) -> float:
 
 def to_markdown(result: dict) -> str:
   s = result["shape"]
-  lines = [f"# Context parallel XAttention: {result['devices']} x {result['card']}, jax {result['jax']}, "
-           f"{result['date']}", "", f"Command: `python benchmarks/{result['command']}`", "",
-           f"B=1, {s['N']} query / {s['K']} kv heads of {s['H']}, {s['dtype']}, causal, tau {s['threshold']}, stride "
-           f"{s['stride']}, LLM-like synthetic input. Predicted communication: bytes received per device / "
-           f"{result['link_gb_s']:g} GB/s.", "",
-           "Selected K/V: the fraction of key blocks the device's own query blocks selected (union over them and its "
-           "heads) — what gathering only those would move.", "",
-           "| T | P | what | ms | speedup | of linear | temps GiB/device | receives GiB | predicted comm ms | "
-           "selected K/V | max diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# Context parallel XAttention: {result['devices']} x {result['card']}, jax {result['jax']}, {result['date']}",
+    "",
+    f"Command: `python benchmarks/{result['command']}`",
+    "",
+    f"B=1, {s['N']} query / {s['K']} kv heads of {s['H']}, {s['dtype']}, causal, tau {s['threshold']}, stride "
+    f"{s['stride']}, LLM-like synthetic input. Predicted communication: bytes received per device / "
+    f"{result['link_gb_s']:g} GB/s.",
+    "",
+    "Selected K/V: the fraction of key blocks the device's own query blocks selected (union over them and its "
+    "heads) — what gathering only those would move.",
+    "",
+    "| T | P | what | ms | speedup | of linear | temps GiB/device | receives GiB | predicted comm ms | "
+    "selected K/V | max diff |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in result["rows"]:
-    lines.append(f"| {r['T']} | {r['P']} | {r['what']} | {r['ms']:.2f} | {r.get('speedup', 1):.2f} | "
-                 f"{r.get('efficiency', 1):.0%} | {r['temp_gib']:.2f} | {r.get('bytes_received_gib', 0):.2f} | "
-                 f"{r.get('predicted_comm_ms', 0):.1f} | {r.get('needed_kv_fraction', 1):.0%} | "
-                 f"{r.get('max_abs_diff', 0):.1e} |")
+    lines.append(
+      f"| {r['T']} | {r['P']} | {r['what']} | {r['ms']:.2f} | {r.get('speedup', 1):.2f} | "
+      f"{r.get('efficiency', 1):.0%} | {r['temp_gib']:.2f} | {r.get('bytes_received_gib', 0):.2f} | "
+      f"{r.get('predicted_comm_ms', 0):.1f} | {r.get('needed_kv_fraction', 1):.0%} | "
+      f"{r.get('max_abs_diff', 0):.1e} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -147,8 +199,9 @@ def main(argv=None) -> int:
   parser.add_argument("--threshold", type=float, default=0.9)
   parser.add_argument("--stride", type=int, default=8)
   parser.add_argument("--block", type=int, default=128)
-  parser.add_argument("--link-gb-s", type=float, default=400.0,
-                      help="GB/s each device receives at (NVLink 4 all-gather: ~350-450)")
+  parser.add_argument(
+    "--link-gb-s", type=float, default=400.0, help="GB/s each device receives at (NVLink 4 all-gather: ~350-450)"
+  )
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--seed", type=int, default=0)
   add_output_args(parser)

@@ -34,8 +34,9 @@ def run(args) -> dict:
     q = jax.random.normal(keys[0], (1, length, args.heads, args.head_dim), jnp.bfloat16)
     k = jax.random.normal(keys[1], (1, length, args.kv_heads, args.head_dim), jnp.bfloat16)
     v = jax.random.normal(keys[2], (1, length, args.kv_heads, args.head_dim), jnp.bfloat16)
-    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                 implementation=args.dense_implementation))
+    dense = jax.jit(
+      lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=args.dense_implementation)
+    )
     dense_ms = timed(dense, q, k, v, repeats=args.repeats)["ms"]
     for stride in args.strides:
       paper_ms = None
@@ -43,24 +44,48 @@ def run(args) -> dict:
         fn = jax.jit(lambda q, k, s=stride, e=estimator: xa.antidiagonal_scores(q, k, stride=s, estimator=e))
         t = timed(fn, q, k, repeats=args.repeats)
         paper_ms = paper_ms or t["ms"]
-        rows.append(dict(length=length, stride=stride, estimator=estimator, ms=t["ms"], min_ms=t["min_ms"],
-                         dense_ms=dense_ms, of_dense=t["ms"] / dense_ms, of_paper=t["ms"] / paper_ms))
-        print(f"{length:>7} s={stride:<2} {estimator:<12} {t['ms']:8.3f} ms  {t['ms'] / dense_ms:6.1%} of cuDNN "
-              f"({dense_ms:.2f} ms)  {t['ms'] / paper_ms:5.2f}x the paper's", flush=True)
-  return dict(shape=dict(B=1, N=args.heads, K=args.kv_heads, H=args.head_dim, dtype="bfloat16", causal=True),
-              repeats=args.repeats, rows=rows)
+        rows.append(
+          dict(
+            length=length,
+            stride=stride,
+            estimator=estimator,
+            ms=t["ms"],
+            min_ms=t["min_ms"],
+            dense_ms=dense_ms,
+            of_dense=t["ms"] / dense_ms,
+            of_paper=t["ms"] / paper_ms,
+          )
+        )
+        print(
+          f"{length:>7} s={stride:<2} {estimator:<12} {t['ms']:8.3f} ms  {t['ms'] / dense_ms:6.1%} of cuDNN "
+          f"({dense_ms:.2f} ms)  {t['ms'] / paper_ms:5.2f}x the paper's",
+          flush=True,
+        )
+  return dict(
+    shape=dict(B=1, N=args.heads, K=args.kv_heads, H=args.head_dim, dtype="bfloat16", causal=True),
+    repeats=args.repeats,
+    rows=rows,
+  )
 
 
 def to_markdown(result: dict) -> str:
   shape = result["shape"]
-  lines = [f"# Estimator time: {result['card']}, jax {result['jax']}, {result['date']}", "",
-           f"`{result['command']}`", "",
-           f"B={shape['B']}, N={shape['N']}, K={shape['K']}, H={shape['H']}, {shape['dtype']}, causal; median of "
-           f"{result['repeats']} waited-for calls; dense = cuDNN in the same process.", "",
-           "| T | stride | estimator | ms | of cuDNN | vs the paper's |", "|---|---|---|---|---|---|"]
+  lines = [
+    f"# Estimator time: {result['card']}, jax {result['jax']}, {result['date']}",
+    "",
+    f"`{result['command']}`",
+    "",
+    f"B={shape['B']}, N={shape['N']}, K={shape['K']}, H={shape['H']}, {shape['dtype']}, causal; median of "
+    f"{result['repeats']} waited-for calls; dense = cuDNN in the same process.",
+    "",
+    "| T | stride | estimator | ms | of cuDNN | vs the paper's |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in result["rows"]:
-    lines.append(f"| {r['length']} | {r['stride']} | {r['estimator']} | {r['ms']:.3f} | {r['of_dense']:.1%} | "
-                 f"{r['of_paper']:.2f}x |")
+    lines.append(
+      f"| {r['length']} | {r['stride']} | {r['estimator']} | {r['ms']:.3f} | {r['of_dense']:.1%} | "
+      f"{r['of_paper']:.2f}x |"
+    )
   return "\n".join(lines) + "\n"
 
 

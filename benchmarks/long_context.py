@@ -47,8 +47,11 @@ def run(args, argv=None) -> dict:
   jax.block_until_ready((q, k, v))
   qkv_bytes = sum(x.size * x.dtype.itemsize for x in (q, k, v))
   out_bytes = q.size * q.dtype.itemsize
-  call = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=args.threshold, stride=args.stride,
-                                               query_chunk_size=args.query_chunk_size))
+  call = jax.jit(
+    lambda q, k, v: xa.xattention(
+      q, k, v, is_causal=True, threshold=args.threshold, stride=args.stride, query_chunk_size=args.query_chunk_size
+    )
+  )
   compiled = call.lower(q, k, v).compile()
   analysis = compiled.memory_analysis()  # XLA's buffer assignment: temporaries beyond the arguments and outputs
   temp = int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
@@ -59,16 +62,43 @@ def run(args, argv=None) -> dict:
   finite = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
   del out
   t = timed(call, q, k, v, repeats=args.repeats, warmup=1)
-  row = dict(T=T, N=N, K=K, H=H, stride=args.stride, threshold=args.threshold, query_chunk_size=args.query_chunk_size,
-             xattention_ms=t["ms"], xattention_spread_ms=t["spread_ms"], qkv_bytes=qkv_bytes, out_bytes=out_bytes,
-             temp_bytes=temp, peak_bytes=peak, bytes_before=before, extra_peak_bytes=extra, output_finite=finite)
-  print(f"T={T}: xattention {t['ms']:.1f} ms; XLA temporaries {temp / 2**30:.2f} GiB; allocator peak "
-        f"{peak / 2**30:.2f} GiB, beyond q/k/v/out at most "
-        f"{extra / 2**30:.2f} GiB (q/k/v {qkv_bytes / 2**30:.2f} GiB, out {out_bytes / 2**30:.2f} GiB)", flush=True)
+  row = dict(
+    T=T,
+    N=N,
+    K=K,
+    H=H,
+    stride=args.stride,
+    threshold=args.threshold,
+    query_chunk_size=args.query_chunk_size,
+    xattention_ms=t["ms"],
+    xattention_spread_ms=t["spread_ms"],
+    qkv_bytes=qkv_bytes,
+    out_bytes=out_bytes,
+    temp_bytes=temp,
+    peak_bytes=peak,
+    bytes_before=before,
+    extra_peak_bytes=extra,
+    output_finite=finite,
+  )
+  print(
+    f"T={T}: xattention {t['ms']:.1f} ms; XLA temporaries {temp / 2**30:.2f} GiB; allocator peak "
+    f"{peak / 2**30:.2f} GiB, beyond q/k/v/out at most "
+    f"{extra / 2**30:.2f} GiB (q/k/v {qkv_bytes / 2**30:.2f} GiB, out {out_bytes / 2**30:.2f} GiB)",
+    flush=True,
+  )
   if args.density:
-    with_layout = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=args.threshold,
-                                                        stride=args.stride, query_chunk_size=args.query_chunk_size,
-                                                        return_block_layout=True)[1].density())
+    with_layout = jax.jit(
+      lambda q, k, v: xa.xattention(
+        q,
+        k,
+        v,
+        is_causal=True,
+        threshold=args.threshold,
+        stride=args.stride,
+        query_chunk_size=args.query_chunk_size,
+        return_block_layout=True,
+      )[1].density()
+    )
     row["density"] = float(with_layout(q, k, v))
     print(f"T={T}: density {row['density']:.4f}", flush=True)
   if args.dense_repeats:
@@ -82,23 +112,28 @@ def run(args, argv=None) -> dict:
 def to_markdown(result) -> str:
   """The table of every run in the file: {"runs": [run, ...]}, or the bare list of runs of files written before."""
   results = result if isinstance(result, list) else result["runs"]
-  lines = ["# Long single-sequence xattention calls", "",
-           "B=1, bf16, causal, synthetic LLM-like input (`xattn_jax.synthetic`), traced checks off. temp = XLA's "
-           "temporaries of the compiled call (memory beyond its arguments q/k/v and its output; -1: not recorded). "
-           "Peak = the device allocator's peak since the process started, which also covers generating q/k/v, so "
-           "'peak - q/k/v - out' is only an upper bound on the call's own memory.", "",
-           "| card | jax | date | T | N/K/H | stride | tau | density | xattention ms | dense cuDNN ms | speedup | "
-           "temp GiB | peak GiB | peak - q/k/v - out GiB | q/k/v GiB | command |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "# Long single-sequence xattention calls",
+    "",
+    "B=1, bf16, causal, synthetic LLM-like input (`xattn_jax.synthetic`), traced checks off. temp = XLA's "
+    "temporaries of the compiled call (memory beyond its arguments q/k/v and its output; -1: not recorded). "
+    "Peak = the device allocator's peak since the process started, which also covers generating q/k/v, so "
+    "'peak - q/k/v - out' is only an upper bound on the call's own memory.",
+    "",
+    "| card | jax | date | T | N/K/H | stride | tau | density | xattention ms | dense cuDNN ms | speedup | "
+    "temp GiB | peak GiB | peak - q/k/v - out GiB | q/k/v GiB | command |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in results:
     w = r["row"]
     g = lambda b: f"{b / 2**30:.2f}"
     lines.append(
-        f"| {r['card']} | {r['jax']} | {r['date']} | {w['T']} | {w['N']}/{w['K']}/{w['H']} | {w['stride']} | "
-        f"{w['threshold']} | {w.get('density', float('nan')):.4f} | {w['xattention_ms']:.1f} | "
-        f"{w.get('dense_ms', float('nan')):.1f} | {w.get('speedup', float('nan')):.2f} | "
-        f"{g(w.get('temp_bytes', -1)) if w.get('temp_bytes', -1) >= 0 else 'n/a'} | {g(w['peak_bytes'])} | "
-        f"{g(w['extra_peak_bytes'])} | {g(w['qkv_bytes'])} | `{r['command']}` |")
+      f"| {r['card']} | {r['jax']} | {r['date']} | {w['T']} | {w['N']}/{w['K']}/{w['H']} | {w['stride']} | "
+      f"{w['threshold']} | {w.get('density', float('nan')):.4f} | {w['xattention_ms']:.1f} | "
+      f"{w.get('dense_ms', float('nan')):.1f} | {w.get('speedup', float('nan')):.2f} | "
+      f"{g(w.get('temp_bytes', -1)) if w.get('temp_bytes', -1) >= 0 else 'n/a'} | {g(w['peak_bytes'])} | "
+      f"{g(w['extra_peak_bytes'])} | {g(w['qkv_bytes'])} | `{r['command']}` |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -119,13 +154,15 @@ def main(argv=None) -> int:
   add_output_args(p)
   args = p.parse_args(argv)
   result = run(args, argv)
-  path = stem_file(result_stem(args.out_dir, script=SCRIPT, card=result["card"], date=result["date"], tag=args.tag),
-                   ".json")
+  path = stem_file(
+    result_stem(args.out_dir, script=SCRIPT, card=result["card"], date=result["date"], tag=args.tag), ".json"
+  )
   previous = json.loads(path.read_text()) if path.exists() else []
   runs = (previous if isinstance(previous, list) else previous["runs"]) + [result]
   record = {k: result[k] for k in ("card", "jax", "date", "command")}  # the file's: the last run's
-  stem = write_result(dict(record, runs=runs), script=SCRIPT, tag=args.tag, out_dir=args.out_dir,
-                      to_markdown=to_markdown)
+  stem = write_result(
+    dict(record, runs=runs), script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown
+  )
   print(to_markdown(runs))
   print(f"wrote {stem}.json, .md")
   return 0

@@ -50,15 +50,18 @@ SCRIPT = "model_prefill"
 GiB = 2**30
 THRESHOLD_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Overrides of the Llama-3.1-8B preset: "tiny" runs the whole script on a CPU in seconds (its smoke test).
-SHAPES = {"llama3_1_8b": {}, "tiny": dict(vocab_size=512, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64,
-                                          mlp_dim=512)}
+SHAPES = {
+  "llama3_1_8b": {},
+  "tiny": dict(vocab_size=512, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=512),
+}
 
 
 def make_model(args) -> Transformer:
   if args.checkpoint:
     return from_pretrained(args.checkpoint, dtype=jnp.bfloat16)
-  config = llama3_1_8b(num_layers=args.layers, max_seq_len=max(args.lengths + args.decode_contexts) + 1024,
-                       **SHAPES[args.shape])
+  config = llama3_1_8b(
+    num_layers=args.layers, max_seq_len=max(args.lengths + args.decode_contexts) + 1024, **SHAPES[args.shape]
+  )
 
   @nnx.jit
   def create():
@@ -73,8 +76,9 @@ def memory_peak() -> float:
 
 
 def xattention_config(args, threshold: float, stride: int | None = None) -> AttentionConfig:
-  return AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(stride=stride or args.stride,
-                                                                           threshold=threshold))
+  return AttentionConfig(
+    kind="xattention", xattention=xa.XAttentionConfig(stride=stride or args.stride, threshold=threshold)
+  )
 
 
 def time_prefill(gen: Generator, prompt, repeats: int) -> dict:
@@ -94,12 +98,17 @@ def time_prefill(gen: Generator, prompt, repeats: int) -> dict:
     del cache
   densities = np.asarray(dens)
   return dict(
-      ttft_s=statistics.median(times), ttft_min_s=min(times), first_call_s=first,
-      compile_s=sum(r.seconds for r in gen.compile_log if r.name in programs),  # this generator's, once
-      temp_gib=max((r.temp_bytes for r in gen.compile_log if r.name in programs), default=-1) / GiB,
-      density=float(densities[densities >= 0].mean()) if (densities >= 0).any() else 1.0,
-      layer_densities=[round(float(d), 4) for d in densities], peak_gib=memory_peak(),
-      finite=bool(jnp.all(jnp.isfinite(logits))), logits=np.asarray(logits[0], np.float32))
+    ttft_s=statistics.median(times),
+    ttft_min_s=min(times),
+    first_call_s=first,
+    compile_s=sum(r.seconds for r in gen.compile_log if r.name in programs),  # this generator's, once
+    temp_gib=max((r.temp_bytes for r in gen.compile_log if r.name in programs), default=-1) / GiB,
+    density=float(densities[densities >= 0].mean()) if (densities >= 0).any() else 1.0,
+    layer_densities=[round(float(d), 4) for d in densities],
+    peak_gib=memory_peak(),
+    finite=bool(jnp.all(jnp.isfinite(logits))),
+    logits=np.asarray(logits[0], np.float32),
+  )
 
 
 def search_thresholds(gen: Generator, prompt, layers: int, targets) -> dict:
@@ -153,9 +162,20 @@ def op_times(args, cfg, length: int, densities) -> dict:
   v = jax.random.normal(kv, (1, length, K, H), jnp.bfloat16)
   repeats = max(3, args.op_repeats)
   dense = jax.jit(lambda q, k, v: xa.dense_attention(q, k, v, is_causal=True))
-  out = dict(dense_ms=timed(dense, q, k, v, repeats=repeats)["ms"], dense_route=xa.dense_route(
-      platform=jax.default_backend(), dtype=q.dtype, batch=1, q_len=length, kv_len=length, num_heads=N, head_dim=H,
-      causal=True, aligned=True).value)
+  out = dict(
+    dense_ms=timed(dense, q, k, v, repeats=repeats)["ms"],
+    dense_route=xa.dense_route(
+      platform=jax.default_backend(),
+      dtype=q.dtype,
+      batch=1,
+      q_len=length,
+      kv_len=length,
+      num_heads=N,
+      head_dim=H,
+      causal=True,
+      aligned=True,
+    ).value,
+  )
   est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=args.stride))
   out["estimator_ms"] = timed(est, q, k, repeats=repeats)["ms"]
   scores = est(q, k)
@@ -190,8 +210,11 @@ def prefill_section(args, model, result, write):
       row = dict(base, what=name, chunk=gen.chunk_size, **r, **extra)
       result["prefill"].append(row)
       rows[name] = dict(row, logits=logits)
-      print(f"{length:>7} {name:<34} TTFT {r['ttft_s']:7.3f} s  density {r['density']:.3f}  compile "
-            f"{r['compile_s']:5.1f} s  temps {r['temp_gib']:6.2f} GiB  peak {r['peak_gib']:6.1f} GiB", flush=True)
+      print(
+        f"{length:>7} {name:<34} TTFT {r['ttft_s']:7.3f} s  density {r['density']:.3f}  compile "
+        f"{r['compile_s']:5.1f} s  temps {r['temp_gib']:6.2f} GiB  peak {r['peak_gib']:6.1f} GiB",
+        flush=True,
+      )
       write()
       return row
 
@@ -202,8 +225,9 @@ def prefill_section(args, model, result, write):
       del gen
     ops = None
     for mode, size in modes if "xattention" in args.kinds else ():
-      gen = Generator(model.with_attention(xattention_config(args, args.threshold)), max_len=length,
-                      chunk_size=size, bucket=128)
+      gen = Generator(
+        model.with_attention(xattention_config(args, args.threshold)), max_len=length, chunk_size=size, bucket=128
+      )
       if args.natural:
         record(f"xattention {mode} tau={args.threshold:g}", gen)
       if mode == modes[0][0]:
@@ -214,13 +238,19 @@ def prefill_section(args, model, result, write):
         tau, tried = refine_threshold(gen, prompt, search, target, args.refine)
         print(f"{length:>7} refine {mode} ~{target:.0%}: {tried} -> tau {tau:.3f}", flush=True)
         gen.set_thresholds(tau)
-        row = record(f"xattention {mode} ~{target:.0%} (tau={tau:.3f})", gen, target_density=target, threshold=tau,
-                     refine=tried)
+        row = record(
+          f"xattention {mode} ~{target:.0%} (tau={tau:.3f})", gen, target_density=target, threshold=tau, refine=tried
+        )
         if ops is None:  # at the densities the one-shot rows reached
           reached = [r["density"] for r in result["prefill"] if r["T"] == length and r["what"].startswith("xatt")]
           ops = op_times(args, model.config, length, reached + [t for t in args.target_densities if t not in reached])
-          result["ops"].append(dict(base, **{k: v for k, v in ops.items() if k != "sparse_ms"},
-                                    sparse_ms={str(k): v for k, v in ops["sparse_ms"].items()}))
+          result["ops"].append(
+            dict(
+              base,
+              **{k: v for k, v in ops.items() if k != "sparse_ms"},
+              sparse_ms={str(k): v for k, v in ops["sparse_ms"].items()},
+            )
+          )
         if "dense one-shot" in rows:
           row.update(predict(rows["dense one-shot"], ops, row["density"], layers))
         write()
@@ -228,14 +258,24 @@ def prefill_section(args, model, result, write):
       del gen
     if args.extra_stride and "xattention" in args.kinds:  # one more one-shot row, at the first target density
       stride = args.extra_stride
-      gen = Generator(model.with_attention(xattention_config(args, args.threshold, stride)), max_len=length,
-                      chunk_size=length, bucket=128)
+      gen = Generator(
+        model.with_attention(xattention_config(args, args.threshold, stride)),
+        max_len=length,
+        chunk_size=length,
+        bucket=128,
+      )
       target = args.target_densities[0]
       tau, tried = refine_threshold(gen, prompt, search_thresholds(gen, prompt, layers, [target]), target, args.refine)
       print(f"{length:>7} refine s={stride} ~{target:.0%}: {tried} -> tau {tau:.3f}", flush=True)
       gen.set_thresholds(tau)
-      row = record(f"xattention one-shot s={stride} ~{target:.0%} (tau={tau:.3f})", gen, target_density=target,
-                   threshold=tau, stride=stride, refine=tried)
+      row = record(
+        f"xattention one-shot s={stride} ~{target:.0%} (tau={tau:.3f})",
+        gen,
+        target_density=target,
+        threshold=tau,
+        stride=stride,
+        refine=tried,
+      )
       if ops is not None and "dense one-shot" in rows:
         cfg = model.config
         q = jax.random.normal(jax.random.key(1), (1, length, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
@@ -297,10 +337,21 @@ def decode_section(args, model, result, write):
         continue
       gen = Generator(dense_model, max_len=max_len, chunk_size=128, bucket=128)
       cache = gen.init_cache(batch)
-      fill = jax.jit(lambda c, key: dataclasses.replace(c, layers=tuple(
-          dataclasses.replace(l, k=jax.random.normal(jax.random.fold_in(key, 2 * i), l.k.shape, l.k.dtype),
-                              v=jax.random.normal(jax.random.fold_in(key, 2 * i + 1), l.v.shape, l.v.dtype))
-          for i, l in enumerate(c.layers)), lengths=jnp.full_like(c.lengths, context)), donate_argnums=0)
+      fill = jax.jit(
+        lambda c, key: dataclasses.replace(
+          c,
+          layers=tuple(
+            dataclasses.replace(
+              l,
+              k=jax.random.normal(jax.random.fold_in(key, 2 * i), l.k.shape, l.k.dtype),
+              v=jax.random.normal(jax.random.fold_in(key, 2 * i + 1), l.v.shape, l.v.dtype),
+            )
+            for i, l in enumerate(c.layers)
+          ),
+          lengths=jnp.full_like(c.lengths, context),
+        ),
+        donate_argnums=0,
+      )
       logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
       steps_s = []
       for rep in range(args.repeats + 1):  # the first run compiles and warms up
@@ -317,57 +368,90 @@ def decode_section(args, model, result, write):
       step = statistics.median(steps_s)
       read = params - embed + batch * cfg.d_model * 2 + batch * context * kv_per_token
       roofline_step = read / bandwidth
-      row.update(step_ms=step * 1e3, tokens_per_s=batch / step, roofline_step_ms=roofline_step * 1e3,
-                 fraction_of_roofline=roofline_step / step, bytes_per_step_gb=read / 1e9,
-                 datasheet_fraction=(read / 4.8e12) / step,
-                 decode_compiles=gen.compiled_count("decode"),
-                 decode_temp_gib=gen.compile_log[-1].temp_bytes / GiB)
+      row.update(
+        step_ms=step * 1e3,
+        tokens_per_s=batch / step,
+        roofline_step_ms=roofline_step * 1e3,
+        fraction_of_roofline=roofline_step / step,
+        bytes_per_step_gb=read / 1e9,
+        datasheet_fraction=(read / 4.8e12) / step,
+        decode_compiles=gen.compiled_count("decode"),
+        decode_temp_gib=gen.compile_log[-1].temp_bytes / GiB,
+      )
       result["decode"].append(row)
-      print(f"decode {context:>7} x{batch}: {step * 1e3:7.2f} ms/step  {batch / step:8.1f} tok/s  roofline "
-            f"{roofline_step * 1e3:6.2f} ms ({row['fraction_of_roofline']:.0%} of it)", flush=True)
+      print(
+        f"decode {context:>7} x{batch}: {step * 1e3:7.2f} ms/step  {batch / step:8.1f} tok/s  roofline "
+        f"{roofline_step * 1e3:6.2f} ms ({row['fraction_of_roofline']:.0%} of it)",
+        flush=True,
+      )
       write()
       del cache, gen
 
 
 def to_markdown(result: dict) -> str:
-  lines = [f"# Model prefill and decode: {result['card']}, jax {result['jax']}, {result['date']}", "",
-           f"Command: `python benchmarks/{result['command']}`", "", result["model"], ""]
+  lines = [
+    f"# Model prefill and decode: {result['card']}, jax {result['jax']}, {result['date']}",
+    "",
+    f"Command: `python benchmarks/{result['command']}`",
+    "",
+    result["model"],
+    "",
+  ]
   if result["prefill"]:
-    lines += ["## Time to first token", "",
-              "| T | what | chunk | TTFT s | vs dense one-shot | predicted s | density | compile s | XLA temps GiB | "
-              "peak GiB (so far) | max logit diff vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+      "## Time to first token",
+      "",
+      "| T | what | chunk | TTFT s | vs dense one-shot | predicted s | density | compile s | XLA temps GiB | "
+      "peak GiB (so far) | max logit diff vs dense |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     dense = {r["T"]: r["ttft_s"] for r in result["prefill"] if r["what"] == "dense one-shot"}
     for r in result["prefill"]:
       speed = f"{dense[r['T']] / r['ttft_s']:.2f}x" if r["T"] in dense else "(no dense row)"
       pred = f"{r['predicted_ttft_s']:.3f}" if "predicted_ttft_s" in r else ""
       diff = f"{r['max_logit_diff_vs_dense']:.3f}" if "max_logit_diff_vs_dense" in r else ""
-      lines.append(f"| {r['T']} | {r['what']} | {r['chunk']} | {r['ttft_s']:.3f} | {speed} | {pred} | "
-                   f"{r['density']:.3f} | {r['compile_s']:.1f} | {r['temp_gib']:.2f} | {r['peak_gib']:.1f} | {diff} |")
+      lines.append(
+        f"| {r['T']} | {r['what']} | {r['chunk']} | {r['ttft_s']:.3f} | {speed} | {pred} | "
+        f"{r['density']:.3f} | {r['compile_s']:.1f} | {r['temp_gib']:.2f} | {r['peak_gib']:.1f} | {diff} |"
+      )
     lines += ["", "Threshold search (density against tau, one prefill with the grid over the layers):", ""]
     for s in result["threshold_search"]:
-      lines.append(f"- T={s['T']}: " + ", ".join(f"{t:g}: {d:.3f}" for t, d in zip(s["grid"], s["densities"]))
-                   + "; chosen " + ", ".join(f"~{float(k):.0%}: tau {v:.3f}" for k, v in s["thresholds"].items()))
+      lines.append(
+        f"- T={s['T']}: "
+        + ", ".join(f"{t:g}: {d:.3f}" for t, d in zip(s["grid"], s["densities"]))
+        + "; chosen "
+        + ", ".join(f"~{float(k):.0%}: tau {v:.3f}" for k, v in s["thresholds"].items())
+      )
     lines += ["", "Op-level times per layer (random inputs, same shapes, same process):", ""]
     for o in result["ops"]:
-      lines.append(f"- T={o['T']}: dense ({o['dense_route']}) {o['dense_ms']:.2f} ms, estimator "
-                   f"{o['estimator_ms']:.2f} ms, selection "
-                   f"{o['selection_ms']:.2f} ms, sparse kernel " +
-                   ", ".join(f"d={d}: {ms:.2f} ms" for d, ms in o["sparse_ms"].items()))
+      lines.append(
+        f"- T={o['T']}: dense ({o['dense_route']}) {o['dense_ms']:.2f} ms, estimator "
+        f"{o['estimator_ms']:.2f} ms, selection "
+        f"{o['selection_ms']:.2f} ms, sparse kernel "
+        + ", ".join(f"d={d}: {ms:.2f} ms" for d, ms in o["sparse_ms"].items())
+      )
   if result["decode"]:
-    lines += ["", "## Decode", "",
-              f"Roofline: bytes read per step (weights, and the KV cache of the context) over the HBM bandwidth "
-              f"measured here (the larger of a copy's {result.get('copy_bandwidth_tb_s', float('nan')):.2f} TB/s and a "
-              f"max's {result.get('read_bandwidth_tb_s', float('nan')):.2f} TB/s); the datasheet's "
-              "4.8 TB/s in the last column.", "",
-              "| context | batch | ms/step | tokens/s | roofline ms | of roofline | of datasheet roofline | GB/step | "
-              "note |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+      "",
+      "## Decode",
+      "",
+      f"Roofline: bytes read per step (weights, and the KV cache of the context) over the HBM bandwidth "
+      f"measured here (the larger of a copy's {result.get('copy_bandwidth_tb_s', float('nan')):.2f} TB/s and a "
+      f"max's {result.get('read_bandwidth_tb_s', float('nan')):.2f} TB/s); the datasheet's "
+      "4.8 TB/s in the last column.",
+      "",
+      "| context | batch | ms/step | tokens/s | roofline ms | of roofline | of datasheet roofline | GB/step | note |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["decode"]:
       if "step_ms" not in r:
         lines.append(f"| {r['context']} | {r['batch']} | | | | | | | {r['note']} |")
         continue
-      lines.append(f"| {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
-                   f"{r['roofline_step_ms']:.2f} | {r['fraction_of_roofline']:.0%} | {r['datasheet_fraction']:.0%} | "
-                   f"{r['bytes_per_step_gb']:.1f} | decode compiled {r['decode_compiles']}x |")
+      lines.append(
+        f"| {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+        f"{r['roofline_step_ms']:.2f} | {r['fraction_of_roofline']:.0%} | {r['datasheet_fraction']:.0%} | "
+        f"{r['bytes_per_step_gb']:.1f} | decode compiled {r['decode_compiles']}x |"
+      )
   return "\n".join(lines) + "\n"
 
 
@@ -410,15 +494,24 @@ def main(argv=None) -> int:
   parser.add_argument("--checkpoint", default=None, help="Hugging Face directory or .gguf (default: random weights)")
   parser.add_argument("--threshold", type=float, default=0.9, help="XAttention's natural-density threshold")
   parser.add_argument("--target-densities", type=floats, default=[0.10, 0.25])
-  parser.add_argument("--refine", type=int, default=2,
-                      help="flat-tau prefills per target density that correct the searched tau (0: none)")
+  parser.add_argument(
+    "--refine", type=int, default=2, help="flat-tau prefills per target density that correct the searched tau (0: none)"
+  )
   parser.add_argument("--kinds", type=csv_of(str), default=["dense", "xattention"])
   parser.add_argument("--modes", type=csv_of(str), default=["one-shot", "chunked"])
-  parser.add_argument("--no-natural", dest="natural", action="store_false",
-                      help="skip XAttention at --threshold (slow at long lengths: random weights keep ~half)")
+  parser.add_argument(
+    "--no-natural",
+    dest="natural",
+    action="store_false",
+    help="skip XAttention at --threshold (slow at long lengths: random weights keep ~half)",
+  )
   parser.add_argument("--stride", type=int, default=8)
-  parser.add_argument("--extra-stride", type=int, default=None,
-                      help="also one one-shot XAttention row with this stride at the first target density")
+  parser.add_argument(
+    "--extra-stride",
+    type=int,
+    default=None,
+    help="also one one-shot XAttention row with this stride at the first target density",
+  )
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--op-repeats", type=int, default=5)
   parser.add_argument("--decode-contexts", type=ints, default=[32768, 131072])
@@ -433,10 +526,18 @@ def main(argv=None) -> int:
   if "decode" not in sections:
     args.decode_contexts = []
   model = make_model(args)
-  result = dict(metadata(SCRIPT, argv),
-                model=(f"{args.checkpoint or args.shape + ' shape, random bf16 weights'}, {model.config.num_layers} "
-                       f"layers, XAttention stride {args.stride}, block 128"),
-                prefill=[], threshold_search=[], ops=[], decode=[])
+  result = dict(
+    metadata(SCRIPT, argv),
+    model=(
+      f"{args.checkpoint or args.shape + ' shape, random bf16 weights'}, {model.config.num_layers} "
+      f"layers, XAttention stride {args.stride}, block 128"
+    ),
+    prefill=[],
+    threshold_search=[],
+    ops=[],
+    decode=[],
+  )
+
   def write():
     return write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
 

@@ -35,9 +35,14 @@ SCRIPT = "multi_gpu"
 
 
 def to_markdown(result: dict) -> str:
-  lines = [f"# Multi-GPU: {result['gpus']} x {result['card']}, jax {result['jax']}, {result['date']}", "",
-           f"Command: `python benchmarks/{result['command']}`", "", "| what | ms (median) | rel. err vs 1 GPU |",
-           "|---|---|---|"] + [f"| {r['what']} | {r['ms']:.2f} | {r['rel_err']:.2e} |" for r in result["rows"]]
+  lines = [
+    f"# Multi-GPU: {result['gpus']} x {result['card']}, jax {result['jax']}, {result['date']}",
+    "",
+    f"Command: `python benchmarks/{result['command']}`",
+    "",
+    "| what | ms (median) | rel. err vs 1 GPU |",
+    "|---|---|---|",
+  ] + [f"| {r['what']} | {r['ms']:.2f} | {r['rel_err']:.2e} |" for r in result["rows"]]
   return "\n".join(lines) + "\n"
 
 
@@ -64,25 +69,50 @@ def main(argv=None) -> int:
     err = rel_err(got, want)
     ms = timed(sharded, q, k, v, repeats=args.repeats)['ms']
     rows.append(dict(what=f"op, mesh data={data} tensor={tensor}", ms=ms, rel_err=err))
-  config = ModelConfig(vocab_size=32000, d_model=2048, num_layers=8, num_heads=32, num_kv_heads=8, head_dim=64,
-                       mlp_dim=5632, attention=AttentionConfig(kind="xattention"))
+  config = ModelConfig(
+    vocab_size=32000,
+    d_model=2048,
+    num_layers=8,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    mlp_dim=5632,
+    attention=AttentionConfig(kind="xattention"),
+  )
   prompt_len, max_len = 8192, 16384
   if args.smoke:
-    config = ModelConfig(vocab_size=500, d_model=128, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16,
-                         mlp_dim=256, attention=config.attention)
+    config = ModelConfig(
+      vocab_size=500,
+      d_model=128,
+      num_layers=2,
+      num_heads=8,
+      num_kv_heads=4,
+      head_dim=16,
+      mlp_dim=256,
+      attention=config.attention,
+    )
     prompt_len, max_len = 512, 1024
   model = Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   prompts = [list(np.random.default_rng(i).integers(1, config.vocab_size, size=prompt_len)) for i in range(2)]
   results = {}
-  for name, mesh in (("model prefill, 1 GPU", None), (f"model prefill, mesh data=1 tensor={n}", make_mesh(1, n)),
-                     (f"model prefill, mesh data={n} tensor=1", make_mesh(n, 1))):
+  for name, mesh in (
+    ("model prefill, 1 GPU", None),
+    (f"model prefill, mesh data=1 tensor={n}", make_mesh(1, n)),
+    (f"model prefill, mesh data={n} tensor=1", make_mesh(n, 1)),
+  ):
     gen = Generator(model, max_len=max_len, chunk_size=prompt_len, mesh=mesh)
     logits = gen.prefill(prompts)[0]
     results[name] = np.asarray(logits, np.float32)
     ms = timed(lambda: gen.prefill(prompts)[0], repeats=args.repeats)['ms']
     base = results["model prefill, 1 GPU"]
-    rows.append(dict(what=name, ms=ms, rel_err=float(np.linalg.norm(results[name] - base) / np.linalg.norm(base)),
-                     same_argmax=bool(np.all(results[name].argmax(-1) == base.argmax(-1)))))
+    rows.append(
+      dict(
+        what=name,
+        ms=ms,
+        rel_err=float(np.linalg.norm(results[name] - base) / np.linalg.norm(base)),
+        same_argmax=bool(np.all(results[name].argmax(-1) == base.argmax(-1))),
+      )
+    )
   result = dict(metadata(SCRIPT, argv), gpus=n, rows=rows)
   stem = write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
   print(to_markdown(result))

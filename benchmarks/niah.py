@@ -90,8 +90,9 @@ def parse_config(name: str, *, cal_stride: int) -> RunConfig:
     return RunConfig(name, "searched", stride=cal_stride, target=float(m[1]))
   if name.startswith("file:"):
     return RunConfig(name, "calibrated", path=name[5:])
-  raise ValueError(f"config {name!r}: expected dense, s<stride>_t<tau>, cal<target>, calmean<target>, min<tau> or "
-                   "file:<path>")
+  raise ValueError(
+    f"config {name!r}: expected dense, s<stride>_t<tau>, cal<target>, calmean<target>, min<tau> or file:<path>"
+  )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -110,9 +111,12 @@ def paired_stats(scores, reference) -> dict:
   """Mean of score - reference over the same samples, its standard error, and how many samples differ."""
   d = np.asarray(scores, float) - np.asarray(reference, float)
   n = len(d)
-  return dict(n=n, diff=float(d.mean()) if n else float("nan"),
-              se=float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
-              discordant=int(np.sum(d != 0)))
+  return dict(
+    n=n,
+    diff=float(d.mean()) if n else float("nan"),
+    se=float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+    discordant=int(np.sum(d != 0)),
+  )
 
 
 def samples_needed(delta: float, *, p: float = 0.9, discordance: float | None = None, z: float = 2.0) -> int:
@@ -199,8 +203,15 @@ class Runner:
     else:
       a = self.args
       path = self.path(f"-thresholds-{config.name}-s{config.stride}.json")
-      want = dict(target=config.target, method=a.cal_method, prompts=a.cal_prompts, length=a.cal_length,
-                  aggregate=config.aggregate, stride=config.stride, block_size=a.block_size)
+      want = dict(
+        target=config.target,
+        method=a.cal_method,
+        prompts=a.cal_prompts,
+        length=a.cal_length,
+        aggregate=config.aggregate,
+        stride=config.stride,
+        block_size=a.block_size,
+      )
       record = load_thresholds(path) if path.exists() else None
       if record is None or any(record.get(k) != v for k, v in want.items()):
         _log(f"calibrating {config.name}: {a.cal_prompts} prompts of {a.cal_length} tokens, method {a.cal_method}")
@@ -208,13 +219,30 @@ class Runner:
         samples = task_prompts(self.tok, n=a.cal_prompts, length=a.cal_length, tasks=a.cal_tasks)
         from xattn_jax.evaluation.calibration import prompt_ids
 
-        result = calibrate(self.model, [prompt_ids(self.tok, s) for s in samples], target=config.target,
-                           stride=config.stride, block_size=a.block_size, method=a.cal_method,
-                           aggregate=config.aggregate, progress=_log)
+        result = calibrate(
+          self.model,
+          [prompt_ids(self.tok, s) for s in samples],
+          target=config.target,
+          stride=config.stride,
+          block_size=a.block_size,
+          method=a.cal_method,
+          aggregate=config.aggregate,
+          progress=_log,
+        )
         record = save_thresholds(
-            path, result.thresholds, stride=config.stride, block_size=a.block_size, target=config.target,
-            method=a.cal_method, aggregate=config.aggregate, prompts=a.cal_prompts, length=a.cal_length, model=a.model,
-            calibration_samples=[s.id for s in samples], seconds=round(time.perf_counter() - start, 1))
+          path,
+          result.thresholds,
+          stride=config.stride,
+          block_size=a.block_size,
+          target=config.target,
+          method=a.cal_method,
+          aggregate=config.aggregate,
+          prompts=a.cal_prompts,
+          length=a.cal_length,
+          model=a.model,
+          calibration_samples=[s.id for s in samples],
+          seconds=round(time.perf_counter() - start, 1),
+        )
         _log(f"wrote {path} (mean tau {np.mean(result.thresholds):.3f})")
     self.thresholds[config.name] = record
     return record
@@ -228,8 +256,15 @@ class Runner:
 
     a = self.args
     path = self.path(f"-thresholds-{config.name}-s{config.stride}.json")
-    want = dict(start=config.target, factor=a.search_factor, tolerance=a.search_tolerance, prompts=a.search_prompts,
-                length=a.search_length, stride=config.stride, block_size=a.block_size)
+    want = dict(
+      start=config.target,
+      factor=a.search_factor,
+      tolerance=a.search_tolerance,
+      prompts=a.search_prompts,
+      length=a.search_length,
+      stride=config.stride,
+      block_size=a.block_size,
+    )
     record = load_thresholds(path) if path.exists() else None
     if record is not None and all(record.get(k) == v for k, v in want.items()):
       return record
@@ -239,11 +274,26 @@ class Runner:
     start = time.perf_counter()
     samples = task_prompts(self.tok, n=a.search_prompts, length=a.search_length, tasks=a.tasks, seed=3000)
     gen = self.generator(RunConfig(config.name, "flat", stride=config.stride, threshold=config.target))
-    table, history = search_thresholds(gen, self.tok, samples, config.target, factor=a.search_factor,
-                                       tolerance=a.search_tolerance, max_evals=a.search_evals, batch=a.batch,
-                                       progress=_log)
-    record = save_thresholds(path, table, seconds=round(time.perf_counter() - start, 1), model=a.model,
-                             search_samples=[s.id for s in samples], history=history, **want)
+    table, history = search_thresholds(
+      gen,
+      self.tok,
+      samples,
+      config.target,
+      factor=a.search_factor,
+      tolerance=a.search_tolerance,
+      max_evals=a.search_evals,
+      batch=a.batch,
+      progress=_log,
+    )
+    record = save_thresholds(
+      path,
+      table,
+      seconds=round(time.perf_counter() - start, 1),
+      model=a.model,
+      search_samples=[s.id for s in samples],
+      history=history,
+      **want,
+    )
     _log(f"wrote {path} (mean tau {np.mean(table):.3f}, {len(history)} evaluations)")
     return record
 
@@ -260,9 +310,20 @@ class Runner:
     from xattn_jax.evaluation.haystack import ruler_sample
 
     a = self.args
-    return [ruler_sample(task, haystack=hay, length=length, index=i, count_tokens=self.count_tokens, seed=a.seed,
-                         max_new_tokens=a.max_new_tokens)
-            for i in indices for task in a.tasks for hay in a.haystacks]
+    return [
+      ruler_sample(
+        task,
+        haystack=hay,
+        length=length,
+        index=i,
+        count_tokens=self.count_tokens,
+        seed=a.seed,
+        max_new_tokens=a.max_new_tokens,
+      )
+      for i in indices
+      for task in a.tasks
+      for hay in a.haystacks
+    ]
 
   def generator(self, config: RunConfig):
     """One Generator per kind (dense, or XAttention of one stride) for every length: prefill compiles once per
@@ -273,15 +334,23 @@ class Runner:
 
     key = "dense" if config.kind == "dense" else config.stride_of(self)
     if key not in self._generators:
-      attention = AttentionConfig() if config.kind == "dense" else AttentionConfig(
-          kind="xattention", xattention=xa.XAttentionConfig(stride=key, block_size=self.args.block_size,
-                                                            implementation=self.args.implementation))
+      attention = (
+        AttentionConfig()
+        if config.kind == "dense"
+        else AttentionConfig(
+          kind="xattention",
+          xattention=xa.XAttentionConfig(
+            stride=key, block_size=self.args.block_size, implementation=self.args.implementation
+          ),
+        )
+      )
       lengths = sorted(self.args.lengths)
       bucket = lengths[0]
       for L in lengths:
         bucket = math.gcd(bucket, L)
-      self._generators[key] = Generator(self.model.with_attention(attention), max_len=lengths[-1],
-                                        chunk_size=lengths[-1], bucket=bucket)
+      self._generators[key] = Generator(
+        self.model.with_attention(attention), max_len=lengths[-1], chunk_size=lengths[-1], bucket=bucket
+      )
     gen = self._generators[key]
     if config.kind != "dense":
       gen.set_thresholds(self.settings(config)[1])
@@ -301,24 +370,32 @@ class Runner:
     device = jax.devices()[0].device_kind
     size = self.args.batch
     # Rounds of --round-size sample indices over every length and config: a run stopped early stays balanced.
-    rounds = [range(i, min(i + self.args.round_size, self.args.samples))
-              for i in range(0, self.args.samples, self.args.round_size)]
+    rounds = [
+      range(i, min(i + self.args.round_size, self.args.samples))
+      for i in range(0, self.args.samples, self.args.round_size)
+    ]
     for indices, length in ((r, L) for r in rounds for L in self.args.lengths):
       samples = self.samples(length, indices)
       ids = {s.id: prompt_ids(self.tok, s) for s in samples}
       todo = [(s, c) for c in self.configs for s in samples if (s.id, c.name) not in done]
-      _log(f"length {length}, samples {indices.start}..{indices.stop - 1}: {len(samples)} prompts x "
-           f"{len(self.configs)} configs, {len(todo)} to run")
+      _log(
+        f"length {length}, samples {indices.start}..{indices.stop - 1}: {len(samples)} prompts x "
+        f"{len(self.configs)} configs, {len(todo)} to run"
+      )
       start_all, finished = time.perf_counter(), 0
       for config in self.configs:
         mine = [s for s, c in todo if c is config]
         if not mine:
           continue
         gen = self.generator(config)
-        for b, result, seconds in generate_in_batches(gen, [ids[s.id] for s in mine], batch=size,
-                                                      max_new_tokens=self.args.max_new_tokens,
-                                                      stop_tokens=self.tok.stop_token_ids):
-          batch = mine[b:b + size]
+        for b, result, seconds in generate_in_batches(
+          gen,
+          [ids[s.id] for s in mine],
+          batch=size,
+          max_new_tokens=self.args.max_new_tokens,
+          stop_tokens=self.tok.stop_token_ids,
+        ):
+          batch = mine[b : b + size]
           first = (config.kind, config.stride, length) not in self._compiled
           self._compiled.add((config.kind, config.stride, length))
           layer_density = [float(d) for d in result.densities]
@@ -326,20 +403,37 @@ class Runner:
           lines = []
           for sample, out_ids in zip(batch, result.tokens):
             output = self.tok.decode(out_ids)
-            lines.append(dict(
-                id=sample.id, config=config.name, task=sample.task, haystack=sample.haystack, length=length,
-                depth=sample.depth, prompt_tokens=len(ids[sample.id]), answers=list(sample.answers), output=output,
-                score=string_match_all(output, sample.answers), density=density,
-                layer_density=[round(d, 4) for d in layer_density], batch=size,
-                seconds=round(seconds / size, 4), prefill_seconds=round(result.prefill_seconds / size, 4),
-                decode_steps=result.decode_steps, compiled=first, device=device))
+            lines.append(
+              dict(
+                id=sample.id,
+                config=config.name,
+                task=sample.task,
+                haystack=sample.haystack,
+                length=length,
+                depth=sample.depth,
+                prompt_tokens=len(ids[sample.id]),
+                answers=list(sample.answers),
+                output=output,
+                score=string_match_all(output, sample.answers),
+                density=density,
+                layer_density=[round(d, 4) for d in layer_density],
+                batch=size,
+                seconds=round(seconds / size, 4),
+                prefill_seconds=round(result.prefill_seconds / size, 4),
+                decode_steps=result.decode_steps,
+                compiled=first,
+                device=device,
+              )
+            )
           with open(jsonl, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in lines))
           finished += len(batch)
           elapsed = time.perf_counter() - start_all
-          _log(f"{length} {finished}/{len(todo)} {config.name} x{len(batch)}: mean score "
-               f"{np.mean([r['score'] for r in lines]):.2f} density {density:.3f} {seconds:.1f}s "
-               f"(eta {elapsed / finished * (len(todo) - finished) / 60:.0f} min) {lines[-1]['output'].strip()[:50]!r}")
+          _log(
+            f"{length} {finished}/{len(todo)} {config.name} x{len(batch)}: mean score "
+            f"{np.mean([r['score'] for r in lines]):.2f} density {density:.3f} {seconds:.1f}s "
+            f"(eta {elapsed / finished * (len(todo) - finished) / 60:.0f} min) {lines[-1]['output'].strip()[:50]!r}"
+          )
 
   # -- fidelity and masks -------------------------------------------------------------------------------------------
 
@@ -352,16 +446,24 @@ class Runner:
     settings = {c.name: self.settings(c) for c in sparse}
     if path.exists():
       old = json.loads(path.read_text())
-      if (old.get("prompts") == a.fidelity_prompts and old.get("length") == a.fidelity_length
-          and set(old["configs"]) >= set(settings)):
+      if (
+        old.get("prompts") == a.fidelity_prompts
+        and old.get("length") == a.fidelity_length
+        and set(old["configs"]) >= set(settings)
+      ):
         _log(f"{path} is up to date")
         return
     samples = task_prompts(self.tok, n=a.fidelity_prompts, length=a.fidelity_length, tasks=a.tasks, seed=2000)
     _log(f"fidelity: {len(samples)} prompts of {a.fidelity_length} tokens, {len(settings)} settings")
     start = time.perf_counter()
     result = fidelity(self.model, [prompt_ids(self.tok, s) for s in samples], settings, block_size=a.block_size)
-    record = dict(prompts=a.fidelity_prompts, length=a.fidelity_length, samples=[s.id for s in samples],
-                  seconds=round(time.perf_counter() - start, 1), configs={})
+    record = dict(
+      prompts=a.fidelity_prompts,
+      length=a.fidelity_length,
+      samples=[s.id for s in samples],
+      seconds=round(time.perf_counter() - start, 1),
+      configs={},
+    )
     for name, metrics in result.items():
       record["configs"][name] = {m: np.round(v.mean(axis=0), 5).tolist() for m, v in metrics.items()}  # [L, N]
     path.write_text(json.dumps(record, indent=1) + "\n")
@@ -394,8 +496,16 @@ class Runner:
         stride, tau = self.settings(config)
         tau = np.asarray(tau, np.float32)
         tau = tau[layer.layer] if tau.ndim == 2 else np.full((N,), tau, np.float32)
-        _, layout = xa.xattention(layer.q, layer.k, layer.v, is_causal=True, threshold=jnp.asarray(tau),
-                                  stride=stride, block_size=a.block_size, return_block_layout=True)
+        _, layout = xa.xattention(
+          layer.q,
+          layer.k,
+          layer.v,
+          is_causal=True,
+          threshold=jnp.asarray(tau),
+          stride=stride,
+          block_size=a.block_size,
+          return_block_layout=True,
+        )
         dense = np.asarray(layout.to_dense()[0])
         for l, h in heads:
           if l == layer.layer:
@@ -407,8 +517,9 @@ class Runner:
         nq = mask.shape[0]
         allowed = np.tril(np.ones_like(mask, bool))
         ax = axes[i, j]
-        ax.imshow(np.where(allowed, mask.astype(float), np.nan), cmap="Blues", vmin=0, vmax=1.2,
-                  interpolation="nearest")
+        ax.imshow(
+          np.where(allowed, mask.astype(float), np.nan), cmap="Blues", vmin=0, vmax=1.2, interpolation="nearest"
+        )
         ax.set_title(f"{config.name} L{l} H{h} tau={tau:.2f}\ndensity {mask.sum() / allowed.sum():.2f}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -432,7 +543,8 @@ def summarize(records: list[dict], configs: list[str]) -> dict:
   tasks = sorted({r["task"] for r in records})
   lengths = sorted({r["length"] for r in records})
   configs = [c for c in configs if any(r["config"] == c for r in records)] + sorted(
-      {r["config"] for r in records} - set(configs))
+    {r["config"] for r in records} - set(configs)
+  )
   dense_scores = {r["id"]: r["score"] for r in records if r["config"] == "dense"}
 
   def block(rs):
@@ -474,8 +586,13 @@ def fidelity_summary(fidelity: dict | None) -> dict | None:
   configs = {}
   for name, m in fidelity["configs"].items():
     r, e, d = (np.asarray(m[k]) for k in ("recall", "rel_error", "density"))
-    configs[name] = dict(recall_mean=float(r.mean()), recall_min=float(r.min()), rel_error_mean=float(e.mean()),
-                         rel_error_max=float(e.max()), density_mean=float(d.mean()))
+    configs[name] = dict(
+      recall_mean=float(r.mean()),
+      recall_min=float(r.min()),
+      rel_error_mean=float(e.mean()),
+      rel_error_max=float(e.max()),
+      density_mean=float(d.mean()),
+    )
   return dict(prompts=fidelity["prompts"], length=fidelity["length"], configs=configs)
 
 
@@ -483,18 +600,33 @@ def to_markdown(result: dict) -> str:
   """The report of a run's json: accuracy tables per task, time per sample, and the fidelity summary if recorded
   (reports written before it was part of the json show no fidelity section)."""
   env, run_args, summary, fidelity = result["env"], result["args"], result, result.get("fidelity")
-  lines = [f"# RULER-style accuracy, dense vs XAttention: {env['model']}, {env['device']}", "",
-           f"Date {env['date']}; jax {env['jax']}; host {env['host']}.", "",
-           f"Command: `{env['command']}`", ""] + (
-              [f"Table rebuilt from the JSONL by: `{env['rebuilt_by']}`", ""] if "rebuilt_by" in env else []) + [
-           f"Settings: {json.dumps(run_args)}", "",
-           "Accuracy in % (RULER string_match_all), ± the binomial standard error, n samples; Δ = paired difference "
-           "to dense on the same samples (± its standard error, [discordant samples]); density = selected / allowed "
-           "causal blocks of each generate call's batch, mean over layers and batches.", ""]
+  lines = (
+    [
+      f"# RULER-style accuracy, dense vs XAttention: {env['model']}, {env['device']}",
+      "",
+      f"Date {env['date']}; jax {env['jax']}; host {env['host']}.",
+      "",
+      f"Command: `{env['command']}`",
+      "",
+    ]
+    + ([f"Table rebuilt from the JSONL by: `{env['rebuilt_by']}`", ""] if "rebuilt_by" in env else [])
+    + [
+      f"Settings: {json.dumps(run_args)}",
+      "",
+      "Accuracy in % (RULER string_match_all), ± the binomial standard error, n samples; Δ = paired difference "
+      "to dense on the same samples (± its standard error, [discordant samples]); density = selected / allowed "
+      "causal blocks of each generate call's batch, mean over layers and batches.",
+      "",
+    ]
+  )
   configs, lengths = summary["configs"], summary["lengths"]
   for task in summary["tasks"] + ["all"]:
-    lines += [f"## {task}", "", "| config | " + " | ".join(f"{L} acc | {L} Δ vs dense | {L} density" for L in lengths)
-              + " |", "|---|" + "---|---|---|" * len(lengths)]
+    lines += [
+      f"## {task}",
+      "",
+      "| config | " + " | ".join(f"{L} acc | {L} Δ vs dense | {L} density" for L in lengths) + " |",
+      "|---|" + "---|---|---|" * len(lengths),
+    ]
     for config in configs:
       row = [config]
       for L in lengths:
@@ -503,33 +635,50 @@ def to_markdown(result: dict) -> str:
           row += ["not run", "", ""]
           continue
         v = c.get("vs_dense")
-        delta = (f"{100 * v['diff']:+.1f} ± {100 * v['se']:.1f} [{v['discordant']}]" if v else
-                 "(reference)" if config == "dense" else "n/a (no dense run on these samples)")
+        delta = (
+          f"{100 * v['diff']:+.1f} ± {100 * v['se']:.1f} [{v['discordant']}]"
+          if v
+          else "(reference)"
+          if config == "dense"
+          else "n/a (no dense run on these samples)"
+        )
         row += [_fmt_acc(c), delta, f"{c['density']:.3f}"]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-  lines += [f"## Time per sample (median, compilation excluded; prompt + answer, {run_args['dtype']}, batches of "
-            f"{run_args.get('batch', 1)} on this device)", "",
-            "| config | " + " | ".join(f"{L} total (s) | {L} prefill (s)" for L in lengths) + " |",
-            "|---|" + "---|---|" * len(lengths)]
+  lines += [
+    f"## Time per sample (median, compilation excluded; prompt + answer, {run_args['dtype']}, batches of "
+    f"{run_args.get('batch', 1)} on this device)",
+    "",
+    "| config | " + " | ".join(f"{L} total (s) | {L} prefill (s)" for L in lengths) + " |",
+    "|---|" + "---|---|" * len(lengths),
+  ]
   for config in configs:
     row = [config]
     for L in lengths:
       c = next((c for c in summary["cells"] if (c["task"], c["length"], c["config"]) == ("all", L, config)), None)
-      row += [f"{c['seconds_median']:.2f}", f"{c['prefill_seconds_median']:.2f}"] if c and "seconds_median" in c \
-          else ["", ""]
+      row += (
+        [f"{c['seconds_median']:.2f}", f"{c['prefill_seconds_median']:.2f}"]
+        if c and "seconds_median" in c
+        else ["", ""]
+      )
     lines.append("| " + " | ".join(row) + " |")
   lines.append("")
   if fidelity:
-    lines += [f"## Fidelity on real activations ({fidelity['prompts']} prompt(s) of {fidelity['length']} tokens; "
-              "each layer on the dense model's own q/k/v)", "",
-              "recall = exact attention mass inside the selected blocks; rel. error = ||out - dense|| / ||dense|| "
-              "of the attention output; over layers x heads: mean, and the worst head.", "",
-              "| config | recall mean | recall min | rel. error mean | rel. error max | density mean |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+      f"## Fidelity on real activations ({fidelity['prompts']} prompt(s) of {fidelity['length']} tokens; "
+      "each layer on the dense model's own q/k/v)",
+      "",
+      "recall = exact attention mass inside the selected blocks; rel. error = ||out - dense|| / ||dense|| "
+      "of the attention output; over layers x heads: mean, and the worst head.",
+      "",
+      "| config | recall mean | recall min | rel. error mean | rel. error max | density mean |",
+      "|---|---|---|---|---|---|",
+    ]
     for name, m in fidelity["configs"].items():
-      lines.append(f"| {name} | {m['recall_mean']:.4f} | {m['recall_min']:.4f} | {m['rel_error_mean']:.4f} | "
-                   f"{m['rel_error_max']:.4f} | {m['density_mean']:.3f} |")
+      lines.append(
+        f"| {name} | {m['recall_mean']:.4f} | {m['recall_min']:.4f} | {m['rel_error_mean']:.4f} | "
+        f"{m['rel_error_max']:.4f} | {m['density_mean']:.3f} |"
+      )
     lines.append("")
   return "\n".join(lines) + "\n"
 
@@ -552,18 +701,36 @@ def plot_accuracy_density(path: pathlib.Path, summary: dict) -> None:
       c = next((c for c in summary["cells"] if (c["task"], c["length"], c["config"]) == ("all", L, config)), None)
       if c is None:
         continue
-      line = ax.errorbar([c["density"]], [100 * c["accuracy"]], yerr=[100 * c["se"]], fmt=markers[i % len(markers)],
-                         capsize=3, color=colors.get(L), alpha=0.85)
+      line = ax.errorbar(
+        [c["density"]],
+        [100 * c["accuracy"]],
+        yerr=[100 * c["se"]],
+        fmt=markers[i % len(markers)],
+        capsize=3,
+        color=colors.get(L),
+        alpha=0.85,
+      )
       colors.setdefault(L, line[0].get_color())
   ax.set_xlabel("selected block density (fraction of causal blocks)")
   ax.set_ylabel("accuracy (%), all tasks pooled")
   ax.set_title("RULER-style accuracy vs XAttention block density")
   ax.grid(alpha=0.3)
-  lengths = ax.legend([Line2D([], [], color=col, marker="o", linestyle="") for col in colors.values()],
-                      [f"{L} tokens" for L in colors], fontsize=8, loc="lower right", title="length")
+  lengths = ax.legend(
+    [Line2D([], [], color=col, marker="o", linestyle="") for col in colors.values()],
+    [f"{L} tokens" for L in colors],
+    fontsize=8,
+    loc="lower right",
+    title="length",
+  )
   ax.add_artist(lengths)
-  ax.legend([Line2D([], [], color="grey", marker=markers[i % len(markers)], linestyle="") for i in range(len(configs))],
-            configs, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="config")
+  ax.legend(
+    [Line2D([], [], color="grey", marker=markers[i % len(markers)], linestyle="") for i in range(len(configs))],
+    configs,
+    fontsize=7,
+    loc="center left",
+    bbox_to_anchor=(1.01, 0.5),
+    title="config",
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -576,13 +743,33 @@ def report(args, env: dict, stem: pathlib.Path, argv=None) -> dict:
   summary = summarize(records, list(args.configs))
   fid_path = stem_file(stem, "-fidelity.json")
   fidelity = json.loads(fid_path.read_text()) if fid_path.exists() else None
-  run_args = dict(tasks=args.tasks, haystacks=args.haystacks, lengths=args.lengths, samples=args.samples,
-                  configs=args.configs, block_size=args.block_size, seed=args.seed, cal_method=args.cal_method,
-                  cal_prompts=args.cal_prompts, cal_length=args.cal_length, dtype=args.dtype, batch=args.batch,
-                  max_new_tokens=args.max_new_tokens, implementation=args.implementation)
+  run_args = dict(
+    tasks=args.tasks,
+    haystacks=args.haystacks,
+    lengths=args.lengths,
+    samples=args.samples,
+    configs=args.configs,
+    block_size=args.block_size,
+    seed=args.seed,
+    cal_method=args.cal_method,
+    cal_prompts=args.cal_prompts,
+    cal_length=args.cal_length,
+    dtype=args.dtype,
+    batch=args.batch,
+    max_new_tokens=args.max_new_tokens,
+    implementation=args.implementation,
+  )
   # The run's card, jax and date (its folder and file name), not those of a --report-only rebuild's machine.
-  result = dict(metadata(SCRIPT, argv), card=records[-1].get("device", env["device"]), jax=env["jax"],
-                date=stem.name[:10], env=env, args=run_args, **summary, fidelity=fidelity_summary(fidelity))
+  result = dict(
+    metadata(SCRIPT, argv),
+    card=records[-1].get("device", env["device"]),
+    jax=env["jax"],
+    date=stem.name[:10],
+    env=env,
+    args=run_args,
+    **summary,
+    fidelity=fidelity_summary(fidelity),
+  )
   stem = write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
   plot_accuracy_density(stem_file(stem, "-accuracy-density.png"), summary)
   _log(f"wrote {stem}.json, .md, -accuracy-density.png")
@@ -598,14 +785,21 @@ def parse_args(argv=None):
   p.add_argument("--samples", type=int, default=10, help="samples per task x haystack x length")
   p.add_argument("--round-size", type=int, default=5, help="sample indices per round over lengths and configs")
   p.add_argument("--batch", type=int, default=8, help="prompts per generate call (one length, one config)")
-  p.add_argument("--max-new-tokens", type=int, default=64,
-                 help="answer budget of every task (the prompt fills the rest of the length)")
+  p.add_argument(
+    "--max-new-tokens",
+    type=int,
+    default=64,
+    help="answer budget of every task (the prompt fills the rest of the length)",
+  )
   p.add_argument("--configs", type=csv_of(str), default=list(DEFAULT_CONFIGS))
   p.add_argument("--block-size", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--implementation", default=None,
-                 help="XAttention backend(s), comma separated (default: the best for the platform). The semantics "
-                      "are the same everywhere; 'xla' compiles a 30-layer model faster than the Pallas kernels")
+  p.add_argument(
+    "--implementation",
+    default=None,
+    help="XAttention backend(s), comma separated (default: the best for the platform). The semantics "
+    "are the same everywhere; 'xla' compiles a 30-layer model faster than the Pallas kernels",
+  )
   p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
   p.add_argument("--cal-method", choices=["reference", "selection"], default="selection")
   p.add_argument("--cal-stride", type=int, default=8)
@@ -619,13 +813,21 @@ def parse_args(argv=None):
   p.add_argument("--search-evals", type=int, default=90, help="at most this many accuracy evaluations")
   p.add_argument("--fidelity-prompts", type=int, default=1, help="0 skips the fidelity section")
   p.add_argument("--fidelity-length", type=int, default=4096)
-  p.add_argument("--mask-heads", type=lambda s: [tuple(int(x) for x in hh.split(":")) for hh in s.split(",")],
-                 default=None, help="layer:head pairs for the mask heat maps (default: four spread over the model)")
+  p.add_argument(
+    "--mask-heads",
+    type=lambda s: [tuple(int(x) for x in hh.split(":")) for hh in s.split(",")],
+    default=None,
+    help="layer:head pairs for the mask heat maps (default: four spread over the model)",
+  )
   p.add_argument("--no-masks", dest="masks", action="store_false")
   add_output_args(p)
   p.add_argument("--report-only", action="store_true", help="rebuild the table and plots from the JSONL")
-  p.add_argument("--require-equal", type=csv_of(str), default=[],
-                 help="configs whose answers must equal dense's on every sample (exit 1 otherwise), e.g. s8_t1.0")
+  p.add_argument(
+    "--require-equal",
+    type=csv_of(str),
+    default=[],
+    help="configs whose answers must equal dense's on every sample (exit 1 otherwise), e.g. s8_t1.0",
+  )
   args = p.parse_args(argv)
   if args.implementation:
     args.implementation = tuple(args.implementation.split(","))
@@ -638,9 +840,14 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   import jax
 
-  env = dict(model=args.model, device=jax.devices()[0].device_kind, jax=jax.__version__,
-             date=datetime.date.today().isoformat(), host=f"{platform.machine()}, {os.cpu_count()} CPUs",
-             command="python benchmarks/niah.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+  env = dict(
+    model=args.model,
+    device=jax.devices()[0].device_kind,
+    jax=jax.__version__,
+    date=datetime.date.today().isoformat(),
+    host=f"{platform.machine()}, {os.cpu_count()} CPUs",
+    command="python benchmarks/niah.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+  )
   stem = run_stem(args.out_dir, args.tag, env["device"], any_card=args.report_only)
   previous = stem_file(stem, ".json")
   if args.report_only and previous.exists():  # the table describes the runs that made the JSONL, not this host
@@ -668,8 +875,11 @@ def check_equal_answers(records: list[dict], configs) -> None:
       raise SystemExit(f"--require-equal {config}: no sample ran with both {config} and dense")
     differ = [i for i in common if mine[i] != dense[i]]
     if differ:
-      print(f"{config}: {len(differ)} of {len(common)} answers differ from dense: " + "; ".join(
-          f"{i}: {mine[i]!r} vs {dense[i]!r}" for i in differ[:5]), file=sys.stderr)
+      print(
+        f"{config}: {len(differ)} of {len(common)} answers differ from dense: "
+        + "; ".join(f"{i}: {mine[i]!r} vs {dense[i]!r}" for i in differ[:5]),
+        file=sys.stderr,
+      )
       raise SystemExit(1)
     _log(f"{config}: all {len(common)} answers equal dense's")
 

@@ -37,24 +37,29 @@ def main(argv=None) -> int:
   parser.add_argument("--json", default=None, help="also write the rows here")
   args = parser.parse_args(argv)
   if args.dump:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump} "
-                               "--xla_dump_hlo_pass_re=NONE").strip()
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump} --xla_dump_hlo_pass_re=NONE"
+    ).strip()
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from xattn_jax.models import AttentionConfig, Transformer, llama3_1_8b
 
-  shapes = {"llama3_1_8b": {}, "tiny": dict(vocab_size=512, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64,
-                                            mlp_dim=512)}
+  shapes = {
+    "llama3_1_8b": {},
+    "tiny": dict(vocab_size=512, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=512),
+  }
   rows = []
   for kind in args.kinds.split(","):
     for length in args.lengths:
       for chunk in args.chunk_sizes:
-        config = llama3_1_8b(num_layers=args.layers, max_seq_len=length, attention=AttentionConfig(kind=kind),
-                             **shapes[args.shape])
-        model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                                   rngs=nnx.Rngs(0)))
+        config = llama3_1_8b(
+          num_layers=args.layers, max_seq_len=length, attention=AttentionConfig(kind=kind), **shapes[args.shape]
+        )
+        model = nnx.eval_shape(
+          lambda: Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        )
         graphdef, state = nnx.split(model)
         cache = jax.eval_shape(lambda: nnx.merge(graphdef, state).init_cache(args.batch, length))
         T = chunk or length
@@ -66,13 +71,24 @@ def main(argv=None) -> int:
         compiled = jax.jit(fn, donate_argnums=3).lower(state, tokens, lengths, cache).compile()
         seconds = time.perf_counter() - start
         memory = compiled.memory_analysis()
-        row = dict(kind=kind, T=length, chunk=chunk, program=method, compile_s=round(seconds, 1),
-                   temp_gib=memory.temp_size_in_bytes / 2**30, argument_gib=memory.argument_size_in_bytes / 2**30,
-                   platform=jax.default_backend(), layers=args.layers, shape=args.shape)
+        row = dict(
+          kind=kind,
+          T=length,
+          chunk=chunk,
+          program=method,
+          compile_s=round(seconds, 1),
+          temp_gib=memory.temp_size_in_bytes / 2**30,
+          argument_gib=memory.argument_size_in_bytes / 2**30,
+          platform=jax.default_backend(),
+          layers=args.layers,
+          shape=args.shape,
+        )
         rows.append(row)
-        print(f"{kind:<10} T={length:>7} {'one-shot' if not chunk else f'chunk {chunk}':<12} temps "
-              f"{row['temp_gib']:7.2f} GiB  arguments {row['argument_gib']:6.2f} GiB  compile {seconds:5.1f} s",
-              flush=True)
+        print(
+          f"{kind:<10} T={length:>7} {'one-shot' if not chunk else f'chunk {chunk}':<12} temps "
+          f"{row['temp_gib']:7.2f} GiB  arguments {row['argument_gib']:6.2f} GiB  compile {seconds:5.1f} s",
+          flush=True,
+        )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

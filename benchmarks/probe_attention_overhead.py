@@ -34,22 +34,34 @@ def main():
     geometry = Geometry.from_lengths(jnp.array([length], jnp.int32), jnp.array([length], jnp.int32))
     for name, blocks in (("diag only", 1), ("4 blocks", 4)):
       mask = jnp.broadcast_to(
-          (jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None])
-          & (jnp.arange(nb)[None, :] > jnp.arange(nb)[:, None] - blocks),
-          (1, heads, nb, nb))
+        (jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None])
+        & (jnp.arange(nb)[None, :] > jnp.arange(nb)[:, None] - blocks),
+        (1, heads, nb, nb),
+      )
       layout = xa.BlockLayout.from_dense(mask)
-      direct = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
-          q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5))
-      per_row = jax.jit(lambda q, k, v, layout: kernel.block_sparse_attention(
-          q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5,
-          config=kernel.ForwardConfig(num_ctas=None)))
-      public = jax.jit(lambda q, k, v, layout: xa.block_sparse_attention(
-          q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu"))
+      direct = jax.jit(
+        lambda q, k, v, layout: kernel.block_sparse_attention(
+          q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5
+        )
+      )
+      per_row = jax.jit(
+        lambda q, k, v, layout: kernel.block_sparse_attention(
+          q, k, v, layout, geometry, causal=True, scale=head_dim**-0.5, config=kernel.ForwardConfig(num_ctas=None)
+        )
+      )
+      public = jax.jit(
+        lambda q, k, v, layout: xa.block_sparse_attention(
+          q, k, v, layout, causal=True, implementation="pallas_mosaic_gpu"
+        )
+      )
       prefix = jax.jit(lambda layout: kernel.unmasked_prefix(layout, geometry, causal=True))
-      print(f"T={length:>6} {name:>9}: kernel {timed(direct, q, k, v, layout, repeats=30)['ms']:7.3f} ms   "
-            f"one CTA per row {timed(per_row, q, k, v, layout, repeats=30)['ms']:7.3f} ms   public op "
-            f"{timed(public, q, k, v, layout, repeats=30)['ms']:7.3f} ms   unmasked_prefix "
-            f"{timed(prefix, layout, repeats=30)['ms']:7.3f} ms", flush=True)
+      print(
+        f"T={length:>6} {name:>9}: kernel {timed(direct, q, k, v, layout, repeats=30)['ms']:7.3f} ms   "
+        f"one CTA per row {timed(per_row, q, k, v, layout, repeats=30)['ms']:7.3f} ms   public op "
+        f"{timed(public, q, k, v, layout, repeats=30)['ms']:7.3f} ms   unmasked_prefix "
+        f"{timed(prefix, layout, repeats=30)['ms']:7.3f} ms",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

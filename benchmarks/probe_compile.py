@@ -24,8 +24,11 @@ GiB = 1 << 30
 
 
 def probe(kind: str, layers: int, length: int, program: str, chunk: int, stride: int) -> str:
-  attention = (AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(stride=stride, threshold=0.9))
-               if kind == "xattention" else AttentionConfig(kind="dense"))
+  attention = (
+    AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(stride=stride, threshold=0.9))
+    if kind == "xattention"
+    else AttentionConfig(kind="dense")
+  )
   config = llama3_1_8b(num_layers=layers, attention=attention)
   model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
   gen = Generator(model, max_len=length, chunk_size=length if program == "prefill" else chunk)
@@ -41,9 +44,11 @@ def probe(kind: str, layers: int, length: int, program: str, chunk: int, stride:
   t3 = time.perf_counter()
   kernels = lowered.as_text().count("@mosaic_gpu_v2")
   temps = compiled.memory_analysis().temp_size_in_bytes / GiB
-  return (f"{kind:<10} s={stride:<2} layers {layers:>2} T {length:>6} {program:<7} chunk {width:>6}: trace "
-          f"{t1 - t0:5.1f} s lower {t2 - t1:5.1f} s compile {t3 - t2:6.1f} s temps {temps:6.2f} GiB kernels "
-          f"{kernels} | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
+  return (
+    f"{kind:<10} s={stride:<2} layers {layers:>2} T {length:>6} {program:<7} chunk {width:>6}: trace "
+    f"{t1 - t0:5.1f} s lower {t2 - t1:5.1f} s compile {t3 - t2:6.1f} s temps {temps:6.2f} GiB kernels "
+    f"{kernels} | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
+  )
 
 
 def main():

@@ -46,8 +46,12 @@ def elementwise_decode(q, k, v, kv_lengths, scale):
 
 def unrolled_decode(q, k, v, kv_lengths, scale):
   """The current route once per sequence (dots whose only batch dimension is the kv head)."""
-  return jnp.concatenate([dense._decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], kv_lengths[b:b + 1], scale)
-                          for b in range(q.shape[0])])
+  return jnp.concatenate(
+    [
+      dense._decode_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], kv_lengths[b : b + 1], scale)
+      for b in range(q.shape[0])
+    ]
+  )
 
 
 def main():
@@ -57,11 +61,11 @@ def main():
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args()
   N, K, H = 32, 8, 128
-  scale = H ** -0.5
+  scale = H**-0.5
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
   for B in args.batches:
     for S in args.lengths:
-      if 2 * B * S * K * H * 2 > 60 * 2 ** 30:
+      if 2 * B * S * K * H * 2 > 60 * 2**30:
         print(f"B={B} S={S}: skipped (cache over 60 GiB)")
         continue
       kq, kk, kv = jax.random.split(jax.random.key(S + B), 3)
@@ -69,9 +73,11 @@ def main():
       k = jax.random.normal(kk, (B, S, K, H), jnp.bfloat16)
       v = jax.random.normal(kv, (B, S, K, H), jnp.bfloat16)
       lengths = jnp.full((B,), S - 3, jnp.int32)
-      variants = {"current": functools.partial(dense._decode_attention, scale=scale),
-                  "elementwise": functools.partial(elementwise_decode, scale=scale),
-                  "unrolled": functools.partial(unrolled_decode, scale=scale)}
+      variants = {
+        "current": functools.partial(dense._decode_attention, scale=scale),
+        "elementwise": functools.partial(elementwise_decode, scale=scale),
+        "unrolled": functools.partial(unrolled_decode, scale=scale),
+      }
       ref = jax.jit(variants["current"])(q, k, v, lengths).astype(jnp.float32)
       gb = 2 * k.size * k.dtype.itemsize / 1e9
       for name, fn in variants.items():

@@ -52,11 +52,17 @@ def sass_top(path: str, lines: int = 40) -> None:
     columns = [i for i, c in enumerate(header) if "Sampl" in c]
     source, key = header.index("Source"), columns[0]
     total = sum(number(r[key]) for r in body)
-    print(f"--- kernel: {len(body)} SASS lines, {total:.0f} samples ({header[key]}); columns: samples, share, "
-          + ", ".join(header[i] for i in columns[1:]))
+    print(
+      f"--- kernel: {len(body)} SASS lines, {total:.0f} samples ({header[key]}); columns: samples, share, "
+      + ", ".join(header[i] for i in columns[1:])
+    )
     for r in sorted(body, key=lambda r: -number(r[key]))[:lines]:
-      print(f"{number(r[key]):8.0f} {100 * number(r[key]) / max(total, 1):5.1f}%  "
-            + " | ".join(r[i] for i in columns[1:]) + "  " + r[source][:110])
+      print(
+        f"{number(r[key]):8.0f} {100 * number(r[key]) / max(total, 1):5.1f}%  "
+        + " | ".join(r[i] for i in columns[1:])
+        + "  "
+        + r[source][:110]
+      )
 
 
 @without_traced_checks  # production dispatch: no checkify effects in the timed programs
@@ -66,7 +72,7 @@ def main():
   heads, head_dim = 32, 128
   for case in sys.argv[1].split(","):
     length, percent, *rest = case.split(":")
-    kv_heads, variant = (rest + ["8", "default"][len(rest):])[:2]
+    kv_heads, variant = (rest + ["8", "default"][len(rest) :])[:2]
     if variant not in VARIANTS:
       raise SystemExit(f"case {case!r}: variant {variant!r} not in {sorted(VARIANTS)}")
     length, percent, kv_heads = int(length), int(percent), int(kv_heads)
@@ -83,10 +89,12 @@ def main():
     out = jax.block_until_ready(compiled(q, k, v, layout))
     tiles = int(layout.counts.size)
     visits = int(layout.counts.sum())
-    print(f"case T={length} K={kv_heads} density={percent}% {variant}: {tiles} tiles (head, query block), "
-          f"{visits} visited blocks, {visits / tiles:.2f} per tile, "
-          f"output finite: {bool(jnp.isfinite(out.astype(jnp.float32)).all())}",
-          flush=True)
+    print(
+      f"case T={length} K={kv_heads} density={percent}% {variant}: {tiles} tiles (head, query block), "
+      f"{visits} visited blocks, {visits / tiles:.2f} per tile, "
+      f"output finite: {bool(jnp.isfinite(out.astype(jnp.float32)).all())}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ def csv_of(kind):
 
 def add_output_args(parser, *, tag: str = "run") -> None:
   """--out-dir and --tag (also spelled --name, its old name in some scripts)."""
-  parser.add_argument("--out-dir", default=str(RESULTS),
-                      help="results go to <out-dir>/<script>/<card>/<date>-<tag>.json and .md")
+  parser.add_argument(
+    "--out-dir", default=str(RESULTS), help="results go to <out-dir>/<script>/<card>/<date>-<tag>.json and .md"
+  )
   parser.add_argument("--tag", "--name", dest="tag", default=tag, help="the run's name in its file names")
 
 
@@ -40,8 +41,13 @@ def metadata(script: str, argv=None) -> dict:
   import jax  # here: a script's flags parse before JAX loads
 
   argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-  return dict(script=script, card=jax.devices()[0].device_kind, jax=jax.__version__,
-              date=datetime.date.today().isoformat(), command=shlex.join([f"{script}.py", *argv]))
+  return dict(
+    script=script,
+    card=jax.devices()[0].device_kind,
+    jax=jax.__version__,
+    date=datetime.date.today().isoformat(),
+    command=shlex.join([f"{script}.py", *argv]),
+  )
 
 
 def result_stem(out_dir, *, script: str, card: str, date: str, tag: str) -> pathlib.Path:

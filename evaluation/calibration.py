@@ -87,7 +87,7 @@ def _padded(prompts: Sequence[Sequence[int]], bucket: int):
   for ids in prompts:
     T = -(-len(ids) // bucket) * bucket
     tokens = np.zeros((1, T), np.int32)
-    tokens[0, :len(ids)] = ids
+    tokens[0, : len(ids)] = ids
     yield jnp.asarray(tokens), jnp.asarray([len(ids)], jnp.int32)
 
 
@@ -103,9 +103,19 @@ class Calibration:
   estimator: str = "antidiagonal"
 
 
-def calibrate(model: Transformer, prompts: Sequence[Sequence[int]], *, target: float = 0.9, stride: int = 8,
-              block_size: int = 128, method: str = "reference", aggregate: str = "max", bucket: int = 512,
-              progress: Callable[[str], None] | None = None, estimator: str = "antidiagonal") -> Calibration:
+def calibrate(
+  model: Transformer,
+  prompts: Sequence[Sequence[int]],
+  *,
+  target: float = 0.9,
+  stride: int = 8,
+  block_size: int = 128,
+  method: str = "reference",
+  aggregate: str = "max",
+  bucket: int = 512,
+  progress: Callable[[str], None] | None = None,
+  estimator: str = "antidiagonal",
+) -> Calibration:
   """Per-(layer, head) thresholds that keep the blocks covering `target` of the exact attention mass.
 
   Args:
@@ -128,20 +138,35 @@ def calibrate(model: Transformer, prompts: Sequence[Sequence[int]], *, target: f
   for p, (tokens, lengths) in enumerate(_padded(prompts, max(bucket, block_size))):
     rows = []
     for layer in iter_layer_qkv(model, tokens, lengths):
-      tau = xcal.head_thresholds(layer.q, layer.k, target, stride=stride, block_size=block_size, lengths=lengths,
-                                 method=method, estimator=estimator)
+      tau = xcal.head_thresholds(
+        layer.q,
+        layer.k,
+        target,
+        stride=stride,
+        block_size=block_size,
+        lengths=lengths,
+        method=method,
+        estimator=estimator,
+      )
       rows.append(np.asarray(tau[0]))
     per_prompt.append(np.stack(rows))
     if progress:
       progress(f"calibration prompt {p + 1}/{len(prompts)}: mean tau {per_prompt[-1].mean():.3f}")
   per_prompt = np.stack(per_prompt)
   table = per_prompt.max(axis=0) if aggregate == "max" else per_prompt.mean(axis=0)
-  return Calibration(np.clip(table, 0.0, 1.0), per_prompt, float(target), method, aggregate, stride, block_size,
-                     estimator)
+  return Calibration(
+    np.clip(table, 0.0, 1.0), per_prompt, float(target), method, aggregate, stride, block_size, estimator
+  )
 
 
-def fidelity(model: Transformer, prompts: Sequence[Sequence[int]], settings: Mapping[str, tuple[int, object]], *,
-             block_size: int = 128, bucket: int = 512) -> dict[str, dict[str, np.ndarray]]:
+def fidelity(
+  model: Transformer,
+  prompts: Sequence[Sequence[int]],
+  settings: Mapping[str, tuple[int, object]],
+  *,
+  block_size: int = 128,
+  bucket: int = 512,
+) -> dict[str, dict[str, np.ndarray]]:
   """Recall (exact attention mass inside the selected blocks) and output error vs dense, per layer and head.
 
   Each layer is measured on the dense model's own q/k/v (so errors do not compound across layers: this is the
@@ -163,9 +188,17 @@ def fidelity(model: Transformer, prompts: Sequence[Sequence[int]], settings: Map
       for name, (stride, thresholds, *estimator) in settings.items():
         tau = np.asarray(thresholds, np.float32)
         tau = np.broadcast_to(tau[layer.layer] if tau.ndim == 2 else tau, (N,))
-        result = xcal.attention_fidelity(layer.q, layer.k, layer.v, jnp.asarray(tau), stride=stride,
-                                         block_size=block_size, lengths=lengths, mass=mass,
-                                         estimator=estimator[0] if estimator else "antidiagonal")
+        result = xcal.attention_fidelity(
+          layer.q,
+          layer.k,
+          layer.v,
+          jnp.asarray(tau),
+          stride=stride,
+          block_size=block_size,
+          lengths=lengths,
+          mass=mass,
+          estimator=estimator[0] if estimator else "antidiagonal",
+        )
         for m in rows[name]:
           rows[name][m].append(np.asarray(result[m][0]))
     for name in settings:
@@ -174,9 +207,16 @@ def fidelity(model: Transformer, prompts: Sequence[Sequence[int]], settings: Map
   return {name: {m: np.stack(v) for m, v in metrics.items()} for name, metrics in out.items()}
 
 
-def minimum_threshold_search(thresholds, evaluate: Callable[[np.ndarray], float], *, factor: float = 0.9,
-                             tolerance: float = 0.0, per: str = "layer", max_evals: int | None = None,
-                             progress: Callable[[str], None] | None = None):
+def minimum_threshold_search(
+  thresholds,
+  evaluate: Callable[[np.ndarray], float],
+  *,
+  factor: float = 0.9,
+  tolerance: float = 0.0,
+  per: str = "layer",
+  max_evals: int | None = None,
+  progress: Callable[[str], None] | None = None,
+):
   """The paper's "minimum threshold" search, greedy: lower one group's tau by `factor` while accuracy holds.
 
   Round after round, each group (a layer's heads together with per="layer", one head with per="head") has its
@@ -218,11 +258,15 @@ def attention_config(thresholds: str | os.PathLike | Mapping, **xattention_overr
   and estimator (the paper's where the file predates the choice) and its per-layer, per-head thresholds
   (AttentionConfig.layer_thresholds)."""
   record = thresholds if isinstance(thresholds, Mapping) else xcal.load_thresholds(thresholds)
-  xattention = XAttentionConfig(**(dict(stride=record["stride"], block_size=record["block_size"],
-                                        estimator=record.get("estimator", "antidiagonal"))
-                                   | xattention_overrides))
-  return AttentionConfig(kind="xattention", xattention=xattention,
-                         layer_thresholds=tuple(tuple(row) for row in record["layer_thresholds"]))
+  xattention = XAttentionConfig(
+    **(
+      dict(stride=record["stride"], block_size=record["block_size"], estimator=record.get("estimator", "antidiagonal"))
+      | xattention_overrides
+    )
+  )
+  return AttentionConfig(
+    kind="xattention", xattention=xattention, layer_thresholds=tuple(tuple(row) for row in record["layer_thresholds"])
+  )
 
 
 def prompt_ids(tokenizer, sample) -> list[int]:
@@ -232,8 +276,15 @@ def prompt_ids(tokenizer, sample) -> list[int]:
   return tokenizer.encode(text)
 
 
-def task_prompts(tokenizer, *, n: int, length: int, tasks: Sequence[str] = ("single", "multikey"),
-                 haystacks: Sequence[str] = ("noise", "prose"), seed: int = 1000):
+def task_prompts(
+  tokenizer,
+  *,
+  n: int,
+  length: int,
+  tasks: Sequence[str] = ("single", "multikey"),
+  haystacks: Sequence[str] = ("noise", "prose"),
+  seed: int = 1000,
+):
   """n RULER-style samples (`xattn_jax.evaluation.haystack`) cycling over tasks and haystacks, fitted to `length`
   tokens.
 
@@ -243,8 +294,17 @@ def task_prompts(tokenizer, *, n: int, length: int, tasks: Sequence[str] = ("sin
 
   count = lambda s: len(prompt_ids(tokenizer, s))
   combos = [(t, h) for t in tasks for h in haystacks]
-  return [ruler_sample(combos[i % len(combos)][0], haystack=combos[i % len(combos)][1], length=length,
-                       index=i // len(combos), count_tokens=count, seed=seed) for i in range(n)]
+  return [
+    ruler_sample(
+      combos[i % len(combos)][0],
+      haystack=combos[i % len(combos)][1],
+      length=length,
+      index=i // len(combos),
+      count_tokens=count,
+      seed=seed,
+    )
+    for i in range(n)
+  ]
 
 
 def generate_in_batches(generator, prompts, *, batch: int, max_new_tokens: int, stop_tokens=()):
@@ -254,11 +314,12 @@ def generate_in_batches(generator, prompts, *, batch: int, max_new_tokens: int, 
   import time
 
   for i in range(0, len(prompts), batch):
-    part = list(prompts[i:i + batch])
+    part = list(prompts[i : i + batch])
     start = time.perf_counter()
-    result = generator.generate(part + [part[-1]] * (batch - len(part)), max_new_tokens=max_new_tokens,
-                                stop_tokens=stop_tokens)
-    yield i, dataclasses.replace(result, tokens=result.tokens[:len(part)]), time.perf_counter() - start
+    result = generator.generate(
+      part + [part[-1]] * (batch - len(part)), max_new_tokens=max_new_tokens, stop_tokens=stop_tokens
+    )
+    yield i, dataclasses.replace(result, tokens=result.tokens[: len(part)]), time.perf_counter() - start
 
 
 def task_accuracy(generator, tokenizer, samples, *, batch: int = 8, max_new_tokens: int | None = None) -> float:
@@ -270,15 +331,30 @@ def task_accuracy(generator, tokenizer, samples, *, batch: int = 8, max_new_toke
     raise ValueError("task_accuracy needs at least one sample")
   new = max_new_tokens or max(s.max_new_tokens for s in samples)
   scores = []
-  for i, result, _ in generate_in_batches(generator, [prompt_ids(tokenizer, s) for s in samples], batch=batch,
-                                          max_new_tokens=new, stop_tokens=tokenizer.stop_token_ids):
+  for i, result, _ in generate_in_batches(
+    generator,
+    [prompt_ids(tokenizer, s) for s in samples],
+    batch=batch,
+    max_new_tokens=new,
+    stop_tokens=tokenizer.stop_token_ids,
+  ):
     scores += [string_match_all(tokenizer.decode(ids), s.answers) for s, ids in zip(samples[i:], result.tokens)]
   return float(np.mean(scores))
 
 
-def search_thresholds(generator, tokenizer, samples, start, *, factor: float = 0.9, tolerance: float = 0.0,
-                      per: str = "layer", max_evals: int | None = None, batch: int = 8,
-                      progress: Callable[[str], None] | None = None):
+def search_thresholds(
+  generator,
+  tokenizer,
+  samples,
+  start,
+  *,
+  factor: float = 0.9,
+  tolerance: float = 0.0,
+  per: str = "layer",
+  max_evals: int | None = None,
+  batch: int = 8,
+  progress: Callable[[str], None] | None = None,
+):
   """The paper's minimum-threshold search on task accuracy: `minimum_threshold_search` from `start` ([L, N] or a
   float), each candidate table set on `generator` (an XAttention model's Generator: thresholds are state, so no
   evaluation recompiles) and scored on `samples`. Returns (thresholds [L, N], history)."""
@@ -290,7 +366,8 @@ def search_thresholds(generator, tokenizer, samples, start, *, factor: float = 0
     return task_accuracy(generator, tokenizer, samples, batch=batch)
 
   try:
-    return minimum_threshold_search(table, evaluate, factor=factor, tolerance=tolerance, per=per,
-                                    max_evals=max_evals, progress=progress)
+    return minimum_threshold_search(
+      table, evaluate, factor=factor, tolerance=tolerance, per=per, max_evals=max_evals, progress=progress
+    )
   finally:
     generator.set_thresholds()

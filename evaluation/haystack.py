@@ -10,7 +10,7 @@ import dataclasses
 import random
 import zlib
 
-NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 CITIES = ("Zurich", "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Oaxaca", "Bergen", "Tromso")
 
 
@@ -34,13 +34,15 @@ def needle_prompt(*, chars: int, depth: float = 0.5, haystack: str = "prose", se
   rng = random.Random(seed)
   source = prose() if haystack == "prose" else NOISE * (chars // len(NOISE) + 1)
   start = rng.randrange(0, max(1, len(source) - chars)) if haystack == "prose" else 0
-  hay = source[start:start + chars]
+  hay = source[start : start + chars]
   city, number = rng.choice(CITIES), str(rng.randrange(1000000, 9999999))
   needle = f" The special magic number for {city} is {number}. "
   cut = int(len(hay) * depth)
   cut = hay.rfind(" ", 0, cut) + 1 if " " in hay[:cut] else cut  # between words
-  text = (f"Read the text below and answer the question after it.\n\n{hay[:cut]}{needle}{hay[cut:]}\n\n"
-          f"Question: What is the special magic number for {city}? Answer with the number only.")
+  text = (
+    f"Read the text below and answer the question after it.\n\n{hay[:cut]}{needle}{hay[cut:]}\n\n"
+    f"Question: What is the special magic number for {city}? Answer with the number only."
+  )
   return NeedlePrompt(text=text, answer=number, depth=depth)
 
 
@@ -57,12 +59,70 @@ MAX_NEW_TOKENS = {"single": 24, "multikey": 24, "multivalue": 64, "vartrack": 40
 NUM_NEEDLES = 4  # multikey: 4 keys (one asked); multivalue: 4 values of one key
 NUM_HOPS = 4  # vartrack: one chain of 5 variables
 KEY_WORDS = (
-    "anchor", "badger", "cactus", "dolphin", "ember", "falcon", "glacier", "harbor", "iris", "jasmine", "kettle",
-    "lantern", "meadow", "nectar", "orchid", "pebble", "quartz", "raven", "saffron", "thistle", "umbrella", "violet",
-    "walnut", "yarrow", "zephyr", "amber", "bramble", "cobalt", "dune", "estuary", "fjord", "garnet", "heron",
-    "indigo", "juniper", "kelp", "lichen", "marble", "nutmeg", "oyster", "parsley", "quill", "reef", "sparrow",
-    "tundra", "upland", "vessel", "willow", "yeast", "zinnia", "acorn", "beacon", "canyon", "drizzle", "elm",
-    "ferret", "gravel", "hazel", "ivory", "jigsaw", "kiosk", "lemon", "mosaic", "nickel",
+  "anchor",
+  "badger",
+  "cactus",
+  "dolphin",
+  "ember",
+  "falcon",
+  "glacier",
+  "harbor",
+  "iris",
+  "jasmine",
+  "kettle",
+  "lantern",
+  "meadow",
+  "nectar",
+  "orchid",
+  "pebble",
+  "quartz",
+  "raven",
+  "saffron",
+  "thistle",
+  "umbrella",
+  "violet",
+  "walnut",
+  "yarrow",
+  "zephyr",
+  "amber",
+  "bramble",
+  "cobalt",
+  "dune",
+  "estuary",
+  "fjord",
+  "garnet",
+  "heron",
+  "indigo",
+  "juniper",
+  "kelp",
+  "lichen",
+  "marble",
+  "nutmeg",
+  "oyster",
+  "parsley",
+  "quill",
+  "reef",
+  "sparrow",
+  "tundra",
+  "upland",
+  "vessel",
+  "willow",
+  "yeast",
+  "zinnia",
+  "acorn",
+  "beacon",
+  "canyon",
+  "drizzle",
+  "elm",
+  "ferret",
+  "gravel",
+  "hazel",
+  "ivory",
+  "jigsaw",
+  "kiosk",
+  "lemon",
+  "mosaic",
+  "nickel",
 )
 
 
@@ -125,23 +185,40 @@ def _task_parts(task: str, rng: random.Random, depth: float):
   values = [str(v) for v in rng.sample(range(1000000, 10000000), NUM_NEEDLES)]
   keys = rng.sample(KEY_WORDS, NUM_NEEDLES)
   needle = " One of the special magic numbers for {} is: {}. "
-  intro = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz "
-           "you about the numbers afterwards.\n\n")
+  intro = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz "
+    "you about the numbers afterwards.\n\n"
+  )
   if task == "single":
     items = [(depth, needle.format(keys[0], values[0]))]
-    return (intro, items, f"What is the special magic number for {keys[0]} mentioned in the provided text?",
-            f"The special magic number for {keys[0]} mentioned in the provided text is", (values[0],))
+    return (
+      intro,
+      items,
+      f"What is the special magic number for {keys[0]} mentioned in the provided text?",
+      f"The special magic number for {keys[0]} mentioned in the provided text is",
+      (values[0],),
+    )
   if task == "multikey":  # the asked key at `depth`, the others anywhere
     placed = [(depth, needle.format(keys[0], values[0]))]
     placed += [(rng.random(), needle.format(k, v)) for k, v in zip(keys[1:], values[1:])]
     items = sorted(placed, key=lambda x: x[0])
-    return (intro, items, f"What is the special magic number for {keys[0]} mentioned in the provided text?",
-            f"The special magic number for {keys[0]} mentioned in the provided text is", (values[0],))
+    return (
+      intro,
+      items,
+      f"What is the special magic number for {keys[0]} mentioned in the provided text?",
+      f"The special magic number for {keys[0]} mentioned in the provided text is",
+      (values[0],),
+    )
   if task == "multivalue":  # one key, several values: the first at `depth`, the others anywhere
     depths = [depth] + [rng.random() for _ in values[1:]]
     items = sorted(((d, needle.format(keys[0], v)) for d, v in zip(depths, values)), key=lambda x: x[0])
-    return (intro, items, f"What are all the special magic numbers for {keys[0]} mentioned in the provided text?",
-            f"The special magic numbers for {keys[0]} mentioned in the provided text are", tuple(values))
+    return (
+      intro,
+      items,
+      f"What are all the special magic numbers for {keys[0]} mentioned in the provided text?",
+      f"The special magic numbers for {keys[0]} mentioned in the provided text are",
+      tuple(values),
+    )
   if task == "vartrack":  # VAR X1 = v, VAR X2 = VAR X1, ...: the chain starts at `depth`, later hops follow it
     names = []
     while len(names) < NUM_HOPS + 1:
@@ -150,16 +227,28 @@ def _task_parts(task: str, rng: random.Random, depth: float):
         names.append(name)
     depths = [depth] + sorted(depth + (1 - depth) * rng.random() for _ in range(NUM_HOPS))
     sentences = [f" VAR {names[0]} = {values[0]}. "] + [f" VAR {b} = VAR {a}. " for a, b in zip(names, names[1:])]
-    return ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n",
-            list(zip(depths, sentences)),
-            f"Question: Find all variables that are assigned the value {values[0]} in the text above.",
-            f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} variables "
-            f"are assigned the value {values[0]}, they are:", tuple(names))
+    return (
+      "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n",
+      list(zip(depths, sentences)),
+      f"Question: Find all variables that are assigned the value {values[0]} in the text above.",
+      f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} variables "
+      f"are assigned the value {values[0]}, they are:",
+      tuple(names),
+    )
   raise ValueError(f"task={task!r} must be one of {TASKS}")
 
 
-def ruler_sample(task: str, *, haystack: str, length: int, index: int, count_tokens, depth: float | None = None,
-                 seed: int = 0, max_new_tokens: int | None = None) -> TaskSample:
+def ruler_sample(
+  task: str,
+  *,
+  haystack: str,
+  length: int,
+  index: int,
+  count_tokens,
+  depth: float | None = None,
+  seed: int = 0,
+  max_new_tokens: int | None = None,
+) -> TaskSample:
   """Sample `index` of a RULER-style task, fitted to `length` tokens (prompt + answer budget).
 
   Args:
@@ -192,10 +281,19 @@ def ruler_sample(task: str, *, haystack: str, length: int, index: int, count_tok
       hay = (NOISE * (n_chars // len(NOISE) + 1))[:n_chars]
     else:
       start = int(start_fraction * max(0, len(source) - n_chars))
-      hay = source[start:start + n_chars]
+      hay = source[start : start + n_chars]
     context = f"{intro}{_insert(hay, items)}\n\n{question}"
-    return TaskSample(id=sample_id, task=task, haystack=haystack, length=length, depth=depth, context=context,
-                      answer_prefix=prefix, answers=answers, max_new_tokens=max_new)
+    return TaskSample(
+      id=sample_id,
+      task=task,
+      haystack=haystack,
+      length=length,
+      depth=depth,
+      context=context,
+      answer_prefix=prefix,
+      answers=answers,
+      max_new_tokens=max_new,
+    )
 
   if budget <= count_tokens(build(0)):
     raise ValueError(f"{length=} leaves no room for a haystack in {task} (answer budget {max_new})")

@@ -10,17 +10,17 @@ from xattn_jax.models.loading import from_pretrained, load_tokenizer  # noqa: E4
 from xattn_jax.models.transformer import KVCache, Transformer  # noqa: E402
 
 __all__ = [
-    "AttentionConfig",
-    "GenerationResult",
-    "Generator",
-    "KVCache",
-    "ModelConfig",
-    "RopeScaling",
-    "Transformer",
-    "from_pretrained",
-    "llama3_1_8b",
-    "load_tokenizer",
-    "smollm2_135m",
+  "AttentionConfig",
+  "GenerationResult",
+  "Generator",
+  "KVCache",
+  "ModelConfig",
+  "RopeScaling",
+  "Transformer",
+  "from_pretrained",
+  "llama3_1_8b",
+  "load_tokenizer",
+  "smollm2_135m",
 ]
 
 

@@ -61,17 +61,26 @@ class AttentionConfig:
       raise ValueError(f"attention kind={self.kind!r} must be 'dense' or 'xattention'")
     names = (self.dense_implementation,) if isinstance(self.dense_implementation, str) else self.dense_implementation
     choices = ("cudnn",) + available_backends()
-    if names is not None and (not isinstance(names, (tuple, list)) or not names or
-                              any(n not in choices for n in names) or ("cudnn" in names and len(names) > 1)):
-      raise ValueError(f"dense_implementation={self.dense_implementation!r} must be None, 'cudnn', or one or more "
-                       f"of {available_backends()}")
+    if names is not None and (
+      not isinstance(names, (tuple, list))
+      or not names
+      or any(n not in choices for n in names)
+      or ("cudnn" in names and len(names) > 1)
+    ):
+      raise ValueError(
+        f"dense_implementation={self.dense_implementation!r} must be None, 'cudnn', or one or more "
+        f"of {available_backends()}"
+      )
     if isinstance(names, list):
       object.__setattr__(self, "dense_implementation", tuple(names))
     if self.dense_layers < 0:
       raise ValueError(f"dense_layers={self.dense_layers} must be >= 0")
     if self.layer_thresholds is not None:
-      object.__setattr__(self, "layer_thresholds", tuple(
-          tuple(float(x) for x in t) if isinstance(t, (list, tuple)) else float(t) for t in self.layer_thresholds))
+      object.__setattr__(
+        self,
+        "layer_thresholds",
+        tuple(tuple(float(x) for x in t) if isinstance(t, (list, tuple)) else float(t) for t in self.layer_thresholds),
+      )
 
   def for_layer(self, layer: int) -> XAttentionConfig | None:
     """The XAttention config of `layer`, or None where the layer is dense."""
@@ -107,8 +116,16 @@ class ModelConfig:
   mlp_chunk_tokens: int | None = 8192
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                 "max_seq_len"):
+    for name in (
+      "vocab_size",
+      "d_model",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "mlp_dim",
+      "max_seq_len",
+    ):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name}={getattr(self, name)} must be positive")
     if self.num_heads % self.num_kv_heads:
@@ -133,10 +150,14 @@ class ModelConfig:
     hf = dict(hf)
     arch = (hf.get("architectures") or [_MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type", "<none>"))])[0]
     if arch not in _MODEL_TYPES.values():
-      raise NotImplementedError(f"{source}: unsupported architecture {arch!r} (supported: "
-                                f"{', '.join(_MODEL_TYPES.values())})")
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "intermediate_size") if k not in hf]
+      raise NotImplementedError(
+        f"{source}: unsupported architecture {arch!r} (supported: {', '.join(_MODEL_TYPES.values())})"
+      )
+    missing = [
+      k
+      for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+      if k not in hf
+    ]
     if missing:
       raise ValueError(f"{source}: missing required config key(s) {missing}")
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
@@ -159,23 +180,36 @@ class ModelConfig:
     kind = rope.get("rope_type", rope.get("type", "default"))
     rope_scaling = None
     if kind == "llama3":
-      absent = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-                if k not in rope]
+      absent = [
+        k
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if k not in rope
+      ]
       if absent:
         raise ValueError(f"{source}: llama3 rope scaling lacks key(s) {absent}")
       rope_scaling = RopeScaling(
-          factor=rope["factor"], low_freq_factor=rope["low_freq_factor"], high_freq_factor=rope["high_freq_factor"],
-          original_max_position_embeddings=rope["original_max_position_embeddings"])
+        factor=rope["factor"],
+        low_freq_factor=rope["low_freq_factor"],
+        high_freq_factor=rope["high_freq_factor"],
+        original_max_position_embeddings=rope["original_max_position_embeddings"],
+      )
     elif kind != "default":
       raise NotImplementedError(f"{source}: rope_scaling type {kind!r} is not supported (supported: llama3)")
     heads = hf["num_attention_heads"]
     config = dict(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope_scaling,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "Qwen2ForCausalLM",
-        max_seq_len=hf.get("max_position_embeddings", 8192),
+      vocab_size=hf["vocab_size"],
+      d_model=hf["hidden_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      mlp_dim=hf["intermediate_size"],
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rope_theta=theta,
+      rope_scaling=rope_scaling,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=arch == "Qwen2ForCausalLM",
+      max_seq_len=hf.get("max_position_embeddings", 8192),
     )
     return cls(**(config | overrides))
 
@@ -185,16 +219,42 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistr
 
 def llama3_1_8b(**overrides) -> ModelConfig:
   """Llama-3.1-8B's shape (no weights ship here); keyword overrides replace any field, e.g. num_layers=4."""
-  return _preset(dict(
-      vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14336,
-      rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(), max_seq_len=131072), overrides)
+  return _preset(
+    dict(
+      vocab_size=128256,
+      d_model=4096,
+      num_layers=32,
+      num_heads=32,
+      num_kv_heads=8,
+      head_dim=128,
+      mlp_dim=14336,
+      rms_norm_eps=1e-5,
+      rope_theta=500000.0,
+      rope_scaling=RopeScaling(),
+      max_seq_len=131072,
+    ),
+    overrides,
+  )
 
 
 def smollm2_135m(**overrides) -> ModelConfig:
   """SmolLM2-135M(-Instruct): Llama architecture, 9 query / 3 kv heads, tied embeddings."""
-  return _preset(dict(
-      vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, mlp_dim=1536,
-      rms_norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192), overrides)
+  return _preset(
+    dict(
+      vocab_size=49152,
+      d_model=576,
+      num_layers=30,
+      num_heads=9,
+      num_kv_heads=3,
+      head_dim=64,
+      mlp_dim=1536,
+      rms_norm_eps=1e-5,
+      rope_theta=100000.0,
+      tie_embeddings=True,
+      max_seq_len=8192,
+    ),
+    overrides,
+  )
 
 
 def _preset(fields: dict, overrides: dict) -> ModelConfig:

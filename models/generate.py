@@ -89,8 +89,10 @@ class Generator:
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive int")
     if chunk_size % bucket or max_len % chunk_size:
-      raise ValueError(f"chunk_size={chunk_size} must be a multiple of bucket={bucket} and divide max_len={max_len} "
-                       "(chunks never run past the cache)")
+      raise ValueError(
+        f"chunk_size={chunk_size} must be a multiple of bucket={bucket} and divide max_len={max_len} "
+        "(chunks never run past the cache)"
+      )
     self.graphdef, self.state = nnx.split(model)
     self.config = model.config
     self.mesh = mesh
@@ -99,9 +101,9 @@ class Generator:
       self.state = shard_state(self.state, mesh)
     self.max_len, self.chunk_size, self.bucket = int(max_len), int(chunk_size), int(bucket)
     self._jitted = {
-        "prefill": jax.jit(self._prefill_fn, donate_argnames=("cache",)),
-        "extend": jax.jit(self._extend_fn, donate_argnames=("cache",)),
-        "decode": jax.jit(self._decode_fn, donate_argnames=("cache",), static_argnames=("temperature", "top_p")),
+      "prefill": jax.jit(self._prefill_fn, donate_argnames=("cache",)),
+      "extend": jax.jit(self._extend_fn, donate_argnames=("cache",)),
+      "decode": jax.jit(self._decode_fn, donate_argnames=("cache",), static_argnames=("temperature", "top_p")),
     }
     self._compiled = {}
     self.compile_log: list[CompileRecord] = []
@@ -120,18 +122,28 @@ class Generator:
   def _executable(self, name: str, tokens, *args, **static):
     """The program `name` compiled ahead of time for these arguments' shapes (once, logged) and its arguments."""
     dynamic = (self.state, tokens) + args
-    signature = (name, jax.tree_util.tree_structure(dynamic),
-                 tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree_util.tree_leaves(dynamic)),
-                 tuple(sorted(static.items())))
+    signature = (
+      name,
+      jax.tree_util.tree_structure(dynamic),
+      tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree_util.tree_leaves(dynamic)),
+      tuple(sorted(static.items())),
+    )
     if signature not in self._compiled:
       start = time.perf_counter()
       compiled = self._jitted[name].lower(*dynamic, **static).compile()
       seconds = time.perf_counter() - start
       memory = compiled.memory_analysis()
-      self.compile_log.append(CompileRecord(
-          name, tuple(jnp.shape(tokens)), seconds, int(getattr(memory, "temp_size_in_bytes", -1)),
-          int(getattr(memory, "argument_size_in_bytes", -1)), int(getattr(memory, "output_size_in_bytes", -1)),
-          int(getattr(memory, "alias_size_in_bytes", -1))))
+      self.compile_log.append(
+        CompileRecord(
+          name,
+          tuple(jnp.shape(tokens)),
+          seconds,
+          int(getattr(memory, "temp_size_in_bytes", -1)),
+          int(getattr(memory, "argument_size_in_bytes", -1)),
+          int(getattr(memory, "output_size_in_bytes", -1)),
+          int(getattr(memory, "alias_size_in_bytes", -1)),
+        )
+      )
       self._compiled[signature] = compiled
     return self._compiled[signature], dynamic
 
@@ -145,8 +157,7 @@ class Generator:
       return cache
     check_divisible(self._model(state).config, self.mesh, batch=batch)
     spec = NamedSharding(self.mesh, cache_spec(self.mesh))
-    return jax.tree_util.tree_map(
-        lambda x: jax.lax.with_sharding_constraint(x, spec) if x.ndim == 4 else x, cache)
+    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, spec) if x.ndim == 4 else x, cache)
 
   def init_cache(self, batch: int) -> KVCache:
     """An empty KV cache of `max_len` tokens for `batch` sequences, placed as the generator's programs expect."""
@@ -191,8 +202,10 @@ class Generator:
   def _check_prompts(self, prompts) -> np.ndarray:
     """The prompts' lengths, after checking them all (before any device work)."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or len(prompts) == 0:
-      raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} "
-                       f"{'of length 0' if isinstance(prompts, (Sequence, np.ndarray)) else ''}".rstrip())
+      raise ValueError(
+        f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} "
+        f"{'of length 0' if isinstance(prompts, (Sequence, np.ndarray)) else ''}".rstrip()
+      )
     vocab = self.config.vocab_size
     lengths = []
     for i, p in enumerate(prompts):
@@ -202,8 +215,10 @@ class Generator:
       if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"prompts[{i}] must hold integer token ids, got dtype {ids.dtype}")
       if ids.min() < 0 or ids.max() >= vocab:
-        raise ValueError(f"prompts[{i}] has token id {int(ids.min() if ids.min() < 0 else ids.max())} outside "
-                         f"[0, {vocab}) (the model's vocab_size)")
+        raise ValueError(
+          f"prompts[{i}] has token id {int(ids.min() if ids.min() < 0 else ids.max())} outside "
+          f"[0, {vocab}) (the model's vocab_size)"
+        )
       if ids.size > self.max_len:
         raise ValueError(f"prompts[{i}] has {ids.size} tokens; it does not fit max_len={self.max_len}")
       lengths.append(ids.size)
@@ -225,25 +240,35 @@ class Generator:
       T = -(-int(lengths.max()) // self.bucket) * self.bucket
       tokens = np.zeros((len(prompts), T), np.int32)
       for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
+        tokens[i, : len(p)] = p
       return self._run("prefill", jnp.asarray(tokens), jnp.asarray(lengths), cache)
     C = self.chunk_size
     n_chunks = -(-int(lengths.max()) // C)
     tokens = np.zeros((len(prompts), n_chunks * C), np.int32)
     for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
+      tokens[i, : len(p)] = p
     last_logits, densities = None, []
     for c in range(n_chunks):
       chunk_lengths = np.clip(lengths - c * C, 0, C).astype(np.int32)
-      logits, cache, dens = self._run("extend", jnp.asarray(tokens[:, c * C:(c + 1) * C]),
-                                      jnp.asarray(chunk_lengths), cache)
+      logits, cache, dens = self._run(
+        "extend", jnp.asarray(tokens[:, c * C : (c + 1) * C]), jnp.asarray(chunk_lengths), cache
+      )
       ends_here = jnp.asarray((chunk_lengths > 0) & (lengths <= (c + 1) * C))[:, None]
       last_logits = logits if last_logits is None else jnp.where(ends_here, logits, last_logits)
       densities.append(dens)
     return last_logits, cache, jnp.mean(jnp.stack(densities), axis=0)
 
-  def decode(self, logits: jax.Array, cache: KVCache, *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0):
+  def decode(
+    self,
+    logits: jax.Array,
+    cache: KVCache,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+  ):
     """Decodes from a prefilled cache (donated) and its last logits [B, V].
 
     Returns (tokens int32 [B, buffer] with -1 past each sequence's end, steps run, the cache). One compilation per
@@ -257,12 +282,28 @@ class Generator:
     _check_sampling(max_new_tokens, temperature, top_p)
     buffer = -(-max_new_tokens // _DECODE_BUCKET) * _DECODE_BUCKET
     stop = jnp.asarray(list(stop_tokens) or [-2], jnp.int32)
-    return self._executable("decode", jnp.zeros((logits.shape[0], buffer), jnp.int32), jnp.int32(max_new_tokens),
-                            cache, logits, stop, jax.random.key(seed), temperature=float(temperature),
-                            top_p=float(top_p))
+    return self._executable(
+      "decode",
+      jnp.zeros((logits.shape[0], buffer), jnp.int32),
+      jnp.int32(max_new_tokens),
+      cache,
+      logits,
+      stop,
+      jax.random.key(seed),
+      temperature=float(temperature),
+      top_p=float(top_p),
+    )
 
-  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0) -> GenerationResult:
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+  ) -> GenerationResult:
     """Prefill, then decode up to max_new_tokens per prompt.
 
     Raises:
@@ -272,8 +313,9 @@ class Generator:
     lengths = self._check_prompts(prompts)
     _check_sampling(max_new_tokens, temperature, top_p)
     if lengths.max() + max_new_tokens > self.max_len:
-      raise ValueError(f"the longest prompt ({lengths.max()} tokens) + max_new_tokens={max_new_tokens} exceeds "
-                       f"max_len={self.max_len}")
+      raise ValueError(
+        f"the longest prompt ({lengths.max()} tokens) + max_new_tokens={max_new_tokens} exceeds max_len={self.max_len}"
+      )
     with self._context():
       start = time.perf_counter()
       logits, cache, densities = self._prefill_prompts(prompts, lengths)

@@ -55,8 +55,9 @@ class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), over chunks of `chunk_tokens` tokens so that the [tokens, F]
   intermediates of a long prompt stay one chunk's size (rows are independent: chunking changes no value)."""
 
-  def __init__(self, d_model: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs,
-               chunk_tokens: int | None = None):
+  def __init__(
+    self, d_model: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, chunk_tokens: int | None = None
+  ):
     linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate = linear(d_model, mlp_dim)
     self.up = linear(d_model, mlp_dim)
@@ -76,13 +77,14 @@ class MLP(nnx.Module):
 
     def chunk(i, buf):  # rows [i c, (i + 1) c) still hold the input: read them, then write their output over them
       start = i * c
-      return jax.lax.dynamic_update_slice_in_dim(buf, self._mlp(jax.lax.dynamic_slice_in_dim(buf, start, c)),
-                                                 start, axis=0)
+      return jax.lax.dynamic_update_slice_in_dim(
+        buf, self._mlp(jax.lax.dynamic_slice_in_dim(buf, start, c)), start, axis=0
+      )
 
     # The loop's buffer is the input itself, not a zero-filled output: XLA's GPU compiler fuses the zero fills of
     # every layer into one kernel at the start of the program and so held one [T, D] buffer per layer to the end
     # (8 KB per token per layer in an 8B model). Under reverse mode each step keeps one chunk's residuals.
     out = jax.lax.fori_loop(0, n, chunk, x.reshape(rows, D).astype(dtype))
     if rows % c:
-      out = jax.lax.dynamic_update_slice_in_dim(out, self._mlp(out[n * c:]), n * c, axis=0)
+      out = jax.lax.dynamic_update_slice_in_dim(out, self._mlp(out[n * c :]), n * c, axis=0)
     return out.reshape(x.shape[:-1] + (out.shape[-1],))

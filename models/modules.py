@@ -25,8 +25,7 @@ def threshold_vector(threshold, num_heads: int) -> jax.Array:
     if not np.all(np.isfinite(value) & (value >= 0)):
       raise ValueError(f"thresholds must be finite and >= 0, got {threshold}")
   if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != num_heads):
-    raise ValueError(f"threshold of shape {value.shape} must be a float or have one value per query head "
-                     f"({num_heads})")
+    raise ValueError(f"threshold of shape {value.shape} must be a float or have one value per query head ({num_heads})")
   return jnp.broadcast_to(jnp.asarray(value), (num_heads,))
 
 
@@ -70,14 +69,14 @@ class Attention(nnx.Module):
     self.dense_implementation = config.attention.dense_implementation
 
   def __call__(
-      self,
-      x: jax.Array,  # [B, T, D]
-      *,
-      positions: jax.Array,  # int32 [B, T]
-      q_lengths: jax.Array,  # int32 [B]: real tokens of x
-      cache: LayerCache | None = None,
-      offsets: jax.Array | None = None,  # int32 [B]: where x's keys go in the cache (positions[:, 0])
-      self_attention: bool = True,
+    self,
+    x: jax.Array,  # [B, T, D]
+    *,
+    positions: jax.Array,  # int32 [B, T]
+    q_lengths: jax.Array,  # int32 [B]: real tokens of x
+    cache: LayerCache | None = None,
+    offsets: jax.Array | None = None,  # int32 [B]: where x's keys go in the cache (positions[:, 0])
+    self_attention: bool = True,
   ) -> tuple[jax.Array, LayerCache | None, jax.Array]:
     """Attention of x to itself (a prompt from position 0) or to the cache (a later chunk, a decode step).
 
@@ -101,8 +100,9 @@ class Attention(nnx.Module):
       keys, values, kv_lengths = k, v, q_lengths
     else:  # everything in the cache up to and including x
       keys, values, kv_lengths = cache.k, cache.v, offsets + q_lengths
-    out, density = self._attend(q, keys.astype(q.dtype), values.astype(q.dtype), q_lengths, kv_lengths,
-                                self_attention=self_attention)
+    out, density = self._attend(
+      q, keys.astype(q.dtype), values.astype(q.dtype), q_lengths, kv_lengths, self_attention=self_attention
+    )
     return self.o_proj(out.reshape(B, T, N * H)), cache, density
 
   def _axes(self, mesh) -> dict:
@@ -115,10 +115,20 @@ class Attention(nnx.Module):
     T = q.shape[1]
     if self.xattention is not None and T > 1:
       cfg = self.xattention
-      kw = dict(is_causal=True, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
-                threshold=self.threshold.get_value(), stride=cfg.stride, block_size=cfg.block_size,
-                keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal, query_chunk_size=cfg.query_chunk_size,
-                implementation=cfg.implementation, estimator=cfg.estimator, return_block_layout=True)
+      kw = dict(
+        is_causal=True,
+        query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths,
+        threshold=self.threshold.get_value(),
+        stride=cfg.stride,
+        block_size=cfg.block_size,
+        keep_sink=cfg.keep_sink,
+        keep_diagonal=cfg.keep_diagonal,
+        query_chunk_size=cfg.query_chunk_size,
+        implementation=cfg.implementation,
+        estimator=cfg.estimator,
+        return_block_layout=True,
+      )
       mesh = current_mesh()
       if mesh is None:
         out, layout = xattn_jax.xattention(q, k, v, **kw)
@@ -130,8 +140,12 @@ class Attention(nnx.Module):
     implementation = self.dense_implementation
     if T == 1 or (implementation == "cudnn" and not self_attention):
       implementation = None  # decode steps take the one-pass route; cuDNN cannot place a later chunk's queries
-    kw = dict(is_causal=True, query_seq_lengths=q_lengths,
-              key_value_seq_lengths=q_lengths if self_attention else kv_lengths, implementation=implementation)
+    kw = dict(
+      is_causal=True,
+      query_seq_lengths=q_lengths,
+      key_value_seq_lengths=q_lengths if self_attention else kv_lengths,
+      implementation=implementation,
+    )
     mesh = current_mesh()
     if mesh is None or T == 1:  # a decode step is plain XLA: partitioned as the cache is (positions over "seq")
       out = xattn_jax.dense_attention(q, k, v, **kw)
@@ -147,8 +161,14 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, param_dtype=param_dtype)
     self.attn = Attention(config, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, param_dtype=param_dtype)
-    self.mlp = MLP(config.d_model, config.mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                   chunk_tokens=config.mlp_chunk_tokens)
+    self.mlp = MLP(
+      config.d_model,
+      config.mlp_dim,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      chunk_tokens=config.mlp_chunk_tokens,
+    )
 
   def __call__(self, x, **attn_kwargs):
     attn_out, cache, density = self.attn(self.attn_norm(x), **attn_kwargs)

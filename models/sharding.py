@@ -22,24 +22,33 @@ from xattn_jax.models.config import ModelConfig
 
 # (path pattern, spec with "tensor" standing for the tensor axis); the first match wins.
 RULES = (
-    (r"attn/(q|k|v)_proj/kernel$", P(None, "tensor")),
-    (r"attn/(q|k|v)_proj/bias$", P("tensor")),
-    (r"attn/o_proj/kernel$", P("tensor", None)),
-    (r"mlp/(gate|up)/kernel$", P(None, "tensor")),
-    (r"mlp/down/kernel$", P("tensor", None)),
-    (r".*", P()),
+  (r"attn/(q|k|v)_proj/kernel$", P(None, "tensor")),
+  (r"attn/(q|k|v)_proj/bias$", P("tensor")),
+  (r"attn/o_proj/kernel$", P("tensor", None)),
+  (r"mlp/(gate|up)/kernel$", P(None, "tensor")),
+  (r"mlp/down/kernel$", P("tensor", None)),
+  (r".*", P()),
 )
 
 
 def make_mesh(data: int, tensor: int, devices=None, *, seq: int = 1) -> jax.sharding.Mesh:
   """A (data, seq, tensor) mesh: batch over "data", one prompt's tokens over "seq" (sequence parallelism: the
   activations, the queries of attention and the KV cache are split along the sequence), heads over "tensor"."""
-  return jax.make_mesh((data, seq, tensor), ("data", "seq", "tensor"), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  return jax.make_mesh(
+    (data, seq, tensor), ("data", "seq", "tensor"), devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
 
 
-def check_divisible(config: ModelConfig, mesh, *, head_axis: str = "tensor", batch: int | None = None,
-                    batch_axis: str = "data", max_len: int | None = None, seq_axis: str = "seq") -> None:
+def check_divisible(
+  config: ModelConfig,
+  mesh,
+  *,
+  head_axis: str = "tensor",
+  batch: int | None = None,
+  batch_axis: str = "data",
+  max_len: int | None = None,
+  seq_axis: str = "seq",
+) -> None:
   tp = mesh.shape[head_axis] if head_axis in mesh.axis_names else 1
   for name in ("num_kv_heads", "num_heads", "mlp_dim"):
     if getattr(config, name) % tp:
@@ -49,8 +58,10 @@ def check_divisible(config: ModelConfig, mesh, *, head_axis: str = "tensor", bat
     raise ValueError(f"the batch size {batch} must be divisible by the size {dp} of mesh axis {batch_axis!r}")
   sp = mesh.shape[seq_axis] if seq_axis in mesh.axis_names else 1
   if max_len is not None and max_len % sp:
-    raise ValueError(f"max_len={max_len} must be divisible by the size {sp} of mesh axis {seq_axis!r} (the KV cache "
-                     "is split along its positions)")
+    raise ValueError(
+      f"max_len={max_len} must be divisible by the size {sp} of mesh axis {seq_axis!r} (the KV cache "
+      "is split along its positions)"
+    )
 
 
 def param_specs(state: nnx.State, *, head_axis: str = "tensor", rules=RULES):

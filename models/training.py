@@ -56,12 +56,21 @@ class TrainState:
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-      decay_steps=config.total_steps, end_value=config.learning_rate * config.end_learning_rate_fraction)
+    init_value=0.0,
+    peak_value=config.learning_rate,
+    warmup_steps=config.warmup_steps,
+    decay_steps=config.total_steps,
+    end_value=config.learning_rate * config.end_learning_rate_fraction,
+  )
   return optax.chain(
-      optax.clip_by_global_norm(config.clip_norm),
-      optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-                  mask=lambda params: jax.tree_util.tree_map(lambda x: x.ndim > 1, params)),  # no decay on norms
+    optax.clip_by_global_norm(config.clip_norm),
+    optax.adamw(
+      schedule,
+      b1=config.b1,
+      b2=config.b2,
+      weight_decay=config.weight_decay,
+      mask=lambda params: jax.tree_util.tree_map(lambda x: x.ndim > 1, params),
+    ),  # no decay on norms
   )
 
 

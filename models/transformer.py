@@ -34,12 +34,17 @@ class Transformer(nnx.Module):
     self.config = config
     self.dtype = dtype
     self.embedder = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.layers = nnx.List([
-        Block(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(config.num_layers)
-    ])
+    self.layers = nnx.List(
+      [Block(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(config.num_layers)]
+    )
     self.final_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, param_dtype=param_dtype)
-    self.lm_head = None if config.tie_embeddings else nnx.Linear(
-        config.d_model, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.lm_head = (
+      None
+      if config.tie_embeddings
+      else nnx.Linear(
+        config.d_model, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+      )
+    )
 
   def set_thresholds(self, thresholds=None) -> None:
     """Sets the XAttention thresholds of every XAttention layer in place (no recompilation: they are state).
@@ -98,8 +103,9 @@ class Transformer(nnx.Module):
     layers, densities = [], []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache.layers[i]
-      h, layer_cache, density = block(h, positions=positions, q_lengths=q_lengths, cache=layer_cache,
-                                      offsets=offsets, self_attention=self_attention)
+      h, layer_cache, density = block(
+        h, positions=positions, q_lengths=q_lengths, cache=layer_cache, offsets=offsets, self_attention=self_attention
+      )
       layers.append(layer_cache)
       densities.append(density)
     return h, (None if cache is None else tuple(layers)), jnp.stack(densities)
@@ -109,16 +115,17 @@ class Transformer(nnx.Module):
     B, T = tokens.shape
     lengths = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h, _, _ = self._run(tokens, positions=positions, q_lengths=lengths, cache=None, offsets=None,
-                        self_attention=True)
+    h, _, _ = self._run(tokens, positions=positions, q_lengths=lengths, cache=None, offsets=None, self_attention=True)
     return self._logits(h)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     c = self.config
     shape = (batch, max_len, c.num_kv_heads, c.head_dim)
     dtype = dtype or self.dtype
-    return KVCache(tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers)),
-                   jnp.zeros((batch,), jnp.int32))
+    return KVCache(
+      tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers)),
+      jnp.zeros((batch,), jnp.int32),
+    )
 
   def _last_logits(self, h, last_index):
     last = jnp.take_along_axis(h, jnp.maximum(last_index, 0)[:, None, None], axis=1)[:, 0]
@@ -131,8 +138,14 @@ class Transformer(nnx.Module):
     """
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h, layers, densities = self._run(tokens, positions=positions, q_lengths=lengths, cache=cache,
-                                     offsets=jnp.zeros((B,), jnp.int32), self_attention=True)
+    h, layers, densities = self._run(
+      tokens,
+      positions=positions,
+      q_lengths=lengths,
+      cache=cache,
+      offsets=jnp.zeros((B,), jnp.int32),
+      self_attention=True,
+    )
     return self._last_logits(h, lengths - 1), KVCache(layers, lengths.astype(jnp.int32)), densities
 
   def extend(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache):
@@ -141,8 +154,9 @@ class Transformer(nnx.Module):
     B, C = tokens.shape
     offsets = cache.lengths
     positions = offsets[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]
-    h, layers, densities = self._run(tokens, positions=positions, q_lengths=lengths, cache=cache, offsets=offsets,
-                                     self_attention=False)
+    h, layers, densities = self._run(
+      tokens, positions=positions, q_lengths=lengths, cache=cache, offsets=offsets, self_attention=False
+    )
     return self._last_logits(h, lengths - 1), KVCache(layers, offsets + lengths), densities
 
   def decode(self, tokens: jax.Array, cache: KVCache):

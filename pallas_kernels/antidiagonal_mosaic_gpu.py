@@ -78,11 +78,37 @@ class ScoresConfig:
     return _NUM_CONSUMERS * _ROWS_PER_WG
 
 
-def _kernel(q5_ref, k5_ref, e_ref, cnt_ref, nfull_ref, qlen_ref, kvlen_ref, qpos_ref,  # inputs
-            part_ref, mt_ref, ml_ref,  # outputs
-            q_smem, k_smem, e_smem, p_smem, c_smem, v_smem,  # scratch
-            q_bars, k_bars, consumed, e_bar,
-            *, s: int, g: int, causal: bool, c_scale: float, group: int, nrb: int, cfg: ScoresConfig):
+def _kernel(
+  q5_ref,
+  k5_ref,
+  e_ref,
+  cnt_ref,
+  nfull_ref,
+  qlen_ref,
+  kvlen_ref,
+  qpos_ref,  # inputs
+  part_ref,
+  mt_ref,
+  ml_ref,  # outputs
+  q_smem,
+  k_smem,
+  e_smem,
+  p_smem,
+  c_smem,
+  v_smem,  # scratch
+  q_bars,
+  k_bars,
+  consumed,
+  e_bar,
+  *,
+  s: int,
+  g: int,
+  causal: bool,
+  c_scale: float,
+  group: int,
+  nrb: int,
+  cfg: ScoresConfig,
+):
   H = q5_ref.shape[-1]
   bn, ch, ns = cfg.block_n, cfg.chunk, cfg.num_stages
   ng = bn // g
@@ -135,13 +161,15 @@ def _kernel(q5_ref, k5_ref, e_ref, cnt_ref, nfull_ref, qlen_ref, kvlen_ref, qpos
           slot = lax.rem(base + kk, ns)
           plgpu.barrier_wait(q_bars.at[slot])
           plgpu.barrier_wait(k_bars.at[slot])
-          plgpu.wgmma(acc_ref, q_smem.at[slot, pl.ds(wg * _ROWS_PER_WG, _ROWS_PER_WG)],
-                      k_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(
+            acc_ref, q_smem.at[slot, pl.ds(wg * _ROWS_PER_WG, _ROWS_PER_WG)], k_smem.at[slot].transpose((1, 0))
+          )
           plgpu.wgmma_wait(1)  # the previous step's wgmma is done: release its slot
 
           @pl.when(kk > 0)
           def _():
             plgpu.barrier_arrive(consumed.at[lax.rem(base + kk - 1, ns)])
+
           return ()
 
         lax.fori_loop(0, nsteps, step, ())
@@ -164,17 +192,20 @@ def _kernel(q5_ref, k5_ref, e_ref, cnt_ref, nfull_ref, qlen_ref, kvlen_ref, qpos
       if cfg.split_p:
         ps.append((p - p_hi.astype(jnp.float32)).astype(jnp.float16))
       if cfg.p_operand == "registers":
+
         def group_sum(acc_ref):
           for pk in ps:
             plgpu.wgmma(acc_ref, pk, e_smem)
           return acc_ref[...]
       else:
+
         def group_sum(acc_ref):
           for pk in ps:
             p_smem.at[wg][...] = pk
             plgpu.commit_smem()
             plgpu.wgmma(acc_ref, p_smem.at[wg], e_smem)
           return acc_ref[...]
+
       c = pl.run_scoped(group_sum, plgpu.ACC((_ROWS_PER_WG, ne), jnp.float32))
       if ne > ng:  # E was padded with zero columns (s=4: 8 key blocks per 256-column tile)
         c = c[:, :ng]
@@ -210,11 +241,15 @@ def _kernel(q5_ref, k5_ref, e_ref, cnt_ref, nfull_ref, qlen_ref, kvlen_ref, qpos
       kk = lax.rem(gs, nsteps)
       u = lax.div(kk, hc_per_u)
       h0 = lax.rem(kk, hc_per_u) * ch
-      plgpu.copy_gmem_to_smem(q5_ref.at[b, pl.ds(row0, cfg.cta_rows), s - 1 - u, n, pl.ds(h0, ch)],
-                              q_smem.at[slot], q_bars.at[slot])
-      plgpu.copy_gmem_to_smem(k5_ref.at[b, pl.ds(t * bn, bn), u, kvh, pl.ds(h0, ch)],
-                              k_smem.at[slot], k_bars.at[slot],
-                              collective_axes="cl" if cfg.cluster_heads > 1 else None)
+      plgpu.copy_gmem_to_smem(
+        q5_ref.at[b, pl.ds(row0, cfg.cta_rows), s - 1 - u, n, pl.ds(h0, ch)], q_smem.at[slot], q_bars.at[slot]
+      )
+      plgpu.copy_gmem_to_smem(
+        k5_ref.at[b, pl.ds(t * bn, bn), u, kvh, pl.ds(h0, ch)],
+        k_smem.at[slot],
+        k_bars.at[slot],
+        collective_axes="cl" if cfg.cluster_heads > 1 else None,
+      )
 
     for j in range(ns):
       pl.when(j < total)(functools.partial(load, j, j))
@@ -275,11 +310,24 @@ def _kernel_query_order(q5: jax.Array, estimator: Estimator) -> jax.Array:
   return jnp.flip(arrange_query_groups(q5, estimator, row_axis=1, slot_axis=2), 2)
 
 
-@functools.partial(jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "interpret", "config",
-                                             "return_parts", "estimator"))
-def antidiagonal_scores(q, k, geometry: Geometry, *, stride: int, block_size: int, causal: bool, scale: float,
-                        interpret=False, config: ScoresConfig | None = None, return_parts: bool = False,
-                        estimator: Estimator = Estimator.ANTIDIAGONAL):
+@functools.partial(
+  jax.jit,
+  static_argnames=("stride", "block_size", "causal", "scale", "interpret", "config", "return_parts", "estimator"),
+)
+def antidiagonal_scores(
+  q,
+  k,
+  geometry: Geometry,
+  *,
+  stride: int,
+  block_size: int,
+  causal: bool,
+  scale: float,
+  interpret=False,
+  config: ScoresConfig | None = None,
+  return_parts: bool = False,
+  estimator: Estimator = Estimator.ANTIDIAGONAL,
+):
   """SPEC §1 block scores f32 [B, N, ceil(T/blk), ceil(S/blk)]. `interpret`: False, True or InterpretGPUParams."""
   if config is None:
     config = ScoresConfig(p_operand="smem" if interpret else "registers", num_stages=2 if interpret else 4)
@@ -316,37 +364,46 @@ def antidiagonal_scores(q, k, geometry: Geometry, *, stride: int, block_size: in
   dt = q.dtype
   ns = config.num_stages
   scratch = [
-      plgpu.SMEM((ns, config.cta_rows, config.chunk), dt),  # q_smem
-      plgpu.SMEM((ns, bn, config.chunk), dt),  # k_smem
-      plgpu.SMEM(e.shape, jnp.float16),  # e_smem
-      plgpu.SMEM((_NUM_CONSUMERS, _ROWS_PER_WG, bn), jnp.float16) if config.p_operand == "smem" else None,
-      plgpu.SMEM((_NUM_CONSUMERS, _ROWS_PER_WG, ng), jnp.float32),  # c_smem
-      plgpu.SMEM((_NUM_CONSUMERS, _ROWS_PER_WG), jnp.float32),  # v_smem (m_tile, final m, l)
-      plgpu.Barrier(num_barriers=ns),  # q loaded
-      plgpu.Barrier(num_barriers=ns),  # k loaded
-      (plgpu.ClusterBarrier(collective_axes=("cl",), num_arrivals=_NUM_CONSUMERS, num_barriers=ns)
-       if config.cluster_heads > 1 else plgpu.Barrier(num_arrivals=_NUM_CONSUMERS, num_barriers=ns)),  # consumed
-      plgpu.Barrier(),  # E loaded
+    plgpu.SMEM((ns, config.cta_rows, config.chunk), dt),  # q_smem
+    plgpu.SMEM((ns, bn, config.chunk), dt),  # k_smem
+    plgpu.SMEM(e.shape, jnp.float16),  # e_smem
+    plgpu.SMEM((_NUM_CONSUMERS, _ROWS_PER_WG, bn), jnp.float16) if config.p_operand == "smem" else None,
+    plgpu.SMEM((_NUM_CONSUMERS, _ROWS_PER_WG, ng), jnp.float32),  # c_smem
+    plgpu.SMEM((_NUM_CONSUMERS, _ROWS_PER_WG), jnp.float32),  # v_smem (m_tile, final m, l)
+    plgpu.Barrier(num_barriers=ns),  # q loaded
+    plgpu.Barrier(num_barriers=ns),  # k loaded
+    (
+      plgpu.ClusterBarrier(collective_axes=("cl",), num_arrivals=_NUM_CONSUMERS, num_barriers=ns)
+      if config.cluster_heads > 1
+      else plgpu.Barrier(num_arrivals=_NUM_CONSUMERS, num_barriers=ns)
+    ),  # consumed
+    plgpu.Barrier(),  # E loaded
   ]
   if interpret is True:
     interpret = plgpu.InterpretGPUParams(out_of_bounds_reads="raise")
-  kernel = functools.partial(_kernel, s=s, g=g, causal=causal, c_scale=scale / s * _LOG2E, group=N // K, nrb=nrb,
-                             cfg=config)
+  kernel = functools.partial(
+    _kernel, s=s, g=g, causal=causal, c_scale=scale / s * _LOG2E, group=N // K, nrb=nrb, cfg=config
+  )
   part, mt, ml = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct((B, N, Trp, ntiles * ng), jnp.float32),  # per-row partial block sums
-                jax.ShapeDtypeStruct((B, N, ntiles, Trp), jnp.float32),  # the row max each tile used
-                jax.ShapeDtypeStruct((B, N, config.key_splits, 2, Trp), jnp.float32)),  # row max, sum (base 2)
-      scratch_types=scratch,
-      # heads fastest: the G heads of a kv head share K tiles in L2
-      grid=(N // config.cluster_heads * config.key_splits, nrb, B),
-      grid_names=("heads", "rows", "batch"),
-      **(dict(cluster=(config.cluster_heads,), cluster_names=("cl",)) if config.cluster_heads > 1 else {}),
-      num_threads=_NUM_CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-                                           reduction_scratch_bytes=config.reduction_scratch_bytes),
-      interpret=interpret if interpret else None,
+    kernel,
+    out_type=(
+      jax.ShapeDtypeStruct((B, N, Trp, ntiles * ng), jnp.float32),  # per-row partial block sums
+      jax.ShapeDtypeStruct((B, N, ntiles, Trp), jnp.float32),  # the row max each tile used
+      jax.ShapeDtypeStruct((B, N, config.key_splits, 2, Trp), jnp.float32),
+    ),  # row max, sum (base 2)
+    scratch_types=scratch,
+    # heads fastest: the G heads of a kv head share K tiles in L2
+    grid=(N // config.cluster_heads * config.key_splits, nrb, B),
+    grid_names=("heads", "rows", "batch"),
+    **(dict(cluster=(config.cluster_heads,), cluster_names=("cl",)) if config.cluster_heads > 1 else {}),
+    num_threads=_NUM_CONSUMERS + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(
+      approx_math=True,
+      lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+      reduction_scratch_bytes=config.reduction_scratch_bytes,
+    ),
+    interpret=interpret if interpret else None,
   )(q5, k5, e, count, n_full, geometry.q_lengths, geometry.kv_lengths, geometry.q_positions)
   if return_parts:
     return part, mt, ml, count
@@ -367,7 +424,7 @@ def _combine(part, mt, ml, count, geometry, *, s, g, ng, nqb, nkb, cta_rows):
   m = jnp.where(m == -jnp.inf, 0.0, m)
   l = jnp.sum(jnp.where(l_s > 0, l_s * jnp.exp2(jnp.minimum(m_s - m[:, :, None], 0.0)), 0.0), axis=2)
   rows = jnp.arange(Trp, dtype=jnp.int32)
-  row_ok = (rows[None, :] * s < geometry.q_lengths[:, None])  # [B, Trp]
+  row_ok = rows[None, :] * s < geometry.q_lengths[:, None]  # [B, Trp]
   visited = jnp.arange(ntiles, dtype=jnp.int32)[None, None, :] < jnp.repeat(count, cta_rows, axis=1)[:, :, None]
   ok = (row_ok[:, :, None] & visited)[:, None] & (l > 0)[..., None]  # [B, N, Trp, ntiles]
   # Unvisited tiles of part / mt were never written (any bits, NaN included): select them away before any

@@ -131,8 +131,15 @@ def tiles_for(config: ScoresConfig, *, stride: int, group: int, q_len: int, kv_l
   q_rows = min(config.q_rows, cdiv(q_len, BLOCK) * per)
   kv_rows = min(config.kv_rows, cdiv(kv_len, BLOCK) * per)
   hps = max(d for d in range(1, group + 1) if group % d == 0 and (d == 1 or d * q_rows <= config.max_lanes))
-  return _Tiles(stride=stride, per_block=per, q_rows=q_rows, kv_rows=kv_rows, heads_per_step=hps,
-                num_q_tiles=cdiv(q_len, q_rows * stride), num_kv_tiles=cdiv(kv_len, kv_rows * stride))
+  return _Tiles(
+    stride=stride,
+    per_block=per,
+    q_rows=q_rows,
+    kv_rows=kv_rows,
+    heads_per_step=hps,
+    num_q_tiles=cdiv(q_len, q_rows * stride),
+    num_kv_tiles=cdiv(kv_len, kv_rows * stride),
+  )
 
 
 def vmem_bytes(tiles: _Tiles, *, head_dim: int, dtype) -> int:
@@ -179,12 +186,21 @@ def _last_needed_tile(i, q_len, kv_len, q_pos, *, tiles: _Tiles, causal: bool):
 
 
 def _kernel(
-    q_len_ref, kv_len_ref, q_pos_ref,  # scalar prefetch (SMEM) [B]
-    qr_ref,  # [hps, q_rows, s*H]
-    kr_ref,  # [kv_rows, s*H]
-    out_ref,  # [hps, qbt, nKb_p] f32
-    acc_ref, mhist_ref, m_ref, l_ref,  # VMEM scratch: [nKb_p, L], [nkt, L], [1, L], [1, L]
-    *, tiles: _Tiles, causal: bool, scale: float, skip: bool,
+  q_len_ref,
+  kv_len_ref,
+  q_pos_ref,  # scalar prefetch (SMEM) [B]
+  qr_ref,  # [hps, q_rows, s*H]
+  kr_ref,  # [kv_rows, s*H]
+  out_ref,  # [hps, qbt, nKb_p] f32
+  acc_ref,
+  mhist_ref,
+  m_ref,
+  l_ref,  # VMEM scratch: [nKb_p, L], [nkt, L], [1, L], [1, L]
+  *,
+  tiles: _Tiles,
+  causal: bool,
+  scale: float,
+  skip: bool,
 ):
   b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   q_len, kv_len, q_pos = q_len_ref[b], kv_len_ref[b], q_pos_ref[b]
@@ -209,8 +225,11 @@ def _kernel(
   def step(*, masked: bool):
     qr = qr_ref[...].reshape(L, qr_ref.shape[-1])  # heads side by side: one GEMM for the whole kv group
     z = lax.dot_general(
-        kr_ref[...], qr, NT, preferred_element_type=jnp.float32,
-        precision=lax.Precision.HIGHEST if f32_inputs else lax.Precision.DEFAULT,
+      kr_ref[...],
+      qr,
+      NT,
+      preferred_element_type=jnp.float32,
+      precision=lax.Precision.HIGHEST if f32_inputs else lax.Precision.DEFAULT,
     ) * (scale / s)  # [kv_rows, L]
     if masked:
       row = i * tiles.q_rows + local_row()
@@ -253,8 +272,9 @@ def _kernel(
     sum_rows = ((row >= qb * per) & (row < (qb + 1) * per)).astype(jnp.float32)  # [qbt, q_rows]
     for g in range(tiles.heads_per_step):
       acc_g = acc_ref[:, pl.ds(g * tiles.q_rows, tiles.q_rows)]  # [nKb_p, q_rows]
-      out_ref[g] = lax.dot_general(sum_rows, acc_g, NT, precision=lax.Precision.HIGHEST,
-                                   preferred_element_type=jnp.float32)
+      out_ref[g] = lax.dot_general(
+        sum_rows, acc_g, NT, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+      )
 
 
 def supports(q, k, *, stride: int, block_size: int) -> str | None:
@@ -270,8 +290,9 @@ def supports(q, k, *, stride: int, block_size: int) -> str | None:
   return None
 
 
-def strided_rows(x: jax.Array, lengths: jax.Array, *, stride: int, padded_len: int,
-                 queries: Estimator | None) -> jax.Array:
+def strided_rows(
+  x: jax.Array, lengths: jax.Array, *, stride: int, padded_len: int, queries: Estimator | None
+) -> jax.Array:
   """[B, L, h, H] -> [B, h, padded_len/s, s*H]: groups of s tokens concatenated, padding zeroed; in token order for
   keys (`queries` None), in the estimator's Qr order for queries (`xattn_jax.estimators.arrange_query_groups`).
 
@@ -287,20 +308,21 @@ def strided_rows(x: jax.Array, lengths: jax.Array, *, stride: int, padded_len: i
   return x.transpose(0, 3, 1, 2, 4).reshape(B, heads, padded_len // stride, stride * H)
 
 
-@functools.partial(jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "config", "interpret",
-                                             "estimator"))
+@functools.partial(
+  jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "config", "interpret", "estimator")
+)
 def antidiagonal_scores(
-    q: jax.Array,  # [B, T, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    geometry: Geometry,
-    *,
-    stride: int,
-    block_size: int,
-    causal: bool,
-    scale: float,
-    config: ScoresConfig = ScoresConfig(),
-    interpret: bool | pltpu.InterpretParams = False,
-    estimator: Estimator = Estimator.ANTIDIAGONAL,
+  q: jax.Array,  # [B, T, N, H]
+  k: jax.Array,  # [B, S, K, H]
+  geometry: Geometry,
+  *,
+  stride: int,
+  block_size: int,
+  causal: bool,
+  scale: float,
+  config: ScoresConfig = ScoresConfig(),
+  interpret: bool | pltpu.InterpretParams = False,
+  estimator: Estimator = Estimator.ANTIDIAGONAL,
 ) -> jax.Array:  # f32 [B, N, ceil(T/128), ceil(S/128)]
   """SPEC §1 block scores on validated inputs (see `xattn_jax.antidiagonal_scores`).
 
@@ -350,29 +372,30 @@ def antidiagonal_scores(
 
   kernel = functools.partial(_kernel, tiles=tiles, causal=causal, scale=scale, skip=config.skip_masked_tiles)
   out = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
-          grid=(B, N // hps, tiles.num_q_tiles, tiles.num_kv_tiles),
-          in_specs=[
-              pl.BlockSpec((None, hps, tiles.q_rows, s * H), lambda b, h, i, t, *_: (b, h, i, 0)),
-              pl.BlockSpec((None, None, tiles.kv_rows, s * H),
-                           lambda b, h, i, t, *refs: (b, h // steps_per_kv_head, kv_index(b, h, i, t, *refs), 0)),
-          ],
-          out_specs=pl.BlockSpec((None, hps, qbt, nkb_p), lambda b, h, i, t, *_: (b, h, i, 0)),
-          scratch_shapes=[
-              pltpu.VMEM((nkb_p, tiles.lanes), jnp.float32),  # acc: block sums per key block and query row
-              pltpu.VMEM((tiles.num_kv_tiles, tiles.lanes), jnp.float32),  # mhist: running max after each tile
-              pltpu.VMEM((1, tiles.lanes), jnp.float32),  # m
-              pltpu.VMEM((1, tiles.lanes), jnp.float32),  # l
-          ],
-      ),
-      out_shape=jax.ShapeDtypeStruct((B, N, tiles.num_q_tiles * qbt, nkb_p), jnp.float32),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
-          vmem_limit_bytes=VMEM_BUDGET_BYTES,
-      ),
-      interpret=interpret,
-      name="xattn_antidiagonal_scores",
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(B, N // hps, tiles.num_q_tiles, tiles.num_kv_tiles),
+      in_specs=[
+        pl.BlockSpec((None, hps, tiles.q_rows, s * H), lambda b, h, i, t, *_: (b, h, i, 0)),
+        pl.BlockSpec(
+          (None, None, tiles.kv_rows, s * H),
+          lambda b, h, i, t, *refs: (b, h // steps_per_kv_head, kv_index(b, h, i, t, *refs), 0),
+        ),
+      ],
+      out_specs=pl.BlockSpec((None, hps, qbt, nkb_p), lambda b, h, i, t, *_: (b, h, i, 0)),
+      scratch_shapes=[
+        pltpu.VMEM((nkb_p, tiles.lanes), jnp.float32),  # acc: block sums per key block and query row
+        pltpu.VMEM((tiles.num_kv_tiles, tiles.lanes), jnp.float32),  # mhist: running max after each tile
+        pltpu.VMEM((1, tiles.lanes), jnp.float32),  # m
+        pltpu.VMEM((1, tiles.lanes), jnp.float32),  # l
+      ],
+    ),
+    out_shape=jax.ShapeDtypeStruct((B, N, tiles.num_q_tiles * qbt, nkb_p), jnp.float32),
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_BUDGET_BYTES
+    ),
+    interpret=interpret,
+    name="xattn_antidiagonal_scores",
   )(geometry.q_lengths, geometry.kv_lengths, geometry.q_positions, qr, kr)
-  return out[:, :, :cdiv(T, BLOCK), :cdiv(S, BLOCK)]
+  return out[:, :, : cdiv(T, BLOCK), : cdiv(S, BLOCK)]

@@ -82,6 +82,8 @@ from xattn_jax.layout import BlockLayout, transposed_layout
 _LOG2E = math.log2(math.e)
 _BLOCK = 128  # layout block: query rows per dQ CTA, key rows per dK/dV CTA
 _ROWS = 64  # rows per consumer warpgroup (the wgmma M)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BackwardConfig:
   """Static kernel settings.
@@ -129,16 +131,45 @@ def _stages(config: BackwardConfig, head_dim: int, dtype, which: int) -> int:
   for s in range(config.num_stages, 0, -1):
     if smem_bytes(config, head_dim, dtype, stages=s)[which] <= SM90_SMEM_BYTES:
       return s
-  raise NotImplementedError(f"{config} needs {smem_bytes(config, head_dim, dtype, stages=1)} bytes of SMEM at head "
-                            f"dim {head_dim} (the budget is {SM90_SMEM_BYTES})")
+  raise NotImplementedError(
+    f"{config} needs {smem_bytes(config, head_dim, dtype, stages=1)} bytes of SMEM at head "
+    f"dim {head_dim} (the budget is {SM90_SMEM_BYTES})"
+  )
 
 
 def _dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, dd_ref, counts_ref, indices_ref, n_full_ref, kv_len_ref, q_pos_ref,  # in
-    dq_ref,  # out [B, Tp, N, H]
-    q_smem, do_smem, lse_smem, dd_smem, k_smem, v_smem, ds_smem,  # scratch
-    q_barriers, do_barriers, lse_barriers, dd_barriers, k_barriers, v_barriers, consumed_barriers,
-    *, causal: bool, scale: float, group: int, stages: int, config: BackwardConfig,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  dd_ref,
+  counts_ref,
+  indices_ref,
+  n_full_ref,
+  kv_len_ref,
+  q_pos_ref,  # in
+  dq_ref,  # out [B, Tp, N, H]
+  q_smem,
+  do_smem,
+  lse_smem,
+  dd_smem,
+  k_smem,
+  v_smem,
+  ds_smem,  # scratch
+  q_barriers,
+  do_barriers,
+  lse_barriers,
+  dd_barriers,
+  k_barriers,
+  v_barriers,
+  consumed_barriers,
+  *,
+  causal: bool,
+  scale: float,
+  group: int,
+  stages: int,
+  config: BackwardConfig,
 ):
   # Last query blocks first: under a causal mask they select the most key blocks, so the long CTAs start first
   # and the short ones fill the tail.
@@ -178,8 +209,9 @@ def _dq_kernel(
 
       s = pl.run_scoped(qk, plgpu.ACC((_ROWS, _BLOCK), jnp.float32)) * qk_scale
       if masked:
-        s = mask_scores(s, first_key=indices_ref[b, n, r, j] * _BLOCK, first_query_position=q_position,
-                        kv_len=kv_len, causal=causal)
+        s = mask_scores(
+          s, first_key=indices_ref[b, n, r, j] * _BLOCK, first_query_position=q_position, kv_len=kv_len, causal=causal
+        )
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))  # 0 where masked and for dead queries
       plgpu.barrier_wait(v_barriers.at[slot])
 
@@ -190,6 +222,7 @@ def _dq_kernel(
       dp = pl.run_scoped(dov, plgpu.ACC((_ROWS, _BLOCK), jnp.float32))
       ds = (p * (dp - lax.broadcast_in_dim(dd, s.shape, [0]))).astype(dtype)
       if config.operand == "registers":
+
         def dsk(acc_ref):
           plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
 
@@ -238,11 +271,39 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, dd_ref, counts_ref, indices_ref, n_masked_ref, kv_len_ref, q_pos_ref,  # in
-    dk_ref, dv_ref,  # out [B, Sp, K, H]
-    k_smem, v_smem, q_smem, do_smem, lse_smem, dd_smem, st_smem,  # scratch
-    k_barriers, v_barriers, q_barriers, do_barriers, lse_barriers, dd_barriers, consumed_barriers,
-    *, causal: bool, scale: float, group: int, stages: int, config: BackwardConfig,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  dd_ref,
+  counts_ref,
+  indices_ref,
+  n_masked_ref,
+  kv_len_ref,
+  q_pos_ref,  # in
+  dk_ref,
+  dv_ref,  # out [B, Sp, K, H]
+  k_smem,
+  v_smem,
+  q_smem,
+  do_smem,
+  lse_smem,
+  dd_smem,
+  st_smem,  # scratch
+  k_barriers,
+  v_barriers,
+  q_barriers,
+  do_barriers,
+  lse_barriers,
+  dd_barriers,
+  consumed_barriers,
+  *,
+  causal: bool,
+  scale: float,
+  group: int,
+  stages: int,
+  config: BackwardConfig,
 ):
   h, c, b = lax.axis_index("h"), lax.axis_index("c"), lax.axis_index("b")
   wg = lax.axis_index("wg")
@@ -355,6 +416,7 @@ def _dkv_kernel(
 def _accumulate(acc, a, b_smem, staging_smem, operand: str):
   """acc + a @ b (wgmma; a [64, k] in registers, b [k, H] in SMEM), a fed from registers or staged through SMEM."""
   if operand == "registers":
+
     def mma(acc_ref):
       plgpu.wgmma(acc_ref, a, b_smem)
 
@@ -402,20 +464,20 @@ def masked_visits(t_counts: jax.Array, t_indices: jax.Array, geometry: Geometry,
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
 def block_sparse_attention_bwd(
-    q: jax.Array,  # [B, T, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    v: jax.Array,  # [B, S, K, H]
-    out: jax.Array,  # [B, T, N, H], the forward output
-    lse: jax.Array,  # f32 [B, N, T], the forward log-sum-exp (-inf: the query attended to nothing)
-    d_out: jax.Array,  # [B, T, N, H]
-    d_lse: jax.Array,  # f32 [B, N, T]
-    layout: BlockLayout,  # (B, N, ceil(T/128), ceil(S/128)), validated
-    geometry: Geometry,
-    *,
-    causal: bool,
-    scale: float,
-    config: BackwardConfig = BackwardConfig(),
-    interpret: bool = False,
+  q: jax.Array,  # [B, T, N, H]
+  k: jax.Array,  # [B, S, K, H]
+  v: jax.Array,  # [B, S, K, H]
+  out: jax.Array,  # [B, T, N, H], the forward output
+  lse: jax.Array,  # f32 [B, N, T], the forward log-sum-exp (-inf: the query attended to nothing)
+  d_out: jax.Array,  # [B, T, N, H]
+  d_lse: jax.Array,  # f32 [B, N, T]
+  layout: BlockLayout,  # (B, N, ceil(T/128), ceil(S/128)), validated
+  geometry: Geometry,
+  *,
+  causal: bool,
+  scale: float,
+  config: BackwardConfig = BackwardConfig(),
+  interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(dq, dk, dv) in the dtypes of q, k, v; the same gradients as `attention_xla_bwd.block_sparse_attention_bwd`.
 
@@ -440,53 +502,82 @@ def block_sparse_attention_bwd(
   k, v = pad_tokens(k, nkb * _BLOCK), pad_tokens(v, nkb * _BLOCK)
   t_counts, t_indices = transposed_layout(layout)
   params = dict(
-      num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
+    num_threads=3,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
   )
   staging = config.operand == "smem"
 
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, causal=causal, scale=scale, group=G, stages=dq_stages, config=config),
-      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      scratch_types=[
-          plgpu.SMEM((2, _ROWS, H), dtype),  # Q (then dQ), per consumer
-          plgpu.SMEM((2, _ROWS, H), dtype),  # dO
-          plgpu.SMEM((2, _ROWS), jnp.float32),  # lse2
-          plgpu.SMEM((2, _ROWS), jnp.float32),  # dd
-          plgpu.SMEM((dq_stages, _BLOCK, H), dtype),  # K ring
-          plgpu.SMEM((dq_stages, _BLOCK, H), dtype),  # V ring
-          plgpu.SMEM((2, _ROWS, _BLOCK), dtype) if staging else None,  # dS staging
-          plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),  # Q, dO
-          plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),  # lse2, dd
-          plgpu.Barrier(num_barriers=dq_stages), plgpu.Barrier(num_barriers=dq_stages),  # K, V loaded
-          plgpu.Barrier(num_arrivals=2, num_barriers=dq_stages),  # K/V slot consumed
-      ],
-      grid=(N, nqb, B),
-      grid_names=("n", "r", "b"),
-      **params,
-  )(q, k, v, d_out, lse2, dd, layout.counts, layout.indices, unmasked_prefix(layout, geometry, causal=causal),
-    geometry.kv_lengths, geometry.q_positions)
+    functools.partial(_dq_kernel, causal=causal, scale=scale, group=G, stages=dq_stages, config=config),
+    out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+    scratch_types=[
+      plgpu.SMEM((2, _ROWS, H), dtype),  # Q (then dQ), per consumer
+      plgpu.SMEM((2, _ROWS, H), dtype),  # dO
+      plgpu.SMEM((2, _ROWS), jnp.float32),  # lse2
+      plgpu.SMEM((2, _ROWS), jnp.float32),  # dd
+      plgpu.SMEM((dq_stages, _BLOCK, H), dtype),  # K ring
+      plgpu.SMEM((dq_stages, _BLOCK, H), dtype),  # V ring
+      plgpu.SMEM((2, _ROWS, _BLOCK), dtype) if staging else None,  # dS staging
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),  # Q, dO
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),  # lse2, dd
+      plgpu.Barrier(num_barriers=dq_stages),
+      plgpu.Barrier(num_barriers=dq_stages),  # K, V loaded
+      plgpu.Barrier(num_arrivals=2, num_barriers=dq_stages),  # K/V slot consumed
+    ],
+    grid=(N, nqb, B),
+    grid_names=("n", "r", "b"),
+    **params,
+  )(
+    q,
+    k,
+    v,
+    d_out,
+    lse2,
+    dd,
+    layout.counts,
+    layout.indices,
+    unmasked_prefix(layout, geometry, causal=causal),
+    geometry.kv_lengths,
+    geometry.q_positions,
+  )
 
   dk, dv = plgpu.kernel(
-      functools.partial(_dkv_kernel, causal=causal, scale=scale, group=G, stages=dkv_stages, config=config),
-      out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
-      scratch_types=[
-          plgpu.SMEM((2, _ROWS, H), dtype),  # K (then dK), per consumer
-          plgpu.SMEM((2, _ROWS, H), dtype),  # V (then dV)
-          plgpu.SMEM((dkv_stages, _BLOCK, H), dtype),  # Q ring
-          plgpu.SMEM((dkv_stages, _BLOCK, H), dtype),  # dO ring
-          plgpu.SMEM((dkv_stages, _BLOCK), jnp.float32),  # lse2 ring
-          plgpu.SMEM((dkv_stages, _BLOCK), jnp.float32),  # dd ring
-          plgpu.SMEM((2, _ROWS, config.dkv_block_q), dtype) if staging else None,  # P^T / dS^T staging
-          plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),  # K, V
-          plgpu.Barrier(num_barriers=dkv_stages), plgpu.Barrier(num_barriers=dkv_stages),  # Q, dO loaded
-          plgpu.Barrier(num_barriers=dkv_stages), plgpu.Barrier(num_barriers=dkv_stages),  # lse2, dd loaded
-          plgpu.Barrier(num_arrivals=2, num_barriers=dkv_stages),  # visit slot consumed
-      ],
-      grid=(K, nkb, B),
-      grid_names=("h", "c", "b"),
-      **params,
-  )(q, k, v, d_out, lse2, dd, t_counts, t_indices, masked_visits(t_counts, t_indices, geometry, causal=causal),
-    geometry.kv_lengths, geometry.q_positions)
+    functools.partial(_dkv_kernel, causal=causal, scale=scale, group=G, stages=dkv_stages, config=config),
+    out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
+    scratch_types=[
+      plgpu.SMEM((2, _ROWS, H), dtype),  # K (then dK), per consumer
+      plgpu.SMEM((2, _ROWS, H), dtype),  # V (then dV)
+      plgpu.SMEM((dkv_stages, _BLOCK, H), dtype),  # Q ring
+      plgpu.SMEM((dkv_stages, _BLOCK, H), dtype),  # dO ring
+      plgpu.SMEM((dkv_stages, _BLOCK), jnp.float32),  # lse2 ring
+      plgpu.SMEM((dkv_stages, _BLOCK), jnp.float32),  # dd ring
+      plgpu.SMEM((2, _ROWS, config.dkv_block_q), dtype) if staging else None,  # P^T / dS^T staging
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),  # K, V
+      plgpu.Barrier(num_barriers=dkv_stages),
+      plgpu.Barrier(num_barriers=dkv_stages),  # Q, dO loaded
+      plgpu.Barrier(num_barriers=dkv_stages),
+      plgpu.Barrier(num_barriers=dkv_stages),  # lse2, dd loaded
+      plgpu.Barrier(num_arrivals=2, num_barriers=dkv_stages),  # visit slot consumed
+    ],
+    grid=(K, nkb, B),
+    grid_names=("h", "c", "b"),
+    **params,
+  )(
+    q,
+    k,
+    v,
+    d_out,
+    lse2,
+    dd,
+    t_counts,
+    t_indices,
+    masked_visits(t_counts, t_indices, geometry, causal=causal),
+    geometry.kv_lengths,
+    geometry.q_positions,
+  )
   return dq[:, :T], dk[:, :S], dv[:, :S]

@@ -72,7 +72,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from xattn_jax.pallas_kernels.block_sparse_attention_tpu import (
-    BLOCK, NUM_LANES, SMEM_BUDGET_BYTES, VMEM_BUDGET_BYTES, _row_bounds, supports,
+  BLOCK,
+  NUM_LANES,
+  SMEM_BUDGET_BYTES,
+  VMEM_BUDGET_BYTES,
+  _row_bounds,
+  supports,
 )
 from xattn_jax.pallas_kernels.common import NT, check_budget, pad_tokens
 from xattn_jax.pallas_kernels.row_pipeline_tpu import RowPipeline, load_counts
@@ -102,8 +107,9 @@ class BackwardConfig:
         raise ValueError(f"{name}={value!r} must be a positive int")
 
 
-def smem_bytes(*, batch: int, num_q_blocks: int, num_kv_blocks: int, group: int, dq_rows: int,
-               dkv_rows: int) -> tuple[int, int]:
+def smem_bytes(
+  *, batch: int, num_q_blocks: int, num_kv_blocks: int, group: int, dq_rows: int, dkv_rows: int
+) -> tuple[int, int]:
   """SMEM of (the dQ kernel, the dK/dV kernel), see the module docstring."""
   dq = 3 * batch * 4 + dq_rows * 4 + 2 * num_kv_blocks * 4
   dkv = 3 * batch * 4 + dkv_rows * group * 4 + 2 * group * num_q_blocks * 4
@@ -128,13 +134,42 @@ def _precision(dtype):
 
 
 def _dq_kernel(
-    q_len_ref, kv_len_ref, q_pos_ref,  # scalar prefetch (SMEM) [B]
-    q_hbm, k_hbm, v_hbm, do_hbm, stats_hbm, counts_hbm, indices_hbm,  # inputs (HBM)
-    dq_hbm,  # output [B, Tp, N, H] (HBM)
-    q_vmem, do_vmem, st_vmem, k_vmem, v_vmem, lse_col, dd_col, acc, dq_vmem,  # VMEM scratch
-    cnt_smem, idx_smem,  # SMEM scratch
-    q_sems, do_sems, st_sems, k_sems, v_sems, dq_sems, idx_sems, cnt_sem,  # DMA semaphores
-    *, causal: bool, scale: float, group: int, num_q_blocks: int, rows: int,
+  q_len_ref,
+  kv_len_ref,
+  q_pos_ref,  # scalar prefetch (SMEM) [B]
+  q_hbm,
+  k_hbm,
+  v_hbm,
+  do_hbm,
+  stats_hbm,
+  counts_hbm,
+  indices_hbm,  # inputs (HBM)
+  dq_hbm,  # output [B, Tp, N, H] (HBM)
+  q_vmem,
+  do_vmem,
+  st_vmem,
+  k_vmem,
+  v_vmem,
+  lse_col,
+  dd_col,
+  acc,
+  dq_vmem,  # VMEM scratch
+  cnt_smem,
+  idx_smem,  # SMEM scratch
+  q_sems,
+  do_sems,
+  st_sems,
+  k_sems,
+  v_sems,
+  dq_sems,
+  idx_sems,
+  cnt_sem,  # DMA semaphores
+  *,
+  causal: bool,
+  scale: float,
+  group: int,
+  num_q_blocks: int,
+  rows: int,
 ):
   b, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kv_head = lax.div(n, group)
@@ -148,9 +183,11 @@ def _dq_kernel(
 
   def row_copies(i):  # q, dO and stats of local row i
     slot, tokens = i % 2, pl.ds((r0 + i) * BLOCK, BLOCK)
-    return (pltpu.make_async_copy(q_hbm.at[b, tokens, n], q_vmem.at[slot], q_sems.at[slot]),
-            pltpu.make_async_copy(do_hbm.at[b, tokens, n], do_vmem.at[slot], do_sems.at[slot]),
-            pltpu.make_async_copy(stats_hbm.at[b, n, r0 + i], st_vmem.at[slot], st_sems.at[slot]))
+    return (
+      pltpu.make_async_copy(q_hbm.at[b, tokens, n], q_vmem.at[slot], q_sems.at[slot]),
+      pltpu.make_async_copy(do_hbm.at[b, tokens, n], do_vmem.at[slot], do_sems.at[slot]),
+      pltpu.make_async_copy(stats_hbm.at[b, n, r0 + i], st_vmem.at[slot], st_sems.at[slot]),
+    )
 
   def dq_copy(i):
     dst = dq_hbm.at[b, pl.ds((r0 + i) * BLOCK, BLOCK), n]
@@ -161,11 +198,14 @@ def _dq_kernel(
 
   def kv_copies(slot, block):
     keys = pl.ds(block * BLOCK, BLOCK)
-    return (pltpu.make_async_copy(k_hbm.at[b, keys, kv_head], k_vmem.at[slot], k_sems.at[slot]),
-            pltpu.make_async_copy(v_hbm.at[b, keys, kv_head], v_vmem.at[slot], v_sems.at[slot]))
+    return (
+      pltpu.make_async_copy(k_hbm.at[b, keys, kv_head], k_vmem.at[slot], k_sems.at[slot]),
+      pltpu.make_async_copy(v_hbm.at[b, keys, kv_head], v_vmem.at[slot], v_sems.at[slot]),
+    )
 
-  pipe = RowPipeline(n_rows, idx_copy, row_copies, lambda i: cnt_smem[i],
-                     lambda i, slot: kv_copies(slot, idx_smem[i % 2, 0]))
+  pipe = RowPipeline(
+    n_rows, idx_copy, row_copies, lambda i: cnt_smem[i], lambda i, slot: kv_copies(slot, idx_smem[i % 2, 0])
+  )
   pipe.prologue()  # row 0's index row, q / dO / stats, and first K/V block
 
   def row_body(i, slot0):
@@ -193,8 +233,9 @@ def _dq_kernel(
       p = jnp.exp(s - lse_col[...])  # 0 where masked (-inf - x) and for dead queries (s - inf)
       dp = lax.dot_general(do, v, NT, precision=precision, preferred_element_type=jnp.float32)
       ds = p * (dp - dd_col[...])
-      acc[...] += lax.dot_general(ds if f32_inputs else ds.astype(k.dtype), k, _NN, precision=precision,
-                                  preferred_element_type=jnp.float32)
+      acc[...] += lax.dot_general(
+        ds if f32_inputs else ds.astype(k.dtype), k, _NN, precision=precision, preferred_element_type=jnp.float32
+      )
 
     def block_body(j, carry):
       slot = (slot0 + j) % 2
@@ -240,13 +281,45 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    q_len_ref, kv_len_ref, q_pos_ref,  # scalar prefetch (SMEM) [B]
-    q_hbm, k_hbm, v_hbm, do_hbm, stats_hbm, counts_hbm, indices_hbm,  # inputs (HBM)
-    dk_hbm, dv_hbm,  # outputs [B, Sp, K, H] (HBM)
-    q_vmem, do_vmem, st_vmem, k_vmem, v_vmem, dk_acc, dv_acc, dk_vmem, dv_vmem,  # VMEM scratch
-    cnt_smem, idx_smem,  # SMEM scratch
-    q_sems, do_sems, st_sems, k_sems, v_sems, dk_sems, dv_sems, idx_sems, cnt_sem,  # DMA semaphores
-    *, causal: bool, scale: float, group: int, num_q_blocks: int, num_kv_blocks: int, rows: int,
+  q_len_ref,
+  kv_len_ref,
+  q_pos_ref,  # scalar prefetch (SMEM) [B]
+  q_hbm,
+  k_hbm,
+  v_hbm,
+  do_hbm,
+  stats_hbm,
+  counts_hbm,
+  indices_hbm,  # inputs (HBM)
+  dk_hbm,
+  dv_hbm,  # outputs [B, Sp, K, H] (HBM)
+  q_vmem,
+  do_vmem,
+  st_vmem,
+  k_vmem,
+  v_vmem,
+  dk_acc,
+  dv_acc,
+  dk_vmem,
+  dv_vmem,  # VMEM scratch
+  cnt_smem,
+  idx_smem,  # SMEM scratch
+  q_sems,
+  do_sems,
+  st_sems,
+  k_sems,
+  v_sems,
+  dk_sems,
+  dv_sems,
+  idx_sems,
+  cnt_sem,  # DMA semaphores
+  *,
+  causal: bool,
+  scale: float,
+  group: int,
+  num_q_blocks: int,
+  num_kv_blocks: int,
+  rows: int,
 ):
   b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   c0 = c * rows
@@ -278,19 +351,25 @@ def _dkv_kernel(
 
   def visit_copies(slot, g, r):  # q, dO and stats of (head h*G + g, query block r)
     n, tokens = h * group + g, pl.ds(r * BLOCK, BLOCK)
-    return (pltpu.make_async_copy(q_hbm.at[b, tokens, n], q_vmem.at[slot], q_sems.at[slot]),
-            pltpu.make_async_copy(do_hbm.at[b, tokens, n], do_vmem.at[slot], do_sems.at[slot]),
-            pltpu.make_async_copy(stats_hbm.at[b, n, r], st_vmem.at[slot], st_sems.at[slot]))
+    return (
+      pltpu.make_async_copy(q_hbm.at[b, tokens, n], q_vmem.at[slot], q_sems.at[slot]),
+      pltpu.make_async_copy(do_hbm.at[b, tokens, n], do_vmem.at[slot], do_sems.at[slot]),
+      pltpu.make_async_copy(stats_hbm.at[b, n, r], st_vmem.at[slot], st_sems.at[slot]),
+    )
 
   def kv_copies(i):
     slot, keys = i % 2, pl.ds((c0 + i) * BLOCK, BLOCK)
-    return (pltpu.make_async_copy(k_hbm.at[b, keys, h], k_vmem.at[slot], k_sems.at[slot]),
-            pltpu.make_async_copy(v_hbm.at[b, keys, h], v_vmem.at[slot], v_sems.at[slot]))
+    return (
+      pltpu.make_async_copy(k_hbm.at[b, keys, h], k_vmem.at[slot], k_sems.at[slot]),
+      pltpu.make_async_copy(v_hbm.at[b, keys, h], v_vmem.at[slot], v_sems.at[slot]),
+    )
 
   def out_copies(i):
     slot, keys = i % 2, pl.ds((c0 + i) * BLOCK, BLOCK)
-    return (pltpu.make_async_copy(dk_vmem.at[slot], dk_hbm.at[b, keys, h], dk_sems.at[slot]),
-            pltpu.make_async_copy(dv_vmem.at[slot], dv_hbm.at[b, keys, h], dv_sems.at[slot]))
+    return (
+      pltpu.make_async_copy(dk_vmem.at[slot], dk_hbm.at[b, keys, h], dk_sems.at[slot]),
+      pltpu.make_async_copy(dv_vmem.at[slot], dv_hbm.at[b, keys, h], dv_sems.at[slot]),
+    )
 
   def idx_copy(i):
     return pltpu.make_async_copy(indices_hbm.at[b, h, c0 + i], idx_smem.at[i % 2], idx_sems.at[i % 2])
@@ -317,12 +396,14 @@ def _dkv_kernel(
           ok &= keys <= q_pos + r * BLOCK + lax.broadcasted_iota(jnp.int32, st.shape, 1)
         st = jnp.where(ok, st, -jnp.inf)
       pt = jnp.exp(st - stats[0:1, :])  # P^T; the lse row broadcasts over the key sublanes
-      dv_acc[...] += lax.dot_general(pt if f32_inputs else pt.astype(do.dtype), do, _NN, precision=precision,
-                                     preferred_element_type=jnp.float32)
+      dv_acc[...] += lax.dot_general(
+        pt if f32_inputs else pt.astype(do.dtype), do, _NN, precision=precision, preferred_element_type=jnp.float32
+      )
       dpt = lax.dot_general(v, do, NT, precision=precision, preferred_element_type=jnp.float32)
       dst = pt * (dpt - stats[1:2, :])
-      dk_acc[...] += lax.dot_general(dst if f32_inputs else dst.astype(q.dtype), q, _NN, precision=precision,
-                                     preferred_element_type=jnp.float32)
+      dk_acc[...] += lax.dot_general(
+        dst if f32_inputs else dst.astype(q.dtype), q, _NN, precision=precision, preferred_element_type=jnp.float32
+      )
 
     def visit_body(j, carry):
       slot = (slot0 + j) % 2
@@ -408,20 +489,20 @@ def _kv_side_tables(layout: BlockLayout, *, kv_heads: int, rows: int):
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
 def block_sparse_attention_bwd(
-    q: jax.Array,  # [B, T, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    v: jax.Array,  # [B, S, K, H]
-    out: jax.Array,  # [B, T, N, H], the forward output
-    lse: jax.Array,  # f32 [B, N, T], the forward log-sum-exp (-inf: the query attended to nothing)
-    d_out: jax.Array,  # [B, T, N, H]
-    d_lse: jax.Array,  # f32 [B, N, T]
-    layout: BlockLayout,  # (B, N, ceil(T/128), ceil(S/128)), validated
-    geometry: Geometry,
-    *,
-    causal: bool,
-    scale: float,
-    config: BackwardConfig = BackwardConfig(),
-    interpret: bool | pltpu.InterpretParams = False,
+  q: jax.Array,  # [B, T, N, H]
+  k: jax.Array,  # [B, S, K, H]
+  v: jax.Array,  # [B, S, K, H]
+  out: jax.Array,  # [B, T, N, H], the forward output
+  lse: jax.Array,  # f32 [B, N, T], the forward log-sum-exp (-inf: the query attended to nothing)
+  d_out: jax.Array,  # [B, T, N, H]
+  d_lse: jax.Array,  # f32 [B, N, T]
+  layout: BlockLayout,  # (B, N, ceil(T/128), ceil(S/128)), validated
+  geometry: Geometry,
+  *,
+  causal: bool,
+  scale: float,
+  config: BackwardConfig = BackwardConfig(),
+  interpret: bool | pltpu.InterpretParams = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(dq, dk, dv) in the dtypes of q, k, v; the same gradients as `attention_xla_bwd.block_sparse_attention_bwd`.
 
@@ -440,7 +521,8 @@ def block_sparse_attention_bwd(
   smem = smem_bytes(batch=B, num_q_blocks=nqb, num_kv_blocks=nkb, group=G, dq_rows=dq_rows, dkv_rows=dkv_rows)
   if max(smem) > SMEM_BUDGET_BYTES:
     raise NotImplementedError(
-        f"pallas_tpu block_sparse_attention backward needs {smem} B of SMEM (dQ, dKV) > {SMEM_BUDGET_BYTES}")
+      f"pallas_tpu block_sparse_attention backward needs {smem} B of SMEM (dQ, dKV) > {SMEM_BUDGET_BYTES}"
+    )
   vmem = vmem_bytes(head_dim=H, dtype=q.dtype)
   check_budget("pallas_tpu block_sparse_attention backward", "VMEM", max(vmem), VMEM_BUDGET_BYTES)
 
@@ -457,60 +539,78 @@ def block_sparse_attention_bwd(
   dma = pltpu.SemaphoreType.DMA
 
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, causal=causal, scale=scale, group=G, num_q_blocks=nqb, rows=dq_rows),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
-          grid=(B, N, dq_chunks),
-          in_specs=[any_spec] * 7,
-          out_specs=any_spec,
-          scratch_shapes=[
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # q slots
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # dO slots
-              pltpu.VMEM((2, _STATS_ROWS, BLOCK), jnp.float32),  # stats slots
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # k slots
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # v slots
-              pltpu.VMEM((BLOCK, NUM_LANES), jnp.float32),  # lse column
-              pltpu.VMEM((BLOCK, NUM_LANES), jnp.float32),  # D - dlse column
-              pltpu.VMEM((BLOCK, H), jnp.float32),  # dQ accumulator
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # dQ slots
-              pltpu.SMEM((dq_rows,), jnp.int32),  # counts of the step's rows
-              pltpu.SMEM((2, nkb), jnp.int32),  # index rows
-              dma((2,)), dma((2,)), dma((2,)), dma((2,)), dma((2,)), dma((2,)), dma((2,)), dma((1,)),
-          ],
-      ),
-      out_shape=jax.ShapeDtypeStruct((B, nqb * BLOCK, N, H), q.dtype),
-      compiler_params=params,
-      interpret=interpret,
-      name="xattn_block_sparse_attention_bwd_dq",
+    functools.partial(_dq_kernel, causal=causal, scale=scale, group=G, num_q_blocks=nqb, rows=dq_rows),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(B, N, dq_chunks),
+      in_specs=[any_spec] * 7,
+      out_specs=any_spec,
+      scratch_shapes=[
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # q slots
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # dO slots
+        pltpu.VMEM((2, _STATS_ROWS, BLOCK), jnp.float32),  # stats slots
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # k slots
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # v slots
+        pltpu.VMEM((BLOCK, NUM_LANES), jnp.float32),  # lse column
+        pltpu.VMEM((BLOCK, NUM_LANES), jnp.float32),  # D - dlse column
+        pltpu.VMEM((BLOCK, H), jnp.float32),  # dQ accumulator
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # dQ slots
+        pltpu.SMEM((dq_rows,), jnp.int32),  # counts of the step's rows
+        pltpu.SMEM((2, nkb), jnp.int32),  # index rows
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((1,)),
+      ],
+    ),
+    out_shape=jax.ShapeDtypeStruct((B, nqb * BLOCK, N, H), q.dtype),
+    compiler_params=params,
+    interpret=interpret,
+    name="xattn_block_sparse_attention_bwd_dq",
   )(*scalars, q, k, v, d_out, stats, counts, layout.indices)
 
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, causal=causal, scale=scale, group=G, num_q_blocks=nqb, num_kv_blocks=nkb,
-                        rows=dkv_rows),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
-          grid=(B, K, dkv_chunks),
-          in_specs=[any_spec] * 7,
-          out_specs=[any_spec, any_spec],
-          scratch_shapes=[
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # q slots
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # dO slots
-              pltpu.VMEM((2, _STATS_ROWS, BLOCK), jnp.float32),  # stats slots
-              pltpu.VMEM((2, BLOCK, H), k.dtype),  # k slots
-              pltpu.VMEM((2, BLOCK, H), v.dtype),  # v slots
-              pltpu.VMEM((BLOCK, H), jnp.float32),  # dK accumulator
-              pltpu.VMEM((BLOCK, H), jnp.float32),  # dV accumulator
-              pltpu.VMEM((2, BLOCK, H), k.dtype),  # dK slots
-              pltpu.VMEM((2, BLOCK, H), v.dtype),  # dV slots
-              pltpu.SMEM((dkv_rows * G,), jnp.int32),  # counts of the step's key blocks, per head
-              pltpu.SMEM((2, G * nqb), jnp.int32),  # regrouped transposed index rows
-              dma((2,)), dma((2,)), dma((2,)), dma((2,)), dma((2,)), dma((2,)), dma((2,)), dma((2,)), dma((1,)),
-          ],
-      ),
-      out_shape=[jax.ShapeDtypeStruct((B, nkb * BLOCK, K, H), k.dtype),
-                 jax.ShapeDtypeStruct((B, nkb * BLOCK, K, H), v.dtype)],
-      compiler_params=params,
-      interpret=interpret,
-      name="xattn_block_sparse_attention_bwd_dkv",
+    functools.partial(
+      _dkv_kernel, causal=causal, scale=scale, group=G, num_q_blocks=nqb, num_kv_blocks=nkb, rows=dkv_rows
+    ),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(B, K, dkv_chunks),
+      in_specs=[any_spec] * 7,
+      out_specs=[any_spec, any_spec],
+      scratch_shapes=[
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # q slots
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # dO slots
+        pltpu.VMEM((2, _STATS_ROWS, BLOCK), jnp.float32),  # stats slots
+        pltpu.VMEM((2, BLOCK, H), k.dtype),  # k slots
+        pltpu.VMEM((2, BLOCK, H), v.dtype),  # v slots
+        pltpu.VMEM((BLOCK, H), jnp.float32),  # dK accumulator
+        pltpu.VMEM((BLOCK, H), jnp.float32),  # dV accumulator
+        pltpu.VMEM((2, BLOCK, H), k.dtype),  # dK slots
+        pltpu.VMEM((2, BLOCK, H), v.dtype),  # dV slots
+        pltpu.SMEM((dkv_rows * G,), jnp.int32),  # counts of the step's key blocks, per head
+        pltpu.SMEM((2, G * nqb), jnp.int32),  # regrouped transposed index rows
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((2,)),
+        dma((1,)),
+      ],
+    ),
+    out_shape=[
+      jax.ShapeDtypeStruct((B, nkb * BLOCK, K, H), k.dtype),
+      jax.ShapeDtypeStruct((B, nkb * BLOCK, K, H), v.dtype),
+    ],
+    compiler_params=params,
+    interpret=interpret,
+    name="xattn_block_sparse_attention_bwd_dkv",
   )(*scalars, q, k, v, d_out, stats, t_counts, t_indices)
   return dq[:, :T], dk[:, :S], dv[:, :S]

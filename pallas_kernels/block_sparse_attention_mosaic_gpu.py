@@ -78,11 +78,35 @@ class ForwardConfig:
 
 
 def _kernel(
-    q_ref, k_ref, v_ref, counts_ref, indices_ref, n_full_ref, q_len_ref, kv_len_ref, q_pos_ref,  # GMEM in
-    out_ref, lse_ref,  # GMEM out
-    qo_smem, k_smem, v_smem, p_smem, lse_smem,  # scratch
-    k_barriers, v_barriers, q_barriers, k_consumed_barriers, v_consumed_barriers, schedule_barrier,
-    *, causal: bool, qk_scale: float, group: int, num_tiles: int, grid: int, config: ForwardConfig,
+  q_ref,
+  k_ref,
+  v_ref,
+  counts_ref,
+  indices_ref,
+  n_full_ref,
+  q_len_ref,
+  kv_len_ref,
+  q_pos_ref,  # GMEM in
+  out_ref,
+  lse_ref,  # GMEM out
+  qo_smem,
+  k_smem,
+  v_smem,
+  p_smem,
+  lse_smem,  # scratch
+  k_barriers,
+  v_barriers,
+  q_barriers,
+  k_consumed_barriers,
+  v_consumed_barriers,
+  schedule_barrier,
+  *,
+  causal: bool,
+  qk_scale: float,
+  group: int,
+  num_tiles: int,
+  grid: int,
+  config: ForwardConfig,
 ):
   """Persistent: CTA c runs the tiles at positions c, 2G - 1 - c, 2G + c, ... of the tile order (G = grid size).
 
@@ -159,8 +183,13 @@ def _kernel(
         plgpu.barrier_arrive(k_consumed_barriers.at[slot])
         s = s * qk_scale
         if masked:
-          s = mask_scores(s, first_key=indices_ref[b, n, r, j] * block_kv, first_query_position=q_position,
-                          kv_len=kv_len, causal=causal)
+          s = mask_scores(
+            s,
+            first_key=indices_ref[b, n, r, j] * block_kv,
+            first_query_position=q_position,
+            kv_len=kv_len,
+            causal=causal,
+          )
         m_new = jnp.maximum(m_i, s.max(axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows masked so far: exp2(-inf - 0) = 0, not NaN
         alpha = jnp.exp2(m_i - m_use)
@@ -178,6 +207,7 @@ def _kernel(
             plgpu.barrier_wait(k_barriers.at[lax.rem(first_step + j + 1, stages)])
 
         if config.pv_operand == "registers":
+
           def pv(acc_ref):
             plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
             wait_next_k()
@@ -296,16 +326,16 @@ def unmasked_prefix(layout: BlockLayout, geometry: Geometry, *, causal: bool) ->
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
 def block_sparse_attention(
-    q: jax.Array,  # [B, T, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    v: jax.Array,  # [B, S, K, H]
-    layout: BlockLayout,
-    geometry: Geometry,
-    *,
-    causal: bool,
-    scale: float,
-    config: ForwardConfig = ForwardConfig(),
-    interpret: bool = False,
+  q: jax.Array,  # [B, T, N, H]
+  k: jax.Array,  # [B, S, K, H]
+  v: jax.Array,  # [B, S, K, H]
+  layout: BlockLayout,
+  geometry: Geometry,
+  *,
+  causal: bool,
+  scale: float,
+  config: ForwardConfig = ForwardConfig(),
+  interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """SPEC §4 on validated inputs; raises NotImplementedError for what the kernel does not cover."""
   reason = supports(q, k, layout)
@@ -324,34 +354,45 @@ def block_sparse_attention(
   grid = num_tiles if config.num_ctas is None else min(config.num_ctas, num_tiles)
   buffers = 2 if smem_bytes(config, H, dtype, q_buffers=2) <= SM90_SMEM_BYTES else 1
   if smem_bytes(config, H, dtype, q_buffers=buffers) > SM90_SMEM_BYTES:
-    raise NotImplementedError(f"{config} needs {smem_bytes(config, H, dtype, q_buffers=1)} bytes of SMEM at head dim "
-                              f"{H} (the budget is {SM90_SMEM_BYTES})")
+    raise NotImplementedError(
+      f"{config} needs {smem_bytes(config, H, dtype, q_buffers=1)} bytes of SMEM at head dim "
+      f"{H} (the budget is {SM90_SMEM_BYTES})"
+    )
   scratch = dict(
-      qo_smem=plgpu.SMEM((2, buffers, block_q, H), dtype),  # [consumer, buffer]
-      k_smem=plgpu.SMEM((stages, blk, H), dtype),
-      v_smem=plgpu.SMEM((stages, blk, H), dtype),
-      p_smem=plgpu.SMEM((2, block_q, blk), dtype) if config.pv_operand == "smem" else None,
-      lse_smem=plgpu.SMEM((2, buffers, block_q), jnp.float32),
-      k_barriers=plgpu.Barrier(num_barriers=stages),
-      v_barriers=plgpu.Barrier(num_barriers=stages),
-      q_barriers=plgpu.Barrier(num_barriers=2 * buffers),
-      k_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      v_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      schedule_barrier=plgpu.Barrier(num_arrivals=2),
+    qo_smem=plgpu.SMEM((2, buffers, block_q, H), dtype),  # [consumer, buffer]
+    k_smem=plgpu.SMEM((stages, blk, H), dtype),
+    v_smem=plgpu.SMEM((stages, blk, H), dtype),
+    p_smem=plgpu.SMEM((2, block_q, blk), dtype) if config.pv_operand == "smem" else None,
+    lse_smem=plgpu.SMEM((2, buffers, block_q), jnp.float32),
+    k_barriers=plgpu.Barrier(num_barriers=stages),
+    v_barriers=plgpu.Barrier(num_barriers=stages),
+    q_barriers=plgpu.Barrier(num_barriers=2 * buffers),
+    k_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    v_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    schedule_barrier=plgpu.Barrier(num_arrivals=2),
   )
   kernel = functools.partial(
-      _kernel, causal=causal, qk_scale=scale * _LOG2E, group=N // K, num_tiles=num_tiles, grid=grid, config=config
+    _kernel, causal=causal, qk_scale=scale * _LOG2E, group=N // K, num_tiles=num_tiles, grid=grid, config=config
   )
   out, lse = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, nqb * blk), jnp.float32)),
-      scratch_types=list(scratch.values()),
-      grid=(grid,),
-      grid_names=("cta",),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
-  )(q, k, v, layout.counts, layout.indices, unmasked_prefix(layout, geometry, causal=causal),
-    geometry.q_lengths, geometry.kv_lengths, geometry.q_positions)
+    kernel,
+    out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, nqb * blk), jnp.float32)),
+    scratch_types=list(scratch.values()),
+    grid=(grid,),
+    grid_names=("cta",),
+    num_threads=3,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
+  )(
+    q,
+    k,
+    v,
+    layout.counts,
+    layout.indices,
+    unmasked_prefix(layout, geometry, causal=causal),
+    geometry.q_lengths,
+    geometry.kv_lengths,
+    geometry.q_positions,
+  )
   return out[:, :T], lse[:, :, :T]

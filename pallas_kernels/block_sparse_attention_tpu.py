@@ -121,13 +121,38 @@ def _row_bounds(r, q_len, kv_len, q_pos, *, causal: bool):
 
 
 def _kernel(
-    q_len_ref, kv_len_ref, q_pos_ref,  # scalar prefetch (SMEM) [B]
-    q_hbm, k_hbm, v_hbm, counts_hbm, indices_hbm,  # inputs (HBM)
-    out_hbm, lse_ref,  # outputs: [B, Tp, N, H] in HBM, (block_rows, 128) lse block in VMEM
-    q_vmem, k_vmem, v_vmem, o_vmem, m_scratch, l_scratch, acc_scratch,  # VMEM scratch
-    cnt_smem, idx_smem,  # SMEM scratch
-    q_sems, k_sems, v_sems, o_sems, idx_sems, cnt_sem,  # DMA semaphores
-    *, causal: bool, scale: float, group: int, num_q_blocks: int, rows: int, config: ForwardConfig,
+  q_len_ref,
+  kv_len_ref,
+  q_pos_ref,  # scalar prefetch (SMEM) [B]
+  q_hbm,
+  k_hbm,
+  v_hbm,
+  counts_hbm,
+  indices_hbm,  # inputs (HBM)
+  out_hbm,
+  lse_ref,  # outputs: [B, Tp, N, H] in HBM, (block_rows, 128) lse block in VMEM
+  q_vmem,
+  k_vmem,
+  v_vmem,
+  o_vmem,
+  m_scratch,
+  l_scratch,
+  acc_scratch,  # VMEM scratch
+  cnt_smem,
+  idx_smem,  # SMEM scratch
+  q_sems,
+  k_sems,
+  v_sems,
+  o_sems,
+  idx_sems,
+  cnt_sem,  # DMA semaphores
+  *,
+  causal: bool,
+  scale: float,
+  group: int,
+  num_q_blocks: int,
+  rows: int,
+  config: ForwardConfig,
 ):
   b, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kv_head = lax.div(n, group)
@@ -153,8 +178,10 @@ def _kernel(
 
   def kv_copies(slot, block):
     keys = pl.ds(block * BLOCK, BLOCK)
-    return (pltpu.make_async_copy(k_hbm.at[b, keys, kv_head], k_vmem.at[slot], k_sems.at[slot]),
-            pltpu.make_async_copy(v_hbm.at[b, keys, kv_head], v_vmem.at[slot], v_sems.at[slot]))
+    return (
+      pltpu.make_async_copy(k_hbm.at[b, keys, kv_head], k_vmem.at[slot], k_sems.at[slot]),
+      pltpu.make_async_copy(v_hbm.at[b, keys, kv_head], v_vmem.at[slot], v_sems.at[slot]),
+    )
 
   def num_steps(i):  # key blocks visited by local row i
     if config.skip_unselected:
@@ -165,8 +192,9 @@ def _kernel(
   def block_of(i, j):  # key block visited at step j of local row i (its index row must be in SMEM)
     return idx_smem[i % 2, j] if config.skip_unselected else j
 
-  pipe = RowPipeline(n_rows, idx_copy, lambda i: (q_copy(i),), num_steps,
-                     lambda i, slot: kv_copies(slot, block_of(i, 0)))
+  pipe = RowPipeline(
+    n_rows, idx_copy, lambda i: (q_copy(i),), num_steps, lambda i, slot: kv_copies(slot, block_of(i, 0))
+  )
   pipe.prologue()  # row 0's index row, q and first K/V block
 
   def row_body(i, slot0):
@@ -200,8 +228,9 @@ def _kernel(
       l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
       m_scratch[...] = m_next
       v = v_vmem[slot]
-      pv = lax.dot_general(p if f32_inputs else p.astype(v.dtype), v, _NN, precision=precision,
-                           preferred_element_type=jnp.float32)
+      pv = lax.dot_general(
+        p if f32_inputs else p.astype(v.dtype), v, _NN, precision=precision, preferred_element_type=jnp.float32
+      )
       acc_scratch[...] = alpha[:, :head_dim] * acc_scratch[...] + pv
 
     def block_body(j, ptr):
@@ -276,16 +305,16 @@ def supports(q, k, layout: BlockLayout) -> str | None:
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
 def block_sparse_attention(
-    q: jax.Array,  # [B, T, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    v: jax.Array,  # [B, S, K, H]
-    layout: BlockLayout,  # (B, N, ceil(T/128), ceil(S/128))
-    geometry: Geometry,
-    *,
-    causal: bool,
-    scale: float,
-    config: ForwardConfig = ForwardConfig(),
-    interpret: bool | pltpu.InterpretParams = False,
+  q: jax.Array,  # [B, T, N, H]
+  k: jax.Array,  # [B, S, K, H]
+  v: jax.Array,  # [B, S, K, H]
+  layout: BlockLayout,  # (B, N, ceil(T/128), ceil(S/128))
+  geometry: Geometry,
+  *,
+  causal: bool,
+  scale: float,
+  config: ForwardConfig = ForwardConfig(),
+  interpret: bool | pltpu.InterpretParams = False,
 ) -> tuple[jax.Array, jax.Array]:  # out [B, T, N, H] (q.dtype), lse f32 [B, N, T]
   """SPEC §4 on validated inputs (see `xattn_jax.block_sparse_attention`).
 
@@ -324,42 +353,43 @@ def block_sparse_attention(
   if n_chunks * rows != nqb:  # the last step's counts DMA reads a whole chunk
     counts = jnp.pad(counts, ((0, 0), (0, 0), (0, n_chunks * rows - nqb)))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  kernel = functools.partial(_kernel, causal=causal, scale=scale, group=N // K, num_q_blocks=nqb, rows=rows,
-                             config=config)
+  kernel = functools.partial(
+    _kernel, causal=causal, scale=scale, group=N // K, num_q_blocks=nqb, rows=rows, config=config
+  )
   out, lse = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
-          grid=(B, N, n_chunks),
-          in_specs=[any_spec] * 5,
-          out_specs=[any_spec, pl.BlockSpec((None, None, rows, BLOCK), lambda b, n, c, *_: (b, n, c, 0))],
-          scratch_shapes=[
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # q slots
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # k slots
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # v slots
-              pltpu.VMEM((2, BLOCK, H), q.dtype),  # out slots
-              pltpu.VMEM((BLOCK, NUM_LANES), jnp.float32),  # m_i
-              pltpu.VMEM((BLOCK, NUM_LANES), jnp.float32),  # l_i
-              pltpu.VMEM((BLOCK, H), jnp.float32),  # acc
-              pltpu.SMEM((rows,), jnp.int32),  # counts of the step's rows
-              pltpu.SMEM((2, nkb), jnp.int32),  # index rows
-              pltpu.SemaphoreType.DMA((2,)),
-              pltpu.SemaphoreType.DMA((2,)),
-              pltpu.SemaphoreType.DMA((2,)),
-              pltpu.SemaphoreType.DMA((2,)),
-              pltpu.SemaphoreType.DMA((2,)),
-              pltpu.SemaphoreType.DMA((1,)),
-          ],
-      ),
-      out_shape=[
-          jax.ShapeDtypeStruct((B, nqb * BLOCK, N, H), q.dtype),
-          jax.ShapeDtypeStruct((B, N, n_chunks * rows, BLOCK), jnp.float32),
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(B, N, n_chunks),
+      in_specs=[any_spec] * 5,
+      out_specs=[any_spec, pl.BlockSpec((None, None, rows, BLOCK), lambda b, n, c, *_: (b, n, c, 0))],
+      scratch_shapes=[
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # q slots
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # k slots
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # v slots
+        pltpu.VMEM((2, BLOCK, H), q.dtype),  # out slots
+        pltpu.VMEM((BLOCK, NUM_LANES), jnp.float32),  # m_i
+        pltpu.VMEM((BLOCK, NUM_LANES), jnp.float32),  # l_i
+        pltpu.VMEM((BLOCK, H), jnp.float32),  # acc
+        pltpu.SMEM((rows,), jnp.int32),  # counts of the step's rows
+        pltpu.SMEM((2, nkb), jnp.int32),  # index rows
+        pltpu.SemaphoreType.DMA((2,)),
+        pltpu.SemaphoreType.DMA((2,)),
+        pltpu.SemaphoreType.DMA((2,)),
+        pltpu.SemaphoreType.DMA((2,)),
+        pltpu.SemaphoreType.DMA((2,)),
+        pltpu.SemaphoreType.DMA((1,)),
       ],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel"), vmem_limit_bytes=VMEM_BUDGET_BYTES
-      ),
-      interpret=interpret,
-      name="xattn_block_sparse_attention",
+    ),
+    out_shape=[
+      jax.ShapeDtypeStruct((B, nqb * BLOCK, N, H), q.dtype),
+      jax.ShapeDtypeStruct((B, N, n_chunks * rows, BLOCK), jnp.float32),
+    ],
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel"), vmem_limit_bytes=VMEM_BUDGET_BYTES
+    ),
+    interpret=interpret,
+    name="xattn_block_sparse_attention",
   )(geometry.q_lengths, geometry.kv_lengths, geometry.q_positions, q, k, v, counts, layout.indices)
   lse = lse.reshape(B, N, n_chunks * rows * BLOCK)
   return out[:, :T], lse[:, :, :T]

@@ -32,15 +32,18 @@ def _xla_cpu_threads() -> int:
 
 def _check_platform(interpret: bool, op: str) -> None:
   if not interpret and backends.target_platform() != "gpu":
-    raise NotImplementedError(f"pallas_mosaic_gpu needs a CUDA GPU (this code targets {backends.target_platform()!r}); "
-                              "pass interpret=True to run the kernels in the CPU interpreter")
+    raise NotImplementedError(
+      f"pallas_mosaic_gpu needs a CUDA GPU (this code targets {backends.target_platform()!r}); "
+      "pass interpret=True to run the kernels in the CPU interpreter"
+    )
   needed, available = INTERPRETER_THREADS[op], _xla_cpu_threads()
   if interpret and available < needed:
     raise RuntimeError(
-        f"the Mosaic GPU interpreter runs this {op} kernel as {needed} host threads that wait on each other, and "
-        f"XLA's CPU runtime here runs {available} at a time (the larger of the CPU cores and the host devices): it "
-        "would hang. Start Python with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set before JAX is "
-        "imported), or run on a machine with more cores.")
+      f"the Mosaic GPU interpreter runs this {op} kernel as {needed} host threads that wait on each other, and "
+      f"XLA's CPU runtime here runs {available} at a time (the larger of the CPU cores and the host devices): it "
+      "would hang. Start Python with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set before JAX is "
+      "imported), or run on a machine with more cores."
+    )
 
 
 def _persistent_grid(interpret: bool) -> dict:
@@ -78,8 +81,18 @@ def backend(tuning: MosaicGpu | None = None) -> Backend:
     config = tuning.scores
     if config is not None and interpret:
       config = dataclasses.replace(config, p_operand="smem")
-    return scores_kernel.antidiagonal_scores(q, k, geometry, stride=stride, block_size=block_size, causal=causal,
-                                             scale=scale, config=config, interpret=interpret, estimator=estimator)
+    return scores_kernel.antidiagonal_scores(
+      q,
+      k,
+      geometry,
+      stride=stride,
+      block_size=block_size,
+      causal=causal,
+      scale=scale,
+      config=config,
+      interpret=interpret,
+      estimator=estimator,
+    )
 
   def attention(q, k, v, layout, geometry, *, causal, scale, interpret):
     _check_platform(interpret, "attention")
@@ -89,18 +102,16 @@ def backend(tuning: MosaicGpu | None = None) -> Backend:
     if interpret:
       config = dataclasses.replace(config, pv_operand="smem")
     return attention_kernel.block_sparse_attention(
-        q, k, v, layout, geometry, causal=causal, scale=scale, config=config, interpret=interpret
+      q, k, v, layout, geometry, causal=causal, scale=scale, config=config, interpret=interpret
     )
 
-  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale,
-                    interpret):
+  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale, interpret):
     _check_platform(interpret, "attention_bwd")
     config = tuning.backward or backward_kernels.BackwardConfig()
     if interpret:
       config = dataclasses.replace(config, operand="smem")
     return backward_kernels.block_sparse_attention_bwd(
-        q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale, config=config,
-        interpret=interpret,
+      q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale, config=config, interpret=interpret
     )
 
   return Backend("pallas_mosaic_gpu", scores, attention, attention_bwd)

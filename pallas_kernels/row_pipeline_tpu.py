@@ -62,6 +62,7 @@ class RowPipeline:
 
   def prefetch_next(self, i, slot) -> None:
     """During item i's last visit: item i + 1's first visit into `slot` (the one that visit does not use)."""
+
     @pl.when(i + 1 < self.n_rows)
     def _():
       self.index_copy(i + 1).wait()

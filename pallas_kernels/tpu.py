@@ -28,8 +28,10 @@ def _interpret(interpret: bool) -> pltpu.InterpretParams | bool:
   if interpret:
     return interpret_params()
   if backends.target_platform() != "tpu":
-    raise NotImplementedError(f"pallas_tpu needs a TPU (this code targets {backends.target_platform()!r}); "
-                              "pass interpret=True to run the kernels in the Pallas TPU interpreter")
+    raise NotImplementedError(
+      f"pallas_tpu needs a TPU (this code targets {backends.target_platform()!r}); "
+      "pass interpret=True to run the kernels in the Pallas TPU interpreter"
+    )
   return False
 
 
@@ -55,21 +57,46 @@ def backend(tuning: Tpu | None = None) -> Backend:
 
   def scores(q, k, geometry, *, stride, block_size, causal, scale, estimator, interpret):
     return scoring_kernel.antidiagonal_scores(
-        q, k, geometry, stride=stride, block_size=block_size, causal=causal, scale=scale, estimator=estimator,
-        interpret=_interpret(interpret), **configured(tuning.scores),
+      q,
+      k,
+      geometry,
+      stride=stride,
+      block_size=block_size,
+      causal=causal,
+      scale=scale,
+      estimator=estimator,
+      interpret=_interpret(interpret),
+      **configured(tuning.scores),
     )
 
   def attention(q, k, v, layout, geometry, *, causal, scale, interpret):
     return attention_kernel.block_sparse_attention(
-        q, k, v, layout, geometry, causal=causal, scale=scale, interpret=_interpret(interpret),
-        **configured(tuning.forward),
+      q,
+      k,
+      v,
+      layout,
+      geometry,
+      causal=causal,
+      scale=scale,
+      interpret=_interpret(interpret),
+      **configured(tuning.forward),
     )
 
-  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale,
-                    interpret):
+  def attention_bwd(q, k, v, out, lse, d_out, d_lse, layout, geometry, *, causal, scale, interpret):
     return backward_kernels.block_sparse_attention_bwd(
-        q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale,
-        interpret=_interpret(interpret), **configured(tuning.backward),
+      q,
+      k,
+      v,
+      out,
+      lse,
+      d_out,
+      d_lse,
+      layout,
+      geometry,
+      causal=causal,
+      scale=scale,
+      interpret=_interpret(interpret),
+      **configured(tuning.backward),
     )
 
   return Backend("pallas_tpu", scores, attention, attention_bwd)

@@ -92,5 +92,7 @@ def assert_max_normalized_close(got, want, tol: float, what: str) -> None:
 def random_cotangents(seed, out, lse):
   """Fresh random (d_out, d_lse) cotangents shaped like the forward's (out, lse)."""
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal(out.shape), out.dtype),
-          jnp.asarray(rng.standard_normal(lse.shape), jnp.float32))
+  return (
+    jnp.asarray(rng.standard_normal(out.shape), out.dtype),
+    jnp.asarray(rng.standard_normal(lse.shape), jnp.float32),
+  )

@@ -23,8 +23,15 @@ from xattn_jax.sharding import sharded_dense_attention, sharded_xattention
 def check_op(mesh):
   q, k, v = random_qkv(0, B=4, T=200, S=260, N=8, K=4, H=16)
   lens = (jnp.array([200, 150, 90, 200], jnp.int32), jnp.array([260, 200, 260, 230], jnp.int32))
-  kw = dict(is_causal=True, threshold=jnp.linspace(0.4, 1.0, 8), block_size=32, stride=8,
-            query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], return_block_layout=True)
+  kw = dict(
+    is_causal=True,
+    threshold=jnp.linspace(0.4, 1.0, 8),
+    block_size=32,
+    stride=8,
+    query_seq_lengths=lens[0],
+    key_value_seq_lengths=lens[1],
+    return_block_layout=True,
+  )
   want, want_layout = run_checked(xa.xattention, q, k, v, **kw)
   # mesh= explicitly: checkify of a shard_map under jax.set_mesh fails in jax 0.11/0.12 (context vs manual mesh).
   got, layout = run_checked(sharded_xattention, q, k, v, mesh=mesh, **kw)
@@ -34,8 +41,12 @@ def check_op(mesh):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(layout.indices), np.asarray(want_layout.indices))
   dense_kw = dict(is_causal=True, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], implementation="xla")
-  np.testing.assert_allclose(np.asarray(run_checked(sharded_dense_attention, q, k, v, mesh=mesh, **dense_kw)),
-                             np.asarray(run_checked(xa.dense_attention, q, k, v, **dense_kw)), atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(run_checked(sharded_dense_attention, q, k, v, mesh=mesh, **dense_kw)),
+    np.asarray(run_checked(xa.dense_attention, q, k, v, **dense_kw)),
+    atol=1e-6,
+    rtol=1e-6,
+  )
   try:
     sharded_xattention(q[:, :, :2], k[:, :, :1], v[:, :, :1], mesh=mesh, is_causal=True)
     assert mesh.shape["tensor"] == 1, "K=1 over a tensor axis > 1 must fail"
@@ -44,9 +55,19 @@ def check_op(mesh):
 
 
 def check_model(mesh):
-  config = ModelConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16,
-                       mlp_dim=128, qkv_bias=True, attention=AttentionConfig(
-                           kind="xattention", xattention=xa.XAttentionConfig(threshold=0.8, block_size=16, stride=4)))
+  config = ModelConfig(
+    vocab_size=97,
+    d_model=64,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=16,
+    mlp_dim=128,
+    qkv_bias=True,
+    attention=AttentionConfig(
+      kind="xattention", xattention=xa.XAttentionConfig(threshold=0.8, block_size=16, stride=4)
+    ),
+  )
   model = Transformer(config, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(1)
   prompts = [list(rng.integers(1, 97, size=n)) for n in (70, 41, 100, 64)]

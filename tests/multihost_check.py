@@ -19,8 +19,9 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 def main():
   process_id, port = int(sys.argv[1]), sys.argv[2]
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                             initialization_timeout=60)
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=60
+  )
   import numpy as np
 
   import xattn_jax as xa
@@ -34,9 +35,10 @@ def main():
   place = lambda x: jax.make_array_from_callback(x.shape, tokens, lambda index: x[index])
   kw = dict(is_causal=True, threshold=0.8, block_size=32, stride=8)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  out = jax.jit(lambda q, k, v: xa.sharded_xattention(q, k, v, mesh=mesh, batch_axis=None, head_axis=None,
-                                                      seq_axis="seq", **kw), out_shardings=replicated)(
-      place(q), place(k), place(v))
+  out = jax.jit(
+    lambda q, k, v: xa.sharded_xattention(q, k, v, mesh=mesh, batch_axis=None, head_axis=None, seq_axis="seq", **kw),
+    out_shardings=replicated,
+  )(place(q), place(k), place(v))
   want = jax.jit(lambda q, k, v: xa.xattention(q, k, v, **kw))(q, k, v)
   diff = float(np.max(np.abs(np.asarray(out.addressable_data(0)) - np.asarray(want))))
   assert diff < 1e-5, diff

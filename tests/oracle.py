@@ -68,12 +68,23 @@ def scores(q, k, *, stride, block_size, causal, scale=None, q_lens=None, kv_lens
       per = blk // s
       for r in range(nqb):
         for c in range(nkb):
-          out[b, n, r, c] = p[r * per:(r + 1) * per, c * per:(c + 1) * per].sum()
+          out[b, n, r, c] = p[r * per : (r + 1) * per, c * per : (c + 1) * per].sum()
   return out
 
 
-def select(scores_, *, q_len, kv_len, block_size, threshold, causal, keep_sink=True, keep_diagonal=True,
-           q_lens=None, kv_lens=None):
+def select(
+  scores_,
+  *,
+  q_len,
+  kv_len,
+  block_size,
+  threshold,
+  causal,
+  keep_sink=True,
+  keep_diagonal=True,
+  q_lens=None,
+  kv_lens=None,
+):
   """SPEC §2: bool [B, N, nQb, nKb], visiting blocks one by one."""
   a = np.asarray(scores_, np.float64)
   B, N, nqb, nkb = a.shape

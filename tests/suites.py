@@ -18,16 +18,17 @@ from tests.conftest import OUT_TOL, lengths_pair, random_qkv, run_checked
 # (B, T, S, N, K, H, stride, block_size, causal, with_lengths): T, S off the multiples of s and blk, T < S, GQA,
 # batches with different lengths, causal and not.
 CASES = [
-    (1, 64, 64, 2, 2, 16, 4, 16, True, False),
-    (1, 50, 77, 4, 2, 16, 4, 16, True, False),
-    (2, 45, 130, 4, 1, 8, 8, 32, True, True),
-    (2, 96, 96, 3, 3, 16, 4, 32, False, True),
-    (1, 33, 90, 2, 1, 16, 8, 16, False, False),
-    (2, 128, 200, 4, 2, 32, 16, 64, True, True),
+  (1, 64, 64, 2, 2, 16, 4, 16, True, False),
+  (1, 50, 77, 4, 2, 16, 4, 16, True, False),
+  (2, 45, 130, 4, 1, 8, 8, 32, True, True),
+  (2, 96, 96, 3, 3, 16, 4, 32, False, True),
+  (1, 33, 90, 2, 1, 16, 8, 16, False, False),
+  (2, 128, 200, 4, 2, 32, 16, 64, True, True),
 ]
 ESTIMATORS = ["antidiagonal", "alternating"]
-CASE_IDS = [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}s{c[6]}b{c[7]}{'c' if c[8] else 'nc'}{'L' if c[9] else ''}"
-            for c in CASES]
+CASE_IDS = [
+  f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}s{c[6]}b{c[7]}{'c' if c[8] else 'nc'}{'L' if c[9] else ''}" for c in CASES
+]
 
 
 def _case_inputs(case, seed, dtype=jnp.float32):
@@ -73,10 +74,10 @@ class ScoresSuite:
   def test_matches_oracle(self, case, estimator):
     q, k, _, lens = _case_inputs(case, seed=11)
     _, T, S, _, _, _, stride, blk, causal, _ = case
-    got = self.scores(q, k, stride=stride, block_size=blk, causal=causal, estimator=estimator,
-                      **_lengths_kwargs(lens))
-    want = oracle.scores(q, k, stride=stride, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1],
-                         estimator=estimator)
+    got = self.scores(q, k, stride=stride, block_size=blk, causal=causal, estimator=estimator, **_lengths_kwargs(lens))
+    want = oracle.scores(
+      q, k, stride=stride, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1], estimator=estimator
+    )
     assert got.dtype == jnp.float32 and got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), want, atol=self.atol, rtol=1e-5)
 
@@ -90,8 +91,17 @@ class ScoresSuite:
     keys = np.eye(T, dtype=np.float32)
     for d in [0, 1, 2, 3, 8, 9, 16, 64, 65]:
       q = jnp.asarray(np.roll(keys, d, axis=0)[None, :, None])  # q_t = k_{(t-d) mod T}
-      a = np.asarray(self.scores(q, jnp.asarray(keys[None, :, None]), stride=s, block_size=blk, causal=False,
-                                 scale=20.0 * s, estimator=estimator))[0, 0]
+      a = np.asarray(
+        self.scores(
+          q,
+          jnp.asarray(keys[None, :, None]),
+          stride=s,
+          block_size=blk,
+          causal=False,
+          scale=20.0 * s,
+          estimator=estimator,
+        )
+      )[0, 0]
       for r in range(T // blk):
         target = {((r * blk - d) % T) // blk, ((r * blk + blk - 1 - d) % T) // blk}
         share = sum(a[r, c] for c in target) / a[r].sum()
@@ -127,8 +137,9 @@ class ScoresSuite:
     q, k, _ = random_qkv(14, B=B, T=T, S=S, N=2, K=2, H=8)
     q_lens = jnp.array([0, 20, 64], jnp.int32)
     kv_lens = jnp.array([0, 50, 96], jnp.int32)
-    got = np.asarray(self.scores(q, k, stride=4, block_size=blk, query_seq_lengths=q_lens,
-                                 key_value_seq_lengths=kv_lens))
+    got = np.asarray(
+      self.scores(q, k, stride=4, block_size=blk, query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens)
+    )
     assert np.all(np.isfinite(got))
     assert np.all(got[0] == 0)
     assert np.all(got[1, :, 2:] == 0)  # query blocks past 20 tokens are padding
@@ -144,15 +155,22 @@ class ScoresSuite:
     np.testing.assert_allclose(got.sum(-1)[0, 0], [2, 2, 1], rtol=1e-5)
 
   @hypothesis.given(
-      B=st.integers(1, 2), T=st.integers(1, 70), extra=st.integers(0, 40), K=st.integers(1, 2), G=st.integers(1, 2),
-      stride=st.sampled_from([4, 8]), causal=st.booleans(), seed=st.integers(0, 2**16),
+    B=st.integers(1, 2),
+    T=st.integers(1, 70),
+    extra=st.integers(0, 40),
+    K=st.integers(1, 2),
+    G=st.integers(1, 2),
+    stride=st.sampled_from([4, 8]),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
   )
   def test_property_matches_oracle(self, B, T, extra, K, G, stride, causal, seed):
     S = T + extra
     q, k, _ = random_qkv(seed, B=B, T=T, S=S, N=K * G, K=K, H=8)
     lens = lengths_pair(seed, B=B, T=T, S=S)
-    got = self.scores(q, k, stride=stride, block_size=16, causal=causal, query_seq_lengths=lens[0],
-                      key_value_seq_lengths=lens[1])
+    got = self.scores(
+      q, k, stride=stride, block_size=16, causal=causal, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1]
+    )
     want = oracle.scores(q, k, stride=stride, block_size=16, causal=causal, q_lens=lens[0], kv_lens=lens[1])
     np.testing.assert_allclose(np.asarray(got), want, atol=self.atol, rtol=1e-5)
 
@@ -164,8 +182,9 @@ class AttentionSuite:
   lse_atol = 2e-5
 
   def attend(self, q, k, v, layout, **kw):
-    return run_checked(xa.block_sparse_attention, q, k, v, layout, implementation=self.implementation,
-                       interpret=self.interpret, **kw)
+    return run_checked(
+      xa.block_sparse_attention, q, k, v, layout, implementation=self.implementation, interpret=self.interpret, **kw
+    )
 
   @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
   def test_matches_oracle(self, case):
@@ -230,8 +249,14 @@ class AttentionSuite:
     np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
 
   @hypothesis.given(
-      B=st.integers(1, 2), T=st.integers(1, 60), extra=st.integers(0, 50), K=st.integers(1, 2), G=st.integers(1, 3),
-      causal=st.booleans(), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+    B=st.integers(1, 2),
+    T=st.integers(1, 60),
+    extra=st.integers(0, 50),
+    K=st.integers(1, 2),
+    G=st.integers(1, 3),
+    causal=st.booleans(),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
   )
   def test_property_matches_oracle(self, B, T, extra, K, G, causal, density, seed):
     S, N, blk = T + extra, K * G, 16
@@ -251,19 +276,34 @@ class XAttentionSuite:
   def run(self, q, k, v, **kw):
     return run_checked(xa.xattention, q, k, v, implementation=self.implementation, interpret=self.interpret, **kw)
 
-  @pytest.mark.parametrize("case,estimator", [(c, "antidiagonal") for c in CASES] + [(CASES[2], "alternating")],
-                           ids=CASE_IDS + [CASE_IDS[2] + "-alternating"])
+  @pytest.mark.parametrize(
+    "case,estimator",
+    [(c, "antidiagonal") for c in CASES] + [(CASES[2], "alternating")],
+    ids=CASE_IDS + [CASE_IDS[2] + "-alternating"],
+  )
   def test_pipeline_matches_oracle(self, case, estimator):
     """estimate -> select -> attend, each stage against the float64 oracle."""
     q, k, v, lens = _case_inputs(case, seed=31)
     B, T, S, N, _, _, stride, blk, causal, _ = case
     tau = 0.6
-    out, layout = self.run(q, k, v, is_causal=causal, threshold=tau, stride=stride, block_size=blk,
-                           return_block_layout=True, estimator=estimator, **_lengths_kwargs(lens))
-    want_scores = oracle.scores(q, k, stride=stride, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1],
-                                estimator=estimator)
-    want_mask = oracle.select(want_scores, q_len=T, kv_len=S, block_size=blk, threshold=tau, causal=causal,
-                              q_lens=lens[0], kv_lens=lens[1])
+    out, layout = self.run(
+      q,
+      k,
+      v,
+      is_causal=causal,
+      threshold=tau,
+      stride=stride,
+      block_size=blk,
+      return_block_layout=True,
+      estimator=estimator,
+      **_lengths_kwargs(lens),
+    )
+    want_scores = oracle.scores(
+      q, k, stride=stride, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1], estimator=estimator
+    )
+    want_mask = oracle.select(
+      want_scores, q_len=T, kv_len=S, block_size=blk, threshold=tau, causal=causal, q_lens=lens[0], kv_lens=lens[1]
+    )
     np.testing.assert_array_equal(np.asarray(layout.to_dense()), want_mask)
     want, _ = oracle.attention(q, k, v, want_mask, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1])
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-5)
@@ -284,8 +324,15 @@ class XAttentionSuite:
     B, T, S, N, K, H, blk = 2, 150, 230, 4, 2, 16, 32
     q, k, v = random_qkv(33, B=B, T=T, S=S, N=N, K=K, H=H)
     lens = lengths_pair(34, B=B, T=T, S=S)
-    kw = dict(is_causal=True, threshold=0.7, stride=8, block_size=blk, return_block_layout=True,
-              estimator=estimator, **_lengths_kwargs(lens))
+    kw = dict(
+      is_causal=True,
+      threshold=0.7,
+      stride=8,
+      block_size=blk,
+      return_block_layout=True,
+      estimator=estimator,
+      **_lengths_kwargs(lens),
+    )
     out_a, lay_a = self.run(q, k, v, **kw)
     out_b, lay_b = self.run(q, k, v, query_chunk_size=blk, **kw)
     out_c, lay_c = self.run(q, k, v, query_chunk_size=2 * blk, **kw)
@@ -304,8 +351,9 @@ class XAttentionSuite:
     out, layout = self.run(q, k, v, **kw, **_lengths_kwargs(lens))
     for b in range(B):
       one = slice(b, b + 1)
-      out_b, lay_b = self.run(q[one], k[one], v[one], **kw, query_seq_lengths=lens[0][one],
-                              key_value_seq_lengths=lens[1][one])
+      out_b, lay_b = self.run(
+        q[one], k[one], v[one], **kw, query_seq_lengths=lens[0][one], key_value_seq_lengths=lens[1][one]
+      )
       np.testing.assert_array_equal(np.asarray(lay_b.to_dense()[0]), np.asarray(layout.to_dense()[b]))
       np.testing.assert_allclose(np.asarray(out_b[0]), np.asarray(out[b]), atol=1e-6, rtol=1e-6)
 
@@ -323,16 +371,37 @@ class XAttentionSuite:
     B, S, N, K, H = 2, 77, 4, 2, 16
     q, k, v = random_qkv(37, B=B, T=1, S=S, N=N, K=K, H=H)
     kv_lens = jnp.array([77, 40], jnp.int32)
-    out = self.run(q, k, v, is_causal=True, threshold=0.1, block_size=16, stride=4,
-                   query_seq_lengths=jnp.array([1, 1], jnp.int32), key_value_seq_lengths=kv_lens)
+    out = self.run(
+      q,
+      k,
+      v,
+      is_causal=True,
+      threshold=0.1,
+      block_size=16,
+      stride=4,
+      query_seq_lengths=jnp.array([1, 1], jnp.int32),
+      key_value_seq_lengths=kv_lens,
+    )
     want = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lens)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5, rtol=1e-5)
 
   def test_unbatched_input_and_flax_kwargs(self):
     T, N, H = 64, 2, 16
     q, k, v = random_qkv(38, B=1, T=T, S=T, N=N, K=N, H=H)
-    out = self.run(q[0], k[0], v[0], is_causal=True, threshold=1.0, block_size=16, stride=4, dropout_rate=0.0,
-                   deterministic=True, dtype=jnp.float32, precision=None, module=None)
+    out = self.run(
+      q[0],
+      k[0],
+      v[0],
+      is_causal=True,
+      threshold=1.0,
+      block_size=16,
+      stride=4,
+      dropout_rate=0.0,
+      deterministic=True,
+      dtype=jnp.float32,
+      precision=None,
+      module=None,
+    )
     want = jax.nn.dot_product_attention(q[0], k[0], v[0], is_causal=True)
     assert out.shape == (T, N, H)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5, rtol=1e-5)
@@ -341,16 +410,39 @@ class XAttentionSuite:
     B, T, N, H = 2, 64, 2, 16
     q, k, v = random_qkv(39, B=B, T=T, S=T, N=N, K=N, H=H)
     lens = jnp.array([64, 30], jnp.int32)
-    out = np.asarray(self.run(q, k, v, is_causal=True, threshold=0.8, block_size=16, stride=4,
-                              query_seq_lengths=lens, key_value_seq_lengths=lens))
+    out = np.asarray(
+      self.run(
+        q,
+        k,
+        v,
+        is_causal=True,
+        threshold=0.8,
+        block_size=16,
+        stride=4,
+        query_seq_lengths=lens,
+        key_value_seq_lengths=lens,
+      )
+    )
     assert not np.isnan(out).any() and np.all(out[1, 30:] == 0) and np.all(np.abs(out[1, :30]).sum(-1) > 0)
 
   def test_no_recompilation_when_threshold_or_lengths_change(self):
     B, T, N, H = 1, 64, 2, 16
     q, k, v = random_qkv(40, B=B, T=T, S=T, N=N, K=N, H=H)
-    f = jax.jit(lambda q, k, v, tau, lens: xa.xattention(
-        q, k, v, is_causal=True, threshold=tau, block_size=16, stride=4, query_seq_lengths=lens,
-        key_value_seq_lengths=lens, implementation=self.implementation, interpret=self.interpret))
+    f = jax.jit(
+      lambda q, k, v, tau, lens: xa.xattention(
+        q,
+        k,
+        v,
+        is_causal=True,
+        threshold=tau,
+        block_size=16,
+        stride=4,
+        query_seq_lengths=lens,
+        key_value_seq_lengths=lens,
+        implementation=self.implementation,
+        interpret=self.interpret,
+      )
+    )
     a = f(q, k, v, jnp.full((N,), 0.3), jnp.array([64], jnp.int32))
     b = f(q, k, v, jnp.full((N,), 0.95), jnp.array([50], jnp.int32))
     assert f._cache_size() == 1
@@ -360,9 +452,9 @@ class XAttentionSuite:
 # Kernel backends: block 128, head dims 64/128, 16-bit inputs (what the Pallas kernels take); few cases, because
 # the CPU interpreters are slow.
 KERNEL_CASES = [  # B, T, S, N, K, H, dtype, causal, with_lengths
-    (2, 200, 300, 4, 2, 64, jnp.bfloat16, True, True),
-    (1, 256, 384, 2, 1, 128, jnp.float16, True, False),
-    (2, 130, 260, 2, 2, 64, jnp.float16, False, True),
+  (2, 200, 300, 4, 2, 64, jnp.bfloat16, True, True),
+  (1, 256, 384, 2, 1, 128, jnp.float16, True, False),
+  (2, 130, 260, 2, 2, 64, jnp.float16, False, True),
 ]
 
 
@@ -381,8 +473,9 @@ class KernelAttentionSuite:
   interpret = True
 
   def attend(self, q, k, v, layout, **kw):
-    return run_checked(xa.block_sparse_attention, q, k, v, layout, implementation=self.implementation,
-                       interpret=self.interpret, **kw)
+    return run_checked(
+      xa.block_sparse_attention, q, k, v, layout, implementation=self.implementation, interpret=self.interpret, **kw
+    )
 
   def after_run(self):
     """Backend hook: e.g. assert the interpreter recorded no race."""
@@ -415,8 +508,7 @@ class KernelAttentionSuite:
     poison[:, 128:512, 0] = True
     poison[:, :384, 1] = True
     k2, v2 = jnp.where(poison, 300.0, k), jnp.where(poison, -300.0, v)
-    np.testing.assert_array_equal(np.asarray(self.attend(q, k2, v2, layout), np.float32),
-                                  np.asarray(out, np.float32))
+    np.testing.assert_array_equal(np.asarray(self.attend(q, k2, v2, layout), np.float32), np.asarray(out, np.float32))
 
 
 def backward_case_inputs(case, seed):
@@ -430,8 +522,9 @@ def backward_case_inputs(case, seed):
   if empty:
     for b, n, r in empty:
       mask[b, n, r] = False
-    allowed = xa.allowed_blocks(q_len=T, kv_len=S, block_size=128, causal=causal, query_seq_lengths=lens[0],
-                                key_value_seq_lengths=lens[1])
+    allowed = xa.allowed_blocks(
+      q_len=T, kv_len=S, block_size=128, causal=causal, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1]
+    )
     layout = xa.BlockLayout.from_dense(jnp.asarray(mask), allowed=allowed)
   return q, k, v, lens, layout, mask
 
@@ -473,13 +566,14 @@ class KernelBackwardSuite:
       assert_max_normalized_close(a, b, self.grad_tol[dtype], name)
     dq, dk, dv = (np.asarray(x, np.float32) for x in got)
     for b in range(B):  # padding queries and keys get exactly zero
-      assert np.all(dq[b, q_lens[b]:] == 0) and np.all(dk[b, kv_lens[b]:] == 0) and np.all(dv[b, kv_lens[b]:] == 0)
+      assert np.all(dq[b, q_lens[b] :] == 0) and np.all(dk[b, kv_lens[b] :] == 0) and np.all(dv[b, kv_lens[b] :] == 0)
     for b, n, r in empty:  # a row that selected nothing: zero dq
-      assert np.all(dq[b, r * 128:(r + 1) * 128, n] == 0)
+      assert np.all(dq[b, r * 128 : (r + 1) * 128, n] == 0)
 
 
 def backward_case_fixture(cases):
   """The `backward_case` fixture of a test module, over its cases (ids end in "e" where rows are forced empty)."""
+
   @pytest.fixture(params=cases, ids=[i + ("e" if c[10] else "") for i, c in zip(case_ids(cases), cases)])
   def backward_case(request):
     return request.param
@@ -490,12 +584,14 @@ def backward_case_fixture(cases):
 # Scoring kernels: block 128, strides 4/8/16, head dims 64/128; T off the block multiple, T < S, GQA, batches with
 # different lengths, causal and not.
 KERNEL_SCORE_CASES = [  # B, T, S, N, K, H, stride, dtype, causal, with_lengths
-    (2, 200, 300, 4, 2, 64, 8, jnp.bfloat16, True, True),
-    (1, 256, 384, 2, 1, 128, 16, jnp.float32, True, False),
-    (2, 130, 260, 2, 2, 64, 4, jnp.float32, False, True),
+  (2, 200, 300, 4, 2, 64, 8, jnp.bfloat16, True, True),
+  (1, 256, 384, 2, 1, 128, 16, jnp.float32, True, False),
+  (2, 130, 260, 2, 2, 64, 4, jnp.float32, False, True),
 ]
-KERNEL_SCORE_IDS = [f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}{jnp.dtype(c[7]).name}{'c' if c[8] else 'nc'}"
-                    for c in KERNEL_SCORE_CASES]
+KERNEL_SCORE_IDS = [
+  f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}{jnp.dtype(c[7]).name}{'c' if c[8] else 'nc'}"
+  for c in KERNEL_SCORE_CASES
+]
 
 
 class KernelScoresSuite:
@@ -510,8 +606,7 @@ class KernelScoresSuite:
     return dtype if dtype in self.input_dtypes else self.input_dtypes[0]
 
   def scores(self, q, k, **kw):
-    return run_checked(xa.antidiagonal_scores, q, k, implementation=self.implementation, interpret=self.interpret,
-                       **kw)
+    return run_checked(xa.antidiagonal_scores, q, k, implementation=self.implementation, interpret=self.interpret, **kw)
 
   def after_run(self):
     """Backend hook: e.g. assert the interpreter recorded no race."""
@@ -534,11 +629,13 @@ class KernelScoresSuite:
     dtype = self.dtype(dtype)
     q, k, _ = random_qkv(75, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
     lens = lengths_pair(76, B=B, T=T, S=S)
-    got = self.scores(q, k, stride=stride, block_size=128, causal=causal, estimator="alternating",
-                      **_lengths_kwargs(lens))
+    got = self.scores(
+      q, k, stride=stride, block_size=128, causal=causal, estimator="alternating", **_lengths_kwargs(lens)
+    )
     self.after_run()
-    want = oracle.scores(q, k, stride=stride, block_size=128, causal=causal, q_lens=lens[0], kv_lens=lens[1],
-                         estimator="alternating")
+    want = oracle.scores(
+      q, k, stride=stride, block_size=128, causal=causal, q_lens=lens[0], kv_lens=lens[1], estimator="alternating"
+    )
     np.testing.assert_allclose(np.asarray(got), want, atol=self.atol[dtype], rtol=1e-5)
 
   def test_row_sums_and_causality(self):
@@ -556,8 +653,9 @@ class KernelScoresSuite:
     q, k, _ = random_qkv(74, B=B, T=T, S=S, N=2, K=2, H=64, dtype=self.dtype(jnp.float32))
     q_lens = jnp.array([0, 150, 256], jnp.int32)
     kv_lens = jnp.array([0, 200, 384], jnp.int32)
-    got = np.asarray(self.scores(q, k, stride=4, block_size=128, query_seq_lengths=q_lens,
-                                 key_value_seq_lengths=kv_lens))
+    got = np.asarray(
+      self.scores(q, k, stride=4, block_size=128, query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens)
+    )
     self.after_run()
     assert np.all(np.isfinite(got))
     assert np.all(got[0] == 0)
@@ -569,12 +667,12 @@ class KernelScoresSuite:
 
 
 DENSE_CASES = [  # B, T, S, N, K, H, dtype, causal, with_lengths
-    (2, 200, 300, 4, 2, 64, jnp.float32, True, True),  # a chunk after earlier ones (T < S)
-    (2, 1, 260, 4, 2, 32, jnp.float32, True, True),  # decode steps
-    (1, 1, 300, 4, 1, 64, jnp.bfloat16, True, False),  # a decode step, bf16
-    (18, 1, 130, 2, 1, 32, jnp.float32, False, True),  # decode steps of a batch too large to unroll
-    (2, 130, 130, 2, 1, 64, jnp.bfloat16, True, True),  # self-attention, one lengths array
-    (1, 150, 400, 2, 2, 32, jnp.float32, False, True),
+  (2, 200, 300, 4, 2, 64, jnp.float32, True, True),  # a chunk after earlier ones (T < S)
+  (2, 1, 260, 4, 2, 32, jnp.float32, True, True),  # decode steps
+  (1, 1, 300, 4, 1, 64, jnp.bfloat16, True, False),  # a decode step, bf16
+  (18, 1, 130, 2, 1, 32, jnp.float32, False, True),  # decode steps of a batch too large to unroll
+  (2, 130, 130, 2, 1, 64, jnp.bfloat16, True, True),  # self-attention, one lengths array
+  (1, 150, 400, 2, 2, 32, jnp.float32, False, True),
 ]
 DENSE_IDS = case_ids(DENSE_CASES)
 
@@ -600,19 +698,27 @@ class DenseAttentionSuite:
     same = T == S and with_lengths  # one array for both: cuDNN's route where it runs
 
     def attend(q, k, v, q_lens, kv_lens):
-      return xa.dense_attention(q, k, v, is_causal=causal, query_seq_lengths=q_lens,
-                                key_value_seq_lengths=q_lens if same else kv_lens,
-                                implementation=self.implementation, interpret=self.interpret)
+      return xa.dense_attention(
+        q,
+        k,
+        v,
+        is_causal=causal,
+        query_seq_lengths=q_lens,
+        key_value_seq_lengths=q_lens if same else kv_lens,
+        implementation=self.implementation,
+        interpret=self.interpret,
+      )
 
     out = run_checked(attend, q, k, v, q_lens=q_lens, kv_lens=kv_lens)
     self.after_run()
     mask = np.ones((B, N, -(-T // 128), -(-S // 128)), bool)
-    want, _ = oracle.attention(q, k, v, mask, block_size=128, causal=causal, q_lens=np.asarray(q_lens),
-                               kv_lens=np.asarray(kv_lens))
+    want, _ = oracle.attention(
+      q, k, v, mask, block_size=128, causal=causal, q_lens=np.asarray(q_lens), kv_lens=np.asarray(kv_lens)
+    )
     assert out.shape == q.shape and out.dtype == q.dtype
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
     for b in range(B):  # padding queries are zeros
-      assert not np.any(np.asarray(out[b, int(q_lens[b]):], np.float32))
+      assert not np.any(np.asarray(out[b, int(q_lens[b]) :], np.float32))
 
   @pytest.mark.parametrize("case", DENSE_CASES, ids=DENSE_IDS)
   def test_matches_oracle(self, case):

@@ -127,8 +127,9 @@ def _qkv(seed=0, B=2, T=100, N=4, K=2, H=16):
 def test_block_attention_mass_matches_oracle():
   q, k, _ = _qkv()
   lengths = jnp.array([100, 61], jnp.int32)
-  got = np.asarray(run_checked(lambda q, k, l: xcal.block_attention_mass(q, k, block_size=BLK, lengths=l),
-                               q, k, lengths))
+  got = np.asarray(
+    run_checked(lambda q, k, l: xcal.block_attention_mass(q, k, block_size=BLK, lengths=l), q, k, lengths)
+  )
   want = _oracle_mass(q, k, lengths, BLK)
   np.testing.assert_allclose(got, want, atol=2e-5)
   np.testing.assert_allclose(got[1].sum(-1)[:, :4], [[16, 16, 16, 13]] * 4, atol=1e-4)  # real queries per row
@@ -145,8 +146,18 @@ def test_fidelity_dense_and_sparse():
   tau = jnp.array([0.0, 0.3, 0.6, 0.9])
   part = run_checked(fidelity, q, k, v, tau, lengths)
   # Recall, independently: the oracle's mass inside the layout the op selects.
-  _, layout = xa.xattention(q, k, v, is_causal=True, threshold=tau, stride=4, block_size=BLK,
-                            query_seq_lengths=lengths, key_value_seq_lengths=lengths, return_block_layout=True)
+  _, layout = xa.xattention(
+    q,
+    k,
+    v,
+    is_causal=True,
+    threshold=tau,
+    stride=4,
+    block_size=BLK,
+    query_seq_lengths=lengths,
+    key_value_seq_lengths=lengths,
+    return_block_layout=True,
+  )
   mass = _oracle_mass(q, k, lengths, BLK)
   want = (mass * np.asarray(layout.to_dense())).sum((-1, -2)) / mass.sum((-1, -2))
   np.testing.assert_allclose(np.asarray(part["recall"]), want, atol=1e-5)
@@ -157,16 +168,25 @@ def test_fidelity_dense_and_sparse():
 def test_head_thresholds_rules(method):
   q, k, _ = _qkv(2)
   lengths = jnp.array([100, 90], jnp.int32)
-  taus = [np.asarray(xcal.head_thresholds(q, k, t, stride=4, block_size=BLK, lengths=lengths, method=method))
-          for t in (0.5, 0.8, 0.95, 1.0)]
+  taus = [
+    np.asarray(xcal.head_thresholds(q, k, t, stride=4, block_size=BLK, lengths=lengths, method=method))
+    for t in (0.5, 0.8, 0.95, 1.0)
+  ]
   for lo, hi in zip(taus, taus[1:]):
     assert np.all(lo <= hi + 1e-6)  # monotone in the target
   assert np.all((taus[0] >= 0) & (taus[-1] <= 1)) and np.all(taus[-1] == 1.0)
   if method == "selection":  # by construction: the selection at each head's tau covers the target
     for target, tau in zip((0.5, 0.8, 0.95), taus):
       for b in range(2):
-        fid = xcal.attention_fidelity(q[b:b + 1], k[b:b + 1], k[b:b + 1], jnp.asarray(tau[b]), stride=4,
-                                      block_size=BLK, lengths=lengths[b:b + 1])
+        fid = xcal.attention_fidelity(
+          q[b : b + 1],
+          k[b : b + 1],
+          k[b : b + 1],
+          jnp.asarray(tau[b]),
+          stride=4,
+          block_size=BLK,
+          lengths=lengths[b : b + 1],
+        )
         assert np.all(np.asarray(fid["recall"]) >= target - 1e-5)
 
 
@@ -211,8 +231,9 @@ def _tiny(attention=AttentionConfig(), seed=0):
 
 
 def _xattn(threshold=0.9):
-  return AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(threshold=threshold, block_size=BLK,
-                                                                          stride=4))
+  return AttentionConfig(
+    kind="xattention", xattention=xa.XAttentionConfig(threshold=threshold, block_size=BLK, stride=4)
+  )
 
 
 def test_captured_qkv_reproduce_the_model():
@@ -273,17 +294,21 @@ def test_thresholds_are_state_new_values_do_not_recompile():
   # A per-(layer, head) table equals the same table given in the config.
   table = np.array([[0.5, 0.9, 0.7, 1.0], [0.8] * 4, [0.3, 0.6, 0.9, 0.95]])
   gen.set_thresholds(table)
-  config_model = _tiny(AttentionConfig(kind="xattention", xattention=_xattn().xattention,
-                                       layer_thresholds=[tuple(r) for r in table]))
-  np.testing.assert_allclose(np.asarray(gen.prefill(prompts)[0]),
-                             np.asarray(Generator(config_model, max_len=256, chunk_size=128,
-                                                  bucket=128).prefill(prompts)[0]), atol=1e-6)
+  config_model = _tiny(
+    AttentionConfig(kind="xattention", xattention=_xattn().xattention, layer_thresholds=[tuple(r) for r in table])
+  )
+  np.testing.assert_allclose(
+    np.asarray(gen.prefill(prompts)[0]),
+    np.asarray(Generator(config_model, max_len=256, chunk_size=128, bucket=128).prefill(prompts)[0]),
+    atol=1e-6,
+  )
   assert gen.compiled_count("prefill") == 1
   # Shared weights, other attention: the same model object's parameters, a new threshold state.
   dense_again = model.with_attention(AttentionConfig())
   assert dense_again.thresholds() == [None] * 3
   assert dense_again.layers[0].attn.q_proj.kernel is model.layers[0].attn.q_proj.kernel or np.array_equal(
-      np.asarray(dense_again.layers[0].attn.q_proj.kernel[...]), np.asarray(model.layers[0].attn.q_proj.kernel[...]))
+    np.asarray(dense_again.layers[0].attn.q_proj.kernel[...]), np.asarray(model.layers[0].attn.q_proj.kernel[...])
+  )
 
 
 def test_set_thresholds_bad_input():
@@ -300,16 +325,54 @@ def test_set_thresholds_bad_input():
 
 def test_niah_end_to_end_on_the_tiny_fixture(tmp_path):
   niah = _niah()
-  argv = ["--model", str(FIXTURE), "--lengths", "1024", "--samples", "1", "--tasks", "single,vartrack",
-          "--haystacks", "noise", "--configs", "dense,s8_t1.0,s16_t0.5,cal0.9,min0.9", "--batch", "2",
-          "--search-prompts", "2", "--search-length", "1024", "--search-evals", "3",
-          "--cal-prompts", "1", "--cal-length", "1024", "--fidelity-length", "1024", "--out-dir", str(tmp_path),
-          "--tag", "t", "--max-new-tokens", "8", "--require-equal", "s8_t1.0"]
+  argv = [
+    "--model",
+    str(FIXTURE),
+    "--lengths",
+    "1024",
+    "--samples",
+    "1",
+    "--tasks",
+    "single,vartrack",
+    "--haystacks",
+    "noise",
+    "--configs",
+    "dense,s8_t1.0,s16_t0.5,cal0.9,min0.9",
+    "--batch",
+    "2",
+    "--search-prompts",
+    "2",
+    "--search-length",
+    "1024",
+    "--search-evals",
+    "3",
+    "--cal-prompts",
+    "1",
+    "--cal-length",
+    "1024",
+    "--fidelity-length",
+    "1024",
+    "--out-dir",
+    str(tmp_path),
+    "--tag",
+    "t",
+    "--max-new-tokens",
+    "8",
+    "--require-equal",
+    "s8_t1.0",
+  ]
   summary = niah.main(argv)
   (jsonl,) = (tmp_path / "niah" / "cpu").glob("*-t.jsonl")  # <out-dir>/niah/<card>/<date>-<tag>.*
   run = str(jsonl).removesuffix(".jsonl")
-  for suffix in (".json", ".md", "-fidelity.json", "-masks.png", "-accuracy-density.png",
-                 "-thresholds-cal0.9-s8.json", "-thresholds-min0.9-s8.json"):
+  for suffix in (
+    ".json",
+    ".md",
+    "-fidelity.json",
+    "-masks.png",
+    "-accuracy-density.png",
+    "-thresholds-cal0.9-s8.json",
+    "-thresholds-min0.9-s8.json",
+  ):
     assert pathlib.Path(run + suffix).exists(), suffix
   report = json.loads(pathlib.Path(run + ".json").read_text())
   assert pathlib.Path(run + ".md").read_text() == niah.to_markdown(report) and "Fidelity" in niah.to_markdown(report)
@@ -344,9 +407,19 @@ def test_threshold_search_on_a_generator_reuses_one_compilation():
   for i in range(3):
     ids = [int(x) for x in rng.integers(1, 97, 150)]
     first = gen.generate([ids], max_new_tokens=2).tokens[0]
-    samples.append(TaskSample(id=str(i), task="single", haystack="noise", length=256, depth=0.5,
-                              context=" ".join(map(str, ids)), answer_prefix="", answers=(" ".join(map(str, first)),),
-                              max_new_tokens=2))
+    samples.append(
+      TaskSample(
+        id=str(i),
+        task="single",
+        haystack="noise",
+        length=256,
+        depth=0.5,
+        context=" ".join(map(str, ids)),
+        answer_prefix="",
+        answers=(" ".join(map(str, first)),),
+        max_new_tokens=2,
+      )
+    )
   assert mcal.task_accuracy(gen, Tok, samples, batch=2) == 1.0
   compiled = gen.compiled_count("prefill")  # batch 1 (above) and batch 2
   table, history = mcal.search_thresholds(gen, Tok, samples, 0.9, factor=0.5, max_evals=6, batch=2)

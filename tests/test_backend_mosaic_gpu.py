@@ -48,10 +48,12 @@ def test_unsupported_inputs_fall_through_to_xla():
   layout = BlockLayout.from_dense(jnp.ones((1, 2, 1, 1), bool))
   with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
     xa.block_sparse_attention(q, k, v, layout, implementation="pallas_mosaic_gpu", interpret=True)
-  out = run_checked(xa.block_sparse_attention, q, k, v, layout, implementation=("pallas_mosaic_gpu", "xla"),
-                    interpret=True)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(jax.nn.dot_product_attention(q, k, v, is_causal=True)),
-                             atol=2e-5)
+  out = run_checked(
+    xa.block_sparse_attention, q, k, v, layout, implementation=("pallas_mosaic_gpu", "xla"), interpret=True
+  )
+  np.testing.assert_allclose(
+    np.asarray(out), np.asarray(jax.nn.dot_product_attention(q, k, v, is_causal=True)), atol=2e-5
+  )
 
 
 def test_needs_a_gpu_unless_interpreted():
@@ -79,25 +81,36 @@ def test_scores_kernel_lowers_for_cuda_at_production_shapes(length, stride):
 
   sds = jax.ShapeDtypeStruct
   geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
-  f = functools.partial(scores_kernel.antidiagonal_scores, stride=stride, block_size=128, causal=True,
-                        scale=128**-0.5)
-  lowered = jax.jit(f).trace(sds((1, length, 32, 128), jnp.bfloat16), sds((1, length, 8, 128), jnp.bfloat16),
-                             geometry).lower(lowering_platforms=("cuda",))
+  f = functools.partial(scores_kernel.antidiagonal_scores, stride=stride, block_size=128, causal=True, scale=128**-0.5)
+  lowered = (
+    jax.jit(f)
+    .trace(sds((1, length, 32, 128), jnp.bfloat16), sds((1, length, 8, 128), jnp.bfloat16), geometry)
+    .lower(lowering_platforms=("cuda",))
+  )
   assert "mosaic_gpu" in lowered.as_text()[:200000]
 
 
-@pytest.mark.parametrize("length,kv_heads,head_dim,pv_operand", [
-    (32768, 8, 128, "registers"), (131072, 8, 128, "registers"), (32768, 32, 128, "smem"), (32768, 8, 64, "registers"),
-])
+@pytest.mark.parametrize(
+  "length,kv_heads,head_dim,pv_operand",
+  [(32768, 8, 128, "registers"), (131072, 8, 128, "registers"), (32768, 32, 128, "smem"), (32768, 8, 64, "registers")],
+)
 def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_operand):
   """The real Mosaic GPU lowering (layouts, wgmma shapes, the 227 KiB shared-memory budget), no GPU needed."""
   heads, nb = 32, length // 128
   sds = jax.ShapeDtypeStruct
-  layout = BlockLayout(counts=sds((1, heads, nb), jnp.int32), indices=sds((1, heads, nb, nb), jnp.int32),
-                       num_allowed=sds((1, heads, nb), jnp.int32), block_size=128)
+  layout = BlockLayout(
+    counts=sds((1, heads, nb), jnp.int32),
+    indices=sds((1, heads, nb, nb), jnp.int32),
+    num_allowed=sds((1, heads, nb), jnp.int32),
+    block_size=128,
+  )
   geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
-  f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=head_dim**-0.5,
-                        config=attention_kernel.ForwardConfig(pv_operand=pv_operand))
+  f = functools.partial(
+    attention_kernel.block_sparse_attention,
+    causal=True,
+    scale=head_dim**-0.5,
+    config=attention_kernel.ForwardConfig(pv_operand=pv_operand),
+  )
   qkv = [sds((1, length, n, head_dim), jnp.bfloat16) for n in (heads, kv_heads, kv_heads)]
   lowered = jax.jit(f).trace(*qkv, layout, geometry).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()[:200000]
@@ -116,8 +129,18 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
   layout, _ = suites.random_layout(65, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens, density=0.7)
   assert int(jnp.min(layout.counts)) == 0 and int(jnp.max(layout.counts)) >= 3
   config = attention_kernel.ForwardConfig(pv_operand="smem", num_ctas=num_ctas, tile_order=tile_order)
-  out, lse = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry, causal=True,
-                         scale=H**-0.5, config=config, interpret=True)
+  out, lse = run_checked(
+    attention_kernel.block_sparse_attention,
+    q,
+    k,
+    v,
+    layout,
+    geometry,
+    causal=True,
+    scale=H**-0.5,
+    config=config,
+    interpret=True,
+  )
   assert not _races_found()
   want, want_lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=True, scale=H**-0.5)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
@@ -213,10 +236,21 @@ def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
   for module, name in ((attention_kernel, "block_sparse_attention"), (bwd_kernel, "block_sparse_attention_bwd")):
     original = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, _f=original, **kw: (seen.append(kw["config"]), _f(*a, **kw))[1])
-  tuned = MosaicGpu(forward=attention_kernel.ForwardConfig(num_stages=1, tile_order="rows"),
-                    backward=bwd_kernel.BackwardConfig(num_stages=1))
-  run = lambda impl: run_checked(jax.value_and_grad(lambda q, k, v: jnp.sum(xa.xattention(
-      q, k, v, is_causal=True, threshold=0.9, implementation=impl, interpret=True).astype(jnp.float32) ** 2)), q, k, v)
+  tuned = MosaicGpu(
+    forward=attention_kernel.ForwardConfig(num_stages=1, tile_order="rows"),
+    backward=bwd_kernel.BackwardConfig(num_stages=1),
+  )
+  run = lambda impl: run_checked(
+    jax.value_and_grad(
+      lambda q, k, v: jnp.sum(
+        xa.xattention(q, k, v, is_causal=True, threshold=0.9, implementation=impl, interpret=True).astype(jnp.float32)
+        ** 2
+      )
+    ),
+    q,
+    k,
+    v,
+  )
   (want, want_grad), (got, got_grad) = run("pallas_mosaic_gpu"), run((tuned, "xla"))
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(got_grad, np.float32), np.asarray(want_grad, np.float32), atol=1e-2)

@@ -44,8 +44,7 @@ def tpu_generation(monkeypatch):
   """Lets the Mosaic TPU lowering run on a CPU host: it asks for the chip's parameters (here a v5e)."""
   from jax._src import tpu_info
 
-  monkeypatch.setitem(tpu_info.registry, "cpu",
-                      lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
+  monkeypatch.setitem(tpu_info.registry, "cpu", lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
 
 
 class TestScoresTpu(suites.KernelScoresSuite):
@@ -58,9 +57,9 @@ class TestScoresTpu(suites.KernelScoresSuite):
 
 # KERNEL_CASES of the shared suite, with the float16 case (no TPU kernel: it falls through) replaced by float32.
 TPU_ATTENTION_CASES = [  # B, T, S, N, K, H, dtype, causal, with_lengths
-    (2, 200, 300, 4, 2, 64, jnp.bfloat16, True, True),
-    (1, 256, 384, 2, 1, 128, jnp.float32, True, False),
-    (2, 130, 260, 2, 2, 64, jnp.float32, False, True),
+  (2, 200, 300, 4, 2, 64, jnp.bfloat16, True, True),
+  (1, 256, 384, 2, 1, 128, jnp.float32, True, False),
+  (2, 130, 260, 2, 2, 64, jnp.float32, False, True),
 ]
 
 
@@ -71,9 +70,14 @@ class TestAttentionTpu(suites.KernelAttentionSuite):
   def after_run(self):
     _no_race()
 
-  @pytest.mark.parametrize("case", TPU_ATTENTION_CASES,
-                           ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}"
-                                f"{'c' if c[7] else 'nc'}" for c in TPU_ATTENTION_CASES])
+  @pytest.mark.parametrize(
+    "case",
+    TPU_ATTENTION_CASES,
+    ids=[
+      f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}"
+      for c in TPU_ATTENTION_CASES
+    ],
+  )
   def test_matches_oracle(self, case):
     super().test_matches_oracle(case)
 
@@ -91,14 +95,31 @@ def test_scores_small_tiles_and_skipping_do_not_change_the_answer(stride, causal
   kw = dict(stride=stride, block_size=128, causal=causal, scale=0.125)
   rows = 256 // stride  # 256-token tiles: 3 query tiles, 3 key tiles
   tiles = dict(q_rows=rows, kv_rows=rows, max_lanes=heads_per_step * rows)
-  assert scoring_kernel.tiles_for(scoring_kernel.ScoresConfig(**tiles), stride=stride, group=N // K, q_len=T,
-                                  kv_len=S).heads_per_step == heads_per_step
-  skipped = run_checked(scoring_kernel.antidiagonal_scores, q, k, geometry,
-                        config=scoring_kernel.ScoresConfig(**tiles), interpret=tpu_backend.interpret_params(), **kw)
+  assert (
+    scoring_kernel.tiles_for(
+      scoring_kernel.ScoresConfig(**tiles), stride=stride, group=N // K, q_len=T, kv_len=S
+    ).heads_per_step
+    == heads_per_step
+  )
+  skipped = run_checked(
+    scoring_kernel.antidiagonal_scores,
+    q,
+    k,
+    geometry,
+    config=scoring_kernel.ScoresConfig(**tiles),
+    interpret=tpu_backend.interpret_params(),
+    **kw,
+  )
   _no_race()
-  full = run_checked(scoring_kernel.antidiagonal_scores, q, k, geometry,
-                     config=scoring_kernel.ScoresConfig(**tiles, skip_masked_tiles=False),
-                     interpret=tpu_backend.interpret_params(), **kw)
+  full = run_checked(
+    scoring_kernel.antidiagonal_scores,
+    q,
+    k,
+    geometry,
+    config=scoring_kernel.ScoresConfig(**tiles, skip_masked_tiles=False),
+    interpret=tpu_backend.interpret_params(),
+    **kw,
+  )
   np.testing.assert_array_equal(np.asarray(skipped), np.asarray(full))
   want = run_checked(scoring_xla.antidiagonal_scores, q, k, geometry, **kw)
   np.testing.assert_allclose(np.asarray(skipped), np.asarray(want), atol=2e-5, rtol=1e-5)
@@ -112,18 +133,39 @@ def test_attention_skipping_does_not_change_the_answer():
   layout, _ = suites.random_layout(85, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens, density=0.3)
   geometry = Geometry.from_lengths(*lens)
   kw = dict(causal=True, scale=0.125, interpret=tpu_backend.interpret_params())
-  skipped = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry,
-                        config=attention_kernel.ForwardConfig(block_rows=8), **kw)
+  skipped = run_checked(
+    attention_kernel.block_sparse_attention,
+    q,
+    k,
+    v,
+    layout,
+    geometry,
+    config=attention_kernel.ForwardConfig(block_rows=8),
+    **kw,
+  )
   _no_race()
-  swept = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry,
-                      config=attention_kernel.ForwardConfig(block_rows=8, skip_unselected=False), **kw)
+  swept = run_checked(
+    attention_kernel.block_sparse_attention,
+    q,
+    k,
+    v,
+    layout,
+    geometry,
+    config=attention_kernel.ForwardConfig(block_rows=8, skip_unselected=False),
+    **kw,
+  )
   _no_race()
   for a, b in zip(skipped, swept):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  want, want_lse = run_checked(attention_xla.block_sparse_attention, q, k, v, layout, geometry, causal=True,
-                               scale=0.125)
-  np.testing.assert_allclose(np.asarray(skipped[0], np.float32), np.asarray(want, np.float32),
-                             atol=3 * OUT_TOL[jnp.bfloat16], rtol=3 * OUT_TOL[jnp.bfloat16])
+  want, want_lse = run_checked(
+    attention_xla.block_sparse_attention, q, k, v, layout, geometry, causal=True, scale=0.125
+  )
+  np.testing.assert_allclose(
+    np.asarray(skipped[0], np.float32),
+    np.asarray(want, np.float32),
+    atol=3 * OUT_TOL[jnp.bfloat16],
+    rtol=3 * OUT_TOL[jnp.bfloat16],
+  )
   np.testing.assert_array_equal(np.isneginf(np.asarray(skipped[1])), np.isneginf(np.asarray(want_lse)))
 
 
@@ -135,10 +177,19 @@ def test_attention_schedule_is_dma_timing_independent():
   layout, _ = suites.random_layout(93, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens, density=0.4)
   geometry = Geometry.from_lengths(*lens)
   kw = dict(causal=True, scale=0.125, config=attention_kernel.ForwardConfig(block_rows=8))
-  on_wait = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry,
-                        interpret=tpu_backend.interpret_params(), **kw)
-  eager = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry,
-                      interpret=dataclasses.replace(tpu_backend.interpret_params(), dma_execution_mode="eager"), **kw)
+  on_wait = run_checked(
+    attention_kernel.block_sparse_attention, q, k, v, layout, geometry, interpret=tpu_backend.interpret_params(), **kw
+  )
+  eager = run_checked(
+    attention_kernel.block_sparse_attention,
+    q,
+    k,
+    v,
+    layout,
+    geometry,
+    interpret=dataclasses.replace(tpu_backend.interpret_params(), dma_execution_mode="eager"),
+    **kw,
+  )
   _no_race()
   for a, b in zip(on_wait, eager):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -149,8 +200,18 @@ def test_attention_padding_and_empty_sequences():
   q, k, v = random_qkv(94, B=B, T=T, S=S, N=N, K=1, H=H, dtype=jnp.bfloat16)
   lens = (jnp.array([0, 150, 256], jnp.int32), jnp.array([0, 200, 384], jnp.int32))
   layout, mask = suites.random_layout(95, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens)
-  out, lse = run_checked(xa.block_sparse_attention, q, k, v, layout, query_seq_lengths=lens[0],
-                         key_value_seq_lengths=lens[1], return_lse=True, implementation="pallas_tpu", interpret=True)
+  out, lse = run_checked(
+    xa.block_sparse_attention,
+    q,
+    k,
+    v,
+    layout,
+    query_seq_lengths=lens[0],
+    key_value_seq_lengths=lens[1],
+    return_lse=True,
+    implementation="pallas_tpu",
+    interpret=True,
+  )
   _no_race()
   out, lse = np.asarray(out, np.float32), np.asarray(lse)
   assert not np.isnan(out).any() and not np.isnan(lse).any()
@@ -164,26 +225,51 @@ def test_attention_padding_and_empty_sequences():
 
 @hypothesis.settings(max_examples=max(1, hypothesis.settings().max_examples // 2))  # the interpreter is slow
 @hypothesis.given(
-    B=st.integers(1, 2), T=st.integers(1, 300), extra=st.integers(0, 200), K=st.integers(1, 2), G=st.integers(1, 2),
-    stride=st.sampled_from([4, 8, 16]), causal=st.booleans(), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+  B=st.integers(1, 2),
+  T=st.integers(1, 300),
+  extra=st.integers(0, 200),
+  K=st.integers(1, 2),
+  G=st.integers(1, 2),
+  stride=st.sampled_from([4, 8, 16]),
+  causal=st.booleans(),
+  density=st.floats(0.0, 1.0),
+  seed=st.integers(0, 2**16),
 )
 def test_property_both_kernels_match_the_reference(B, T, extra, K, G, stride, causal, density, seed):
   S, N, H = T + extra, K * G, 64
   q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H)
   lens = lengths_pair(seed, B=B, T=T, S=S)
   geometry = Geometry.from_lengths(*lens)
-  scores = run_checked(scoring_kernel.antidiagonal_scores, q, k, geometry, stride=stride, block_size=128,
-                       causal=causal, scale=0.125, interpret=tpu_backend.interpret_params())
+  scores = run_checked(
+    scoring_kernel.antidiagonal_scores,
+    q,
+    k,
+    geometry,
+    stride=stride,
+    block_size=128,
+    causal=causal,
+    scale=0.125,
+    interpret=tpu_backend.interpret_params(),
+  )
   _no_race()
-  want = oracle.scores(q, k, stride=stride, block_size=128, causal=causal, scale=0.125, q_lens=lens[0],
-                       kv_lens=lens[1])
+  want = oracle.scores(q, k, stride=stride, block_size=128, causal=causal, scale=0.125, q_lens=lens[0], kv_lens=lens[1])
   np.testing.assert_allclose(np.asarray(scores), want, atol=2e-5, rtol=1e-5)
   layout, mask = suites.random_layout(seed, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=density)
-  out, lse = run_checked(attention_kernel.block_sparse_attention, q, k, v, layout, geometry, causal=causal,
-                         scale=0.125, interpret=tpu_backend.interpret_params())
+  out, lse = run_checked(
+    attention_kernel.block_sparse_attention,
+    q,
+    k,
+    v,
+    layout,
+    geometry,
+    causal=causal,
+    scale=0.125,
+    interpret=tpu_backend.interpret_params(),
+  )
   _no_race()
-  want, want_lse = oracle.attention(q, k, v, mask, block_size=128, causal=causal, scale=0.125, q_lens=lens[0],
-                                    kv_lens=lens[1])
+  want, want_lse = oracle.attention(
+    q, k, v, mask, block_size=128, causal=causal, scale=0.125, q_lens=lens[0], kv_lens=lens[1]
+  )
   np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-5, rtol=1e-5)
 
@@ -194,8 +280,14 @@ def test_xattention_with_the_kernels_matches_xla(threshold):
   B, T, S, N, K, H = 2, 300, 400, 4, 2, 64
   q, k, v = random_qkv(86, B=B, T=T, S=S, N=N, K=K, H=H)
   lens = lengths_pair(87, B=B, T=T, S=S)
-  kw = dict(is_causal=True, threshold=threshold, stride=8, return_block_layout=True, query_seq_lengths=lens[0],
-            key_value_seq_lengths=lens[1])
+  kw = dict(
+    is_causal=True,
+    threshold=threshold,
+    stride=8,
+    return_block_layout=True,
+    query_seq_lengths=lens[0],
+    key_value_seq_lengths=lens[1],
+  )
   got, layout = run_checked(xa.xattention, q, k, v, implementation="pallas_tpu", interpret=True, **kw)
   _no_race()
   want, want_layout = run_checked(xa.xattention, q, k, v, implementation="xla", **kw)
@@ -220,14 +312,16 @@ def test_unsupported_inputs_fall_through_to_xla():
   with pytest.raises(NotImplementedError, match="pallas_tpu"):
     xa.antidiagonal_scores(q, k, implementation="pallas_tpu", interpret=True)
   out = run_checked(xa.block_sparse_attention, q, k, v, layout, implementation=("pallas_tpu", "xla"), interpret=True)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(jax.nn.dot_product_attention(q, k, v, is_causal=True)),
-                             atol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(out), np.asarray(jax.nn.dot_product_attention(q, k, v, is_causal=True)), atol=2e-5
+  )
   q16, k16, v16 = (x.astype(jnp.float16) for x in random_qkv(89, B=1, T=128, S=128, N=2, K=2, H=64))
   with pytest.raises(NotImplementedError, match="float16"):
     xa.block_sparse_attention(q16, k16, v16, layout, implementation="pallas_tpu", interpret=True)
   with pytest.raises(NotImplementedError, match="stride=2"):
-    xa.antidiagonal_scores(q16.astype(jnp.bfloat16), k16.astype(jnp.bfloat16), stride=2,
-                           implementation="pallas_tpu", interpret=True)
+    xa.antidiagonal_scores(
+      q16.astype(jnp.bfloat16), k16.astype(jnp.bfloat16), stride=2, implementation="pallas_tpu", interpret=True
+    )
 
 
 def test_needs_a_tpu_unless_interpreted():
@@ -249,8 +343,7 @@ def test_configs_validate_themselves():
   with pytest.raises(ValueError, match="kv_rows=260"):
     scoring_kernel.ScoresConfig(kv_rows=260)
   with pytest.raises(ValueError, match="multiples of 128/stride=4"):  # tiles hold whole blocks: 32 rows at s = 4
-    scoring_kernel.tiles_for(scoring_kernel.ScoresConfig(q_rows=16, kv_rows=32), stride=4, group=1, q_len=1,
-                             kv_len=1)
+    scoring_kernel.tiles_for(scoring_kernel.ScoresConfig(q_rows=16, kv_rows=32), stride=4, group=1, q_len=1, kv_len=1)
 
 
 def test_scores_refuse_keys_beyond_the_vmem_budget():
@@ -258,8 +351,12 @@ def test_scores_refuse_keys_beyond_the_vmem_budget():
   length = 2**21  # 2M keys: the [nKb, 1024] f32 accumulator alone would take 64 MiB of VMEM
   f = functools.partial(scoring_kernel.antidiagonal_scores, stride=8, block_size=128, causal=True, scale=0.1)
   with pytest.raises(NotImplementedError, match="VMEM"):
-    jax.eval_shape(f, sds((1, 8192, 32, 128), jnp.bfloat16), sds((1, length, 8, 128), jnp.bfloat16),
-                   Geometry(*(sds((1,), jnp.int32),) * 3))
+    jax.eval_shape(
+      f,
+      sds((1, 8192, 32, 128), jnp.bfloat16),
+      sds((1, length, 8, 128), jnp.bfloat16),
+      Geometry(*(sds((1,), jnp.int32),) * 3),
+    )
 
 
 def test_race_detector_is_live():
@@ -273,10 +370,11 @@ def test_race_detector_is_live():
 
   x = jnp.ones((8, 128), jnp.float32)
   call = pl.pallas_call(
-      racy, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-      scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA((1,))],
-      interpret=tpu_backend.interpret_params(),
+    racy,
+    out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+    scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA((1,))],
+    interpret=tpu_backend.interpret_params(),
   )
   try:
     jax.block_until_ready(call(x))
@@ -297,18 +395,20 @@ def test_scores_lower_for_tpu_at_production_shapes(length, tpu_generation):
   sds = jax.ShapeDtypeStruct
   vmem = {}
   for stride in (8, 16):
-    tiles = scoring_kernel.tiles_for(scoring_kernel.ScoresConfig(), stride=stride, group=N // K, q_len=length,
-                                     kv_len=length)
+    tiles = scoring_kernel.tiles_for(
+      scoring_kernel.ScoresConfig(), stride=stride, group=N // K, q_len=length, kv_len=length
+    )
     assert tiles.heads_per_step == 4 and tiles.lanes == 1024 and tiles.kv_rows == 256  # MXU-sized GEMM per step
     vmem[stride] = scoring_kernel.vmem_bytes(tiles, head_dim=H, dtype=jnp.bfloat16)
     assert vmem[stride] <= scoring_kernel.VMEM_BUDGET_BYTES, vmem
     assert scoring_kernel.smem_bytes(batch=B) <= 16  # the geometry only: nothing per block
-    f = functools.partial(scoring_kernel.antidiagonal_scores, stride=stride, block_size=128, causal=True,
-                          scale=H**-0.5)
+    f = functools.partial(scoring_kernel.antidiagonal_scores, stride=stride, block_size=128, causal=True, scale=H**-0.5)
     with jax.enable_checks(True):  # also runs the MLIR verifier on the Mosaic module
       exported = jax.export.export(jax.jit(f), platforms=["tpu"])(
-          sds((B, length, N, H), jnp.bfloat16), sds((B, length, K, H), jnp.bfloat16),
-          Geometry(*(sds((B,), jnp.int32),) * 3))
+        sds((B, length, N, H), jnp.bfloat16),
+        sds((B, length, K, H), jnp.bfloat16),
+        Geometry(*(sds((B,), jnp.int32),) * 3),
+      )
     text = exported.mlir_module()
     assert "tpu_custom_call" in text and "xattn_antidiagonal_scores" in text
     assert exported.out_avals[0].shape == (B, N, length // 128, length // 128)
@@ -328,8 +428,12 @@ def test_attention_lowers_for_tpu_at_production_shapes(length, tpu_generation):
   assert smem <= 16 * 1024  # a scalar-prefetched int32 indices table would take B * N * nb * nb * 4 = 128 MiB at 128K
   vmem = attention_kernel.vmem_bytes(head_dim=H, dtype=jnp.bfloat16, block_rows=config.block_rows)
   assert vmem <= 2**20 <= attention_kernel.VMEM_BUDGET_BYTES
-  layout = BlockLayout(counts=sds((B, N, nb), jnp.int32), indices=sds((B, N, nb, nb), jnp.int32),
-                       num_allowed=sds((B, N, nb), jnp.int32), block_size=128)
+  layout = BlockLayout(
+    counts=sds((B, N, nb), jnp.int32),
+    indices=sds((B, N, nb, nb), jnp.int32),
+    num_allowed=sds((B, N, nb), jnp.int32),
+    block_size=128,
+  )
   f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=H**-0.5, config=config)
   qkv = [sds((B, length, n, H), jnp.bfloat16) for n in (N, K, K)]
   with jax.enable_checks(True):

@@ -40,8 +40,9 @@ def test_attention_query_chunks_do_not_change_output():
   geometry = Geometry.from_lengths(*lengths_pair(44, B=B, T=T, S=S))
   layout = dense_layout(geometry, num_heads=N, q_len=T, kv_len=S, block_size=blk, causal=True)
   whole = run_checked(attention_xla.block_sparse_attention, q, k, v, layout, geometry, causal=True, scale=0.25)
-  part = run_checked(attention_xla.block_sparse_attention, q, k, v, layout, geometry, causal=True, scale=0.25,
-                     query_chunk_size=32)
+  part = run_checked(
+    attention_xla.block_sparse_attention, q, k, v, layout, geometry, causal=True, scale=0.25, query_chunk_size=32
+  )
   for a, b in zip(whole, part):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

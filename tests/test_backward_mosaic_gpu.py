@@ -39,10 +39,10 @@ _cotangents = random_cotangents
 
 # B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty rows (b, n, r) forced to select nothing, config
 KERNEL_CASES = [
-    (2, 300, 384, 4, 2, 64, jnp.bfloat16, True, (300, 190), (384, 250), (), {}),  # ragged, GQA 2, T < S, lengths
-    (1, 256, 256, 4, 1, 128, jnp.float16, False, (256,), (256,), ((0, 1, 1),), {}),  # GQA 4, H 128 (1-stage ring)
-    (1, 384, 384, 2, 2, 64, jnp.float16, True, (384,), (384,), ((0, 0, 2), (0, 1, 0)), {}),  # 3 blocks, empty rows
-    (2, 256, 300, 2, 1, 64, jnp.bfloat16, False, (200, 130), (300, 140), (), {}),  # non-causal, padded keys
+  (2, 300, 384, 4, 2, 64, jnp.bfloat16, True, (300, 190), (384, 250), (), {}),  # ragged, GQA 2, T < S, lengths
+  (1, 256, 256, 4, 1, 128, jnp.float16, False, (256,), (256,), ((0, 1, 1),), {}),  # GQA 4, H 128 (1-stage ring)
+  (1, 384, 384, 2, 2, 64, jnp.float16, True, (384,), (384,), ((0, 0, 2), (0, 1, 0)), {}),  # 3 blocks, empty rows
+  (2, 256, 300, 2, 1, 64, jnp.bfloat16, False, (200, 130), (300, 140), (), {}),  # non-causal, padded keys
 ]
 
 
@@ -54,8 +54,9 @@ class TestBackwardMosaicGpuInterpret(suites.KernelBackwardSuite):
 
   def run_kernels(self, args, *, causal, scale, options):
     config = bwd_kernels.BackwardConfig(**{**dict(operand="smem"), **options})
-    return run_checked(bwd_kernels.block_sparse_attention_bwd, *args, causal=causal, scale=scale, config=config,
-                       interpret=True)
+    return run_checked(
+      bwd_kernels.block_sparse_attention_bwd, *args, causal=causal, scale=scale, config=config, interpret=True
+    )
 
   def after_run(self):
     assert not _races_found(), "the Mosaic GPU interpreter recorded a race"
@@ -71,8 +72,13 @@ def test_ring_depth_and_query_tile():
   out, lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, **kw)
   d_out, d_lse = _cotangents(102, out, lse)
   args = (q, k, v, out, lse, d_out, d_lse, layout, geometry)
-  run = lambda **c: run_checked(bwd_kernels.block_sparse_attention_bwd, *args, **kw, interpret=True,
-                                config=bwd_kernels.BackwardConfig(operand="smem", dkv_block_q=128, **c))
+  run = lambda **c: run_checked(
+    bwd_kernels.block_sparse_attention_bwd,
+    *args,
+    **kw,
+    interpret=True,
+    config=bwd_kernels.BackwardConfig(operand="smem", dkv_block_q=128, **c),
+  )
   one, three = run(num_stages=1), run(num_stages=3)
   assert not _races_found()
   for a, b in zip(one, three):
@@ -80,6 +86,7 @@ def test_ring_depth_and_query_tile():
   want = attention_xla_bwd.block_sparse_attention_bwd(*args, **kw)
   for name, a, b in zip(("dq", "dk", "dv"), three, want):
     _close(a, b, jnp.float16, name)
+
 
 def _loss(out, lse):  # weights every output element differently, and uses the finite lse
   weights = jnp.sin(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
@@ -94,9 +101,19 @@ def test_block_sparse_attention_gradients():
   layout, mask = random_layout(82, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.6)
 
   def loss(q, k, v, implementation):
-    out, lse = xa.block_sparse_attention(q, k, v, layout, causal=causal, scale=SCALE, query_seq_lengths=lens[0],
-                                         key_value_seq_lengths=lens[1], return_lse=True,
-                                         implementation=implementation, interpret=True)
+    out, lse = xa.block_sparse_attention(
+      q,
+      k,
+      v,
+      layout,
+      causal=causal,
+      scale=SCALE,
+      query_seq_lengths=lens[0],
+      key_value_seq_lengths=lens[1],
+      return_lse=True,
+      implementation=implementation,
+      interpret=True,
+    )
     return _loss(out, lse)
 
   grad = lambda impl: jax.grad(functools.partial(loss, implementation=impl), argnums=(0, 1, 2))
@@ -125,14 +142,24 @@ def test_block_sparse_attention_gradients():
 def test_unsupported_calls_fall_back_to_the_xla_backward():
   q, k, v = random_qkv(91, B=1, T=64, S=64, N=2, K=1, H=16)  # float32, head dim 16: not for these kernels
   layout = BlockLayout.from_dense(jnp.ones((1, 2, 1, 1), bool))
-  out, lse = attention_xla.block_sparse_attention(q, k, v, layout, Geometry.from_lengths(
-      jnp.array([64], jnp.int32), jnp.array([64], jnp.int32)), causal=True, scale=SCALE)
+  out, lse = attention_xla.block_sparse_attention(
+    q,
+    k,
+    v,
+    layout,
+    Geometry.from_lengths(jnp.array([64], jnp.int32), jnp.array([64], jnp.int32)),
+    causal=True,
+    scale=SCALE,
+  )
   geometry = Geometry.from_lengths(jnp.array([64], jnp.int32), jnp.array([64], jnp.int32))
   with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
-    bwd_kernels.block_sparse_attention_bwd(q, k, v, out, lse, out, lse, layout, geometry, causal=True, scale=SCALE,
-                                           interpret=True)
-  grad = lambda impl: jax.grad(lambda q, k, v: jnp.sum(xa.block_sparse_attention(
-      q, k, v, layout, implementation=impl, interpret=True)), argnums=(0, 1, 2))(q, k, v)
+    bwd_kernels.block_sparse_attention_bwd(
+      q, k, v, out, lse, out, lse, layout, geometry, causal=True, scale=SCALE, interpret=True
+    )
+  grad = lambda impl: jax.grad(
+    lambda q, k, v: jnp.sum(xa.block_sparse_attention(q, k, v, layout, implementation=impl, interpret=True)),
+    argnums=(0, 1, 2),
+  )(q, k, v)
   for a, b in zip(grad(("pallas_mosaic_gpu", "xla")), grad("xla")):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -147,8 +174,9 @@ def test_needs_a_gpu_unless_interpreted():
   geometry = Geometry.from_lengths(jnp.array([128], jnp.int32), jnp.array([128], jnp.int32))
   lse = jnp.zeros((1, 2, 128), jnp.float32)
   with pytest.raises(NotImplementedError, match="needs a CUDA GPU"):
-    mosaic_gpu.backend().block_sparse_attention_bwd(q, k, v, q, lse, q, lse, layout, geometry, causal=True,
-                                                    scale=SCALE, interpret=False)
+    mosaic_gpu.backend().block_sparse_attention_bwd(
+      q, k, v, q, lse, q, lse, layout, geometry, causal=True, scale=SCALE, interpret=False
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -166,7 +194,7 @@ def test_masked_visits_are_the_pairs_that_need_the_token_mask(causal):
     for n in range(N):
       for c in range(t_counts.shape[2]):
         needs = []
-        for r in t_indices[b, n, c, :t_counts[b, n, c]]:
+        for r in t_indices[b, n, c, : t_counts[b, n, c]]:
           keys = c * 128 + np.arange(128)
           first_query = qp[b] + r * 128
           needs.append(bool((keys >= kv[b]).any() or (causal and (keys > first_query).any())))
@@ -203,19 +231,33 @@ def test_lowers_for_cuda_at_production_shapes(head_dim, operand):
   B, N, K, length = 1, 32, 8, 32768
   nb = length // 128
   sds = jax.ShapeDtypeStruct
-  layout = BlockLayout(counts=sds((B, N, nb), jnp.int32), indices=sds((B, N, nb, nb), jnp.int32),
-                       num_allowed=sds((B, N, nb), jnp.int32), block_size=128)
+  layout = BlockLayout(
+    counts=sds((B, N, nb), jnp.int32),
+    indices=sds((B, N, nb, nb), jnp.int32),
+    num_allowed=sds((B, N, nb), jnp.int32),
+    block_size=128,
+  )
   geometry = Geometry(*(sds((B,), jnp.int32),) * 3)
-  f = functools.partial(bwd_kernels.block_sparse_attention_bwd, causal=True, scale=head_dim**-0.5,
-                        config=bwd_kernels.BackwardConfig(operand=operand))
+  f = functools.partial(
+    bwd_kernels.block_sparse_attention_bwd,
+    causal=True,
+    scale=head_dim**-0.5,
+    config=bwd_kernels.BackwardConfig(operand=operand),
+  )
   q_like, kv_like = sds((B, length, N, head_dim), jnp.bfloat16), sds((B, length, K, head_dim), jnp.bfloat16)
   rows = sds((B, N, length), jnp.float32)
-  lowered = jax.jit(f).trace(q_like, kv_like, kv_like, q_like, rows, q_like, rows, layout, geometry).lower(
-      lowering_platforms=("cuda",))
+  lowered = (
+    jax.jit(f)
+    .trace(q_like, kv_like, kv_like, q_like, rows, q_like, rows, layout, geometry)
+    .lower(lowering_platforms=("cuda",))
+  )
   text = lowered.as_text()
   assert text.count("mosaic_gpu") >= 2 and "wgmma" in text
-  assert [a.shape for a in lowered.out_info] == [(B, length, N, head_dim), (B, length, K, head_dim),
-                                                 (B, length, K, head_dim)]
+  assert [a.shape for a in lowered.out_info] == [
+    (B, length, N, head_dim),
+    (B, length, K, head_dim),
+    (B, length, K, head_dim),
+  ]
 
 
 def test_benchmark_script_runs_on_cpu(tmp_path):
@@ -224,9 +266,31 @@ def test_benchmark_script_runs_on_cpu(tmp_path):
 
   from benchmarks import attention_bwd_speed as script
 
-  assert script.main(["--lengths", "256", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--densities",
-                      "50,100", "--repeats", "1", "--implementation", "xla", "--dense-implementation", "xla",
-                      "--out-dir", str(tmp_path)]) == 0
+  assert (
+    script.main(
+      [
+        "--lengths",
+        "256",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "64",
+        "--densities",
+        "50,100",
+        "--repeats",
+        "1",
+        "--implementation",
+        "xla",
+        "--dense-implementation",
+        "xla",
+        "--out-dir",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
   (result_file,) = tmp_path.glob("attention_bwd_speed/*/*-run.json")
   rows = json.loads(result_file.read_text())["rows"]
   assert [r["what"] for r in rows] == ["dense xla fwd+bwd", "dense xla bwd"] + ["sparse fwd+bwd", "sparse bwd"] * 2

@@ -40,12 +40,23 @@ _cotangents = random_cotangents
 
 # B, T, S, N, K, H, dtype, causal, q_lens, kv_lens, empty rows, config (dq / dkv rows per grid step)
 KERNEL_CASES = [
-    (2, 300, 420, 4, 2, 64, jnp.bfloat16, True, (300, 190), (420, 250), (), dict(dq_block_rows=2, dkv_block_rows=2)),
-    (1, 256, 384, 2, 1, 128, jnp.float32, True, (256,), (384,), ((0, 1, 1),),
-     dict(dq_block_rows=32, dkv_block_rows=32)),
-    (2, 200, 330, 2, 2, 64, jnp.float32, False, (200, 77), (330, 140), (), dict(dq_block_rows=1, dkv_block_rows=2)),
-    (2, 250, 250, 4, 1, 128, jnp.bfloat16, False, (250, 130), (250, 250), (),  # G = 4
-     dict(dq_block_rows=2, dkv_block_rows=1)),
+  (2, 300, 420, 4, 2, 64, jnp.bfloat16, True, (300, 190), (420, 250), (), dict(dq_block_rows=2, dkv_block_rows=2)),
+  (1, 256, 384, 2, 1, 128, jnp.float32, True, (256,), (384,), ((0, 1, 1),), dict(dq_block_rows=32, dkv_block_rows=32)),
+  (2, 200, 330, 2, 2, 64, jnp.float32, False, (200, 77), (330, 140), (), dict(dq_block_rows=1, dkv_block_rows=2)),
+  (
+    2,
+    250,
+    250,
+    4,
+    1,
+    128,
+    jnp.bfloat16,
+    False,
+    (250, 130),
+    (250, 250),
+    (),  # G = 4
+    dict(dq_block_rows=2, dkv_block_rows=1),
+  ),
 ]
 
 
@@ -56,17 +67,33 @@ class TestBackwardTpu(suites.KernelBackwardSuite):
   grad_tol = GRAD_TOL
 
   def run_kernels(self, args, *, causal, scale, options):
-    return run_checked(bwd_kernels.block_sparse_attention_bwd, *args, causal=causal, scale=scale,
-                       config=bwd_kernels.BackwardConfig(**options), interpret=tpu_backend.interpret_params())
+    return run_checked(
+      bwd_kernels.block_sparse_attention_bwd,
+      *args,
+      causal=causal,
+      scale=scale,
+      config=bwd_kernels.BackwardConfig(**options),
+      interpret=tpu_backend.interpret_params(),
+    )
 
   def after_run(self):
     _no_race()
 
 
 def _sparse_loss(q, k, v, layout, *, causal, lens, implementation):
-  out, lse = xa.block_sparse_attention(q, k, v, layout, causal=causal, scale=SCALE, query_seq_lengths=lens[0],
-                                       key_value_seq_lengths=lens[1], return_lse=True,
-                                       implementation=implementation, interpret=True)
+  out, lse = xa.block_sparse_attention(
+    q,
+    k,
+    v,
+    layout,
+    causal=causal,
+    scale=SCALE,
+    query_seq_lengths=lens[0],
+    key_value_seq_lengths=lens[1],
+    return_lse=True,
+    implementation=implementation,
+    interpret=True,
+  )
   return _loss(out, lse)
 
 
@@ -84,21 +111,23 @@ def _dense_grads(q, k, v, mask, *, causal, lens):
 
 # B, T, S, N, K, H, dtype, causal, q_lens, kv_lens
 OP_CASES = [
-    (2, 200, 300, 4, 2, 64, jnp.float32, True, (200, 120), (300, 170)),
-    (2, 130, 260, 4, 2, 128, jnp.bfloat16, False, (130, 60), (260, 200)),
+  (2, 200, 300, 4, 2, 64, jnp.float32, True, (200, 120), (300, 170)),
+  (2, 130, 260, 4, 2, 128, jnp.bfloat16, False, (130, 60), (260, 200)),
 ]
 
 
-@pytest.mark.parametrize("case", OP_CASES, ids=[f"H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}"
-                                                for c in OP_CASES])
+@pytest.mark.parametrize(
+  "case", OP_CASES, ids=[f"H{c[5]}{jnp.dtype(c[6]).name}{'c' if c[7] else 'nc'}" for c in OP_CASES]
+)
 def test_block_sparse_attention_gradients(case):
   """jax.grad through the public op: pallas_tpu (kernel forward + kernel backward) == xla == dense masked."""
   B, T, S, N, K, H, dtype, causal, q_lens, kv_lens = case
   q, k, v = random_qkv(T * S, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
   lens = (jnp.asarray(q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32))
   layout, mask = random_layout(S - T, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.6)
-  grad = lambda impl: jax.grad(functools.partial(_sparse_loss, causal=causal, lens=lens, implementation=impl),
-                               argnums=(0, 1, 2))
+  grad = lambda impl: jax.grad(
+    functools.partial(_sparse_loss, causal=causal, lens=lens, implementation=impl), argnums=(0, 1, 2)
+  )
   got = run_checked(grad("pallas_tpu"), q, k, v, layout)
   _no_race()
   xla = run_checked(grad("xla"), q, k, v, layout)
@@ -114,8 +143,11 @@ def test_queries_that_attend_to_nothing_contribute_nothing():
   B, T, S, N, K, H = 3, 256, 300, 2, 1, 64
   q, k, v = random_qkv(31, B=B, T=T, S=S, N=N, K=K, H=H)
   lens = (jnp.array([256, 0, 100], jnp.int32), jnp.array([300, 0, 290], jnp.int32))
-  allowed = np.asarray(allowed_blocks(q_len=T, kv_len=S, block_size=128, causal=True, query_seq_lengths=lens[0],
-                                      key_value_seq_lengths=lens[1]))
+  allowed = np.asarray(
+    allowed_blocks(
+      q_len=T, kv_len=S, block_size=128, causal=True, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1]
+    )
+  )
   mask = np.zeros((B, N, 2, 3), bool)
   mask[:, :, :, 1] = True  # block 1 only: queries at positions < 128 see nothing (positions start at k_b - q_b)
   mask[:, 1, 1, 0] = True  # head 1, row 1 also keeps the sink
@@ -124,8 +156,9 @@ def test_queries_that_attend_to_nothing_contribute_nothing():
   loss = lambda impl: lambda q, k, v: _sparse_loss(q, k, v, layout, causal=True, lens=lens, implementation=impl)
   got = run_checked(jax.grad(loss("pallas_tpu"), argnums=(0, 1, 2)), q, k, v)
   _no_race()
-  _, lse = xa.block_sparse_attention(q, k, v, layout, scale=SCALE, query_seq_lengths=lens[0],
-                                     key_value_seq_lengths=lens[1], return_lse=True)
+  _, lse = xa.block_sparse_attention(
+    q, k, v, layout, scale=SCALE, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], return_lse=True
+  )
   dead = np.isneginf(np.asarray(lse))  # [B, N, T]
   assert dead[0, 0, :84].all() and not dead[0, 0, 84:].any() and dead[1].all() and dead[2, :, 100:].all()
   dq = np.asarray(got[0])
@@ -145,10 +178,17 @@ def test_xattention_gradients_with_the_kernels_match_xla():
   B, T, S, N, K, H = 2, 300, 400, 4, 2, 64
   q, k, v = random_qkv(41, B=B, T=T, S=S, N=N, K=K, H=H)
   lens = (jnp.array([300, 210], jnp.int32), jnp.array([400, 260], jnp.int32))
-  kw = dict(is_causal=True, threshold=0.6, stride=8, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1],
-            query_chunk_size=256)
-  loss = lambda impl: lambda q, k, v: _loss(xa.xattention(q, k, v, implementation=impl, interpret=True, **kw),
-                                            jnp.zeros(()))
+  kw = dict(
+    is_causal=True,
+    threshold=0.6,
+    stride=8,
+    query_seq_lengths=lens[0],
+    key_value_seq_lengths=lens[1],
+    query_chunk_size=256,
+  )
+  loss = lambda impl: (
+    lambda q, k, v: _loss(xa.xattention(q, k, v, implementation=impl, interpret=True, **kw), jnp.zeros(()))
+  )
   got = run_checked(jax.grad(loss("pallas_tpu"), argnums=(0, 1, 2)), q, k, v)
   _no_race()
   want = run_checked(jax.grad(loss("xla"), argnums=(0, 1, 2)), q, k, v)
@@ -169,8 +209,12 @@ def test_schedule_is_dma_timing_independent():
   kw = dict(causal=True, scale=SCALE, config=bwd_kernels.BackwardConfig(dq_block_rows=2, dkv_block_rows=3))
   args = (q, k, v, out, lse, d_out, d_lse, layout, geometry)
   on_wait = run_checked(bwd_kernels.block_sparse_attention_bwd, *args, interpret=tpu_backend.interpret_params(), **kw)
-  eager = run_checked(bwd_kernels.block_sparse_attention_bwd, *args, **kw,
-                      interpret=dataclasses.replace(tpu_backend.interpret_params(), dma_execution_mode="eager"))
+  eager = run_checked(
+    bwd_kernels.block_sparse_attention_bwd,
+    *args,
+    **kw,
+    interpret=dataclasses.replace(tpu_backend.interpret_params(), dma_execution_mode="eager"),
+  )
   _no_race()
   for a, b in zip(on_wait, eager):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -200,15 +244,21 @@ def test_backward_dispatch(monkeypatch):
     return jnp.ones_like(q), jnp.ones_like(k), jnp.ones_like(v)
 
   xla = backends._load("xla")
-  monkeypatch.setitem(backends._REGISTRY, "refusing", lambda: dataclasses.replace(
-      xla, name="refusing", block_sparse_attention_bwd=refusing))
-  monkeypatch.setitem(backends._REGISTRY, "accepting", lambda: dataclasses.replace(
-      xla, name="accepting", block_sparse_attention_bwd=accepting))
+  monkeypatch.setitem(
+    backends._REGISTRY,
+    "refusing",
+    lambda: dataclasses.replace(xla, name="refusing", block_sparse_attention_bwd=refusing),
+  )
+  monkeypatch.setitem(
+    backends._REGISTRY,
+    "accepting",
+    lambda: dataclasses.replace(xla, name="accepting", block_sparse_attention_bwd=accepting),
+  )
   q, k, v = random_qkv(71, B=1, T=64, S=64, N=2, K=1, H=16)
   layout = BlockLayout.from_dense(jnp.ones((1, 2, 1, 1), bool))
-  grad = lambda impl: jax.grad(lambda q, k, v: jnp.sum(xa.block_sparse_attention(q, k, v, layout,
-                                                                                 implementation=impl)),
-                               argnums=(0, 1, 2))(q, k, v)
+  grad = lambda impl: jax.grad(
+    lambda q, k, v: jnp.sum(xa.block_sparse_attention(q, k, v, layout, implementation=impl)), argnums=(0, 1, 2)
+  )(q, k, v)
   assert all(np.all(np.asarray(g) == 1) for g in grad(("refusing", "accepting")))
   assert calls == ["refusing", "accepting"]
   for a, b in zip(grad(("refusing",)), grad("xla")):  # nobody accepts: the XLA backward
@@ -218,8 +268,16 @@ def test_backward_dispatch(monkeypatch):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # With a supported call, jax.grad runs the two backward kernels.
   q, k, v = random_qkv(72, B=1, T=128, S=128, N=2, K=1, H=64, dtype=jnp.bfloat16)
-  text = str(jax.make_jaxpr(jax.grad(lambda q, k, v: jnp.sum(xa.block_sparse_attention(
-      q, k, v, layout, implementation="pallas_tpu", interpret=True).astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v))
+  text = str(
+    jax.make_jaxpr(
+      jax.grad(
+        lambda q, k, v: jnp.sum(
+          xa.block_sparse_attention(q, k, v, layout, implementation="pallas_tpu", interpret=True).astype(jnp.float32)
+        ),
+        argnums=(0, 1, 2),
+      )
+    )(q, k, v)
+  )
   assert "xattn_block_sparse_attention_bwd_dq" in text and "xattn_block_sparse_attention_bwd_dkv" in text
 
 
@@ -235,8 +293,9 @@ def test_backward_lowers_for_tpu_at_production_shapes(tpu_generation):  # noqa: 
   B, N, K, H, length = 1, 32, 8, 128, 32768
   nb, G = length // 128, N // K
   config = bwd_kernels.BackwardConfig()
-  smem_dq, smem_dkv = bwd_kernels.smem_bytes(batch=B, num_q_blocks=nb, num_kv_blocks=nb, group=G,
-                                             dq_rows=config.dq_block_rows, dkv_rows=config.dkv_block_rows)
+  smem_dq, smem_dkv = bwd_kernels.smem_bytes(
+    batch=B, num_q_blocks=nb, num_kv_blocks=nb, group=G, dq_rows=config.dq_block_rows, dkv_rows=config.dkv_block_rows
+  )
   # Rows of the tables, never the tables: a scalar-prefetched int32 [B, N, nKb, nQb] would take 8 MiB at 32K.
   assert smem_dq == 3 * 4 + config.dq_block_rows * 4 + 2 * nb * 4 <= 4 * 1024
   assert smem_dkv == 3 * 4 + config.dkv_block_rows * G * 4 + 2 * G * nb * 4 <= 16 * 1024
@@ -244,14 +303,22 @@ def test_backward_lowers_for_tpu_at_production_shapes(tpu_generation):  # noqa: 
   vmem_dq, vmem_dkv = bwd_kernels.vmem_bytes(head_dim=H, dtype=jnp.bfloat16)
   assert max(vmem_dq, vmem_dkv) <= 2**20 <= attention_kernel.VMEM_BUDGET_BYTES
   sds = jax.ShapeDtypeStruct
-  layout = BlockLayout(counts=sds((B, N, nb), jnp.int32), indices=sds((B, N, nb, nb), jnp.int32),
-                       num_allowed=sds((B, N, nb), jnp.int32), block_size=128)
+  layout = BlockLayout(
+    counts=sds((B, N, nb), jnp.int32),
+    indices=sds((B, N, nb, nb), jnp.int32),
+    num_allowed=sds((B, N, nb), jnp.int32),
+    block_size=128,
+  )
   f = functools.partial(bwd_kernels.block_sparse_attention_bwd, causal=True, scale=H**-0.5, config=config)
-  q_like, kv_like, rows = sds((B, length, N, H), jnp.bfloat16), sds((B, length, K, H), jnp.bfloat16), \
-      sds((B, N, length), jnp.float32)
+  q_like, kv_like, rows = (
+    sds((B, length, N, H), jnp.bfloat16),
+    sds((B, length, K, H), jnp.bfloat16),
+    sds((B, N, length), jnp.float32),
+  )
   with jax.enable_checks(True):  # also runs the MLIR verifier on the Mosaic modules
     exported = jax.export.export(jax.jit(f), platforms=["tpu"])(
-        q_like, kv_like, kv_like, q_like, rows, q_like, rows, layout, Geometry(*(sds((B,), jnp.int32),) * 3))
+      q_like, kv_like, kv_like, q_like, rows, q_like, rows, layout, Geometry(*(sds((B,), jnp.int32),) * 3)
+    )
   text = exported.mlir_module()
   assert text.count("tpu_custom_call") == 2
   assert "xattn_block_sparse_attention_bwd_dq" in text and "xattn_block_sparse_attention_bwd_dkv" in text
@@ -259,10 +326,15 @@ def test_backward_lowers_for_tpu_at_production_shapes(tpu_generation):  # noqa: 
   assert all(a.dtype == jnp.bfloat16 for a in exported.out_avals)
   # Layout rows too long for SMEM are refused (NotImplementedError: the XLA backward takes over).
   long = 2**23  # nQb = 64K: two regrouped rows of G * nQb int32 = 2 MiB
-  big = BlockLayout(counts=sds((B, N, long // 128), jnp.int32), indices=sds((B, N, long // 128, 1), jnp.int32),
-                    num_allowed=sds((B, N, long // 128), jnp.int32), block_size=128)
+  big = BlockLayout(
+    counts=sds((B, N, long // 128), jnp.int32),
+    indices=sds((B, N, long // 128, 1), jnp.int32),
+    num_allowed=sds((B, N, long // 128), jnp.int32),
+    block_size=128,
+  )
   with pytest.raises(NotImplementedError, match="SMEM"):
     q_long, kv_short = sds((B, long, N, H), jnp.bfloat16), sds((B, 128, K, H), jnp.bfloat16)
     rows_long = sds((B, N, long), jnp.float32)
-    jax.eval_shape(f, q_long, kv_short, kv_short, q_long, rows_long, q_long, rows_long, big,
-                   Geometry(*(sds((B,), jnp.int32),) * 3))
+    jax.eval_shape(
+      f, q_long, kv_short, kv_short, q_long, rows_long, q_long, rows_long, big, Geometry(*(sds((B,), jnp.int32),) * 3)
+    )

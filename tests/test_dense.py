@@ -28,10 +28,21 @@ class TestDenseBlockRouteXla(suites.DenseAttentionSuite):
   implementation = "xla"  # the blockwise reference, what a CPU runs at long context
 
 
-def _route(platform, *, dtype=jnp.bfloat16, B=1, T=32768, S=32768, N=32, H=128, causal=True, aligned=True,
-           implementation=None):
-  return xa.dense_route(platform=platform, dtype=dtype, batch=B, q_len=T, kv_len=S, num_heads=N, head_dim=H,
-                        causal=causal, aligned=aligned, implementation=implementation)
+def _route(
+  platform, *, dtype=jnp.bfloat16, B=1, T=32768, S=32768, N=32, H=128, causal=True, aligned=True, implementation=None
+):
+  return xa.dense_route(
+    platform=platform,
+    dtype=dtype,
+    batch=B,
+    q_len=T,
+    kv_len=S,
+    num_heads=N,
+    head_dim=H,
+    causal=causal,
+    aligned=aligned,
+    implementation=implementation,
+  )
 
 
 def test_route_per_platform():
@@ -72,15 +83,17 @@ def test_routes_chosen_on_this_host_need_no_gpu():
 
 def test_gradient_of_the_block_route_matches_the_logits_route():
   q, k, v = random_qkv(4, B=1, T=96, S=200, N=4, K=2, H=16)
-  grads = lambda impl: jax.grad(lambda q, k, v: jnp.sum(xa.dense_attention(
-      q, k, v, is_causal=True, implementation=impl) ** 2), argnums=(0, 1, 2))(q, k, v)
+  grads = lambda impl: jax.grad(
+    lambda q, k, v: jnp.sum(xa.dense_attention(q, k, v, is_causal=True, implementation=impl) ** 2), argnums=(0, 1, 2)
+  )(q, k, v)
   for got, want in zip(grads("xla"), grads(None)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-4)
 
 
 # The tiny Llama: 2 layers, 4 query / 2 kv heads of 64.
-TINY_LONG = ModelConfig(vocab_size=256, d_model=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-                        mlp_dim=512, max_seq_len=32768)
+TINY_LONG = ModelConfig(
+  vocab_size=256, d_model=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=512, max_seq_len=32768
+)
 
 
 def _temps_gib(attention: AttentionConfig, T: int, S: int) -> float:
@@ -90,8 +103,11 @@ def _temps_gib(attention: AttentionConfig, T: int, S: int) -> float:
   cache = jax.eval_shape(lambda: nnx.merge(graphdef, state).init_cache(1, S))
   method = "prefill" if T == S else "extend"
   fn = lambda state, tokens, lengths, cache: getattr(nnx.merge(graphdef, state), method)(tokens, lengths, cache)
-  compiled = jax.jit(fn, donate_argnums=3).lower(
-      state, jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32), cache).compile()
+  compiled = (
+    jax.jit(fn, donate_argnums=3)
+    .lower(state, jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32), cache)
+    .compile()
+  )
   return compiled.memory_analysis().temp_size_in_bytes / 2**30
 
 
@@ -114,8 +130,16 @@ def test_query_chunk_loop_fills_no_query_sized_buffer():
 
 
 def test_dense_chunked_prefill_equals_one_shot_on_the_block_route():
-  config = ModelConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                       mlp_dim=96, attention=AttentionConfig(dense_implementation="xla"))
+  config = ModelConfig(
+    vocab_size=97,
+    d_model=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    mlp_dim=96,
+    attention=AttentionConfig(dense_implementation="xla"),
+  )
   model = Transformer(config, rngs=nnx.Rngs(1))
   rng = np.random.default_rng(5)
   prompts = [rng.integers(0, 97, n).tolist() for n in (700, 389)]

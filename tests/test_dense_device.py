@@ -25,33 +25,50 @@ def _rel(got, want):
 
 
 def _reference(q, k, v, q_lengths, kv_lengths):
-  return xa.dense_attention(*(x.astype(jnp.float32) for x in (q, k, v)), is_causal=True, query_seq_lengths=q_lengths,
-                            key_value_seq_lengths=kv_lengths, implementation="xla")
+  return xa.dense_attention(
+    *(x.astype(jnp.float32) for x in (q, k, v)),
+    is_causal=True,
+    query_seq_lengths=q_lengths,
+    key_value_seq_lengths=kv_lengths,
+    implementation="xla",
+  )
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("B,T,S,N,K,H", [(2, 2048, 2048, 8, 2, 128), (2, 1536, 4096, 8, 2, 128),
-                                         (1, 1, 4096, 32, 8, 128), (2, 1000, 3000, 4, 4, 64)])
+@pytest.mark.parametrize(
+  "B,T,S,N,K,H",
+  [(2, 2048, 2048, 8, 2, 128), (2, 1536, 4096, 8, 2, 128), (1, 1, 4096, 32, 8, 128), (2, 1000, 3000, 4, 4, 64)],
+)
 def test_routes_match_the_reference(dtype, B, T, S, N, K, H):
   q, k, v = random_qkv(T * 7 + S, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
   kv_lengths = jnp.array([S, S - 300][:B], jnp.int32)
   q_lengths = kv_lengths if T == S else jnp.array([T, T - 100][:B], jnp.int32)
-  route = xa.dense_route(platform="gpu", dtype=dtype, batch=B, q_len=T, kv_len=S, num_heads=N, head_dim=H,
-                         causal=True, aligned=T == S)
-  fn = jax.jit(lambda q, k, v, ql, kl: xa.dense_attention(q, k, v, is_causal=True, query_seq_lengths=ql,
-                                                          key_value_seq_lengths=kl if T != S else ql))
+  route = xa.dense_route(
+    platform="gpu", dtype=dtype, batch=B, q_len=T, kv_len=S, num_heads=N, head_dim=H, causal=True, aligned=T == S
+  )
+  fn = jax.jit(
+    lambda q, k, v, ql, kl: xa.dense_attention(
+      q, k, v, is_causal=True, query_seq_lengths=ql, key_value_seq_lengths=kl if T != S else ql
+    )
+  )
   got = fn(q, k, v, q_lengths, kv_lengths)
   want = _reference(q, k, v, q_lengths, kv_lengths if T != S else q_lengths)
   assert got.dtype == dtype and bool(jnp.all(jnp.isfinite(got)))
   assert _rel(got, want) < (2e-2 if dtype == jnp.bfloat16 else 4e-3), route
   for b in range(B):  # padding queries are zeros
-    assert not np.any(np.asarray(got[b, int(q_lengths[b]):], np.float32))
+    assert not np.any(np.asarray(got[b, int(q_lengths[b]) :], np.float32))
 
 
 def test_block_route_gradient_matches_reference():
   q, k, v = random_qkv(5, B=1, T=1024, S=2048, N=8, K=2, H=128, dtype=jnp.bfloat16)
-  loss = lambda impl: jax.jit(jax.grad(lambda q, k, v: jnp.sum(xa.dense_attention(
-      q, k, v, is_causal=True, implementation=impl).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
+  loss = lambda impl: jax.jit(
+    jax.grad(
+      lambda q, k, v: jnp.sum(
+        xa.dense_attention(q, k, v, is_causal=True, implementation=impl).astype(jnp.float32) ** 2
+      ),
+      argnums=(0, 1, 2),
+    )
+  )
   got = loss(None)(q, k, v)
   want = loss("xla")(*(x.astype(jnp.float32) for x in (q, k, v)))
   for g, w in zip(got, want):

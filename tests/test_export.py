@@ -39,8 +39,9 @@ def test_cpu_export_runs_the_reference_and_matches_jit():
 
 def test_tpu_export_from_a_cpu_host_carries_the_tpu_kernels():
   q, k, v = _inputs()
-  mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                                                     platform="tpu"))
+  mesh = AbstractMesh(
+    (1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  )
   with use_abstract_mesh(mesh):  # Pallas TPU lowering needs the chip it targets
     exported = jax.export.export(_XATTENTION, platforms=["tpu"])(q, k, v)
   assert exported.platforms == ("tpu",)
@@ -50,8 +51,11 @@ def test_tpu_export_from_a_cpu_host_carries_the_tpu_kernels():
 @pytest.mark.parametrize("op", ["xattention", "gradient"])
 def test_cuda_export_from_a_cpu_host_carries_the_mosaic_gpu_kernels(op):
   q, k, v = _inputs()
-  fn = _XATTENTION if op == "xattention" else jax.jit(jax.grad(
-      lambda q, k, v: _XATTENTION(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+  fn = (
+    _XATTENTION
+    if op == "xattention"
+    else jax.jit(jax.grad(lambda q, k, v: _XATTENTION(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+  )
   exported = jax.export.export(fn, platforms=["cuda"])(q, k, v)
   assert exported.platforms == ("cuda",)
   assert "mosaic_gpu" in exported.mlir_module().lower()

@@ -14,8 +14,9 @@ from tests.conftest import run_checked
 
 
 def _mha(attention_fn, seed=0):
-  return nnx.MultiHeadAttention(num_heads=4, in_features=32, qkv_features=64, decode=False,
-                                attention_fn=attention_fn, rngs=nnx.Rngs(seed))
+  return nnx.MultiHeadAttention(
+    num_heads=4, in_features=32, qkv_features=64, decode=False, attention_fn=attention_fn, rngs=nnx.Rngs(seed)
+  )
 
 
 def test_dense_threshold_matches_flax_causal_attention():
@@ -52,14 +53,16 @@ def test_a_dense_mask_is_refused():
 def test_linen_multi_head_attention():
   x = jax.random.normal(jax.random.key(3), (2, 80, 32))
   config = xa.XAttentionConfig(threshold=1.0, block_size=16, stride=4)
-  sparse = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=64, attention_fn=xa.attention_fn(
-      config, is_causal=True))
+  sparse = nn.MultiHeadDotProductAttention(
+    num_heads=4, qkv_features=64, attention_fn=xa.attention_fn(config, is_causal=True)
+  )
   dense = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=64)
   params = dense.init(jax.random.key(0), x)
   want = dense.apply(params, x, mask=nn.make_causal_mask(jnp.ones((2, 80))))
   got = run_checked(lambda p, x: sparse.apply(p, x), params, x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
-  sparse_dropout = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=64, dropout_rate=0.1,
-                                                   attention_fn=xa.attention_fn(config, is_causal=True))
+  sparse_dropout = nn.MultiHeadDotProductAttention(
+    num_heads=4, qkv_features=64, dropout_rate=0.1, attention_fn=xa.attention_fn(config, is_causal=True)
+  )
   with pytest.raises(NotImplementedError, match="dropout"):
     sparse_dropout.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})

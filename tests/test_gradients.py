@@ -53,8 +53,11 @@ def test_gradients_match_dense_attention_on_the_same_mask(B, T, S, N, K, causal)
   tm = token_mask(mask, T=T, S=S, blk=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1])
 
   def sparse(q, k, v):
-    return _loss(*xa.block_sparse_attention(q, k, v, layout, causal=causal, query_seq_lengths=lens[0],
-                                            key_value_seq_lengths=lens[1], return_lse=True))
+    return _loss(
+      *xa.block_sparse_attention(
+        q, k, v, layout, causal=causal, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], return_lse=True
+      )
+    )
 
   got = run_checked(jax.grad(sparse, argnums=(0, 1, 2)), q, k, v)
   want = jax.grad(lambda q, k, v: _loss(*dense_masked(q, k, v, tm, scale=H**-0.5)), argnums=(0, 1, 2))(q, k, v)
@@ -84,10 +87,12 @@ def test_xattention_gradient_treats_the_selection_as_constant():
   q, k, v = random_qkv(4, B=B, T=T, S=T, N=N, K=K, H=H)
   kw = dict(is_causal=True, threshold=0.6, block_size=16, stride=4)
   _, layout = xa.xattention(q, k, v, return_block_layout=True, **kw)
-  via_xattention = run_checked(jax.grad(lambda q, k, v: _loss(xa.xattention(q, k, v, **kw), jnp.zeros(())),
-                                        argnums=(0, 1, 2)), q, k, v)
-  via_layout = jax.grad(lambda q, k, v: _loss(xa.block_sparse_attention(q, k, v, layout), jnp.zeros(())),
-                        argnums=(0, 1, 2))(q, k, v)
+  via_xattention = run_checked(
+    jax.grad(lambda q, k, v: _loss(xa.xattention(q, k, v, **kw), jnp.zeros(())), argnums=(0, 1, 2)), q, k, v
+  )
+  via_layout = jax.grad(
+    lambda q, k, v: _loss(xa.block_sparse_attention(q, k, v, layout), jnp.zeros(())), argnums=(0, 1, 2)
+  )(q, k, v)
   for a, b in zip(via_xattention, via_layout):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
 
@@ -105,8 +110,11 @@ def test_padding_and_empty_sequences_have_finite_zero_gradients():
   q, k, v = random_qkv(7, B=B, T=T, S=S, N=N, K=1, H=H)
   lens = (jnp.array([0, 17, 40], jnp.int32), jnp.array([0, 30, 64], jnp.int32))
   layout, _ = random_layout(8, B=B, N=N, T=T, S=S, blk=blk, causal=True, lens=lens)
-  loss = lambda q, k, v: _loss(*xa.block_sparse_attention(q, k, v, layout, query_seq_lengths=lens[0],
-                                                          key_value_seq_lengths=lens[1], return_lse=True))
+  loss = lambda q, k, v: _loss(
+    *xa.block_sparse_attention(
+      q, k, v, layout, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], return_lse=True
+    )
+  )
   dq, dk, dv = (np.asarray(g) for g in run_checked(jax.grad(loss, argnums=(0, 1, 2)), q, k, v))
   assert np.isfinite(dq).all() and np.isfinite(dk).all() and np.isfinite(dv).all()
   assert np.all(dq[0] == 0) and np.all(dk[0] == 0) and np.all(dq[1, 17:] == 0) and np.all(dk[1, 30:] == 0)
@@ -115,17 +123,29 @@ def test_padding_and_empty_sequences_have_finite_zero_gradients():
 
 def test_low_precision_gradients_keep_the_input_dtype():
   q, k, v = random_qkv(9, B=1, T=64, S=64, N=2, K=1, H=16, dtype=jnp.bfloat16)
-  grads = run_checked(jax.grad(lambda q, k, v: jnp.sum(xa.xattention(
-      q, k, v, is_causal=True, threshold=0.9, block_size=16, stride=4).astype(jnp.float32)), argnums=(0, 1, 2)),
-      q, k, v)
+  grads = run_checked(
+    jax.grad(
+      lambda q, k, v: jnp.sum(
+        xa.xattention(q, k, v, is_causal=True, threshold=0.9, block_size=16, stride=4).astype(jnp.float32)
+      ),
+      argnums=(0, 1, 2),
+    ),
+    q,
+    k,
+    v,
+  )
   assert all(g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
 
 
 def test_gradient_through_a_kernel_forward():
   """Mosaic GPU forward and backward kernels (in the CPU interpreter) == the XLA forward + backward."""
   q, k, v = random_qkv(10, B=1, T=256, S=256, N=2, K=1, H=64, dtype=jnp.bfloat16)
-  loss = lambda impl: lambda q, k, v: jnp.sum(xa.xattention(
-      q, k, v, is_causal=True, threshold=0.8, implementation=impl, interpret=True).astype(jnp.float32) ** 2)
+  loss = lambda impl: (
+    lambda q, k, v: jnp.sum(
+      xa.xattention(q, k, v, is_causal=True, threshold=0.8, implementation=impl, interpret=True).astype(jnp.float32)
+      ** 2
+    )
+  )
   kernel = run_checked(jax.grad(loss(("pallas_mosaic_gpu", "xla")), argnums=(0, 1, 2)), q, k, v)
   xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(kernel, xla):

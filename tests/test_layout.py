@@ -22,8 +22,10 @@ def test_literal_compression():
   np.testing.assert_allclose(layout.density(), 5 / 16)
 
 
-@hypothesis.given(shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(1, 9)),
-                  seed=st.integers(0, 2**16))
+@hypothesis.given(
+  shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(1, 9)),
+  seed=st.integers(0, 2**16),
+)
 def test_round_trip(shape, seed):
   mask = np.random.default_rng(seed).random(shape) < 0.4
   layout = run_checked(xa.BlockLayout.from_dense, jnp.asarray(mask))
@@ -55,9 +57,16 @@ def test_layout_is_a_pytree_with_static_block_size():
 def test_allowed_blocks_match_the_oracle_geometry():
   q_lens, kv_lens = np.array([40, 0, 17]), np.array([100, 0, 64])
   for causal in (True, False):
-    got = np.asarray(xa.allowed_blocks(q_len=40, kv_len=100, block_size=16, causal=causal,
-                                       query_seq_lengths=jnp.asarray(q_lens),
-                                       key_value_seq_lengths=jnp.asarray(kv_lens)))
+    got = np.asarray(
+      xa.allowed_blocks(
+        q_len=40,
+        kv_len=100,
+        block_size=16,
+        causal=causal,
+        query_seq_lengths=jnp.asarray(q_lens),
+        key_value_seq_lengths=jnp.asarray(kv_lens),
+      )
+    )
     assert got.shape == (3, 1, 3, 7)
     for b in range(3):
       for r in range(3):

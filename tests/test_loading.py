@@ -128,8 +128,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: pathlib.Path, *, arch: str = "llama", drop: tuple[str, ...] = (),
-                    reshape: dict[str, tuple] | None = None) -> pathlib.Path:
+def write_tiny_gguf(
+  path: pathlib.Path, *, arch: str = "llama", drop: tuple[str, ...] = (), reshape: dict[str, tuple] | None = None
+) -> pathlib.Path:
   """tiny_llama's weights (default RoPE, no llama3 scaling) and tokenizer as a float32 GGUF file."""
   gguf = pytest.importorskip("gguf")
   src = FIXTURES / "tiny_llama"
@@ -223,8 +224,9 @@ def test_gguf_tokenizer(tmp_path):
 
 
 def test_gguf_missing_and_misshapen_tensors(tmp_path):
-  path = write_tiny_gguf(tmp_path / "bad.gguf", drop=("blk.1.ffn_up.weight",),
-                         reshape={"blk.0.attn_v.weight": (64, 32)})
+  path = write_tiny_gguf(
+    tmp_path / "bad.gguf", drop=("blk.1.ffn_up.weight",), reshape={"blk.0.attn_v.weight": (64, 32)}
+  )
   with pytest.raises(loading.CheckpointError) as e:
     loading.from_pretrained(path)
   msg = str(e.value)
@@ -257,8 +259,9 @@ def test_wrong_shape_names_tensor_expected_and_got(tmp_path):
   weights = load_file(d / "model.safetensors")
   weights["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)  # [K*H, D] = (32, 64)
   save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
-  with pytest.raises(loading.CheckpointError,
-                     match=r"model\.layers\.0\.self_attn\.k_proj\.weight: expected \(32, 64\), got \(64, 64\)"):
+  with pytest.raises(
+    loading.CheckpointError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight: expected \(32, 64\), got \(64, 64\)"
+  ):
     loading.from_pretrained(d)
 
 
@@ -287,10 +290,13 @@ def test_unsupported_architecture(tmp_path):
     loading.from_pretrained(d)
 
 
-@pytest.mark.parametrize("change, error, match", [
+@pytest.mark.parametrize(
+  "change, error, match",
+  [
     (lambda c: c.update(hidden_act="gelu"), NotImplementedError, "hidden_act='gelu'"),
     (lambda c: c.update(use_sliding_window=True, sliding_window=16), NotImplementedError, "sliding-window"),
-])
+  ],
+)
 def test_unsupported_features(tmp_path, change, error, match):
   d = copy_fixture("tiny_qwen2", tmp_path)
   edit_config(d, change)
@@ -361,8 +367,9 @@ def test_smollm2_answers_capital_of_france(smollm2):
   model, tok = smollm2
   assert (model.config.num_layers, model.config.num_heads, model.config.num_kv_heads) == (30, 9, 3)
   prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=True)
-  result = Generator(model, max_len=256, chunk_size=128).generate([prompt], max_new_tokens=32,
-                                                                  stop_tokens=tok.stop_token_ids)
+  result = Generator(model, max_len=256, chunk_size=128).generate(
+    [prompt], max_new_tokens=32, stop_tokens=tok.stop_token_ids
+  )
   answer = tok.decode(result.tokens[0])
   print(f"SmolLM2 answer: {answer!r}")
   assert "Paris" in answer
@@ -374,11 +381,11 @@ def test_smollm2_xattention_threshold_one_is_dense(smollm2):
 
   model, tok = smollm2
   text = pydoc_data.topics.topics["assert"][:1500]
-  ids = tok.apply_chat_template([{"role": "user", "content": text + "\n\nSummarize the text above."}],
-                                tokenize=True)
+  ids = tok.apply_chat_template([{"role": "user", "content": text + "\n\nSummarize the text above."}], tokenize=True)
   assert 256 < len(ids) < 512
-  xattn = loading.from_pretrained("smollm2", attention=AttentionConfig(
-      kind="xattention", xattention=XAttentionConfig(threshold=1.0)))
+  xattn = loading.from_pretrained(
+    "smollm2", attention=AttentionConfig(kind="xattention", xattention=XAttentionConfig(threshold=1.0))
+  )
   dense_logits = logits_of(model, [ids])
   xattn_logits = logits_of(xattn, [ids])
   # Every block is selected; only the order of float32 sums differs from jax.nn.dot_product_attention.

@@ -18,8 +18,9 @@ from xattn_jax.models.transformer import Transformer
 from tests.conftest import checked_jit, run_checked
 from tests.hlo_checks import zero_filled_loop_buffers
 
-TINY = ModelConfig(vocab_size=97, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
-                   qkv_bias=True)
+TINY = ModelConfig(
+  vocab_size=97, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96, qkv_bias=True
+)
 XATTN = AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(threshold=0.8, block_size=16, stride=4))
 
 
@@ -29,9 +30,12 @@ def _model(config=TINY, seed=0):
 
 def _forward(model, tokens, lengths=None):
   graphdef, state = nnx.split(model)
-  return run_checked(lambda state, tokens, lengths: nnx.merge(graphdef, state)(tokens, lengths=lengths),
-                     state, jnp.asarray(tokens, jnp.int32),
-                     jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32) if lengths is None else lengths)
+  return run_checked(
+    lambda state, tokens, lengths: nnx.merge(graphdef, state)(tokens, lengths=lengths),
+    state,
+    jnp.asarray(tokens, jnp.int32),
+    jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32) if lengths is None else lengths,
+  )
 
 
 def _prompts(seed, lengths, vocab=97):
@@ -42,8 +46,7 @@ def _prompts(seed, lengths, vocab=97):
 @pytest.mark.parametrize("config_fn,params", [(llama3_1_8b, 8_030_261_248), (smollm2_135m, 134_515_008)])
 def test_shapes_at_real_sizes(config_fn, params):
   config = config_fn(attention=AttentionConfig(kind="xattention"))
-  model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                             rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
   assert count == params
   tokens = jax.ShapeDtypeStruct((1, 8192), jnp.int32)
@@ -66,7 +69,7 @@ def _method(model, name, *args):
 def _padded(prompts, width):
   tokens = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
+    tokens[i, : len(p)] = p
   return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
@@ -93,7 +96,7 @@ def test_chunked_prefill_equals_one_shot(attention):
   cache_b = model.init_cache(2, 256)
   for c in range(4):  # four chunks of 32 through the checkify helper; the second prompt ends inside chunk 1
     chunk_lengths = jnp.clip(lengths - 32 * c, 0, 32)
-    logits, cache_b, _ = _method(model, "extend", tokens[:, 32 * c:32 * (c + 1)], chunk_lengths, cache_b)
+    logits, cache_b, _ = _method(model, "extend", tokens[:, 32 * c : 32 * (c + 1)], chunk_lengths, cache_b)
     if c == 1:
       np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(a[1]), atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(a[0]), atol=1e-4, rtol=1e-4)
@@ -112,8 +115,9 @@ def test_bucket_padding_changes_nothing_and_buckets_compile_once():
   gen = Generator(model, max_len=512, chunk_size=512, bucket=128)
   wide = Generator(model, max_len=512, chunk_size=512, bucket=256)
   prompts = _prompts(3, [100])
-  np.testing.assert_allclose(np.asarray(gen.prefill(prompts)[0]), np.asarray(wide.prefill(prompts)[0]),
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(gen.prefill(prompts)[0]), np.asarray(wide.prefill(prompts)[0]), atol=1e-5, rtol=1e-5
+  )
   for n in (70, 128, 111):  # same bucket (128): no recompilation
     gen.prefill(_prompts(n, [n]))
   assert gen.compiled_count("prefill") == 1
@@ -138,8 +142,7 @@ def test_generation_matches_naive_greedy_and_stops():
 
 
 def test_first_layers_dense_and_densities():
-  model = _model(TINY.with_attention(AttentionConfig(kind="xattention", dense_layers=1,
-                                                     xattention=XATTN.xattention)))
+  model = _model(TINY.with_attention(AttentionConfig(kind="xattention", dense_layers=1, xattention=XATTN.xattention)))
   _, _, densities = Generator(model, max_len=256, chunk_size=256, bucket=16).prefill(_prompts(6, [200]))
   densities = np.asarray(densities)
   assert densities[0] == -1 and np.all((densities[1:] > 0) & (densities[1:] <= 1))
@@ -147,12 +150,19 @@ def test_first_layers_dense_and_densities():
 
 def test_threshold_one_model_equals_dense():
   dense = _model()
-  sparse = _model(TINY.with_attention(AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(
-      threshold=1.0, block_size=16, stride=4))))
+  sparse = _model(
+    TINY.with_attention(
+      AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(threshold=1.0, block_size=16, stride=4))
+    )
+  )
   tokens = np.asarray(_prompts(7, [70, 70]))
   lengths = jnp.array([70, 52], jnp.int32)
-  np.testing.assert_allclose(np.asarray(_forward(sparse, tokens, lengths))[1, :52],
-                             np.asarray(_forward(dense, tokens, lengths))[1, :52], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(_forward(sparse, tokens, lengths))[1, :52],
+    np.asarray(_forward(dense, tokens, lengths))[1, :52],
+    atol=1e-5,
+    rtol=1e-5,
+  )
 
 
 def test_per_layer_thresholds_validation():
@@ -170,8 +180,9 @@ def test_dense_implementation_choice():
   assert AttentionConfig(dense_implementation=["pallas_tpu", "xla"]).dense_implementation == ("pallas_tpu", "xla")
   tokens = np.asarray(_prompts(8, [40]))
   explicit = _model(TINY.with_attention(AttentionConfig(dense_implementation="xla")))  # the block route
-  np.testing.assert_allclose(np.asarray(_forward(explicit, tokens)), np.asarray(_forward(_model(), tokens)),
-                             atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(_forward(explicit, tokens)), np.asarray(_forward(_model(), tokens)), atol=2e-5, rtol=2e-5
+  )
 
 
 def test_presets_accept_overrides():
@@ -186,8 +197,12 @@ def test_mlp_chunks_change_nothing():
   tokens = np.asarray(_prompts(9, [50, 50]))
   whole = _forward(_model(dataclasses.replace(TINY, mlp_chunk_tokens=None)), tokens)
   for chunk in (16, 33):  # 100 tokens: whole chunks, and whole chunks plus a tail
-    np.testing.assert_allclose(np.asarray(_forward(_model(dataclasses.replace(TINY, mlp_chunk_tokens=chunk)),
-                                                   tokens)), np.asarray(whole), atol=2e-6, rtol=2e-6)
+    np.testing.assert_allclose(
+      np.asarray(_forward(_model(dataclasses.replace(TINY, mlp_chunk_tokens=chunk)), tokens)),
+      np.asarray(whole),
+      atol=2e-6,
+      rtol=2e-6,
+    )
   with pytest.raises(ValueError, match="mlp_chunk_tokens=0"):
     dataclasses.replace(TINY, mlp_chunk_tokens=0)
 
@@ -199,8 +214,9 @@ def test_mlp_chunk_loop_gradient_and_buffers():
   loss = lambda mlp, x: jnp.sum(jnp.sin(mlp(x)))
   grads = {}
   for chunk in (None, 16):
-    mlp = MLP(TINY.d_model, TINY.mlp_dim, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(3),
-              chunk_tokens=chunk)
+    mlp = MLP(
+      TINY.d_model, TINY.mlp_dim, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(3), chunk_tokens=chunk
+    )
     grads[chunk] = jax.grad(loss, argnums=(0, 1))(mlp, x)
     if chunk:
       text = jax.jit(lambda x: mlp(x)).lower(x).as_text(dialect="hlo")
@@ -229,16 +245,16 @@ def test_generator_rejects_bad_input_before_device_work():
     Generator(model, max_len=0, chunk_size=128)
   gen = Generator(model, max_len=256, chunk_size=128, bucket=16)
   bad = [
-      (dict(prompts=[]), "prompts must be a non-empty list"),
-      (dict(prompts=[[1, 2], []]), r"prompts\[1\] must be a non-empty sequence"),
-      (dict(prompts=[[1, 2, 97]]), r"prompts\[0\] has token id 97 outside \[0, 97\)"),
-      (dict(prompts=[[1, -3]]), r"prompts\[0\] has token id -3"),
-      (dict(prompts=[[1] * 300]), r"prompts\[0\] has 300 tokens; it does not fit max_len=256"),
-      (dict(prompts=[[1] * 250], max_new_tokens=10), r"longest prompt \(250 tokens\) \+ max_new_tokens=10 exceeds"),
-      (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens=0 must be an int >= 1"),
-      (dict(prompts=[[1]], max_new_tokens=-2), "max_new_tokens=-2 must be an int >= 1"),
-      (dict(prompts=[[1]], temperature=-1.0), "temperature=-1.0 must be >= 0"),
-      (dict(prompts=[[1]], top_p=0.0), r"top_p=0.0 must lie in \(0, 1\]"),
+    (dict(prompts=[]), "prompts must be a non-empty list"),
+    (dict(prompts=[[1, 2], []]), r"prompts\[1\] must be a non-empty sequence"),
+    (dict(prompts=[[1, 2, 97]]), r"prompts\[0\] has token id 97 outside \[0, 97\)"),
+    (dict(prompts=[[1, -3]]), r"prompts\[0\] has token id -3"),
+    (dict(prompts=[[1] * 300]), r"prompts\[0\] has 300 tokens; it does not fit max_len=256"),
+    (dict(prompts=[[1] * 250], max_new_tokens=10), r"longest prompt \(250 tokens\) \+ max_new_tokens=10 exceeds"),
+    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens=0 must be an int >= 1"),
+    (dict(prompts=[[1]], max_new_tokens=-2), "max_new_tokens=-2 must be an int >= 1"),
+    (dict(prompts=[[1]], temperature=-1.0), "temperature=-1.0 must be >= 0"),
+    (dict(prompts=[[1]], top_p=0.0), r"top_p=0.0 must lie in \(0, 1\]"),
   ]
   for kwargs, message in bad:
     with pytest.raises(ValueError, match=message):
@@ -253,5 +269,9 @@ def test_no_recompilation_within_buckets():
     assert len(result.tokens[0]) == new
   gen.generate(_prompts(1, [300]), max_new_tokens=65)  # chunked (extend), the next decode bucket
   assert [(r.name, r.tokens_shape) for r in gen.compile_log] == [
-      ("prefill", (1, 64)), ("decode", (1, 64)), ("extend", (1, 128)), ("decode", (1, 128))]
+    ("prefill", (1, 64)),
+    ("decode", (1, 64)),
+    ("extend", (1, 128)),
+    ("decode", (1, 128)),
+  ]
   assert all(r.seconds > 0 and r.temp_bytes >= 0 for r in gen.compile_log)

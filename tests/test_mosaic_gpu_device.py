@@ -25,10 +25,10 @@ from xattn_jax.geometry import Geometry
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 
 SHAPES = [  # B, T, S, N, K, H, with_lengths
-    (2, 1000, 1300, 8, 2, 128, True),
-    (1, 2048, 2048, 4, 4, 64, False),
-    (1, 384, 1024, 4, 1, 128, False),
-    (2, 640, 640, 6, 3, 64, True),
+  (2, 1000, 1300, 8, 2, 128, True),
+  (1, 2048, 2048, 4, 4, 64, False),
+  (1, 384, 1024, 4, 1, 128, False),
+  (2, 640, 640, 6, 3, 64, True),
 ]
 
 
@@ -39,9 +39,16 @@ def _lengths(B: int, T: int, S: int, with_lengths: bool):
   return jnp.full((B,), T, jnp.int32), jnp.full((B,), S, jnp.int32)
 
 
-@pytest.mark.parametrize("pv_operand,num_ctas,tile_order", [("registers", 132, "head"), ("smem", 132, "head"),
-                                                            ("registers", None, "head"), ("registers", 5, "head"),
-                                                            ("registers", 5, "rows")])
+@pytest.mark.parametrize(
+  "pv_operand,num_ctas,tile_order",
+  [
+    ("registers", 132, "head"),
+    ("smem", 132, "head"),
+    ("registers", None, "head"),
+    ("registers", 5, "head"),
+    ("registers", 5, "rows"),
+  ],
+)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}T{s[1]}S{s[2]}N{s[3]}K{s[4]}H{s[5]}" for s in SHAPES])
@@ -55,9 +62,16 @@ def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas
   geometry = Geometry.from_lengths(*lens)
   layout, _ = random_layout(seed + 1, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.4)
   scale = H**-0.5
-  got, got_lse = kernel.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale,
-                                               config=kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=num_ctas,
-                                                                           tile_order=tile_order))
+  got, got_lse = kernel.block_sparse_attention(
+    q,
+    k,
+    v,
+    layout,
+    geometry,
+    causal=causal,
+    scale=scale,
+    config=kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=num_ctas, tile_order=tile_order),
+  )
   want, want_lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert not np.isnan(got).any()
@@ -76,29 +90,34 @@ def test_public_op_end_to_end(causal):
   B, T, N, K, H = 2, 1500, 8, 2, 128
   q, k, v = random_qkv(7, B=B, T=T, S=T, N=N, K=K, H=H, dtype=jnp.bfloat16)
   lens = jnp.array([1500, 1111], jnp.int32)
-  kw = dict(is_causal=causal, threshold=0.9, query_seq_lengths=lens, key_value_seq_lengths=lens,
-            return_block_layout=True)
+  kw = dict(
+    is_causal=causal, threshold=0.9, query_seq_lengths=lens, key_value_seq_lengths=lens, return_block_layout=True
+  )
   got, lay_got = xa.xattention(q, k, v, implementation=("pallas_mosaic_gpu", "xla"), **kw)
-  want = xa.block_sparse_attention(q, k, v, lay_got, causal=causal, query_seq_lengths=lens,
-                                   key_value_seq_lengths=lens, implementation="xla")
+  want = xa.block_sparse_attention(
+    q, k, v, lay_got, causal=causal, query_seq_lengths=lens, key_value_seq_lengths=lens, implementation="xla"
+  )
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
   assert 0 < float(lay_got.density()) <= 1
 
 
 SCORE_CASES = [  # B, T, S, N, K, H, stride, causal, with_lengths
-    (2, 1000, 1300, 8, 2, 128, 8, True, True),
-    (1, 2048, 2048, 4, 4, 64, 16, True, False),
-    (1, 700, 1500, 4, 1, 128, 4, False, False),
-    (2, 640, 640, 6, 3, 64, 8, False, True),
+  (2, 1000, 1300, 8, 2, 128, 8, True, True),
+  (1, 2048, 2048, 4, 4, 64, 16, True, False),
+  (1, 700, 1500, 4, 1, 128, 4, False, False),
+  (2, 640, 640, 6, 3, 64, 8, False, True),
 ]
 
 
-@pytest.mark.parametrize("options",
-                         [{}, {"cluster_heads": 2}, {"key_splits": 2}, {"p_operand": "smem", "num_stages": 2}],
-                         ids=["default", "cluster2", "split2", "smemP"])
+@pytest.mark.parametrize(
+  "options",
+  [{}, {"cluster_heads": 2}, {"key_splits": 2}, {"p_operand": "smem", "num_stages": 2}],
+  ids=["default", "cluster2", "split2", "smemP"],
+)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("case", SCORE_CASES,
-                         ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}" for c in SCORE_CASES])
+@pytest.mark.parametrize(
+  "case", SCORE_CASES, ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}" for c in SCORE_CASES]
+)
 def test_scores_kernel_matches_xla(case, dtype, options):
   from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as kernel
   from xattn_jax import scoring_xla
@@ -117,8 +136,9 @@ def test_scores_kernel_matches_xla(case, dtype, options):
   np.testing.assert_allclose(got, want, atol=5e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("case", SCORE_CASES,
-                         ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}" for c in SCORE_CASES])
+@pytest.mark.parametrize(
+  "case", SCORE_CASES, ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}" for c in SCORE_CASES]
+)
 def test_alternating_estimator_matches_xla(case):
   """SPEC §1.7 on the GPU: the alternating estimator (queries reordered before the same kernel) vs the reference."""
   from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as kernel
@@ -135,10 +155,10 @@ def test_alternating_estimator_matches_xla(case):
 
 
 BWD_SHAPES = [  # B, T, S, N, K, H, with_lengths
-    (2, 1000, 1300, 8, 2, 128, True),
-    (1, 4096, 4096, 8, 2, 128, False),
-    (1, 384, 1024, 4, 1, 64, False),
-    (2, 640, 640, 6, 3, 64, True),
+  (2, 1000, 1300, 8, 2, 128, True),
+  (1, 4096, 4096, 8, 2, 128, False),
+  (1, 384, 1024, 4, 1, 64, False),
+  (2, 640, 640, 6, 3, 64, True),
 ]
 # Max-normalized error of each gradient vs the float32 XLA backward, and its relative Frobenius error.
 BWD_TOL = {jnp.bfloat16: (2e-2, 1e-2), jnp.float16: (4e-3, 2e-3)}
@@ -178,7 +198,7 @@ def test_backward_kernels_match_xla(shape, causal, dtype, operand):
     assert rel <= rel_tol, f"{name}: relative error {rel:.2e}"
   dq, dk = np.asarray(got[0], np.float32), np.asarray(got[1], np.float32)
   for b in range(B):  # padding queries and keys get exactly zero
-    assert np.all(dq[b, int(lens[0][b]):] == 0) and np.all(dk[b, int(lens[1][b]):] == 0)
+    assert np.all(dq[b, int(lens[0][b]) :] == 0) and np.all(dk[b, int(lens[1][b]) :] == 0)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -187,13 +207,23 @@ def test_gradients_end_to_end(causal):
   B, T, N, K, H = 2, 1500, 8, 2, 128
   q, k, v = random_qkv(17, B=B, T=T, S=T, N=N, K=K, H=H, dtype=jnp.bfloat16)
   lens = jnp.array([1500, 1111], jnp.int32)
-  _, layout = xa.xattention(q, k, v, is_causal=causal, threshold=0.9, query_seq_lengths=lens,
-                            key_value_seq_lengths=lens, return_block_layout=True, implementation="xla")
+  _, layout = xa.xattention(
+    q,
+    k,
+    v,
+    is_causal=causal,
+    threshold=0.9,
+    query_seq_lengths=lens,
+    key_value_seq_lengths=lens,
+    return_block_layout=True,
+    implementation="xla",
+  )
   weights = jnp.sin(jnp.arange(q.size, dtype=jnp.float32).reshape(q.shape))
 
   def loss(q, k, v, implementation):
-    out = xa.block_sparse_attention(q, k, v, layout, causal=causal, query_seq_lengths=lens,
-                                    key_value_seq_lengths=lens, implementation=implementation)
+    out = xa.block_sparse_attention(
+      q, k, v, layout, causal=causal, query_seq_lengths=lens, key_value_seq_lengths=lens, implementation=implementation
+    )
     return jnp.sum(out.astype(jnp.float32) * weights)
 
   got = jax.jit(jax.grad(functools.partial(loss, implementation="pallas_mosaic_gpu"), argnums=(0, 1, 2)))(q, k, v)
@@ -212,14 +242,23 @@ def test_default_dispatch_runs_the_mosaic_gpu_kernels():
   lens = jnp.array([1500, 1111], jnp.int32)
 
   def loss(q, k, v, implementation):
-    out = xa.xattention(q, k, v, is_causal=True, threshold=0.9, query_seq_lengths=lens, key_value_seq_lengths=lens,
-                        implementation=implementation)
+    out = xa.xattention(
+      q,
+      k,
+      v,
+      is_causal=True,
+      threshold=0.9,
+      query_seq_lengths=lens,
+      key_value_seq_lengths=lens,
+      implementation=implementation,
+    )
     return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(q.size, dtype=jnp.float32).reshape(q.shape)))
 
   default = jax.jit(jax.value_and_grad(functools.partial(loss, implementation=None), argnums=(0, 1, 2)))
   assert default.lower(q, k, v).as_text().count("mosaic_gpu") > 0
   got = default(q, k, v)
-  want = jax.jit(jax.value_and_grad(functools.partial(loss, implementation="pallas_mosaic_gpu"),
-                                    argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.value_and_grad(functools.partial(loss, implementation="pallas_mosaic_gpu"), argnums=(0, 1, 2)))(
+    q, k, v
+  )
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

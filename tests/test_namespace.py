@@ -13,8 +13,13 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Layer order (xattn_jax/_subpackages.py): a folder may import only from folders before it.
-LAYERS = [("xattn_jax", "xattn_jax"), ("pallas_kernels", "xattn_jax.pallas_kernels"),
-          ("models", "xattn_jax.models"), ("evaluation", "xattn_jax.evaluation"), ("cli", "xattn_jax.cli")]
+LAYERS = [
+  ("xattn_jax", "xattn_jax"),
+  ("pallas_kernels", "xattn_jax.pallas_kernels"),
+  ("models", "xattn_jax.models"),
+  ("evaluation", "xattn_jax.evaluation"),
+  ("cli", "xattn_jax.cli"),
+]
 
 
 def _run(code: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
@@ -80,7 +85,7 @@ def _imports(path: pathlib.Path) -> set[str]:
 @pytest.mark.parametrize("index", range(len(LAYERS)), ids=[folder for folder, _ in LAYERS])
 def test_dependencies_point_one_way(index):
   folder, _ = LAYERS[index]
-  above = [name for _, name in LAYERS[index + 1:]]
+  above = [name for _, name in LAYERS[index + 1 :]]
   old = ["models", "pallas_kernels"]  # only the aliases' own packages may name these
   for path in sorted((ROOT / folder).rglob("*.py")):
     if folder == "xattn_jax" and path.name == "__init__.py":

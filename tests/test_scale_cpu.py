@@ -17,8 +17,11 @@ from xattn_jax.synthetic import llm_like_qkv
 def test_xattention_32k_tokens_32_heads_on_cpu():
   T, N, K, H = 32768, 32, 8, 128
   q, k, v = llm_like_qkv(jax.random.key(0), seq_len=T, num_heads=N, num_kv_heads=K, head_dim=H)
-  out, layout = jax.jit(lambda q, k, v: xa.xattention(
-      q, k, v, is_causal=True, threshold=0.9, implementation="xla", return_block_layout=True))(q, k, v)
+  out, layout = jax.jit(
+    lambda q, k, v: xa.xattention(
+      q, k, v, is_causal=True, threshold=0.9, implementation="xla", return_block_layout=True
+    )
+  )(q, k, v)
   out = np.asarray(out.astype(jnp.float32))
   assert out.shape == (1, T, N, H) and np.isfinite(out).all()
   density = float(layout.density())
@@ -31,11 +34,15 @@ def test_query_chunks_make_no_copy_of_q_or_the_output():
   """xattention's chunk loop slices q and writes the output in place: growing T (ragged, so a tail chunk runs)
   grows the compiled call's temporaries by the key side only, far less than one more copy of q (the old scan over
   a chunked, padded copy of q and a stacked output grew them by about two). Compiled, not run."""
+
   def temporaries(T):
     q = jax.ShapeDtypeStruct((1, T, 32, 64), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, T, 1, 64), jnp.bfloat16)
-    call = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=0.9, stride=16,
-                                                 implementation="xla", query_chunk_size=4096))
+    call = jax.jit(
+      lambda q, k, v: xa.xattention(
+        q, k, v, is_causal=True, threshold=0.9, stride=16, implementation="xla", query_chunk_size=4096
+      )
+    )
     return call.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
 
   small, large = 33768, 66536

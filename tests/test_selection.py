@@ -60,8 +60,15 @@ def test_key_padding_and_query_padding_blocks():
   # B = 2: the second sequence has 16 real queries and 40 real keys: its query block 1 is padding (selects
   # nothing) and its key blocks >= 3 are padding (never selected).
   scores = np.ones((2, 1, 2, 5), np.float32)
-  layout = select(scores, q_len=32, kv_len=80, block_size=16, threshold=1.0,
-                  query_seq_lengths=jnp.array([32, 16]), key_value_seq_lengths=jnp.array([80, 40]))
+  layout = select(
+    scores,
+    q_len=32,
+    kv_len=80,
+    block_size=16,
+    threshold=1.0,
+    query_seq_lengths=jnp.array([32, 16]),
+    key_value_seq_lengths=jnp.array([80, 40]),
+  )
   np.testing.assert_array_equal(layout.counts, [[[4, 5]], [[3, 0]]])
   np.testing.assert_array_equal(layout.indices[1, 0], [[0, 1, 2, 2, 2], [0, 0, 0, 0, 0]])
   np.testing.assert_array_equal(layout.num_allowed, [[[4, 5]], [[3, 0]]])
@@ -83,9 +90,15 @@ def _random_scores(seed, B, N, nqb, nkb):
 
 
 @hypothesis.given(
-    B=st.integers(1, 2), N=st.integers(1, 3), T=st.integers(1, 100), extra=st.integers(0, 100),
-    causal=st.booleans(), keep_sink=st.booleans(), keep_diagonal=st.booleans(), seed=st.integers(0, 2**16),
-    tau=st.one_of(st.sampled_from([0.0, 1.0, 1.5]), st.floats(0.0, 1.0)),
+  B=st.integers(1, 2),
+  N=st.integers(1, 3),
+  T=st.integers(1, 100),
+  extra=st.integers(0, 100),
+  causal=st.booleans(),
+  keep_sink=st.booleans(),
+  keep_diagonal=st.booleans(),
+  seed=st.integers(0, 2**16),
+  tau=st.one_of(st.sampled_from([0.0, 1.0, 1.5]), st.floats(0.0, 1.0)),
 )
 def test_property_matches_oracle(B, N, T, extra, causal, keep_sink, keep_diagonal, seed, tau):
   S, blk = T + extra, 16
@@ -93,8 +106,9 @@ def test_property_matches_oracle(B, N, T, extra, causal, keep_sink, keep_diagona
   kv = rng.integers(1, S + 1, size=B)
   q = np.minimum(rng.integers(1, T + 1, size=B), kv)
   scores = _random_scores(seed, B, N, -(-T // blk), -(-S // blk))
-  kw = dict(q_len=T, kv_len=S, block_size=blk, threshold=tau, causal=causal, keep_sink=keep_sink,
-            keep_diagonal=keep_diagonal)
+  kw = dict(
+    q_len=T, kv_len=S, block_size=blk, threshold=tau, causal=causal, keep_sink=keep_sink, keep_diagonal=keep_diagonal
+  )
   layout = select(scores, query_seq_lengths=jnp.asarray(q), key_value_seq_lengths=jnp.asarray(kv), **kw)
   want = oracle.select(scores, q_lens=q, kv_lens=kv, **kw)
   np.testing.assert_array_equal(np.asarray(layout.to_dense()), want)
@@ -150,5 +164,5 @@ def test_batch_elements_and_heads_are_independent():
   full = np.asarray(select(scores, q_len=T, kv_len=T, block_size=blk, threshold=tau).to_dense())
   for b in range(B):
     for n in range(N):
-      alone = select(scores[b:b + 1, n:n + 1], q_len=T, kv_len=T, block_size=blk, threshold=float(tau[n]))
+      alone = select(scores[b : b + 1, n : n + 1], q_len=T, kv_len=T, block_size=blk, threshold=float(tau[n]))
       np.testing.assert_array_equal(np.asarray(alone.to_dense())[0, 0], full[b, n])

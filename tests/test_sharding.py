@@ -22,10 +22,16 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 @pytest.mark.parametrize("data,tensor", [(1, 4), (2, 2), (4, 1)])
 def test_sharded_equals_unsharded_on_four_devices(data, tensor):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_check.py"), str(data), str(tensor)],
-                        env=env, capture_output=True, text=True, timeout=900)
+  env = dict(
+    os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"
+  )
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "tests" / "multidevice_check.py"), str(data), str(tensor)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert f"mesh ({data}, {tensor}): sharded == unsharded" in proc.stdout
 
@@ -39,6 +45,7 @@ def test_needs_a_mesh_and_known_axes():
   mesh = jax.make_mesh((1,), ("x",))
   with pytest.raises(ValueError, match="mesh axis 'data' is not one of"):
     sharded_xattention(q, k, v, mesh=mesh)
-  out = sharded_xattention(q, k, v, mesh=mesh, batch_axis=None, head_axis="x", is_causal=True, threshold=1.0,
-                           block_size=16, stride=4)
+  out = sharded_xattention(
+    q, k, v, mesh=mesh, batch_axis=None, head_axis="x", is_causal=True, threshold=1.0, block_size=16, stride=4
+  )
   assert out.shape == q.shape and bool(jnp.all(jnp.isfinite(out)))

@@ -27,7 +27,7 @@ def _batch(seed, B=4, T=64, vocab=64):
   for t in range(1, T):
     tokens[:, t] = (5 * tokens[:, t - 1] + 3) % vocab
   mask = np.zeros((B, T), bool)
-  mask[:, T // 4:] = True
+  mask[:, T // 4 :] = True
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
@@ -86,8 +86,12 @@ def test_next_token_loss_and_validation():
 def test_threshold_schedule_is_state_not_trained_and_does_not_recompile():
   params = nnx.state(Transformer(TINY, rngs=nnx.Rngs(3)), nnx.Param)
   dense = Transformer(TINY, rngs=nnx.Rngs(3))
-  sparse = Transformer(TINY.with_attention(AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(
-      threshold=0.2, block_size=16, stride=4))), rngs=nnx.Rngs(3))
+  sparse = Transformer(
+    TINY.with_attention(
+      AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(threshold=0.2, block_size=16, stride=4))
+    ),
+    rngs=nnx.Rngs(3),
+  )
   nnx.update(sparse, params)
   config = TrainConfig(warmup_steps=0, total_steps=10)
   tokens, mask = _batch(7)
@@ -118,15 +122,19 @@ def test_estimator_misses_diagonals_at_even_distances_unless_alternating():
 
   def source_mass(D, estimator="antidiagonal"):
     q = np.zeros((T, H), np.float32)
-    q[D:] = 30 * np.sqrt(H) * keys[:T - D]
-    scores = run_checked(lambda q, k: xa.antidiagonal_scores(q, k, stride=s, block_size=blk, causal=True,
-                                                             implementation="xla", estimator=estimator),
-                         jnp.asarray(q)[None, :, None], jnp.asarray(keys)[None, :, None])
+    q[D:] = 30 * np.sqrt(H) * keys[: T - D]
+    scores = run_checked(
+      lambda q, k: xa.antidiagonal_scores(
+        q, k, stride=s, block_size=blk, causal=True, implementation="xla", estimator=estimator
+      ),
+      jnp.asarray(q)[None, :, None],
+      jnp.asarray(keys)[None, :, None],
+    )
     sc = np.asarray(scores)[0, 0]
     fractions = []
     for r in range(9, 16):  # query blocks whose sources lie D back
       sources = sorted({(t - D) // blk for t in range(r * blk, (r + 1) * blk)})
-      fractions.append(sc[r, sources].sum() / sc[r, :r + 1].sum())
+      fractions.append(sc[r, sources].sum() / sc[r, : r + 1].sum())
     return float(np.mean(fractions))
 
   assert source_mass(512) < 0.12  # one source block of ~13 allowed: chance level

@@ -16,20 +16,20 @@ from xattn_jax.sharding import sharded_xattention
 from xattn_jax.flax_attention import attention_fn
 
 __all__ = [
-    "BlockLayout",
-    "DenseRoute",
-    "Estimator",
-    "XAttentionConfig",
-    "allowed_blocks",
-    "antidiagonal_scores",
-    "attention_fn",
-    "block_sparse_attention",
-    "dense_attention",
-    "dense_route",
-    "select_blocks",
-    "sharded_xattention",
-    "traced_checks",
-    "xattention",
+  "BlockLayout",
+  "DenseRoute",
+  "Estimator",
+  "XAttentionConfig",
+  "allowed_blocks",
+  "antidiagonal_scores",
+  "attention_fn",
+  "block_sparse_attention",
+  "dense_attention",
+  "dense_route",
+  "select_blocks",
+  "sharded_xattention",
+  "traced_checks",
+  "xattention",
 ]
 
 # The other folders import as xattn_jax.<name> (from a checkout too); the kernel layer registers its backends (last:

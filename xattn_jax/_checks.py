@@ -27,8 +27,9 @@ _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # always sees them; code that wants the fast dispatch traces inside `traced_checks(False)`. A context variable, set
 # only by that context manager: nothing can leave the checks off for the rest of a process (a module-wide switch set
 # by a benchmark's main once turned them off for every test run after it).
-_TRACED_CHECKS = contextvars.ContextVar("xattn_jax_traced_checks",
-                                        default=os.environ.get("XATTN_JAX_TRACED_CHECKS", "1") != "0")
+_TRACED_CHECKS = contextvars.ContextVar(
+  "xattn_jax_traced_checks", default=os.environ.get("XATTN_JAX_TRACED_CHECKS", "1") != "0"
+)
 
 
 def traced_checks_enabled() -> bool:
@@ -114,13 +115,13 @@ def check_qkv(q, k, v=None, *, q_name="q", k_name="k", v_name="v") -> Dims:
     raise ValueError(f"{q_name}.shape={tuple(q.shape)} and {k_name}.shape={tuple(k.shape)} must have no zero size")
   if N % K:
     raise ValueError(
-        f"the number of query heads N={N} ({q_name}.shape[2]) must be a multiple of the number of kv heads K={K} "
-        f"({k_name}.shape[2])"
+      f"the number of query heads N={N} ({q_name}.shape[2]) must be a multiple of the number of kv heads K={K} "
+      f"({k_name}.shape[2])"
     )
   if S < T:
     raise ValueError(
-        f"the key length S={S} ({k_name}.shape[1]) must be >= the query length T={T} ({q_name}.shape[1]): queries are "
-        "aligned to the end of the keys"
+      f"the key length S={S} ({k_name}.shape[1]) must be >= the query length T={T} ({q_name}.shape[1]): queries are "
+      "aligned to the end of the keys"
     )
   check_float_dtype(q, q_name)
   check_float_dtype(k, k_name)
@@ -178,8 +179,8 @@ def query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims: Dims) -> t
   q_lengths = seq_lengths(query_seq_lengths, batch=dims.B, maximum=dims.T, name="query_seq_lengths")
   kv_lengths = seq_lengths(key_value_seq_lengths, batch=dims.B, maximum=dims.S, name="key_value_seq_lengths")
   enforce(
-      q_lengths <= kv_lengths,
-      "query_seq_lengths must be <= key_value_seq_lengths per batch element (query t sits at position k_b - q_b + t)",
+    q_lengths <= kv_lengths,
+    "query_seq_lengths must be <= key_value_seq_lengths per batch element (query t sits at position k_b - q_b + t)",
   )
   return q_lengths, kv_lengths
 
@@ -196,7 +197,7 @@ def threshold_array(threshold, num_heads: int) -> jax.Array:
   if isinstance(threshold, (list, tuple)):
     threshold = np.asarray(threshold, np.float32)
   if not hasattr(threshold, "dtype") or not (
-      jnp.issubdtype(threshold.dtype, jnp.floating) or jnp.issubdtype(threshold.dtype, jnp.integer)
+    jnp.issubdtype(threshold.dtype, jnp.floating) or jnp.issubdtype(threshold.dtype, jnp.integer)
   ):
     raise ValueError(f"threshold must be a float or a float array of shape [{num_heads}], got {threshold!r}")
   if threshold.ndim == 0:

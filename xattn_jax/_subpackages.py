@@ -26,12 +26,19 @@ import pathlib
 import sys
 import warnings
 
-SUBPACKAGES = {"xattn_jax.pallas_kernels": "pallas_kernels", "xattn_jax.models": "models",
-               "xattn_jax.evaluation": "evaluation", "xattn_jax.cli": "cli"}
+SUBPACKAGES = {
+  "xattn_jax.pallas_kernels": "pallas_kernels",
+  "xattn_jax.models": "models",
+  "xattn_jax.evaluation": "evaluation",
+  "xattn_jax.cli": "cli",
+}
 # Old name -> new name; submodules of an old package map to the same submodule of the new one unless listed.
-DEPRECATED = {"models": "xattn_jax.models", "pallas_kernels": "xattn_jax.pallas_kernels",
-              "models.haystack": "xattn_jax.evaluation.haystack",
-              "models.calibration": "xattn_jax.evaluation.calibration"}
+DEPRECATED = {
+  "models": "xattn_jax.models",
+  "pallas_kernels": "xattn_jax.pallas_kernels",
+  "models.haystack": "xattn_jax.evaluation.haystack",
+  "models.calibration": "xattn_jax.evaluation.calibration",
+}
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -42,8 +49,9 @@ class _CheckoutFinder(importlib.abc.MetaPathFinder):
     folder = SUBPACKAGES.get(fullname)
     if folder is None or not (_ROOT / folder / "__init__.py").is_file():
       return None
-    return importlib.util.spec_from_file_location(fullname, _ROOT / folder / "__init__.py",
-                                                  submodule_search_locations=[str(_ROOT / folder)])
+    return importlib.util.spec_from_file_location(
+      fullname, _ROOT / folder / "__init__.py", submodule_search_locations=[str(_ROOT / folder)]
+    )
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -93,6 +101,7 @@ def deprecated_alias(name: str) -> None:
   if name not in DEPRECATED:
     return
   new = DEPRECATED[name]
-  warnings.warn(f"`import {name}` is deprecated and will be removed; use `import {new}`", DeprecationWarning,
-                stacklevel=3)
+  warnings.warn(
+    f"`import {name}` is deprecated and will be removed; use `import {new}`", DeprecationWarning, stacklevel=3
+  )
   sys.modules[name] = importlib.import_module(new)

@@ -29,23 +29,25 @@ def query_chunk_blocks(*, batch: int, heads: int, head_dim: int, block_size: int
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "query_chunk_size"))
 def block_sparse_attention(
-    q: jax.Array,  # [B, T, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    v: jax.Array,  # [B, S, K, H]
-    layout: BlockLayout,  # (B, N, ceil(T/blk), ceil(S/blk))
-    geometry: Geometry,
-    *,
-    causal: bool,
-    scale: float,
-    query_chunk_size: int | None = None,
+  q: jax.Array,  # [B, T, N, H]
+  k: jax.Array,  # [B, S, K, H]
+  v: jax.Array,  # [B, S, K, H]
+  layout: BlockLayout,  # (B, N, ceil(T/blk), ceil(S/blk))
+  geometry: Geometry,
+  *,
+  causal: bool,
+  scale: float,
+  query_chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # out [B, T, N, H] (q.dtype), lse f32 [B, N, T]
   """SPEC §4 on validated inputs (see `xattn_jax.block_sparse_attention`)."""
   B, T, N, H = q.shape
   _, S, K, _ = k.shape
   G, blk = N // K, layout.block_size
   nqb, nkb = cdiv(T, blk), cdiv(S, blk)
-  cb = (query_chunk_size // blk) if query_chunk_size else query_chunk_blocks(
-      batch=B, heads=N, head_dim=H, block_size=blk, num_q_blocks=nqb
+  cb = (
+    (query_chunk_size // blk)
+    if query_chunk_size
+    else query_chunk_blocks(batch=B, heads=N, head_dim=H, block_size=blk, num_q_blocks=nqb)
   )
   n_chunks = cdiv(nqb, cb)
   tp = n_chunks * cb * blk
@@ -96,9 +98,9 @@ def block_sparse_attention(
       return m_new, l_i, acc
 
     init = (
-        jnp.full(qc.shape[:-1], -jnp.inf, jnp.float32),
-        jnp.zeros(qc.shape[:-1], jnp.float32),
-        jnp.zeros(qc.shape, jnp.float32),
+      jnp.full(qc.shape[:-1], -jnp.inf, jnp.float32),
+      jnp.zeros(qc.shape[:-1], jnp.float32),
+      jnp.zeros(qc.shape, jnp.float32),
     )
     m_i, l_i, acc = lax.fori_loop(0, jnp.max(cnt), step, init)
     live = l_i > 0

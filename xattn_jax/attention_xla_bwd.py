@@ -27,27 +27,30 @@ from xattn_jax.layout import BlockLayout
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "query_chunk_size"))
 def block_sparse_attention_bwd(
-    q: jax.Array,  # [B, T, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    v: jax.Array,  # [B, S, K, H]
-    out: jax.Array,  # [B, T, N, H], the forward output
-    lse: jax.Array,  # f32 [B, N, T], the forward log-sum-exp (-inf: the query attended to nothing)
-    d_out: jax.Array,  # [B, T, N, H]
-    d_lse: jax.Array,  # f32 [B, N, T]
-    layout: BlockLayout,
-    geometry: Geometry,
-    *,
-    causal: bool,
-    scale: float,
-    query_chunk_size: int | None = None,
+  q: jax.Array,  # [B, T, N, H]
+  k: jax.Array,  # [B, S, K, H]
+  v: jax.Array,  # [B, S, K, H]
+  out: jax.Array,  # [B, T, N, H], the forward output
+  lse: jax.Array,  # f32 [B, N, T], the forward log-sum-exp (-inf: the query attended to nothing)
+  d_out: jax.Array,  # [B, T, N, H]
+  d_lse: jax.Array,  # f32 [B, N, T]
+  layout: BlockLayout,
+  geometry: Geometry,
+  *,
+  causal: bool,
+  scale: float,
+  query_chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(dq, dk, dv) in the dtypes of q, k, v."""
   B, T, N, H = q.shape
   _, S, K, _ = k.shape
   G, blk = N // K, layout.block_size
   nqb, nkb = cdiv(T, blk), cdiv(S, blk)
-  cb = (query_chunk_size // blk) if query_chunk_size else query_chunk_blocks(
-      batch=B, heads=N, head_dim=H, block_size=blk, num_q_blocks=nqb)
+  cb = (
+    (query_chunk_size // blk)
+    if query_chunk_size
+    else query_chunk_blocks(batch=B, heads=N, head_dim=H, block_size=blk, num_q_blocks=nqb)
+  )
   n_chunks = cdiv(nqb, cb)
   tp = n_chunks * cb * blk
 
@@ -117,8 +120,8 @@ def block_sparse_attention_bwd(
 
   zeros = jnp.zeros((B, K, nkb, blk, H), jnp.float32)
   (dk, dv), dq = lax.scan(
-      chunk_bwd, (zeros, zeros),
-      (qc, doc, delta, lse_c, dlse_c, counts, indices, jnp.arange(n_chunks, dtype=jnp.int32)))
+    chunk_bwd, (zeros, zeros), (qc, doc, delta, lse_c, dlse_c, counts, indices, jnp.arange(n_chunks, dtype=jnp.int32))
+  )
   dq = dq.transpose(1, 0, 4, 5, 2, 3, 6).reshape(B, tp, N, H)[:, :T]
   unblock = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(B, nkb * blk, K, H)[:, :S]
   return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)

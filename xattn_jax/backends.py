@@ -24,21 +24,55 @@ from xattn_jax.layout import BlockLayout
 
 
 class ScoresFn(Protocol):
-  def __call__(self, q: jax.Array, k: jax.Array, geometry: Geometry, *, stride: int, block_size: int, causal: bool,
-               scale: float, estimator: Estimator, interpret) -> jax.Array:
+  def __call__(
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    geometry: Geometry,
+    *,
+    stride: int,
+    block_size: int,
+    causal: bool,
+    scale: float,
+    estimator: Estimator,
+    interpret,
+  ) -> jax.Array:
     """SPEC §1 block scores, f32 [B, N, nQb, nKb], of the estimator of SPEC §1.7."""
 
 
 class AttentionFn(Protocol):
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockLayout, geometry: Geometry, *,
-               causal: bool, scale: float, interpret) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layout: BlockLayout,
+    geometry: Geometry,
+    *,
+    causal: bool,
+    scale: float,
+    interpret,
+  ) -> tuple[jax.Array, jax.Array]:
     """SPEC §4 block-sparse attention: (out [B, T, N, H], lse f32 [B, N, T])."""
 
 
 class AttentionBwdFn(Protocol):
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, d_out: jax.Array,
-               d_lse: jax.Array, layout: BlockLayout, geometry: Geometry, *, causal: bool, scale: float,
-               interpret) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    d_out: jax.Array,
+    d_lse: jax.Array,
+    layout: BlockLayout,
+    geometry: Geometry,
+    *,
+    causal: bool,
+    scale: float,
+    interpret,
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq, dk, dv) of `AttentionFn` for the cotangents of out and lse."""
 
 
@@ -68,9 +102,9 @@ def _xla() -> Backend:
 _REGISTRY: dict[str, Callable[..., Backend]] = {"xla": _xla}
 # Preferred order per JAX platform when `implementation=None`; names not registered are skipped.
 _DEFAULT_ORDER = {
-    "gpu": ("pallas_mosaic_gpu", "xla"),
-    "cuda": ("pallas_mosaic_gpu", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
+  "gpu": ("pallas_mosaic_gpu", "xla"),
+  "cuda": ("pallas_mosaic_gpu", "xla"),
+  "tpu": ("pallas_tpu", "xla"),
 }
 
 
@@ -155,6 +189,7 @@ def _per_platform(call, *args):
   """`call(names, *args)` with each platform's default backend order, staged out with `lax.platform_dependent`:
   lowering keeps only the branch of the platform it lowers for (every branch is traced, each jitted kernel once
   per shape), so one exported program serves cpu, cuda and tpu, and a CPU host can export for a TPU."""
+
   def branch(platform):
     def run(*args):
       token = _TARGET.set(_LOWERING_PLATFORMS[platform])
@@ -162,6 +197,7 @@ def _per_platform(call, *args):
         return call(_default_names(_LOWERING_PLATFORMS[platform]), *args)
       finally:
         _TARGET.reset(token)
+
     return run
 
   if _TARGET.get() is not None:  # already inside a platform's branch (a dispatch within a dispatched op)
@@ -172,6 +208,7 @@ def _per_platform(call, *args):
 def dispatch(op: str, implementation, *args, **kwargs):
   """Calls `op` on the first backend of `implementation` that does not raise NotImplementedError (for the default,
   per platform at lowering time: `_per_platform`)."""
+
   def call(names, *args):
     try:
       return _first_supported(names, lambda name: getattr(_load(name), op)(*args, **kwargs))
@@ -185,6 +222,7 @@ def dispatch(op: str, implementation, *args, **kwargs):
 def dispatch_backward(implementation, *args, **kwargs):
   """The backward of block_sparse_attention: the first backend of `implementation` that has one and does not raise
   NotImplementedError, else the XLA backward (`attention_xla_bwd`), which serves every forward."""
+
   def call(names, *args):
     def backward(name):
       kernel = _load(name).block_sparse_attention_bwd
@@ -198,7 +236,8 @@ def dispatch_backward(implementation, *args, **kwargs):
       from xattn_jax import attention_xla_bwd
 
       return attention_xla_bwd.block_sparse_attention_bwd(
-          *args, **{k: v for k, v in kwargs.items() if k != "interpret"})
+        *args, **{k: v for k, v in kwargs.items() if k != "interpret"}
+      )
 
   names = resolve(implementation)
   return _per_platform(call, *args) if names is None else call(names, *args)

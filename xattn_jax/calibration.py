@@ -91,8 +91,20 @@ def _recall(mass: jax.Array, selected: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("stride", "block_size", "keep_sink", "implementation", "estimator"))
-def attention_fidelity(q, k, v, threshold, *, stride: int = 8, block_size: int = 128, lengths=None,
-                       keep_sink: bool = True, implementation=None, mass=None, estimator: str = "antidiagonal") -> dict:
+def attention_fidelity(
+  q,
+  k,
+  v,
+  threshold,
+  *,
+  stride: int = 8,
+  block_size: int = 128,
+  lengths=None,
+  keep_sink: bool = True,
+  implementation=None,
+  mass=None,
+  estimator: str = "antidiagonal",
+) -> dict:
   """How close XAttention stays to dense causal self-attention on these inputs.
 
   Args:
@@ -112,11 +124,23 @@ def attention_fidelity(q, k, v, threshold, *, stride: int = 8, block_size: int =
   if mass is None:
     mass = block_attention_mass(q, k, block_size=block_size, lengths=lengths)
   out, layout = ops.xattention(
-      q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-      threshold=jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (N,)), stride=stride, block_size=block_size,
-      keep_sink=keep_sink, implementation=implementation, estimator=estimator, return_block_layout=True)
-  dense = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                                       key_value_seq_lengths=lengths)
+    q,
+    k,
+    v,
+    is_causal=True,
+    query_seq_lengths=lengths,
+    key_value_seq_lengths=lengths,
+    threshold=jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (N,)),
+    stride=stride,
+    block_size=block_size,
+    keep_sink=keep_sink,
+    implementation=implementation,
+    estimator=estimator,
+    return_block_layout=True,
+  )
+  dense = jax.nn.dot_product_attention(
+    q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths
+  )
   real = (jnp.arange(T)[None, :] < lengths[:, None])[:, :, None, None]
   diff = jnp.where(real, (out - dense).astype(jnp.float32), 0.0)
   ref = jnp.where(real, dense.astype(jnp.float32), 0.0)
@@ -141,11 +165,25 @@ def _reference_rule(scores, mass, target):
   return jnp.clip(jnp.where(target >= 1.0, 1.0, tau), 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("stride", "block_size", "method", "bisection_steps", "keep_sink",
-                                             "implementation", "estimator"))
-def head_thresholds(q, k, target, *, stride: int = 8, block_size: int = 128, lengths=None,
-                    method: str = "reference", bisection_steps: int = 12, keep_sink: bool = True,
-                    implementation=None, mass=None, estimator: str = "antidiagonal") -> jax.Array:
+@functools.partial(
+  jax.jit,
+  static_argnames=("stride", "block_size", "method", "bisection_steps", "keep_sink", "implementation", "estimator"),
+)
+def head_thresholds(
+  q,
+  k,
+  target,
+  *,
+  stride: int = 8,
+  block_size: int = 128,
+  lengths=None,
+  method: str = "reference",
+  bisection_steps: int = 12,
+  keep_sink: bool = True,
+  implementation=None,
+  mass=None,
+  estimator: str = "antidiagonal",
+) -> jax.Array:
   """Per-head tau that keeps the blocks covering `target` of the exact attention mass: float32 [B, N] in [0, 1].
 
   q [B, T, N, H], k [B, T, K, H] (causal self-attention); target in [0, 1] (traced); `method` is "reference" or
@@ -157,9 +195,17 @@ def head_thresholds(q, k, target, *, stride: int = 8, block_size: int = 128, len
   lengths = _lengths(lengths, B, T)
   if mass is None:
     mass = block_attention_mass(q, k, block_size=block_size, lengths=lengths)
-  scores = ops.antidiagonal_scores(q, k, stride=stride, block_size=block_size, causal=True,
-                                   query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                   implementation=implementation, estimator=estimator)
+  scores = ops.antidiagonal_scores(
+    q,
+    k,
+    stride=stride,
+    block_size=block_size,
+    causal=True,
+    query_seq_lengths=lengths,
+    key_value_seq_lengths=lengths,
+    implementation=implementation,
+    estimator=estimator,
+  )
   target = jnp.asarray(target, jnp.float32)
   if method == "reference":
     return _reference_rule(scores, mass, target)
@@ -168,10 +214,18 @@ def head_thresholds(q, k, target, *, stride: int = 8, block_size: int = 128, len
 
   def coverage(tau):  # [B, N]: recall of the selection with per-head tau [B, N]
     def one(b):
-      layout = select_blocks(scores[b:b + 1], q_len=T, kv_len=T, threshold=tau[b], block_size=block_size,
-                             keep_sink=keep_sink, query_seq_lengths=lengths[b:b + 1],
-                             key_value_seq_lengths=lengths[b:b + 1])
-      return _recall(mass[b:b + 1], layout.to_dense())[0]
+      layout = select_blocks(
+        scores[b : b + 1],
+        q_len=T,
+        kv_len=T,
+        threshold=tau[b],
+        block_size=block_size,
+        keep_sink=keep_sink,
+        query_seq_lengths=lengths[b : b + 1],
+        key_value_seq_lengths=lengths[b : b + 1],
+      )
+      return _recall(mass[b : b + 1], layout.to_dense())[0]
+
     return jnp.stack([one(b) for b in range(B)])
 
   def step(_, bounds):
@@ -190,9 +244,14 @@ def save_thresholds(path: str | os.PathLike, thresholds, *, stride: int, block_s
   table = np.asarray(thresholds, np.float64)
   if table.ndim != 2 or not np.all((table >= 0) & (table <= 1)):
     raise ValueError(f"thresholds must be [layers, heads] in [0, 1], got shape {table.shape}")
-  record = dict(format=FORMAT, stride=int(stride), block_size=int(block_size),
-                layer_thresholds=[[round(float(x), 6) for x in row] for row in table],
-                created=datetime.date.today().isoformat(), **meta)
+  record = dict(
+    format=FORMAT,
+    stride=int(stride),
+    block_size=int(block_size),
+    layer_thresholds=[[round(float(x), 6) for x in row] for row in table],
+    created=datetime.date.today().isoformat(),
+    **meta,
+  )
   with open(path, "w", encoding="utf-8") as f:
     json.dump(record, f, indent=1)
     f.write("\n")
@@ -206,8 +265,12 @@ def load_thresholds(path: str | os.PathLike) -> dict:
   if record.get("format") != FORMAT:
     raise ValueError(f"{path}: not an xattn-jax thresholds file (format {record.get('format')!r}, want {FORMAT!r})")
   table = record.get("layer_thresholds")
-  if (not isinstance(table, list) or not table or not all(isinstance(r, list) and r for r in table)
-      or len({len(r) for r in table}) != 1):
+  if (
+    not isinstance(table, list)
+    or not table
+    or not all(isinstance(r, list) and r for r in table)
+    or len({len(r) for r in table}) != 1
+  ):
     raise ValueError(f"{path}: layer_thresholds must be a non-empty [layers][heads] list")
   if not all(isinstance(x, (int, float)) and 0 <= x <= 1 for r in table for x in r):
     raise ValueError(f"{path}: thresholds must lie in [0, 1]")

@@ -33,11 +33,16 @@ def normalize_implementation(implementation) -> Implementation:
   """None, one backend (a name or a configured backend), or a sequence of them tried in order; returned hashable."""
   if implementation is None or isinstance(implementation, str) or is_configured_backend(implementation):
     return implementation
-  if isinstance(implementation, Sequence) and implementation and all(
-      isinstance(x, str) or is_configured_backend(x) for x in implementation):
+  if (
+    isinstance(implementation, Sequence)
+    and implementation
+    and all(isinstance(x, str) or is_configured_backend(x) for x in implementation)
+  ):
     return tuple(implementation)
-  raise ValueError(f"{implementation=} must be None, a backend name or configured backend (e.g. "
-                   "xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(...)), or a non-empty sequence of them")
+  raise ValueError(
+    f"{implementation=} must be None, a backend name or configured backend (e.g. "
+    "xattn_jax.pallas_kernels.mosaic_gpu.MosaicGpu(...)), or a non-empty sequence of them"
+  )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,9 +84,7 @@ class XAttentionConfig:
       object.__setattr__(self, "threshold", _check_threshold_value(self.threshold, "threshold"))
     elif isinstance(self.threshold, Sequence) and len(self.threshold) > 0:
       object.__setattr__(
-          self,
-          "threshold",
-          tuple(_check_threshold_value(t, f"threshold[{i}]") for i, t in enumerate(self.threshold)),
+        self, "threshold", tuple(_check_threshold_value(t, f"threshold[{i}]") for i, t in enumerate(self.threshold))
       )
     else:
       raise ValueError(f"threshold={self.threshold!r} must be a float or a non-empty sequence of floats (one per head)")
@@ -89,10 +92,12 @@ class XAttentionConfig:
       qcs = self.query_chunk_size
       if not isinstance(qcs, int) or isinstance(qcs, bool) or qcs <= 0 or qcs % self.block_size:
         raise ValueError(
-            f"query_chunk_size={qcs!r} must be None or a positive multiple of block_size={self.block_size}")
+          f"query_chunk_size={qcs!r} must be None or a positive multiple of block_size={self.block_size}"
+        )
     object.__setattr__(self, "implementation", normalize_implementation(self.implementation))
-    object.__setattr__(self, "estimator",
-                       check_estimator(self.estimator, stride=self.stride, block_size=self.block_size).value)
+    object.__setattr__(
+      self, "estimator", check_estimator(self.estimator, stride=self.stride, block_size=self.block_size).value
+    )
     for name in ("keep_sink", "keep_diagonal"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")

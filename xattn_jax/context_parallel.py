@@ -43,10 +43,10 @@ def _permute(x, order, *, axis: int, parts: int, spec: P | None, sharding=None):
   """x with its axis `axis` cut into `parts` equal chunks, reordered by `order`. `spec`: x's sharding where the mesh
   axes are Explicit (the gather must be told its output sharding, as `sharding(spec)`), else None."""
   shape = x.shape
-  x = x.reshape(shape[:axis] + (parts, shape[axis] // parts) + shape[axis + 1:])
+  x = x.reshape(shape[:axis] + (parts, shape[axis] // parts) + shape[axis + 1 :])
   if spec is None:
     return jnp.take(x, jnp.asarray(order), axis=axis).reshape(shape)
-  chunked = P(*spec[:axis + 1], None, *spec[axis + 1:])
+  chunked = P(*spec[: axis + 1], None, *spec[axis + 1 :])
   return x.at[(slice(None),) * axis + (jnp.asarray(order),)].get(out_sharding=sharding(chunked)).reshape(shape)
 
 
@@ -55,8 +55,23 @@ def chunk_tokens(q_len: int, seq_size: int, block_size: int) -> int:
   return cdiv(q_len, 2 * seq_size * block_size) * block_size
 
 
-def sequence_parallel(run_chunk, query, key, value, geometry: Geometry, tau, *, mesh, shard_map, place, seq_axis: str,
-                      batch_axis, head_axis, block_size: int, return_block_layout: bool):
+def sequence_parallel(
+  run_chunk,
+  query,
+  key,
+  value,
+  geometry: Geometry,
+  tau,
+  *,
+  mesh,
+  shard_map,
+  place,
+  seq_axis: str,
+  batch_axis,
+  head_axis,
+  block_size: int,
+  return_block_layout: bool,
+):
   """Runs `run_chunk(q_chunk, k_all, v_all, chunk_geometry, tau) -> (out,) or (out, BlockLayout)` on each device's
   two zig-zag chunks of the queries, after all-gathering K and V along `seq_axis`; returns what the unsharded op
   returns (out [B, T, N, H], and the BlockLayout in the unsharded query-block order if asked).
@@ -85,13 +100,16 @@ def sequence_parallel(run_chunk, query, key, value, geometry: Geometry, tau, *, 
     v_all = lax.all_gather(v, seq_axis, axis=1, tiled=True)
     i = lax.axis_index(seq_axis)
     geom = Geometry(q_lengths, kv_lengths, q_positions)
-    results = [run_chunk(q[:, j * c:(j + 1) * c], k_all, v_all, geom.chunk(start * c, c), tau)
-               for j, start in enumerate((i, 2 * parts - 1 - i))]
+    results = [
+      run_chunk(q[:, j * c : (j + 1) * c], k_all, v_all, geom.chunk(start * c, c), tau)
+      for j, start in enumerate((i, 2 * parts - 1 - i))
+    ]
     out = jnp.concatenate([r[0] for r in results], axis=1)
     if not return_block_layout:
       return out
-    tables = [jnp.concatenate([getattr(r[1], f) for r in results], axis=2)
-              for f in ("counts", "indices", "num_allowed")]
+    tables = [
+      jnp.concatenate([getattr(r[1], f) for r in results], axis=2) for f in ("counts", "indices", "num_allowed")
+    ]
     return out, *tables
 
   out_specs = (tokens, rows, P(batch_axis, head_axis, seq_axis, None), rows) if return_block_layout else tokens
@@ -100,12 +118,14 @@ def sequence_parallel(run_chunk, query, key, value, geometry: Geometry, tau, *, 
   inverse = np.argsort(order)
   # On Explicit mesh axes a slice of a sharded dim must divide evenly: the padded tail is cut after gathering that
   # dim (on Auto axes XLA places the slice itself).
-  trim = lambda x, spec, axis, size: (jax.reshard(x, sharding(P(*spec[:axis], None, *spec[axis + 1:]))) if explicit
-                                      else x)[(slice(None),) * axis + (slice(0, size),)]
+  trim = lambda x, spec, axis, size: (
+    jax.reshard(x, sharding(P(*spec[:axis], None, *spec[axis + 1 :]))) if explicit else x
+  )[(slice(None),) * axis + (slice(0, size),)]
 
   def unpermute_out(x):
     x = _permute(x, inverse, axis=1, parts=2 * parts, spec=tokens if explicit else None, sharding=sharding)
     return trim(x, tokens, 1, T)
+
   if not return_block_layout:
     return unpermute_out(result)
   out, counts, indices, num_allowed = result
@@ -115,6 +135,10 @@ def sequence_parallel(run_chunk, query, key, value, geometry: Geometry, tau, *, 
     x = _permute(x, inverse, axis=2, parts=2 * parts, spec=spec if explicit else None, sharding=sharding)
     return trim(x, spec, 2, nqb)
 
-  layout = BlockLayout(counts=unpermute(counts, rows), indices=unpermute(indices, P(*rows, None))[..., :nkb],
-                       num_allowed=unpermute(num_allowed, rows), block_size=block_size)
+  layout = BlockLayout(
+    counts=unpermute(counts, rows),
+    indices=unpermute(indices, P(*rows, None))[..., :nkb],
+    num_allowed=unpermute(num_allowed, rows),
+    block_size=block_size,
+  )
   return unpermute_out(out), layout

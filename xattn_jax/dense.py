@@ -49,8 +49,19 @@ class DenseRoute(enum.Enum):
   BLOCKS = "blocks"
 
 
-def dense_route(*, platform: str, dtype, batch: int, q_len: int, kv_len: int, num_heads: int, head_dim: int,
-                causal: bool, aligned: bool, implementation=None) -> DenseRoute:
+def dense_route(
+  *,
+  platform: str,
+  dtype,
+  batch: int,
+  q_len: int,
+  kv_len: int,
+  num_heads: int,
+  head_dim: int,
+  causal: bool,
+  aligned: bool,
+  implementation=None,
+) -> DenseRoute:
   """How `dense_attention` computes a call (see the module docstring).
 
   Args:
@@ -68,13 +79,20 @@ def dense_route(*, platform: str, dtype, batch: int, q_len: int, kv_len: int, nu
   if implementation == "cudnn":
     if not cudnn_exact:
       raise ValueError(
-          "implementation='cudnn' cannot compute causal attention with queries that end where the keys end unless "
-          f"T == S and the query and key lengths are the same array (T={q_len}, S={kv_len}); use None")
+        "implementation='cudnn' cannot compute causal attention with queries that end where the keys end unless "
+        f"T == S and the query and key lengths are the same array (T={q_len}, S={kv_len}); use None"
+      )
     return DenseRoute.CUDNN
   if implementation is not None:
     return DenseRoute.BLOCKS
-  cudnn = (platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-           and q_len > 1 and cudnn_exact)
+  cudnn = (
+    platform == "gpu"
+    and dtype in (jnp.bfloat16, jnp.float16)
+    and head_dim % 8 == 0
+    and head_dim <= 128
+    and q_len > 1
+    and cudnn_exact
+  )
   if cudnn:
     return DenseRoute.CUDNN
   if q_len == 1:
@@ -85,17 +103,17 @@ def dense_route(*, platform: str, dtype, batch: int, q_len: int, kv_len: int, nu
 
 
 def dense_attention(
-    query,
-    key,
-    value,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    implementation=None,
-    query_chunk_size: int | None = None,
-    interpret: bool = False,
+  query,
+  key,
+  value,
+  *,
+  scale: float | None = None,
+  is_causal: bool = False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  implementation=None,
+  query_chunk_size: int | None = None,
+  interpret: bool = False,
 ):
   """Dense attention, O(T) memory, in `xattention`'s geometry: what tau >= 1 computes, without the estimator.
 
@@ -130,29 +148,56 @@ def dense_attention(
     if query_chunk_size % _BLOCK_SIZE:
       raise ValueError(f"{query_chunk_size=} must be a multiple of {_BLOCK_SIZE}")
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
-  route = dense_route(platform=jax.default_backend(), dtype=query.dtype, batch=dims.B, q_len=dims.T, kv_len=dims.S,
-                      num_heads=dims.N, head_dim=dims.H, causal=bool(is_causal), aligned=aligned,
-                      implementation=implementation)
+  route = dense_route(
+    platform=jax.default_backend(),
+    dtype=query.dtype,
+    batch=dims.B,
+    q_len=dims.T,
+    kv_len=dims.S,
+    num_heads=dims.N,
+    head_dim=dims.H,
+    causal=bool(is_causal),
+    aligned=aligned,
+    implementation=implementation,
+  )
   padded = query_seq_lengths is not None
   if route is DenseRoute.CUDNN:
-    lengths = {} if query_seq_lengths is None and key_value_seq_lengths is None else dict(
-        query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths)
-    out = jax.nn.dot_product_attention(query, key, value, scale=scale, is_causal=bool(is_causal),
-                                       implementation="cudnn", **lengths)
+    lengths = (
+      {}
+      if query_seq_lengths is None and key_value_seq_lengths is None
+      else dict(query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths)
+    )
+    out = jax.nn.dot_product_attention(
+      query, key, value, scale=scale, is_causal=bool(is_causal), implementation="cudnn", **lengths
+    )
   elif route is DenseRoute.DECODE:
     out = _decode_attention(query, key, value, kv_lengths, scale)
   elif route is DenseRoute.LOGITS:
-    out = jax.nn.dot_product_attention(query, key, value, scale=scale, implementation="xla",
-                                       mask=_mask(dims, q_lengths, kv_lengths, bool(is_causal)))
+    out = jax.nn.dot_product_attention(
+      query, key, value, scale=scale, implementation="xla", mask=_mask(dims, q_lengths, kv_lengths, bool(is_causal))
+    )
     padded = True  # XLA's softmax over a row with no allowed key is uniform, not zero
   else:
     nkb = cdiv(dims.S, _BLOCK_SIZE)
     chunk = query_chunk_size or max(1, _DENSE_TABLE_BUDGET_BYTES // (dims.B * dims.N * nkb * 4)) * _BLOCK_SIZE
     (out,) = _xattention(
-        query, key, value, Geometry.from_lengths(q_lengths, kv_lengths), jnp.ones((dims.N,), jnp.float32),
-        scale=scale, causal=bool(is_causal), stride=8, block_size=_BLOCK_SIZE, keep_sink=True, keep_diagonal=True,
-        chunk=min(chunk, cdiv(dims.T, _BLOCK_SIZE) * _BLOCK_SIZE), implementation=implementation or
-        backends.resolve(None), interpret=bool(interpret), return_block_layout=False, dense=True)
+      query,
+      key,
+      value,
+      Geometry.from_lengths(q_lengths, kv_lengths),
+      jnp.ones((dims.N,), jnp.float32),
+      scale=scale,
+      causal=bool(is_causal),
+      stride=8,
+      block_size=_BLOCK_SIZE,
+      keep_sink=True,
+      keep_diagonal=True,
+      chunk=min(chunk, cdiv(dims.T, _BLOCK_SIZE) * _BLOCK_SIZE),
+      implementation=implementation or backends.resolve(None),
+      interpret=bool(interpret),
+      return_block_layout=False,
+      dense=True,
+    )
     padded = False  # the block route writes zeros for padding queries itself
   if padded:
     real = jnp.arange(dims.T, dtype=jnp.int32)[None, :] < q_lengths[:, None]

@@ -40,18 +40,50 @@ def attention_fn(config: XAttentionConfig | None = None, *, is_causal: bool | No
 
   # The Flax keywords are named (not only swallowed by **kwargs): Linen passes an attention_fn only the keywords
   # its signature names, and dropout must reach xattention to be refused rather than silently dropped.
-  def fn(query, key, value, bias=None, mask=None, *, is_causal: bool = False, dropout_rng=None,
-         dropout_rate: float = 0.0, broadcast_dropout: bool = True, deterministic: bool = False, dtype=None,
-         precision=None, module=None, input_positions=None, **unused):
+  def fn(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    is_causal: bool = False,
+    dropout_rng=None,
+    dropout_rate: float = 0.0,
+    broadcast_dropout: bool = True,
+    deterministic: bool = False,
+    dtype=None,
+    precision=None,
+    module=None,
+    input_positions=None,
+    **unused,
+  ):
     if input_positions is not None:
       raise NotImplementedError("xattention takes positions from the seq lengths, not input_positions")
     return xattention(
-        query, key, value, bias, mask, is_causal=is_causal if forced_causal is None else forced_causal,
-        threshold=config.threshold, stride=config.stride, block_size=config.block_size, keep_sink=config.keep_sink,
-        keep_diagonal=config.keep_diagonal, query_chunk_size=config.query_chunk_size, estimator=config.estimator,
-        implementation=config.implementation, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
-        broadcast_dropout=broadcast_dropout, deterministic=deterministic, dtype=dtype, precision=precision,
-        module=module, **overrides, **unused,
+      query,
+      key,
+      value,
+      bias,
+      mask,
+      is_causal=is_causal if forced_causal is None else forced_causal,
+      threshold=config.threshold,
+      stride=config.stride,
+      block_size=config.block_size,
+      keep_sink=config.keep_sink,
+      keep_diagonal=config.keep_diagonal,
+      query_chunk_size=config.query_chunk_size,
+      estimator=config.estimator,
+      implementation=config.implementation,
+      dropout_rng=dropout_rng,
+      dropout_rate=dropout_rate,
+      broadcast_dropout=broadcast_dropout,
+      deterministic=deterministic,
+      dtype=dtype,
+      precision=precision,
+      module=module,
+      **overrides,
+      **unused,
     )
 
   return fn

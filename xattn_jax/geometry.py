@@ -26,9 +26,9 @@ class Geometry(NamedTuple):
   def chunk(self, start, size: int) -> Geometry:
     """The geometry of queries [start, start + size) as a call of its own."""
     return Geometry(
-        jnp.clip(self.q_lengths - start, 0, size).astype(jnp.int32),
-        self.kv_lengths,
-        (self.q_positions + start).astype(jnp.int32),
+      jnp.clip(self.q_lengths - start, 0, size).astype(jnp.int32),
+      self.kv_lengths,
+      (self.q_positions + start).astype(jnp.int32),
     )
 
 

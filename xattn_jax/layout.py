@@ -104,8 +104,13 @@ def compress_ids(ids: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Arra
 
 
 def allowed_blocks(
-    *, q_len: int, kv_len: int, block_size: int = 128, causal: bool = True, query_seq_lengths=None,
-    key_value_seq_lengths=None,
+  *,
+  q_len: int,
+  kv_len: int,
+  block_size: int = 128,
+  causal: bool = True,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
 ) -> jax.Array:
   """bool [B, 1, nQb, nKb] (B = 1 without lengths): the blocks a layout may select (SPEC §2.1).
 
@@ -119,8 +124,10 @@ def allowed_blocks(
   dims = _checks.Dims(B=batch, T=q_len, S=kv_len, N=1, K=1, H=1)
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
   last_allowed, _ = block_bounds(
-      Geometry.from_lengths(q_lengths, kv_lengths), num_q_blocks=cdiv(q_len, block_size), block_size=block_size,
-      causal=causal,
+    Geometry.from_lengths(q_lengths, kv_lengths),
+    num_q_blocks=cdiv(q_len, block_size),
+    block_size=block_size,
+    causal=causal,
   )
   nkb = cdiv(kv_len, block_size)
   return (jnp.arange(nkb, dtype=jnp.int32) <= last_allowed[..., None])[:, None]
@@ -148,19 +155,19 @@ def validate_layout(layout: BlockLayout, last_allowed: jax.Array, *, name: str =
   in_use = k < counts[..., None]
   steps = indices[..., 1:] - indices[..., :-1]
   _checks.enforce(
-      jnp.where(in_use[..., 1:], steps > 0, steps == 0),
-      f"{name}.indices must be strictly ascending below counts and repeat the last valid index after it",
+    jnp.where(in_use[..., 1:], steps > 0, steps == 0),
+    f"{name}.indices must be strictly ascending below counts and repeat the last valid index after it",
   )
   last_selected = jnp.take_along_axis(indices, jnp.maximum(counts - 1, 0)[..., None], axis=-1)[..., 0]
   _checks.enforce(
-      (counts == 0) | (last_selected <= last_allowed),
-      f"{name} selects key blocks outside the allowed set (causal future or key padding); AND the mask with "
-      "xattn_jax.allowed_blocks(...) before BlockLayout.from_dense",
+    (counts == 0) | (last_selected <= last_allowed),
+    f"{name} selects key blocks outside the allowed set (causal future or key padding); AND the mask with "
+    "xattn_jax.allowed_blocks(...) before BlockLayout.from_dense",
   )
   # With ascending indices inside the allowed prefix, counts <= allowed follows; what is left is the lower bound.
   _checks.enforce(
-      counts >= jnp.minimum(1, last_allowed + 1),
-      f"{name}.counts must lie in [1, allowed blocks] (0 only for query blocks that allow nothing, e.g. padding)",
+    counts >= jnp.minimum(1, last_allowed + 1),
+    f"{name}.counts must lie in [1, allowed blocks] (0 only for query blocks that allow nothing, e.g. padding)",
   )
   _checks.enforce((counts > 0) | jnp.all(indices == 0, axis=-1), f"{name}.indices of an empty row must be all 0")
 

@@ -23,8 +23,9 @@ from xattn_jax.selection import dense_layout, select_layout
 # block) plus a scoring kernel's per-strided-row partial block sums (block_size / stride words per block).
 _TABLE_BUDGET_BYTES = 1024 * 2**20
 # Keyword arguments that Flax attention modules pass to an `attention_fn`; xattention accepts and checks them.
-_FLAX_KWARGS = frozenset({"dropout_rng", "dropout_rate", "broadcast_dropout", "deterministic", "dtype", "precision",
-                          "module", "promote_dtype"})
+_FLAX_KWARGS = frozenset(
+  {"dropout_rng", "dropout_rate", "broadcast_dropout", "deterministic", "dtype", "precision", "module", "promote_dtype"}
+)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -36,8 +37,7 @@ def _attention(q, k, v, layout, geometry, causal, scale, implementation, interpr
   O(T) per head besides the inputs.
   """
   return backends.dispatch(
-      "block_sparse_attention", implementation, q, k, v, layout, geometry, causal=causal, scale=scale,
-      interpret=interpret,
+    "block_sparse_attention", implementation, q, k, v, layout, geometry, causal=causal, scale=scale, interpret=interpret
   )
 
 
@@ -50,8 +50,8 @@ def _attention_bwd(causal, scale, implementation, interpret, residuals, cotangen
   q, k, v, out, lse, layout, geometry = residuals
   d_out, d_lse = cotangents
   dq, dk, dv = backends.dispatch_backward(  # a backend's backward kernels, else the XLA backward
-      implementation, q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale,
-      interpret=interpret)
+    implementation, q, k, v, out, lse, d_out, d_lse, layout, geometry, causal=causal, scale=scale, interpret=interpret
+  )
   no_gradient = lambda tree: jax.tree_util.tree_map(lambda x: np.zeros(x.shape, jax.dtypes.float0), tree)
   return dq, dk, dv, no_gradient(layout), no_gradient(geometry)
 
@@ -60,18 +60,18 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def antidiagonal_scores(
-    q,
-    k,
-    *,
-    stride: int = 8,
-    block_size: int = 128,
-    causal: bool = True,
-    scale: float | None = None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    implementation=None,
-    interpret: bool = False,
-    estimator: str = "antidiagonal",
+  q,
+  k,
+  *,
+  stride: int = 8,
+  block_size: int = 128,
+  causal: bool = True,
+  scale: float | None = None,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  implementation=None,
+  interpret: bool = False,
+  estimator: str = "antidiagonal",
 ) -> jax.Array:
   """Antidiagonal block-importance scores (SPEC §1).
 
@@ -103,24 +103,33 @@ def antidiagonal_scores(
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
   estimator = check_estimator(estimator, stride=stride, block_size=block_size)
   return backends.dispatch(
-      "antidiagonal_scores", implementation, q, k, Geometry.from_lengths(q_lengths, kv_lengths), stride=stride,
-      block_size=block_size, causal=bool(causal), scale=scale, estimator=estimator, interpret=bool(interpret),
+    "antidiagonal_scores",
+    implementation,
+    q,
+    k,
+    Geometry.from_lengths(q_lengths, kv_lengths),
+    stride=stride,
+    block_size=block_size,
+    causal=bool(causal),
+    scale=scale,
+    estimator=estimator,
+    interpret=bool(interpret),
   )
 
 
 def block_sparse_attention(
-    q,
-    k,
-    v,
-    layout: BlockLayout,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    return_lse: bool = False,
-    implementation=None,
-    interpret: bool = False,
+  q,
+  k,
+  v,
+  layout: BlockLayout,
+  *,
+  causal: bool = True,
+  scale: float | None = None,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  return_lse: bool = False,
+  implementation=None,
+  interpret: bool = False,
 ):
   """Attention restricted to the key blocks of `layout` (SPEC §4), token-exact causal and padding masks.
 
@@ -148,41 +157,42 @@ def block_sparse_attention(
   expected = (dims.B, dims.N, cdiv(dims.T, blk), cdiv(dims.S, blk))
   if layout.shape != expected:
     raise ValueError(
-        f"layout.shape={layout.shape} must be (B, N, ceil(T/blk), ceil(S/blk))={expected} for q.shape="
-        f"{tuple(q.shape)}, k.shape={tuple(k.shape)}, layout.block_size={blk}"
+      f"layout.shape={layout.shape} must be (B, N, ceil(T/blk), ceil(S/blk))={expected} for q.shape="
+      f"{tuple(q.shape)}, k.shape={tuple(k.shape)}, layout.block_size={blk}"
     )
   scale = _checks.check_scale(scale, dims.H)
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
   geometry = Geometry.from_lengths(q_lengths, kv_lengths)
   last_allowed, _ = block_bounds(geometry, num_q_blocks=expected[2], block_size=blk, causal=bool(causal))
   validate_layout(layout, last_allowed)
-  out, lse = _attention(q, k, v, layout, geometry, bool(causal), scale, backends.resolve(implementation),
-                        bool(interpret))
+  out, lse = _attention(
+    q, k, v, layout, geometry, bool(causal), scale, backends.resolve(implementation), bool(interpret)
+  )
   return (out, lse) if return_lse else out
 
 
 def xattention(
-    query,
-    key,
-    value,
-    bias=None,
-    mask=None,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    threshold=0.9,
-    stride: int = 8,
-    block_size: int = 128,
-    keep_sink: bool = True,
-    keep_diagonal: bool = True,
-    query_chunk_size: int | None = None,
-    implementation=None,
-    interpret: bool = False,
-    return_block_layout: bool = False,
-    estimator: str = "antidiagonal",
-    **kwargs,
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  *,
+  scale: float | None = None,
+  is_causal: bool = False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  threshold=0.9,
+  stride: int = 8,
+  block_size: int = 128,
+  keep_sink: bool = True,
+  keep_diagonal: bool = True,
+  query_chunk_size: int | None = None,
+  implementation=None,
+  interpret: bool = False,
+  return_block_layout: bool = False,
+  estimator: str = "antidiagonal",
+  **kwargs,
 ):
   """XAttention: estimate block importance, select blocks, attend -- a drop-in for `jax.nn.dot_product_attention`.
 
@@ -233,19 +243,49 @@ def xattention(
       raise ValueError("with an unbatched query [T, N, H], key and value must be [S, K, H] too")
     query, key, value = query[None], key[None], value[None]
   geometry, tau, static = prepare_xattention(
-      query, key, value, scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-      key_value_seq_lengths=key_value_seq_lengths, threshold=threshold, stride=stride, block_size=block_size,
-      keep_sink=keep_sink, keep_diagonal=keep_diagonal, query_chunk_size=query_chunk_size,
-      implementation=implementation, interpret=interpret, return_block_layout=return_block_layout,
-      estimator=estimator)
+    query,
+    key,
+    value,
+    scale=scale,
+    is_causal=is_causal,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    threshold=threshold,
+    stride=stride,
+    block_size=block_size,
+    keep_sink=keep_sink,
+    keep_diagonal=keep_diagonal,
+    query_chunk_size=query_chunk_size,
+    implementation=implementation,
+    interpret=interpret,
+    return_block_layout=return_block_layout,
+    estimator=estimator,
+  )
   result = _xattention(query, key, value, geometry, tau, **static)
   out = result[0][0] if unbatched else result[0]
   return (out, result[1]) if return_block_layout else out
 
 
-def prepare_xattention(query, key, value, *, scale, is_causal, query_seq_lengths, key_value_seq_lengths, threshold,
-                       stride, block_size, keep_sink, keep_diagonal, query_chunk_size, implementation, interpret,
-                       return_block_layout, estimator="antidiagonal"):
+def prepare_xattention(
+  query,
+  key,
+  value,
+  *,
+  scale,
+  is_causal,
+  query_seq_lengths,
+  key_value_seq_lengths,
+  threshold,
+  stride,
+  block_size,
+  keep_sink,
+  keep_diagonal,
+  query_chunk_size,
+  implementation,
+  interpret,
+  return_block_layout,
+  estimator="antidiagonal",
+):
   """Validates `xattention`'s (batched) arguments: (geometry, tau [N], the static keyword arguments of `_xattention`).
 
   Shared by `xattention` and the sequence-parallel path of `sharded_xattention`, which runs `_xattention` per device
@@ -264,11 +304,19 @@ def prepare_xattention(query, key, value, *, scale, is_causal, query_seq_lengths
   if query_chunk_size is None:
     per_block = dims.B * dims.N * nkb * 4 * (6 + block_size // stride)
     query_chunk_size = max(1, _TABLE_BUDGET_BYTES // per_block) * block_size
-  static = dict(scale=scale, causal=bool(is_causal), stride=stride, block_size=block_size,
-                keep_sink=bool(keep_sink), keep_diagonal=bool(keep_diagonal),
-                chunk=min(query_chunk_size, nqb * block_size), implementation=backends.resolve(implementation),
-                interpret=bool(interpret), return_block_layout=bool(return_block_layout),
-                estimator=check_estimator(estimator, stride=stride, block_size=block_size))
+  static = dict(
+    scale=scale,
+    causal=bool(is_causal),
+    stride=stride,
+    block_size=block_size,
+    keep_sink=bool(keep_sink),
+    keep_diagonal=bool(keep_diagonal),
+    chunk=min(query_chunk_size, nqb * block_size),
+    implementation=backends.resolve(implementation),
+    interpret=bool(interpret),
+    return_block_layout=bool(return_block_layout),
+    estimator=check_estimator(estimator, stride=stride, block_size=block_size),
+  )
   return Geometry.from_lengths(q_lengths, kv_lengths), tau, static
 
 
@@ -279,15 +327,41 @@ def _output_buffer(q, out_shape):
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=(
-        "scale", "causal", "stride", "block_size", "keep_sink", "keep_diagonal", "chunk", "implementation",
-        "interpret", "return_block_layout", "dense", "estimator",
-    ),
+  jax.jit,
+  static_argnames=(
+    "scale",
+    "causal",
+    "stride",
+    "block_size",
+    "keep_sink",
+    "keep_diagonal",
+    "chunk",
+    "implementation",
+    "interpret",
+    "return_block_layout",
+    "dense",
+    "estimator",
+  ),
 )
 def _xattention(
-    q, k, v, geometry: Geometry, tau, *, scale, causal, stride, block_size, keep_sink, keep_diagonal, chunk,
-    implementation, interpret, return_block_layout, dense=False, estimator=Estimator.ANTIDIAGONAL,
+  q,
+  k,
+  v,
+  geometry: Geometry,
+  tau,
+  *,
+  scale,
+  causal,
+  stride,
+  block_size,
+  keep_sink,
+  keep_diagonal,
+  chunk,
+  implementation,
+  interpret,
+  return_block_layout,
+  dense=False,
+  estimator=Estimator.ANTIDIAGONAL,
 ):
   """Estimate, select and attend per query chunk of `chunk` tokens; with `dense` (or a decode step) every allowed
   block is attended and nothing is estimated: `dense_attention`'s blockwise route."""
@@ -300,11 +374,20 @@ def _xattention(
       layout = dense_layout(geom, num_heads=N, q_len=t, kv_len=S, block_size=block_size, causal=causal)
     else:
       scores = backends.dispatch(  # the selection is a constant of the attention: no gradient through it
-          "antidiagonal_scores", implementation, lax.stop_gradient(qc), lax.stop_gradient(k), geom, stride=stride,
-          block_size=block_size, causal=causal, scale=scale, estimator=estimator, interpret=interpret,
+        "antidiagonal_scores",
+        implementation,
+        lax.stop_gradient(qc),
+        lax.stop_gradient(k),
+        geom,
+        stride=stride,
+        block_size=block_size,
+        causal=causal,
+        scale=scale,
+        estimator=estimator,
+        interpret=interpret,
       )
       layout = select_layout(
-          scores, geom, tau, block_size=block_size, causal=causal, keep_sink=keep_sink, keep_diagonal=keep_diagonal
+        scores, geom, tau, block_size=block_size, causal=causal, keep_sink=keep_sink, keep_diagonal=keep_diagonal
       )
     out, _ = _attention(qc, k, v, layout, geom, causal, scale, implementation, interpret)
     return out, layout
@@ -329,15 +412,20 @@ def _xattention(
   def write(carry, start, result):
     out, tables = carry
     out = lax.dynamic_update_slice_in_dim(out, result[0], start, axis=1)
-    tables = tuple(lax.dynamic_update_slice_in_dim(buf, x, start // block_size, axis=2)
-                   for buf, x in zip(tables, parts(result[1])))
+    tables = tuple(
+      lax.dynamic_update_slice_in_dim(buf, x, start // block_size, axis=2) for buf, x in zip(tables, parts(result[1]))
+    )
     return out, tables
 
   nqb = cdiv(T, block_size)
   out_shape, layout_shape = jax.eval_shape(lambda: run_chunk(q, 0, chunk))
   tables = tuple(jnp.zeros(x.shape[:2] + (nqb,) + x.shape[3:], x.dtype) for x in parts(layout_shape))
-  carry = lax.fori_loop(0, n_full, lambda c, carry: write(carry, c * chunk, run_chunk(carry[0], c * chunk, chunk)),
-                        (_output_buffer(q, out_shape), tables))
+  carry = lax.fori_loop(
+    0,
+    n_full,
+    lambda c, carry: write(carry, c * chunk, run_chunk(carry[0], c * chunk, chunk)),
+    (_output_buffer(q, out_shape), tables),
+  )
   if tail:
     carry = write(carry, n_full * chunk, run_chunk(carry[0], n_full * chunk, tail))
   out, tables = carry

@@ -36,19 +36,19 @@ def row_chunk_tokens(*, batch: int, heads: int, kv_len: int, stride: int, block_
 
 
 @functools.partial(
-    jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "query_chunk_size", "estimator")
+  jax.jit, static_argnames=("stride", "block_size", "causal", "scale", "query_chunk_size", "estimator")
 )
 def antidiagonal_scores(
-    q: jax.Array,  # [B, T, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    geometry: Geometry,
-    *,
-    stride: int,
-    block_size: int,
-    causal: bool,
-    scale: float,
-    query_chunk_size: int | None = None,
-    estimator: Estimator = Estimator.ANTIDIAGONAL,
+  q: jax.Array,  # [B, T, N, H]
+  k: jax.Array,  # [B, S, K, H]
+  geometry: Geometry,
+  *,
+  stride: int,
+  block_size: int,
+  causal: bool,
+  scale: float,
+  query_chunk_size: int | None = None,
+  estimator: Estimator = Estimator.ANTIDIAGONAL,
 ) -> jax.Array:  # f32 [B, N, ceil(T/block_size), ceil(S/block_size)]
   """SPEC §1 block scores, float32, for validated inputs (see `xattn_jax.antidiagonal_scores`)."""
   B, T, N, H = q.shape

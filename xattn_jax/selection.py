@@ -26,14 +26,14 @@ from xattn_jax.layout import BlockLayout, compress_ids
 
 
 def select_layout(
-    scores: jax.Array,  # f32 [B, N, nQb, nKb]
-    geometry: Geometry,
-    threshold: jax.Array,  # f32 [N]
-    *,
-    block_size: int,
-    causal: bool,
-    keep_sink: bool,
-    keep_diagonal: bool,
+  scores: jax.Array,  # f32 [B, N, nQb, nKb]
+  geometry: Geometry,
+  threshold: jax.Array,  # f32 [N]
+  *,
+  block_size: int,
+  causal: bool,
+  keep_sink: bool,
+  keep_diagonal: bool,
 ) -> BlockLayout:
   """SPEC §2 on validated inputs; jittable, no host round trip."""
   B, N, nqb, nkb = scores.shape
@@ -78,17 +78,17 @@ def select_layout(
 
 
 def select_blocks(
-    scores,
-    *,
-    q_len: int,
-    kv_len: int,
-    threshold=0.9,
-    causal: bool = True,
-    block_size: int = 128,
-    keep_sink: bool = True,
-    keep_diagonal: bool = True,
-    key_value_seq_lengths=None,
-    query_seq_lengths=None,
+  scores,
+  *,
+  q_len: int,
+  kv_len: int,
+  threshold=0.9,
+  causal: bool = True,
+  block_size: int = 128,
+  keep_sink: bool = True,
+  keep_diagonal: bool = True,
+  key_value_seq_lengths=None,
+  query_seq_lengths=None,
 ) -> BlockLayout:
   """Selects, per query block, the fewest highest-scoring key blocks that hold `threshold` of the mass (SPEC §2).
 
@@ -119,8 +119,8 @@ def select_blocks(
   B, N, nqb, nkb = scores.shape
   if (nqb, nkb) != (cdiv(q_len, block_size), cdiv(kv_len, block_size)):
     raise ValueError(
-        f"scores.shape[2:]={(nqb, nkb)} must be (ceil(q_len/block_size), ceil(kv_len/block_size))="
-        f"{(cdiv(q_len, block_size), cdiv(kv_len, block_size))} for {q_len=}, {kv_len=}, {block_size=}"
+      f"scores.shape[2:]={(nqb, nkb)} must be (ceil(q_len/block_size), ceil(kv_len/block_size))="
+      f"{(cdiv(q_len, block_size), cdiv(kv_len, block_size))} for {q_len=}, {kv_len=}, {block_size=}"
     )
   dims = _checks.Dims(B=B, T=q_len, S=kv_len, N=N, K=1, H=1)
   if kv_len < q_len:
@@ -129,8 +129,13 @@ def select_blocks(
   tau = _checks.threshold_array(threshold, N)
   _checks.enforce(jnp.all(jnp.isfinite(scores)), "scores must be finite")
   return _select_jit(
-      scores, Geometry.from_lengths(q_lengths, kv_lengths), tau, block_size=block_size, causal=bool(causal),
-      keep_sink=bool(keep_sink), keep_diagonal=bool(keep_diagonal),
+    scores,
+    Geometry.from_lengths(q_lengths, kv_lengths),
+    tau,
+    block_size=block_size,
+    causal=bool(causal),
+    keep_sink=bool(keep_sink),
+    keep_diagonal=bool(keep_diagonal),
   )
 
 

@@ -25,9 +25,10 @@ from xattn_jax.ops import _xattention, prepare_xattention, xattention
 
 # xattention's keyword defaults that `prepare_xattention` needs, read from its signature so that they cannot drift.
 _XATTENTION_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(xattention).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-    and name not in ("query_seq_lengths", "key_value_seq_lengths", "threshold", "return_block_layout")
+  name: p.default
+  for name, p in inspect.signature(xattention).parameters.items()
+  if p.kind is inspect.Parameter.KEYWORD_ONLY
+  and name not in ("query_seq_lengths", "key_value_seq_lengths", "threshold", "return_block_layout")
 }
 
 
@@ -50,10 +51,22 @@ def _sequence_parallel(query, key, value, geometry, tau, static, mesh, batch_axi
   def shard_map(local, args, in_specs, out_specs):
     return _shard_map(local, mesh, args, in_specs, out_specs)
 
-  return sequence_parallel(run_chunk, query, key, value, geometry, tau, mesh=mesh, shard_map=shard_map,
-                           place=lambda x, spec: _placed(x, spec, mesh),
-                           seq_axis=seq_axis, batch_axis=batch_axis, head_axis=head_axis,
-                           block_size=static["block_size"], return_block_layout=static["return_block_layout"])
+  return sequence_parallel(
+    run_chunk,
+    query,
+    key,
+    value,
+    geometry,
+    tau,
+    mesh=mesh,
+    shard_map=shard_map,
+    place=lambda x, spec: _placed(x, spec, mesh),
+    seq_axis=seq_axis,
+    batch_axis=batch_axis,
+    head_axis=head_axis,
+    block_size=static["block_size"],
+    return_block_layout=static["return_block_layout"],
+  )
 
 
 def _axis_size(mesh, axis) -> int:
@@ -90,8 +103,10 @@ def _mesh_and_sizes(mesh, query, key, value, batch_axis, head_axis, seq_axis=Non
   dims = _checks.check_qkv(query, key, value, q_name="query", k_name="key", v_name="value")
   dp, tp = _axis_size(mesh, batch_axis), _axis_size(mesh, head_axis)
   if dims.K % tp:
-    raise ValueError(f"the number of kv heads K={dims.K} must be divisible by the size {tp} of mesh axis "
-                     f"{head_axis!r} (each device keeps whole GQA groups)")
+    raise ValueError(
+      f"the number of kv heads K={dims.K} must be divisible by the size {tp} of mesh axis "
+      f"{head_axis!r} (each device keeps whole GQA groups)"
+    )
   if dims.B % dp:
     raise ValueError(f"the batch size B={dims.B} must be divisible by the size {dp} of mesh axis {batch_axis!r}")
   return mesh, dims
@@ -103,9 +118,19 @@ def _shard_map(local, mesh, args, in_specs, out_specs):
 
 
 def sharded_xattention(
-    query, key, value, *, mesh=None, batch_axis: str | None = "data", head_axis: str | None = "tensor",
-    seq_axis: str | None = None, query_seq_lengths=None, key_value_seq_lengths=None, threshold=0.9,
-    return_block_layout: bool = False, **kwargs,
+  query,
+  key,
+  value,
+  *,
+  mesh=None,
+  batch_axis: str | None = "data",
+  head_axis: str | None = "tensor",
+  seq_axis: str | None = None,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  threshold=0.9,
+  return_block_layout: bool = False,
+  **kwargs,
 ):
   """`xattention` with batch split over `batch_axis`, heads over `head_axis` and, with `seq_axis`, the queries of
   each sequence over `seq_axis` of `mesh` (default: the mesh set with `jax.set_mesh`). Arguments and results as
@@ -121,29 +146,64 @@ def sharded_xattention(
   mesh, dims = _mesh_and_sizes(mesh, query, key, value, batch_axis, head_axis, seq_axis)
   if seq_axis is not None:
     geometry, tau, static = prepare_xattention(
-        query, key, value, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        threshold=threshold, return_block_layout=return_block_layout, **_xattention_defaults(kwargs))
+      query,
+      key,
+      value,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      threshold=threshold,
+      return_block_layout=return_block_layout,
+      **_xattention_defaults(kwargs),
+    )
     return _sequence_parallel(query, key, value, geometry, tau, static, mesh, batch_axis, head_axis, seq_axis)
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
   tau = _checks.threshold_array(threshold, dims.N)
   heads = P(batch_axis, None, head_axis, None)
   table = P(batch_axis, head_axis, None)
-  out_specs = (heads, BlockLayout(counts=table, indices=P(batch_axis, head_axis, None, None), num_allowed=table,
-                                  block_size=kwargs.get("block_size", 128))) if return_block_layout else heads
+  out_specs = (
+    (
+      heads,
+      BlockLayout(
+        counts=table,
+        indices=P(batch_axis, head_axis, None, None),
+        num_allowed=table,
+        block_size=kwargs.get("block_size", 128),
+      ),
+    )
+    if return_block_layout
+    else heads
+  )
 
   def local(q, k, v, q_lengths, kv_lengths, tau):
     # The inputs were validated above, on the whole arrays; checkify's error flag cannot cross this shard_map.
     with _checks.traced_checks(False):
-      return xattention(q, k, v, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths, threshold=tau,
-                        return_block_layout=return_block_layout, **kwargs)
+      return xattention(
+        q,
+        k,
+        v,
+        query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths,
+        threshold=tau,
+        return_block_layout=return_block_layout,
+        **kwargs,
+      )
 
   in_specs = (heads, heads, heads, P(batch_axis), P(batch_axis), P(head_axis))
   return _shard_map(local, mesh, (query, key, value, q_lengths, kv_lengths, tau), in_specs, out_specs)
 
 
 def sharded_dense_attention(
-    query, key, value, *, mesh=None, batch_axis: str | None = "data", head_axis: str | None = "tensor",
-    seq_axis: str | None = None, query_seq_lengths=None, key_value_seq_lengths=None, **kwargs,
+  query,
+  key,
+  value,
+  *,
+  mesh=None,
+  batch_axis: str | None = "data",
+  head_axis: str | None = "tensor",
+  seq_axis: str | None = None,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  **kwargs,
 ):
   """`dense_attention` with batch split over `batch_axis`, heads over `head_axis` and, with `seq_axis`, queries over
   `seq_axis` of `mesh` (default: the mesh set with `jax.set_mesh`); arguments and result as
@@ -156,21 +216,32 @@ def sharded_dense_attention(
   mesh, dims = _mesh_and_sizes(mesh, query, key, value, batch_axis, head_axis, seq_axis)
   if seq_axis is not None:
     if kwargs.get("implementation") == "cudnn":
-      raise ValueError("sharded_dense_attention(seq_axis=...) runs the block route on each device: implementation "
-                       "must be None or backend name(s), not 'cudnn'")
+      raise ValueError(
+        "sharded_dense_attention(seq_axis=...) runs the block route on each device: implementation "
+        "must be None or backend name(s), not 'cudnn'"
+      )
     geometry, tau, static = prepare_xattention(
-        query, key, value, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        threshold=1.0, return_block_layout=False, **_xattention_defaults(dict(kwargs, block_size=128)))
-    return _sequence_parallel(query, key, value, geometry, tau, dict(static, dense=True), mesh, batch_axis,
-                              head_axis, seq_axis)
+      query,
+      key,
+      value,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      threshold=1.0,
+      return_block_layout=False,
+      **_xattention_defaults(dict(kwargs, block_size=128)),
+    )
+    return _sequence_parallel(
+      query, key, value, geometry, tau, dict(static, dense=True), mesh, batch_axis, head_axis, seq_axis
+    )
   same = query_seq_lengths is key_value_seq_lengths and (query_seq_lengths is not None or dims.T == dims.S)
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
   heads = P(batch_axis, None, head_axis, None)
 
   def local(q, k, v, q_lengths, kv_lengths):
     with _checks.traced_checks(False):
-      return dense_attention(q, k, v, query_seq_lengths=q_lengths,
-                             key_value_seq_lengths=q_lengths if same else kv_lengths, **kwargs)
+      return dense_attention(
+        q, k, v, query_seq_lengths=q_lengths, key_value_seq_lengths=q_lengths if same else kv_lengths, **kwargs
+      )
 
   in_specs = (heads, heads, heads, P(batch_axis), P(batch_axis))
   return _shard_map(local, mesh, (query, key, value, q_lengths, kv_lengths), in_specs, heads)

@@ -28,21 +28,21 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
 
 
 def llm_like_qkv(
-    key: jax.Array,
-    *,
-    batch: int = 1,
-    seq_len: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype=jnp.bfloat16,
-    sink_tokens: int = 4,
-    num_stripes: int = 16,
-    band_strength: float = 10.0,
-    sink_strength: float = 14.0,
-    stripe_strength: float = 10.0,
-    noise: float = 0.5,
-    band_pairs: int | None = None,
+  key: jax.Array,
+  *,
+  batch: int = 1,
+  seq_len: int,
+  num_heads: int,
+  num_kv_heads: int,
+  head_dim: int,
+  dtype=jnp.bfloat16,
+  sink_tokens: int = 4,
+  num_stripes: int = 16,
+  band_strength: float = 10.0,
+  sink_strength: float = 14.0,
+  stripe_strength: float = 10.0,
+  noise: float = 0.5,
+  band_pairs: int | None = None,
 ):
   """Returns q [B, T, N, H], k, v [B, T, K, H] with sinks, a local band and vertical stripes (see module doc).
 
