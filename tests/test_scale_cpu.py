@@ -48,3 +48,28 @@ def test_query_chunks_make_no_copy_of_q_or_the_output():
   small, large = 33768, 66536
   q_growth = (large - small) * 32 * 64 * 2
   assert temporaries(large) - temporaries(small) < 0.5 * q_growth
+
+
+@pytest.mark.parametrize("num_blocks,max_blocks", [(1024, 364), (1024, 1024), (1000, 364), (997, 100), (8, 3), (1, 5)])
+def test_query_chunks_divide_the_blocks_when_they_can(num_blocks, max_blocks):
+  """The automatic query chunk stays within its budget and divides the blocks when a divisor costs at most twice the
+  fewest chunks (no tail chunk: each kernel is in the compiled program once); otherwise the chunks are equal."""
+  from xattn_jax.geometry import cdiv, chunk_blocks
+
+  per = chunk_blocks(num_blocks, max_blocks)
+  assert 1 <= per <= max_blocks
+  fewest = cdiv(num_blocks, max_blocks)
+  if any(num_blocks % n == 0 for n in range(fewest, 2 * fewest + 1)):
+    assert num_blocks % per == 0 and num_blocks // per <= 2 * fewest
+  else:
+    assert per == cdiv(num_blocks, fewest)
+
+
+def test_a_128k_one_shot_call_has_no_tail_chunk():
+  """At the 8B shape (32 query / 8 kv heads, 128K tokens) the automatic chunks divide T: the lowered program holds
+  each Pallas kernel once (counted in the cuda lowering, which this CPU can produce without a GPU)."""
+  q = jax.ShapeDtypeStruct((1, 131072, 32, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 131072, 8, 128), jnp.bfloat16)
+  call = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=0.9))
+  text = call.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu_v2") == 2  # the scoring and the attention kernel

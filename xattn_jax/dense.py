@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from xattn_jax import _checks, backends
 from xattn_jax.config import normalize_implementation
-from xattn_jax.geometry import Geometry, cdiv
+from xattn_jax.geometry import Geometry, cdiv, chunk_blocks
 from xattn_jax.ops import _xattention  # the public op's query-chunk loop, run in its dense mode
 
 # Logits up to this many float32 elements (256 MiB: e.g. 32 heads x 1.4K x 1.4K tokens) are materialized: short
@@ -179,7 +179,8 @@ def dense_attention(
     padded = True  # XLA's softmax over a row with no allowed key is uniform, not zero
   else:
     nkb = cdiv(dims.S, _BLOCK_SIZE)
-    chunk = query_chunk_size or max(1, _DENSE_TABLE_BUDGET_BYTES // (dims.B * dims.N * nkb * 4)) * _BLOCK_SIZE
+    max_blocks = _DENSE_TABLE_BUDGET_BYTES // (dims.B * dims.N * nkb * 4)
+    chunk = query_chunk_size or chunk_blocks(cdiv(dims.T, _BLOCK_SIZE), max_blocks) * _BLOCK_SIZE
     (out,) = _xattention(
       query,
       key,

@@ -36,6 +36,18 @@ def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def chunk_blocks(num_blocks: int, max_blocks: int) -> int:
+  """Query blocks per chunk for a loop over `num_blocks` blocks with at most `max_blocks` per chunk: a divisor of
+  num_blocks when one gives at most twice the fewest chunks (no ragged tail: each kernel appears once in the
+  program, not once in the loop and again for the tail, which halves its compile time), else equal chunks as far as
+  they go (a small tail)."""
+  fewest = cdiv(num_blocks, max(1, max_blocks))
+  for n in range(fewest, min(2 * fewest, num_blocks) + 1):
+    if num_blocks % n == 0:
+      return num_blocks // n
+  return cdiv(num_blocks, fewest)
+
+
 def block_bounds(geometry: Geometry, *, num_q_blocks: int, block_size: int, causal: bool):
   """Per (b, query block): the last allowed key block and the diagonal key block (SPEC §2.1-2.2).
 

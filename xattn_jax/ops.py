@@ -15,7 +15,7 @@ from jax import lax
 
 from xattn_jax import _checks, backends
 from xattn_jax.estimators import Estimator, check_estimator
-from xattn_jax.geometry import Geometry, block_bounds, cdiv
+from xattn_jax.geometry import Geometry, block_bounds, cdiv, chunk_blocks
 from xattn_jax.layout import BlockLayout, validate_layout
 from xattn_jax.selection import dense_layout, select_layout
 
@@ -303,7 +303,7 @@ def prepare_xattention(
   nqb, nkb = cdiv(dims.T, block_size), cdiv(dims.S, block_size)
   if query_chunk_size is None:
     per_block = dims.B * dims.N * nkb * 4 * (6 + block_size // stride)
-    query_chunk_size = max(1, _TABLE_BUDGET_BYTES // per_block) * block_size
+    query_chunk_size = chunk_blocks(nqb, _TABLE_BUDGET_BYTES // per_block) * block_size
   static = dict(
     scale=scale,
     causal=bool(is_causal),
