@@ -22,7 +22,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import xattn_jax as xa
-from benchmarks.common import BLOCK, fixed_density_layout, rel_err, timed
+from benchmarks.common import BLOCK, chained_in_one_jit, fixed_density_layout, rel_err, timed
 from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
 from xattn_jax.synthetic import llm_like_qkv
 
@@ -47,6 +47,14 @@ def sparse_flops(layout: xa.BlockLayout, head_dim: int) -> float:
 
 def run(args, argv=None) -> dict:
   rows = []
+
+  def measure(fn, *fn_args):
+    """Per call: `timed` on one call, or with --in-jit N on N chained calls in one program (divided by N)."""
+    if args.in_jit == 1:
+      return timed(fn, *fn_args, repeats=args.repeats, pipeline=args.pipeline)
+    t = timed(chained_in_one_jit(fn, args.in_jit), *fn_args, repeats=args.repeats, pipeline=args.pipeline)
+    return {name: value / args.in_jit for name, value in t.items()}
+
   key = jax.random.key(args.seed)
   for length in args.lengths:
     for kv_heads in args.kv_heads:
@@ -59,7 +67,7 @@ def run(args, argv=None) -> dict:
       dense = jax.jit(
         lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=args.dense_implementation)
       )
-      base = timed(dense, q, k, v, repeats=args.repeats, pipeline=args.pipeline)
+      base = measure(dense, q, k, v)
       rows.append(
         dict(
           shape,
@@ -80,7 +88,7 @@ def run(args, argv=None) -> dict:
         want_dense = dense(q, k, v) if length <= 32768 else None
         for d in args.densities:
           layout = fixed_density_layout(kl, batch=1, heads=args.heads, length=length, density=d / 100)
-          t = timed(sparse, q, k, v, layout, repeats=args.repeats, pipeline=args.pipeline)
+          t = measure(sparse, q, k, v, layout)
           real_d = float(layout.density())
           entry = dict(
             shape,
@@ -102,7 +110,7 @@ def run(args, argv=None) -> dict:
           )
       for stride in args.strides if "estimator" in args.sections else ():
         est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride, implementation=args.implementation))
-        t = timed(est, q, k, repeats=args.repeats, pipeline=args.pipeline)
+        t = measure(est, q, k)
         rows.append(dict(shape, what=f"estimator s={stride}", density=None, **t, ratio=t["ms"] / base["ms"]))
         print(
           f"{length:>7} K={kv_heads:<2} estimator s={stride:<2}      {t['ms']:9.3f} ms  "
@@ -131,8 +139,8 @@ def run(args, argv=None) -> dict:
               return_block_layout=True,
             )
           )
-          t = timed(e2e, sq, sk, sv, repeats=args.repeats, pipeline=args.pipeline)
-          base_s = timed(dense, sq, sk, sv, repeats=args.repeats, pipeline=args.pipeline)
+          t = measure(e2e, sq, sk, sv)
+          base_s = measure(dense, sq, sk, sv)
           out, layout = e2e(sq, sk, sv)
           want = dense(sq, sk, sv)
           err = rel_err(out, want)
@@ -157,7 +165,7 @@ def run(args, argv=None) -> dict:
             lambda q, k: xa.antidiagonal_scores(q, k, stride=stride, implementation=args.implementation)
           )(sq, sk)
           select = jax.jit(lambda s: xa.select_blocks(s, q_len=length, kv_len=length, threshold=tau))
-          t = timed(select, scores, repeats=args.repeats, pipeline=args.pipeline)
+          t = measure(select, scores)
           rows.append(
             dict(
               shape,
@@ -181,6 +189,7 @@ def run(args, argv=None) -> dict:
     head_dim=args.head_dim,
     traced_checks=args.traced_checks,
     pipeline=args.pipeline,
+    in_jit=args.in_jit,
   )
 
 
@@ -193,7 +202,13 @@ def to_markdown(result: dict) -> str:
     f"B=1, {result['heads']} query heads, head dim {result['head_dim']}, bf16, causal. ms = median; ratio = time / "
     "dense time of the same shape in the same process (for xattention rows: of the same synthetic input). "
     f"Traced value checks: {result.get('traced_checks', 'on')}. Calls per timed sample: "
-    f"{result.get('pipeline', 1)} (1: each call waited for, host dispatch included; more: back-to-back calls).",
+    f"{result.get('pipeline', 1)} (1: each call waited for, host dispatch included; more: back-to-back calls)."
+    + (
+      f" Each call is one of {result['in_jit']} chained calls in one jitted program (a model's layers), time / "
+      f"{result['in_jit']}: no host dispatch per call."
+      if result.get("in_jit", 1) > 1
+      else ""
+    ),
     "",
     "| T | K | what | density | ms | spread ms | ratio | target | TFLOP/s | note |",
     "|---|---|---|---|---|---|---|---|---|---|",
@@ -239,6 +254,13 @@ def main(argv=None) -> int:
     type=int,
     default=1,
     help="calls per timed sample, issued back to back (see `timed`); 1 = per-call latency",
+  )
+  parser.add_argument(
+    "--in-jit",
+    type=int,
+    default=1,
+    help="N > 1 times N chained calls inside one jitted program per sample and reports time / N (as a model's "
+    "layers run: the GPU's cost without per-call host dispatch)",
   )
   parser.add_argument("--seed", type=int, default=0)
   add_output_args(parser)

@@ -30,6 +30,24 @@ def timed(fn, *args, repeats: int, warmup: int = 3, pipeline: int = 1) -> dict:
   return {"ms": statistics.median(times), "min_ms": min(times), "spread_ms": statistics.pstdev(times)}
 
 
+def chained_in_one_jit(fn, calls: int):
+  """One jitted program of `calls` back-to-back calls of fn(x, *rest), each fed the previous call's result (its first
+  output where it has x's shape and dtype, else x plus 0 x its sum), so XLA can neither merge nor reorder them: what
+  a model's layers do in one program. Time it with `timed` and divide by `calls`: the GPU's cost per call without
+  the host's dispatch of each."""
+
+  def run(x, *rest):
+    for _ in range(calls):
+      out = jax.tree_util.tree_leaves(fn(x, *rest))[0]
+      if out.shape == x.shape and out.dtype == x.dtype:
+        x = out
+      else:
+        x = x + (jnp.sum(out.astype(jnp.float32)) * 0).astype(x.dtype)
+    return x
+
+  return jax.jit(run)
+
+
 def fixed_density_layout(key, *, batch, heads, length, density) -> xa.BlockLayout:
   """Causal layout with `density` of each row's allowed blocks, always holding the diagonal: in every query block
   row the diagonal block and round(density * allowed) - 1 random other allowed blocks."""

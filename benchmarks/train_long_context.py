@@ -173,7 +173,8 @@ def to_markdown(result: dict) -> str:
     "",
     f"Command: `python benchmarks/{result['command']}`",
     "",
-    f"Settings: {result['settings']}, tau {tau}, copy distance T/2 + {result.get('copy_shift', 0)}",
+    f"Settings: {result['settings']}, tau {tau}, copy distance T/2 + {result.get('copy_shift', 0)}"
+    + (f", estimator {result['estimator']}" if "estimator" in result else ""),
     "",
     "| step | "
     + " | ".join(f"{r['name']} loss" for r in runs)
@@ -242,13 +243,20 @@ def main(argv=None) -> int:
   parser.add_argument("--dense-steps", type=int, default=100)
   parser.add_argument("--ramp-steps", type=int, default=50)
   parser.add_argument(
+    "--estimator",
+    choices=[e.value for e in xa.Estimator],
+    default="antidiagonal",
+    help="the XAttention runs' block-importance estimator (SPEC 1.7): alternating samples every token distance, so "
+    "the copy source at distance 512 is seen",
+  )
+  parser.add_argument(
     "--copy-shift",
     type=int,
     default=0,
-    help="zeros between the two halves: the copy distance is T/2 + shift. With stride s (even), the "
-    "antidiagonal estimator never samples a diagonal whose distance is a multiple of s "
-    "(query offset s-1-a meets key offset a only at a = (s-1)/2), so shift 0 hides the copy "
-    "source from it; an odd shift does not",
+    help="zeros between the two halves: the copy distance is T/2 + shift. With stride s (even), the paper's "
+    "antidiagonal estimator never samples a diagonal at an even distance (query offset s-1-a meets key offset a at "
+    "distance s-1-2a inside a tile), so shift 0 hides the copy source from it; an odd shift does not "
+    "(nor does --estimator alternating)",
   )
   args = parser.parse_args(argv)
   preset = dict(PRESETS[args.preset])
@@ -258,7 +266,9 @@ def main(argv=None) -> int:
   checkpoints = None if args.no_checkpoint else pathlib.Path(args.out_dir) / "checkpoints"
   if checkpoints is not None:
     checkpoints.mkdir(parents=True, exist_ok=True)
-  xcfg = xa.XAttentionConfig(threshold=args.threshold, stride=preset["stride"], block_size=preset["block_size"])
+  xcfg = xa.XAttentionConfig(
+    threshold=args.threshold, stride=preset["stride"], block_size=preset["block_size"], estimator=args.estimator
+  )
   sparse = AttentionConfig(kind="xattention", xattention=xcfg)
   choices = {
     "dense": (AttentionConfig(), None),
@@ -289,6 +299,7 @@ def main(argv=None) -> int:
     dense_steps=args.dense_steps,
     ramp_steps=args.ramp_steps,
     copy_shift=args.copy_shift,
+    estimator=args.estimator,
     runs=runs,
   )
   tag = args.preset + (f"-{args.tag}" if args.tag else "")  # the preset always named: cpu-small, gpu-shift1

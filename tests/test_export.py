@@ -67,3 +67,64 @@ def test_multi_platform_artifacts_are_refused_by_jax_pallas():
   q, k, v = _inputs()
   with pytest.raises(Exception, match="interpret mode|multi-platform"):
     jax.export.export(_XATTENTION, platforms=["cpu", "cuda"])(q, k, v)
+
+
+_DENSE = jax.jit(functools.partial(xa.dense_attention, is_causal=True))
+
+
+def test_dense_attention_exports_per_platform_from_a_cpu_host():
+  """dense_attention's route is chosen when lowering too: the CPU artifact equals the jitted op, a TPU one carries
+  the Pallas TPU kernel, a CUDA one (no cuDNN on this host to trace) the Mosaic GPU kernel with every block."""
+  q = jax.random.normal(jax.random.key(3), (1, 2048, 8, 64), jnp.bfloat16)  # over the logits budget: block route
+  k = jax.random.normal(jax.random.key(4), (1, 4608, 2, 64), jnp.bfloat16)
+  v = jax.random.normal(jax.random.key(5), (1, 4608, 2, 64), jnp.bfloat16)
+  cpu = jax.export.export(_DENSE, platforms=["cpu"])(q, k, v)
+  with jax.default_device(jax.devices("cpu")[0]):
+    args = jax.device_put((q, k, v), jax.devices("cpu")[0])
+    np.testing.assert_array_equal(np.asarray(cpu.call(*args), np.float32), np.asarray(_DENSE(*args), np.float32))
+  mesh = AbstractMesh(
+    (1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  )
+  with use_abstract_mesh(mesh):
+    tpu = jax.export.export(_DENSE, platforms=["tpu"])(q, k, v)
+  assert tpu.mlir_module().count("tpu_custom_call") == 1
+  cuda = jax.export.export(_DENSE, platforms=["cuda"])(q, k, v)
+  assert "mosaic_gpu" in cuda.mlir_module().lower()
+
+
+@pytest.mark.parametrize("attention,kernels", [("dense", 1), ("xattention", 2)])
+def test_a_model_prefill_exports_for_a_tpu_from_a_cpu_host(attention, kernels):
+  """A tiny Llama's jitted prefill lowered for a TPU on this CPU host, what a TPU VM user compiles ahead of time: the
+  dense model runs the TPU attention kernel with every block (the prompt is over the logits budget); with a dense
+  first layer and an XAttention second one, the scoring kernel joins it (both layers call the one attention
+  kernel, lowered once)."""
+  from flax import nnx
+
+  from xattn_jax.models import AttentionConfig, ModelConfig, Transformer
+
+  config = ModelConfig(
+    vocab_size=256,
+    d_model=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    mlp_dim=128,
+    max_seq_len=16384,
+    attention=AttentionConfig(kind=attention, dense_layers=1 if attention == "xattention" else 0),
+  )
+  model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  T = 16384
+
+  def prefill(state, tokens, lengths):
+    model = nnx.merge(graphdef, state)
+    return model.prefill(tokens, lengths, model.init_cache(1, T))[0]
+
+  args = (state, jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+  mesh = AbstractMesh(
+    (1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  )
+  with use_abstract_mesh(mesh):
+    exported = jax.export.export(jax.jit(prefill), platforms=["tpu"])(*args)
+  assert exported.mlir_module().count("tpu_custom_call") == kernels

@@ -180,29 +180,37 @@ def _first_supported(names, call):
   raise NotImplementedError("; ".join(reasons))
 
 
-def _default_names(platform: str) -> tuple[str, ...]:
-  """The registered backends of `platform`'s default order (a `jax.default_backend()` name)."""
+def default_names(platform: str) -> tuple[str, ...]:
+  """The registered backends of `platform`'s default order (a `jax.default_backend()` name). Pass these, not None,
+  to a jitted function called inside an `on_each_platform` branch: its trace is cached by its arguments, so a None
+  resolved from the branch's platform would be reused by the other branches."""
   return tuple(n for n in _DEFAULT_ORDER.get(platform, ("xla",)) if n in _REGISTRY)
 
 
-def _per_platform(call, *args):
-  """`call(names, *args)` with each platform's default backend order, staged out with `lax.platform_dependent`:
-  lowering keeps only the branch of the platform it lowers for (every branch is traced, each jitted kernel once
-  per shape), so one exported program serves cpu, cuda and tpu, and a CPU host can export for a TPU."""
+def on_each_platform(fn, *args):
+  """`fn(platform, *args)` for each platform ("cpu", "gpu", "tpu": `jax.default_backend()` names), staged out with
+  `lax.platform_dependent`: lowering keeps only the branch of the platform it lowers for (every branch is traced,
+  each jitted kernel once per shape), so one exported program serves cpu, cuda and tpu, and a CPU host can export
+  for a TPU. Inside a branch `target_platform()` names its platform."""
 
   def branch(platform):
     def run(*args):
       token = _TARGET.set(_LOWERING_PLATFORMS[platform])
       try:
-        return call(_default_names(_LOWERING_PLATFORMS[platform]), *args)
+        return fn(_LOWERING_PLATFORMS[platform], *args)
       finally:
         _TARGET.reset(token)
 
     return run
 
-  if _TARGET.get() is not None:  # already inside a platform's branch (a dispatch within a dispatched op)
-    return call(_default_names(_TARGET.get()), *args)
+  if _TARGET.get() is not None:  # already inside a platform's branch (an op within a dispatched op)
+    return fn(_TARGET.get(), *args)
   return jax.lax.platform_dependent(*args, default=branch("cpu"), cuda=branch("cuda"), tpu=branch("tpu"))
+
+
+def _per_platform(call, *args):
+  """`call(names, *args)` with each platform's default backend order (`on_each_platform`)."""
+  return on_each_platform(lambda platform, *args: call(default_names(platform), *args), *args)
 
 
 def dispatch(op: str, implementation, *args, **kwargs):

@@ -148,33 +148,70 @@ def dense_attention(
     if query_chunk_size % _BLOCK_SIZE:
       raise ValueError(f"{query_chunk_size=} must be a multiple of {_BLOCK_SIZE}")
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
+  call = dict(
+    dims=dims,
+    scale=scale,
+    causal=bool(is_causal),
+    aligned=aligned,
+    implementation=implementation,
+    query_chunk_size=query_chunk_size,
+    interpret=bool(interpret),
+    padded=query_seq_lengths is not None,
+    lengths_given=query_seq_lengths is not None or key_value_seq_lengths is not None,
+  )
+  if implementation is None:  # the route of the platform the program is lowered for (exportable from any host)
+    return backends.on_each_platform(
+      lambda platform, *args: _dense(platform, *args, **call), query, key, value, q_lengths, kv_lengths
+    )
+  return _dense(jax.default_backend(), query, key, value, q_lengths, kv_lengths, **call)
+
+
+def _dense(
+  platform,
+  query,
+  key,
+  value,
+  q_lengths,
+  kv_lengths,
+  *,
+  dims,
+  scale,
+  causal,
+  aligned,
+  implementation,
+  query_chunk_size,
+  interpret,
+  padded,
+  lengths_given,
+):
+  """`dense_attention` on validated arguments, by the route `dense_route` picks for `platform`."""
   route = dense_route(
-    platform=jax.default_backend(),
+    platform=platform,
     dtype=query.dtype,
     batch=dims.B,
     q_len=dims.T,
     kv_len=dims.S,
     num_heads=dims.N,
     head_dim=dims.H,
-    causal=bool(is_causal),
+    causal=causal,
     aligned=aligned,
     implementation=implementation,
   )
-  padded = query_seq_lengths is not None
   if route is DenseRoute.CUDNN:
-    lengths = (
-      {}
-      if query_seq_lengths is None and key_value_seq_lengths is None
-      else dict(query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths)
-    )
-    out = jax.nn.dot_product_attention(
-      query, key, value, scale=scale, is_causal=bool(is_causal), implementation="cudnn", **lengths
-    )
-  elif route is DenseRoute.DECODE:
+    lengths = dict(query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths) if lengths_given else {}
+    try:
+      out = jax.nn.dot_product_attention(
+        query, key, value, scale=scale, is_causal=causal, implementation="cudnn", **lengths
+      )
+    except RuntimeError as e:  # tracing the CUDA branch on a host without cuDNN (exporting from a CPU): the kernels
+      if implementation == "cudnn" or "cuDNN" not in str(e):
+        raise
+      route = DenseRoute.BLOCKS
+  if route is DenseRoute.DECODE:
     out = _decode_attention(query, key, value, kv_lengths, scale)
   elif route is DenseRoute.LOGITS:
     out = jax.nn.dot_product_attention(
-      query, key, value, scale=scale, implementation="xla", mask=_mask(dims, q_lengths, kv_lengths, bool(is_causal))
+      query, key, value, scale=scale, implementation="xla", mask=_mask(dims, q_lengths, kv_lengths, causal)
     )
     padded = True  # XLA's softmax over a row with no allowed key is uniform, not zero
   else:
@@ -188,14 +225,14 @@ def dense_attention(
       Geometry.from_lengths(q_lengths, kv_lengths),
       jnp.ones((dims.N,), jnp.float32),
       scale=scale,
-      causal=bool(is_causal),
+      causal=causal,
       stride=8,
       block_size=_BLOCK_SIZE,
       keep_sink=True,
       keep_diagonal=True,
       chunk=min(chunk, cdiv(dims.T, _BLOCK_SIZE) * _BLOCK_SIZE),
-      implementation=implementation or backends.resolve(None),
-      interpret=bool(interpret),
+      implementation=implementation or backends.default_names(platform),
+      interpret=interpret,
       return_block_layout=False,
       dense=True,
     )
