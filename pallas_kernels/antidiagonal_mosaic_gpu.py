@@ -4,8 +4,10 @@ One pass, no [T/s, S/s] matrix in HBM. The strided logits are z = sum_u Q_u K_u^
     Q_u = q.reshape(B, T/s, s, N, H)[b, :, s-1-u, n, :]      K_u = k.reshape(B, S/s, s, K, H)[b, :, u, n//G, :]
 (both free reshapes, so every operand is a plain TMA box). Another estimator of SPEC §1.7 pairs key offset u with
 query offset o_i(u) instead of s-1-u; one fused XLA copy of q (`_kernel_query_order`) stores o_i(u) at slot s-1-u,
-so the kernel is the same: at 128K, 32 heads, H = 128 that is 2 GiB of HBM traffic, ~0.7 ms on an H200 next to
-the estimator's ~17 ms (the paper's order needs no copy).
+so the kernel is the same: at 128K, 32 heads, H = 128 that is 2 GiB of HBM traffic, ~0.7 ms at 3 TB/s next to
+the estimator's 18-19 ms; measured on an H100 the alternating estimator costs 1.06-1.16x the paper's at 128K and
+1.17-1.46x at 32K, where the copy is a larger share (the paper's order needs no copy). Reading the two row parities
+with two TMA boxes instead (even rows to one consumer warpgroup, odd rows to the other) would remove the copy.
 
 Kernel (grid (heads x key_splits, row blocks, batch), optional 2-CTA cluster over heads; 3 warpgroups):
   WG2 (producer)   streams the contraction (u, h-chunk) in steps of `chunk` = 64 columns of s*H: per step one TMA of
@@ -40,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xattn_jax.pallas_kernels.common import Operand, as_enum
-from xattn_jax.estimators import Estimator
+from xattn_jax.estimators import Estimator, arrange_query_groups
 from xattn_jax.geometry import Geometry, cdiv
 
 _LOG2E = math.log2(math.e)
@@ -304,16 +306,12 @@ def supports(q, k, *, stride: int, block_size: int, config: ScoresConfig = Score
 
 def _kernel_query_order(q5: jax.Array, estimator: Estimator) -> jax.Array:
   """q5 [B, T/s, s, N, H] in token order -> the order the kernel reads (slot s-1-u holds the query offset paired
-  with key offset u): the reverse of the estimator's Qr order. The identity for the paper's antidiagonal; for the
-  alternating one, odd rows rotate by one slot (slot v holds offset (v + 1) mod s), written as slices and
-  concatenations that XLA fuses into one copy of q (a flip, roll and select took 3x a copy's time on an H100)."""
+  with key offset u): the reverse of the estimator's Qr order; the identity for the paper's antidiagonal. One fused
+  XLA copy of q (written as slices and concatenations instead it measured the same or slower on an H100:
+  benchmarks/notes_antidiagonal_mosaic_gpu.md)."""
   if estimator is Estimator.ANTIDIAGONAL:
     return q5
-  B, rows, s, N, H = q5.shape  # rows is even: whole CTA row blocks
-  pairs = q5.reshape(B, rows // 2, 2, s, N, H)
-  odd = pairs[:, :, 1:]
-  odd = jnp.concatenate([odd[:, :, :, 1:], odd[:, :, :, :1]], axis=3)
-  return jnp.concatenate([pairs[:, :, :1], odd], axis=2).reshape(q5.shape)
+  return jnp.flip(arrange_query_groups(q5, estimator, row_axis=1, slot_axis=2), 2)
 
 
 @functools.partial(
