@@ -23,6 +23,12 @@ def _inputs():
   return q, k, v
 
 
+def _tpu_target():
+  """The scope in which a CPU host lowers for a TPU: Pallas's TPU lowering reads the chip from the abstract mesh."""
+  device = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  return use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device))
+
+
 _XATTENTION = jax.jit(functools.partial(xa.xattention, is_causal=True, threshold=0.9))
 
 
@@ -39,10 +45,7 @@ def test_cpu_export_runs_the_reference_and_matches_jit():
 
 def test_tpu_export_from_a_cpu_host_carries_the_tpu_kernels():
   q, k, v = _inputs()
-  mesh = AbstractMesh(
-    (1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-  )
-  with use_abstract_mesh(mesh):  # Pallas TPU lowering needs the chip it targets
+  with _tpu_target():  # Pallas TPU lowering needs the chip it targets
     exported = jax.export.export(_XATTENTION, platforms=["tpu"])(q, k, v)
   assert exported.platforms == ("tpu",)
   assert exported.mlir_module().count("tpu_custom_call") == 2  # the scoring and the attention kernel
@@ -82,10 +85,7 @@ def test_dense_attention_exports_per_platform_from_a_cpu_host():
   with jax.default_device(jax.devices("cpu")[0]):
     args = jax.device_put((q, k, v), jax.devices("cpu")[0])
     np.testing.assert_array_equal(np.asarray(cpu.call(*args), np.float32), np.asarray(_DENSE(*args), np.float32))
-  mesh = AbstractMesh(
-    (1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-  )
-  with use_abstract_mesh(mesh):
+  with _tpu_target():
     tpu = jax.export.export(_DENSE, platforms=["tpu"])(q, k, v)
   assert tpu.mlir_module().count("tpu_custom_call") == 1
   cuda = jax.export.export(_DENSE, platforms=["cuda"])(q, k, v)
@@ -122,9 +122,6 @@ def test_a_model_prefill_exports_for_a_tpu_from_a_cpu_host(attention, kernels):
     return model.prefill(tokens, lengths, model.init_cache(1, T))[0]
 
   args = (state, jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
-  mesh = AbstractMesh(
-    (1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-  )
-  with use_abstract_mesh(mesh):
+  with _tpu_target():
     exported = jax.export.export(jax.jit(prefill), platforms=["tpu"])(*args)
   assert exported.mlir_module().count("tpu_custom_call") == kernels
