@@ -20,6 +20,8 @@ Configs (--configs, comma separated):
                    --search-prompts dev prompts (another seed) holds
                    (`xattn_jax.evaluation.calibration.search_thresholds`; cached)
   file:PATH        XAttention with the thresholds of a file written by `xattn-jax calibrate`
+  ..._alt          any XAttention config above with the alternating estimator (SPEC §1.7) instead of the paper's
+                   antidiagonal, e.g. s8_t0.9_alt, cal0.9_alt, min0.9_alt
 Default: dense, s{8,16} x t{0.8,0.9,0.95}, cal0.9.
 
 The files of a run are <out-dir>/niah/<card>/<date>-<tag>* (RUN below), dated by the run's first call.
@@ -74,6 +76,7 @@ class RunConfig:
   target: float | None = None  # calibrated: mass to cover; searched: the flat tau the search starts from
   aggregate: str = "max"  # calibrated: over the calibration prompts
   path: str | None = None  # calibrated from a file
+  estimator: str = "antidiagonal"  # SPEC §1.7
 
   def stride_of(self, runner) -> int:
     return runner.settings(self)[0] if self.kind == "calibrated" else self.stride
@@ -82,6 +85,8 @@ class RunConfig:
 def parse_config(name: str, *, cal_stride: int) -> RunConfig:
   if name == "dense":
     return RunConfig(name, "dense")
+  if name.endswith("_alt") and name != "dense_alt" and not name.startswith("file:"):
+    return dataclasses.replace(parse_config(name[:-4], cal_stride=cal_stride), name=name, estimator="alternating")
   if m := re.fullmatch(r"s(\d+)_t([0-9.]+)", name):
     return RunConfig(name, "flat", stride=int(m[1]), threshold=float(m[2]))
   if m := re.fullmatch(r"cal(mean)?([0-9.]+)", name):
@@ -91,7 +96,8 @@ def parse_config(name: str, *, cal_stride: int) -> RunConfig:
   if name.startswith("file:"):
     return RunConfig(name, "calibrated", path=name[5:])
   raise ValueError(
-    f"config {name!r}: expected dense, s<stride>_t<tau>, cal<target>, calmean<target>, min<tau> or file:<path>"
+    f"config {name!r}: expected dense, s<stride>_t<tau>, cal<target>, calmean<target>, min<tau> or file:<path>, "
+    "the XAttention ones optionally ending in _alt"
   )
 
 
@@ -211,6 +217,7 @@ class Runner:
         aggregate=config.aggregate,
         stride=config.stride,
         block_size=a.block_size,
+        estimator=config.estimator,
       )
       record = load_thresholds(path) if path.exists() else None
       if record is None or any(record.get(k) != v for k, v in want.items()):
@@ -228,6 +235,7 @@ class Runner:
           method=a.cal_method,
           aggregate=config.aggregate,
           progress=_log,
+          estimator=config.estimator,
         )
         record = save_thresholds(
           path,
@@ -235,6 +243,7 @@ class Runner:
           stride=config.stride,
           block_size=a.block_size,
           target=config.target,
+          estimator=config.estimator,
           method=a.cal_method,
           aggregate=config.aggregate,
           prompts=a.cal_prompts,
@@ -264,6 +273,7 @@ class Runner:
       length=a.search_length,
       stride=config.stride,
       block_size=a.block_size,
+      estimator=config.estimator,
     )
     record = load_thresholds(path) if path.exists() else None
     if record is not None and all(record.get(k) == v for k, v in want.items()):
@@ -273,7 +283,9 @@ class Runner:
     _log(f"minimum-threshold search {config.name}: {a.search_prompts} prompts of {a.search_length} tokens")
     start = time.perf_counter()
     samples = task_prompts(self.tok, n=a.search_prompts, length=a.search_length, tasks=a.tasks, seed=3000)
-    gen = self.generator(RunConfig(config.name, "flat", stride=config.stride, threshold=config.target))
+    gen = self.generator(
+      RunConfig(config.name, "flat", stride=config.stride, threshold=config.target, estimator=config.estimator)
+    )
     table, history = search_thresholds(
       gen,
       self.tok,
@@ -298,11 +310,11 @@ class Runner:
     return record
 
   def settings(self, config: RunConfig):
-    """(stride, thresholds) for the fidelity metrics."""
+    """(stride, thresholds, estimator) for the fidelity metrics."""
     if config.kind == "flat":
-      return config.stride, config.threshold
+      return config.stride, config.threshold, config.estimator
     record = self.threshold_record(config)
-    return record["stride"], np.asarray(record["layer_thresholds"])
+    return record["stride"], np.asarray(record["layer_thresholds"]), record.get("estimator", config.estimator)
 
   # -- samples ------------------------------------------------------------------------------------------------------
 
@@ -332,7 +344,7 @@ class Runner:
     from xattn_jax.models.config import AttentionConfig
     from xattn_jax.models.generate import Generator
 
-    key = "dense" if config.kind == "dense" else config.stride_of(self)
+    key = "dense" if config.kind == "dense" else (config.stride_of(self), self.settings(config)[2])
     if key not in self._generators:
       attention = (
         AttentionConfig()
@@ -340,7 +352,7 @@ class Runner:
         else AttentionConfig(
           kind="xattention",
           xattention=xa.XAttentionConfig(
-            stride=key, block_size=self.args.block_size, implementation=self.args.implementation
+            stride=key[0], block_size=self.args.block_size, implementation=self.args.implementation, estimator=key[1]
           ),
         )
       )
@@ -396,8 +408,8 @@ class Runner:
           stop_tokens=self.tok.stop_token_ids,
         ):
           batch = mine[b : b + size]
-          first = (config.kind, config.stride, length) not in self._compiled
-          self._compiled.add((config.kind, config.stride, length))
+          first = (config.kind, config.stride, config.estimator, length) not in self._compiled
+          self._compiled.add((config.kind, config.stride, config.estimator, length))
           layer_density = [float(d) for d in result.densities]
           density = 1.0 if config.kind == "dense" else float(np.mean([d for d in layer_density if d >= 0]))
           lines = []
@@ -493,7 +505,7 @@ class Runner:
       if layer.layer not in wanted:
         continue
       for config in sparse:
-        stride, tau = self.settings(config)
+        stride, tau, estimator = self.settings(config)
         tau = np.asarray(tau, np.float32)
         tau = tau[layer.layer] if tau.ndim == 2 else np.full((N,), tau, np.float32)
         _, layout = xa.xattention(
@@ -504,6 +516,7 @@ class Runner:
           threshold=jnp.asarray(tau),
           stride=stride,
           block_size=a.block_size,
+          estimator=estimator,
           return_block_layout=True,
         )
         dense = np.asarray(layout.to_dense()[0])

@@ -94,6 +94,16 @@ def test_statistics():
   with pytest.raises(ValueError, match="config"):
     niah.parse_config("s8", cal_stride=8)
   assert niah.parse_config("s16_t0.95", cal_stride=8) == niah.RunConfig("s16_t0.95", "flat", 16, 0.95)
+  alt = niah.parse_config("cal0.9_alt", cal_stride=16)
+  assert (alt.name, alt.kind, alt.stride, alt.target, alt.estimator) == (
+    "cal0.9_alt",
+    "calibrated",
+    16,
+    0.9,
+    "alternating",
+  )
+  with pytest.raises(ValueError, match="config"):
+    niah.parse_config("dense_alt", cal_stride=8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
