@@ -511,6 +511,31 @@ class KernelAttentionSuite:
     np.testing.assert_array_equal(np.asarray(self.attend(q, k2, v2, layout), np.float32), np.asarray(out, np.float32))
 
 
+def gradient_loss(out, lse):
+  """A scalar of the attention output and lse for jax.grad: weights every output element differently and uses the
+  finite lse."""
+  weights = jnp.sin(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+  return jnp.sum(out.astype(jnp.float32) * weights) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+
+def sparse_gradient_loss(q, k, v, layout, *, causal, lens, scale, implementation):
+  """`gradient_loss` of the public block_sparse_attention (interpreted kernels) with these lengths."""
+  out, lse = xa.block_sparse_attention(
+    q,
+    k,
+    v,
+    layout,
+    causal=causal,
+    scale=scale,
+    query_seq_lengths=lens[0],
+    key_value_seq_lengths=lens[1],
+    return_lse=True,
+    implementation=implementation,
+    interpret=True,
+  )
+  return gradient_loss(out, lse)
+
+
 def backward_case_inputs(case, seed):
   """q, k, v, (q_lens, kv_lens), layout and its dense mask of a backward case (B, T, S, N, K, H, dtype, causal,
   q_lens, kv_lens, empty, options): a random layout at density 0.6 with the rows (b, n, r) in `empty` selecting

@@ -88,11 +88,6 @@ def test_ring_depth_and_query_tile():
     _close(a, b, jnp.float16, name)
 
 
-def _loss(out, lse):  # weights every output element differently, and uses the finite lse
-  weights = jnp.sin(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
-  return jnp.sum(out.astype(jnp.float32) * weights) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
-
-
 def test_block_sparse_attention_gradients():
   """jax.grad through the public op: pallas_mosaic_gpu (kernel forward + kernel backward) == xla == dense masked."""
   B, T, S, N, K, H, dtype, causal = 2, 200, 300, 2, 1, 64, jnp.float16, True
@@ -100,22 +95,7 @@ def test_block_sparse_attention_gradients():
   lens = (jnp.array([200, 120], jnp.int32), jnp.array([300, 170], jnp.int32))
   layout, mask = random_layout(82, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.6)
 
-  def loss(q, k, v, implementation):
-    out, lse = xa.block_sparse_attention(
-      q,
-      k,
-      v,
-      layout,
-      causal=causal,
-      scale=SCALE,
-      query_seq_lengths=lens[0],
-      key_value_seq_lengths=lens[1],
-      return_lse=True,
-      implementation=implementation,
-      interpret=True,
-    )
-    return _loss(out, lse)
-
+  loss = functools.partial(suites.sparse_gradient_loss, layout=layout, causal=causal, lens=lens, scale=SCALE)
   grad = lambda impl: jax.grad(functools.partial(loss, implementation=impl), argnums=(0, 1, 2))
   calls = []
   original = bwd_kernels.block_sparse_attention_bwd
@@ -132,7 +112,9 @@ def test_block_sparse_attention_gradients():
   xla = run_checked(grad("xla"), q, k, v)
   tm = token_mask(mask, T=T, S=S, blk=128, causal=causal, q_lens=lens[0], kv_lens=lens[1])
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  dense = jax.grad(lambda q, k, v: _loss(*dense_masked(q, k, v, tm, scale=SCALE)), argnums=(0, 1, 2))(*f32)
+  dense = jax.grad(lambda q, k, v: suites.gradient_loss(*dense_masked(q, k, v, tm, scale=SCALE)), argnums=(0, 1, 2))(
+    *f32
+  )
   for name, a, b, c in zip("qkv", got, xla, dense):
     assert a.dtype == dtype
     _close(a, b, dtype, f"d{name} vs xla")

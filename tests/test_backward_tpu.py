@@ -80,33 +80,13 @@ class TestBackwardTpu(suites.KernelBackwardSuite):
     _no_race()
 
 
-def _sparse_loss(q, k, v, layout, *, causal, lens, implementation):
-  out, lse = xa.block_sparse_attention(
-    q,
-    k,
-    v,
-    layout,
-    causal=causal,
-    scale=SCALE,
-    query_seq_lengths=lens[0],
-    key_value_seq_lengths=lens[1],
-    return_lse=True,
-    implementation=implementation,
-    interpret=True,
-  )
-  return _loss(out, lse)
-
-
-def _loss(out, lse):  # weights every output element differently, and uses the finite lse
-  weights = jnp.sin(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
-  return jnp.sum(out.astype(jnp.float32) * weights) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
-
-
 def _dense_grads(q, k, v, mask, *, causal, lens):
   B, T, N, H = q.shape
   tm = token_mask(mask, T=T, S=k.shape[1], blk=128, causal=causal, q_lens=lens[0], kv_lens=lens[1])
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  return jax.grad(lambda q, k, v: _loss(*dense_masked(q, k, v, tm, scale=SCALE)), argnums=(0, 1, 2))(*f32)
+  return jax.grad(lambda q, k, v: suites.gradient_loss(*dense_masked(q, k, v, tm, scale=SCALE)), argnums=(0, 1, 2))(
+    *f32
+  )
 
 
 # B, T, S, N, K, H, dtype, causal, q_lens, kv_lens
@@ -126,7 +106,8 @@ def test_block_sparse_attention_gradients(case):
   lens = (jnp.asarray(q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32))
   layout, mask = random_layout(S - T, B=B, N=N, T=T, S=S, blk=128, causal=causal, lens=lens, density=0.6)
   grad = lambda impl: jax.grad(
-    functools.partial(_sparse_loss, causal=causal, lens=lens, implementation=impl), argnums=(0, 1, 2)
+    functools.partial(suites.sparse_gradient_loss, causal=causal, lens=lens, scale=SCALE, implementation=impl),
+    argnums=(0, 1, 2),
   )
   got = run_checked(grad("pallas_tpu"), q, k, v, layout)
   _no_race()
@@ -153,7 +134,11 @@ def test_queries_that_attend_to_nothing_contribute_nothing():
   mask[:, 1, 1, 0] = True  # head 1, row 1 also keeps the sink
   mask &= allowed
   layout = BlockLayout.from_dense(jnp.asarray(mask), allowed=jnp.asarray(allowed))
-  loss = lambda impl: lambda q, k, v: _sparse_loss(q, k, v, layout, causal=True, lens=lens, implementation=impl)
+  loss = lambda impl: (
+    lambda q, k, v: suites.sparse_gradient_loss(
+      q, k, v, layout, causal=True, lens=lens, scale=SCALE, implementation=impl
+    )
+  )
   got = run_checked(jax.grad(loss("pallas_tpu"), argnums=(0, 1, 2)), q, k, v)
   _no_race()
   _, lse = xa.block_sparse_attention(
@@ -187,7 +172,9 @@ def test_xattention_gradients_with_the_kernels_match_xla():
     query_chunk_size=256,
   )
   loss = lambda impl: (
-    lambda q, k, v: _loss(xa.xattention(q, k, v, implementation=impl, interpret=True, **kw), jnp.zeros(()))
+    lambda q, k, v: suites.gradient_loss(
+      xa.xattention(q, k, v, implementation=impl, interpret=True, **kw), jnp.zeros(())
+    )
   )
   got = run_checked(jax.grad(loss("pallas_tpu"), argnums=(0, 1, 2)), q, k, v)
   _no_race()
