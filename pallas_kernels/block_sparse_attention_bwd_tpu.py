@@ -80,7 +80,7 @@ from xattn_jax.pallas_kernels.block_sparse_attention_tpu import (
   supports,
 )
 from xattn_jax.pallas_kernels.common import NT, check_budget, pad_tokens
-from xattn_jax.pallas_kernels.row_pipeline_tpu import RowPipeline, load_counts
+from xattn_jax.pallas_kernels.row_pipeline_tpu import RowPipeline, load_counts, program_items, when_masked
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout, transposed_layout
 
@@ -171,10 +171,8 @@ def _dq_kernel(
   num_q_blocks: int,
   rows: int,
 ):
-  b, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  b, n, r0, n_rows = program_items(rows=rows, num_items=num_q_blocks)
   kv_head = lax.div(n, group)
-  r0 = c * rows
-  n_rows = jnp.minimum(rows, num_q_blocks - r0)
   q_len, kv_len, q_pos = q_len_ref[b], kv_len_ref[b], q_pos_ref[b]
   precision = _precision(q_vmem.dtype)
   f32_inputs = q_vmem.dtype == jnp.float32
@@ -237,31 +235,13 @@ def _dq_kernel(
         ds if f32_inputs else ds.astype(k.dtype), k, _NN, precision=precision, preferred_element_type=jnp.float32
       )
 
-    def block_body(j, carry):
-      slot = (slot0 + j) % 2
-      for cp in kv_copies(slot, 0):
-        cp.wait()
-
-      @pl.when(j + 1 < steps)
-      def _():
-        for cp in kv_copies((slot0 + j + 1) % 2, idx_smem[i % 2, j + 1]):
-          cp.start()
-
-      @pl.when(j + 1 == steps)
-      def _():
-        pipe.prefetch_next(i, (slot0 + steps) % 2)
-
+    def block_body(j, slot, carry):
       block = idx_smem[i % 2, j]
-      needs_mask = (block + 1) * BLOCK > visible
-      pl.when(needs_mask)(functools.partial(update, block, slot, masked=True))
-      pl.when(jnp.logical_not(needs_mask))(functools.partial(update, block, slot, masked=False))
+      when_masked((block + 1) * BLOCK > visible, functools.partial(update, block, slot))
       return carry
 
-    lax.fori_loop(0, steps, block_body, jnp.int32(0))
-
-    @pl.when(steps == 0)
-    def _():
-      pipe.prefetch_next(i, slot0 % 2)
+    copies = lambda slot, j: kv_copies(slot, 0 if j is None else idx_smem[i % 2, j])
+    pipe.visit_loop(i, slot0, steps, copies, block_body, jnp.int32(0))
 
     @pl.when(i >= 2)
     def _():
@@ -321,14 +301,12 @@ def _dkv_kernel(
   num_kv_blocks: int,
   rows: int,
 ):
-  b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  c0 = c * rows
-  n_rows = jnp.minimum(rows, num_kv_blocks - c0)
+  b, h, c0, n_rows = program_items(rows=rows, num_items=num_kv_blocks)
   q_len, kv_len, q_pos = q_len_ref[b], kv_len_ref[b], q_pos_ref[b]
   precision = _precision(q_vmem.dtype)
   f32_inputs = q_vmem.dtype == jnp.float32
 
-  load_counts(counts_hbm.at[b, h, c], cnt_smem, cnt_sem.at[0])
+  load_counts(counts_hbm.at[b, h, pl.program_id(2)], cnt_smem, cnt_sem.at[0])
 
   def count(i, g):  # query blocks of head h*G + g that selected local key block i
     return cnt_smem[i * group + g]
@@ -405,32 +383,14 @@ def _dkv_kernel(
         dst if f32_inputs else dst.astype(q.dtype), q, _NN, precision=precision, preferred_element_type=jnp.float32
       )
 
-    def visit_body(j, carry):
-      slot = (slot0 + j) % 2
-      for cp in visit_copies(slot, 0, 0):
-        cp.wait()
-
-      @pl.when(j + 1 < steps)
-      def _():
-        for cp in visit_copies((slot0 + j + 1) % 2, *visit(i, j + 1)):
-          cp.start()
-
-      @pl.when(j + 1 == steps)
-      def _():
-        pipe.prefetch_next(i, (slot0 + steps) % 2)
-
+    def visit_body(j, slot, carry):
       _, r = visit(i, j)
       _, visible = _row_bounds(r, q_len, kv_len, q_pos, causal=causal)
-      needs_mask = (block + 1) * BLOCK > visible
-      pl.when(needs_mask)(functools.partial(update, r, slot, masked=True))
-      pl.when(jnp.logical_not(needs_mask))(functools.partial(update, r, slot, masked=False))
+      when_masked((block + 1) * BLOCK > visible, functools.partial(update, r, slot))
       return carry
 
-    lax.fori_loop(0, steps, visit_body, jnp.int32(0))
-
-    @pl.when(steps == 0)
-    def _():
-      pipe.prefetch_next(i, slot0 % 2)
+    copies = lambda slot, j: visit_copies(slot, 0, 0) if j is None else visit_copies(slot, *visit(i, j))
+    pipe.visit_loop(i, slot0, steps, copies, visit_body, jnp.int32(0))
 
     @pl.when(i >= 2)
     def _():

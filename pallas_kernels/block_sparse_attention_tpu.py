@@ -58,7 +58,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from xattn_jax.pallas_kernels.common import NT, SUPPORTED_HEAD_DIMS, check_budget, pad_tokens
-from xattn_jax.pallas_kernels.row_pipeline_tpu import RowPipeline, load_counts
+from xattn_jax.pallas_kernels.row_pipeline_tpu import RowPipeline, load_counts, program_items, when_masked
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
@@ -154,10 +154,8 @@ def _kernel(
   rows: int,
   config: ForwardConfig,
 ):
-  b, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  b, n, r0, n_rows = program_items(rows=rows, num_items=num_q_blocks)
   kv_head = lax.div(n, group)
-  r0 = c * rows
-  n_rows = jnp.minimum(rows, num_q_blocks - r0)
   q_len, kv_len, q_pos = q_len_ref[b], kv_len_ref[b], q_pos_ref[b]
   head_dim = q_vmem.shape[-1]
   f32_inputs = q_vmem.dtype == jnp.float32
@@ -233,20 +231,7 @@ def _kernel(
       )
       acc_scratch[...] = alpha[:, :head_dim] * acc_scratch[...] + pv
 
-    def block_body(j, ptr):
-      slot = (slot0 + j) % 2
-      for cp in kv_copies(slot, 0):
-        cp.wait()
-
-      @pl.when(j + 1 < steps)
-      def _():
-        for cp in kv_copies((slot0 + j + 1) % 2, block_of(i, j + 1)):
-          cp.start()
-
-      @pl.when(j + 1 == steps)
-      def _():
-        pipe.prefetch_next(i, (slot0 + steps) % 2)
-
+    def block_body(j, slot, ptr):
       block = block_of(i, j)
       if config.skip_unselected:
         selected = True
@@ -257,15 +242,11 @@ def _kernel(
       needs_mask = (block + 1) * BLOCK > visible
       if not config.skip_unselected:
         needs_mask |= jnp.logical_not(selected)
-      pl.when(needs_mask)(functools.partial(update, block, selected, slot, masked=True))
-      pl.when(jnp.logical_not(needs_mask))(functools.partial(update, block, selected, slot, masked=False))
+      when_masked(needs_mask, functools.partial(update, block, selected, slot))
       return ptr
 
-    lax.fori_loop(0, steps, block_body, jnp.int32(0))
-
-    @pl.when(steps == 0)
-    def _():
-      pipe.prefetch_next(i, slot0 % 2)
+    copies = lambda slot, j: kv_copies(slot, 0 if j is None else block_of(i, j))
+    pipe.visit_loop(i, slot0, steps, copies, block_body, jnp.int32(0))
 
     # Finalize the row: zero output and lse = -inf for padding queries and queries that saw no key.
     l = l_scratch[...]
