@@ -31,19 +31,19 @@ def timed(fn, *args, repeats: int, warmup: int = 3, pipeline: int = 1) -> dict:
 
 
 def chained_in_one_jit(fn, calls: int):
-  """One jitted program of `calls` back-to-back calls of fn(x, *rest), each fed the previous call's result (its first
-  output where it has x's shape and dtype, else x plus 0 x its sum), so XLA can neither merge nor reorder them: what
-  a model's layers do in one program. Time it with `timed` and divide by `calls`: the GPU's cost per call without
-  the host's dispatch of each."""
+  """One jitted program of `calls` back-to-back calls of fn(x, *rest) on the same data: each call's x passes through
+  an optimization barrier with the previous call's outputs, so XLA can neither merge the calls nor reorder them and
+  every call sees the original inputs (a data-dependent op keeps its selection); one element of each output is
+  summed into the result, so no call is dead code (the barrier keeps XLA from computing just that element). What a
+  model's layers do in one program. Time it with `timed` and divide by `calls`: the GPU's cost per call without the
+  host's dispatch of each."""
 
   def run(x, *rest):
+    total = jnp.zeros((), jnp.float32)
     for _ in range(calls):
-      out = jax.tree_util.tree_leaves(fn(x, *rest))[0]
-      if out.shape == x.shape and out.dtype == x.dtype:
-        x = out
-      else:
-        x = x + (jnp.sum(out.astype(jnp.float32)) * 0).astype(x.dtype)
-    return x
+      x, out = jax.lax.optimization_barrier((x, fn(x, *rest)))
+      total = total + sum(leaf.reshape(-1)[0].astype(jnp.float32) for leaf in jax.tree_util.tree_leaves(out))
+    return x, total
 
   return jax.jit(run)
 
