@@ -3,8 +3,12 @@
 # 10% density, one-shot and chunked, stride 8 and 16), decode, 256K, the context-parallel op at P = 1, then a GPU
 # buffer report of a 2-layer 32K prefill. Each step has its own time limit (seconds, 0 skips it); the defaults fill
 # one 600 s call. The decode step spends ~100 s on setup (random 8B weights, copy bandwidth, compiles).
-#   run(command="bash benchmarks/device_model.sh")                     # everything
+# Optional steps first, off unless given a limit: TTEST (GPU tests of default dispatch, export, dense and the
+# estimators; TESTS overrides the -k expression), TEST_SPEED (estimator_speed.py), TCOMP (probe_compile.py: compile
+# time per layer count, program and XLA flag).
+#   run(command="bash benchmarks/device_model.sh")                     # the model steps
 #   run(command="MODES=one-shot T128=240 TDEC=200 T256=120 bash benchmarks/device_model.sh")
+#   run(command="TTEST=240 TEST_SPEED=120 TCOMP=200 T128=0 TDEC=0 T256=0 bash benchmarks/device_model.sh")
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 quiet() { grep -v '^|' | grep -E '^ +[0-9]|^decode|^dense|^xattention|Error|error' | tail -24; }
