@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import xattn_jax as xa
 from xattn_jax.models.loading import SMOLLM2_NAMES
 from xattn_jax import backends
+from xattn_jax.estimators import check_estimator
 from xattn_jax.synthetic import llm_like_qkv
 
 log = logging.getLogger("xattn_jax.cli")
@@ -167,10 +168,10 @@ def _time(fn, *args, repeats: int, what: str) -> float:
 def _check_blocks(args) -> None:
   if args.block_size % args.stride:
     raise UsageError(f"--stride {args.stride} must divide --block-size {args.block_size}")
-  if args.estimator == "alternating" and (args.block_size // args.stride) % 2:
-    raise UsageError(
-      f"--estimator alternating needs an even --block-size / --stride, got {args.block_size} / {args.stride}"
-    )
+  try:
+    check_estimator(args.estimator, stride=args.stride, block_size=args.block_size)
+  except ValueError as e:
+    raise UsageError(f"--estimator {args.estimator}: {e}") from None
 
 
 def _op(args) -> int:

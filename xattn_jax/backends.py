@@ -144,10 +144,12 @@ def _load(name) -> Backend:
 
 def resolve(implementation) -> tuple[str, ...] | None:
   """The backend names to try, in order; None for the default (`implementation=None`): each platform's order
-  (`_DEFAULT_ORDER`), chosen when the program is lowered (see `dispatch`)."""
+  (`_DEFAULT_ORDER`), chosen when the program is lowered (see `dispatch`). Inside an `on_each_platform` branch the
+  default is that platform's names, never None: a jitted function given them as a static argument is traced once per
+  branch (its trace cache is keyed by its arguments, not by the branch)."""
   implementation = normalize_implementation(implementation)
   if implementation is None:
-    return None
+    return None if _TARGET.get() is None else _default_names(_TARGET.get())
   names = implementation if isinstance(implementation, tuple) else (implementation,)
   for name in names:
     registered = name.name if is_configured_backend(name) else name
@@ -180,10 +182,8 @@ def _first_supported(names, call):
   raise NotImplementedError("; ".join(reasons))
 
 
-def default_names(platform: str) -> tuple[str, ...]:
-  """The registered backends of `platform`'s default order (a `jax.default_backend()` name). Pass these, not None,
-  to a jitted function called inside an `on_each_platform` branch: its trace is cached by its arguments, so a None
-  resolved from the branch's platform would be reused by the other branches."""
+def _default_names(platform: str) -> tuple[str, ...]:
+  """The registered backends of `platform`'s default order (a `jax.default_backend()` name)."""
   return tuple(n for n in _DEFAULT_ORDER.get(platform, ("xla",)) if n in _REGISTRY)
 
 
@@ -210,7 +210,7 @@ def on_each_platform(fn, *args):
 
 def _per_platform(call, *args):
   """`call(names, *args)` with each platform's default backend order (`on_each_platform`)."""
-  return on_each_platform(lambda platform, *args: call(default_names(platform), *args), *args)
+  return on_each_platform(lambda platform, *args: call(_default_names(platform), *args), *args)
 
 
 def dispatch(op: str, implementation, *args, **kwargs):

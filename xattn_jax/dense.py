@@ -231,7 +231,7 @@ def _dense(
       keep_sink=True,
       keep_diagonal=True,
       chunk=min(chunk, cdiv(dims.T, _BLOCK_SIZE) * _BLOCK_SIZE),
-      implementation=implementation or backends.default_names(platform),
+      implementation=implementation or backends.resolve(None),
       interpret=interpret,
       return_block_layout=False,
       dense=True,

@@ -22,7 +22,6 @@ import enum
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 
@@ -44,14 +43,6 @@ def check_estimator(estimator, *, stride: int, block_size: int) -> Estimator:
   if estimator is Estimator.ALTERNATING and (block_size // stride) % 2:
     raise ValueError(f"estimator='alternating' needs an even block_size / stride, got {block_size=}, {stride=}")
   return estimator
-
-
-def query_offsets(estimator: Estimator, stride: int) -> np.ndarray:
-  """int [2, s]: o_i(u) for even (row 0) and odd (row 1) strided query rows i."""
-  u = np.arange(stride)
-  paper = stride - 1 - u
-  odd = paper if estimator is Estimator.ANTIDIAGONAL else (stride - u) % stride
-  return np.stack([paper, odd])
 
 
 def arrange_query_groups(x: jax.Array, estimator: Estimator, *, row_axis: int, slot_axis: int) -> jax.Array:
