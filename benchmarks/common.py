@@ -3,8 +3,11 @@ relative error, and the traced-check scope that timed programs run in."""
 
 from __future__ import annotations
 
+import collections
 import functools
+import glob
 import statistics
+import tempfile
 import time
 
 import jax
@@ -46,6 +49,39 @@ def chained_in_one_jit(fn, calls: int):
     return x, total
 
   return jax.jit(run)
+
+
+def device_op_times(fn, *args, divide_by: int = 1, top: int = 15, warmup: bool = True) -> list[dict]:
+  """Where one call's device time goes: `fn(*args)` run once under `jax.profiler.trace`, the events of the
+  accelerator's planes (or the host's XLA threads where there is none) summed by name. On a GPU the "XLA Ops" line
+  names each HLO op (fusion, custom call, dot) with its kernels' time; the stream lines name the kernels. Rows
+  {line, name, ms, count} per line kind, each kind's `top` largest, times and counts divided by `divide_by` (the
+  steps of a loop, to report per step), largest first. `warmup=False` for a compiled fn that cannot run twice."""
+  if warmup:
+    jax.block_until_ready(fn(*args))  # compiled and warm: the trace holds one run
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      jax.block_until_ready(fn(*args))
+    (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+  planes = [p for p in data.planes if p.name.startswith("/device:")]
+  if not planes:
+    planes = [p for p in data.planes if p.name == "/host:CPU"]
+  totals = collections.defaultdict(lambda: [0.0, 0])
+  for plane in planes:
+    for line in plane.lines:
+      kind = "stream" if line.name.startswith("Stream") else line.name.split("/")[0]  # host threads: no id
+      if kind == "python":
+        continue
+      for event in line.events:
+        entry = totals[kind, event.name]
+        entry[0] += event.duration_ns / 1e6
+        entry[1] += 1
+  rows = []
+  for kind in sorted({k for k, _ in totals}):
+    named = sorted(((n, t) for (k, n), t in totals.items() if k == kind), key=lambda nt: -nt[1][0])
+    rows += [dict(line=kind, name=n, ms=t[0] / divide_by, count=t[1] / divide_by) for n, t in named[:top]]
+  return rows
 
 
 def fixed_density_layout(key, *, batch, heads, length, density) -> xa.BlockLayout:

@@ -5,13 +5,14 @@
 # one 600 s call. The decode step spends ~100 s on setup (random 8B weights, copy bandwidth, compiles).
 # Optional steps first, off unless given a limit: TTEST (GPU tests of default dispatch, export, dense and the
 # estimators; TESTS overrides the -k expression), TEST_SPEED (estimator_speed.py), TCOMP (probe_compile.py: compile
-# time per layer count, program and XLA flag).
+# time per layer count, program and XLA flag), T32 (8K and 32K TTFT). DECPROF=N prints where a decode step's device
+# time goes (the N largest ops per profile line).
 #   run(command="bash benchmarks/device_model.sh")                     # the model steps
 #   run(command="MODES=one-shot T128=240 TDEC=200 T256=120 bash benchmarks/device_model.sh")
 #   run(command="TTEST=240 TEST_SPEED=120 TCOMP=200 T128=0 TDEC=0 T256=0 bash benchmarks/device_model.sh")
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-quiet() { grep -v '^|' | grep -E '^ +[0-9]|^decode|^dense|^xattention|Error|error' | tail -24; }
+quiet() { grep -v '^|' | grep -E '^ +[0-9]|^decode|^dense|^xattention|Error|error' | tail -${QUIET_LINES:-24}; }
 step() { [ "$1" != 0 ]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import jax; print('jax', jax.__version__)" | tee -a "$OUT/env.txt"
@@ -31,7 +32,10 @@ step "${T128:-300}" && timeout ${T128:-300} python3 benchmarks/model_prefill.py 
   ${EXTRA128---extra-stride 16} --no-natural --target-densities ${TARGETS:-0.1} --modes ${MODES:-one-shot,chunked} \
   --out-dir "$OUT" --tag 128k --repeats 1 2>&1 | quiet
 step "${TDEC:-200}" && timeout ${TDEC:-200} python3 benchmarks/model_prefill.py --sections decode \
-  --decode-contexts 32768,131072 --decode-batches ${DECB:-1,8} --out-dir "$OUT" --tag decode 2>&1 | quiet
+  --decode-contexts 32768,131072 --decode-batches ${DECB:-1,8} --decode-profile ${DECPROF:-0} --out-dir "$OUT" \
+  --tag decode 2>&1 | quiet
+step "${T32:-0}" && timeout ${T32:-0} python3 benchmarks/model_prefill.py --lengths 8192,32768 --no-natural \
+  --target-densities ${TARGETS:-0.1} --modes one-shot,chunked --out-dir "$OUT" --tag 8k-32k --repeats 2 2>&1 | quiet
 step "${T256:-120}" && timeout ${T256:-120} python3 benchmarks/model_prefill.py --lengths 262144 --kinds xattention \
   --no-natural --modes one-shot --target-densities 0.1 --out-dir "$OUT" --tag 256k 2>&1 | quiet
 step "${TCP:-0}" && timeout ${TCP:-50} python3 benchmarks/context_parallel.py --lengths 131072 --devices 1 \

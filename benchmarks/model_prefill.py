@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 import statistics
 import sys
@@ -42,7 +43,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import xattn_jax as xa
-from benchmarks.common import fixed_density_layout, timed, without_traced_checks
+from benchmarks.common import device_op_times, fixed_density_layout, timed, without_traced_checks
 from benchmarks.result_files import add_output_args, csv_of, metadata, stem_file, write_result
 from xattn_jax.models import AttentionConfig, Generator, Transformer, from_pretrained, llama3_1_8b
 
@@ -384,6 +385,15 @@ def decode_section(args, model, result, write):
         f"{roofline_step * 1e3:6.2f} ms ({row['fraction_of_roofline']:.0%} of it)",
         flush=True,
       )
+      if args.decode_profile:
+        cache = fill(cache, jax.random.key(0))
+        run_once = functools.partial(gen.decode, max_new_tokens=args.decode_tokens)
+        row["profile"] = device_op_times(
+          run_once, logits, cache, divide_by=args.decode_tokens, top=args.decode_profile, warmup=False
+        )
+        for op in row["profile"]:
+          where = f"{op['ms']:8.4f} ms {op['count']:6.1f}x {op['line']}: {op['name']}"
+          print(f"decode {context:>7} x{batch} per step: {where}", flush=True)
       write()
       del cache, gen
 
@@ -517,6 +527,9 @@ def main(argv=None) -> int:
   parser.add_argument("--decode-contexts", type=ints, default=[32768, 131072])
   parser.add_argument("--decode-batches", type=ints, default=[1, 8])
   parser.add_argument("--decode-tokens", type=int, default=64)
+  parser.add_argument(
+    "--decode-profile", type=int, default=0, help="after timing, where one step's device time goes: the N largest ops"
+  )
   parser.add_argument("--seed", type=int, default=0)
   add_output_args(parser)
   args = parser.parse_args(argv)
