@@ -584,7 +584,47 @@ def summarize(records: list[dict], configs: list[str]) -> dict:
     layers = [r["layer_density"] for r in records if r["config"] == c and c != "dense"]
     if layers:
       per_config[c]["layer_density"] = np.round(np.mean(layers, axis=0), 4).tolist()
-  return dict(tasks=tasks, lengths=lengths, configs=configs, cells=cells, per_config=per_config)
+  return dict(
+    tasks=tasks,
+    lengths=lengths,
+    configs=configs,
+    cells=cells,
+    per_config=per_config,
+    within_dense=lowest_density_within(cells, WITHIN_DENSE),
+  )
+
+
+WITHIN_DENSE = 0.02  # the issue's accuracy target: within 2 points of dense (pooled over tasks, paired)
+
+
+def estimator_of(config: str) -> str:
+  return "alternating" if config.endswith("_alt") else "antidiagonal"
+
+
+def lowest_density_within(cells: list[dict], margin: float) -> list[dict]:
+  """Per length and estimator: of the XAttention configs whose pooled accuracy is at most `margin` below dense's
+  (the paired difference on the same samples), the one of lowest density; config None where none is."""
+  rows = []
+  pooled = [c for c in cells if c["task"] == "all" and "vs_dense" in c]
+  for length in sorted({c["length"] for c in pooled}):
+    for estimator in ("antidiagonal", "alternating"):
+      mine = [c for c in pooled if c["length"] == length and estimator_of(c["config"]) == estimator]
+      if not mine:
+        continue
+      ok = [c for c in mine if c["vs_dense"]["diff"] >= -margin]
+      best = min(ok, key=lambda c: c["density"]) if ok else None
+      rows.append(
+        dict(
+          length=length,
+          estimator=estimator,
+          configs=len(mine),
+          config=best and best["config"],
+          density=best and best["density"],
+          diff=best and best["vs_dense"]["diff"],
+          se=best and best["vs_dense"]["se"],
+        )
+      )
+  return rows
 
 
 def _fmt_acc(c) -> str:
@@ -658,6 +698,21 @@ def to_markdown(result: dict) -> str:
         row += [_fmt_acc(c), delta, f"{c['density']:.3f}"]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+  within = summary.get("within_dense")  # reports written before this section have none
+  if within:
+    lines += [
+      f"## Lowest density within {100 * WITHIN_DENSE:.0f} points of dense (all tasks pooled, paired difference)",
+      "",
+      "| length | estimator | configs run | config | density | Δ vs dense |",
+      "|---|---|---|---|---|---|",
+    ]
+    for w in within:
+      found = w["config"] is not None
+      lines.append(
+        f"| {w['length']} | {w['estimator']} | {w['configs']} | {w['config'] if found else 'none of them'} | "
+        + (f"{w['density']:.3f} | {100 * w['diff']:+.1f} ± {100 * w['se']:.1f} |" if found else " | |")
+      )
+    lines.append("")
   lines += [
     f"## Time per sample (median, compilation excluded; prompt + answer, {run_args['dtype']}, batches of "
     f"{run_args.get('batch', 1)} on this device)",
@@ -694,6 +749,57 @@ def to_markdown(result: dict) -> str:
       )
     lines.append("")
   return "\n".join(lines) + "\n"
+
+
+def plot_estimators(path: pathlib.Path, summary: dict) -> None:
+  """One panel per length: pooled accuracy against density, one line per estimator through its configs (in order
+  of density), dense's accuracy and the 2-point band below it."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  lengths = summary["lengths"]
+  fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.8), squeeze=False)
+  pooled = [c for c in summary["cells"] if c["task"] == "all"]
+  for ax, length in zip(axes[0], lengths):
+    here = [c for c in pooled if c["length"] == length]
+    dense = next((c for c in here if c["config"] == "dense"), None)
+    if dense is not None:
+      ax.axhline(100 * dense["accuracy"], color="black", lw=1, label="dense")
+      ax.axhspan(100 * (dense["accuracy"] - WITHIN_DENSE), 100 * dense["accuracy"], color="grey", alpha=0.2)
+    for estimator, marker in (("antidiagonal", "o"), ("alternating", "s")):
+      mine = sorted(
+        (c for c in here if c["config"] != "dense" and estimator_of(c["config"]) == estimator),
+        key=lambda c: c["density"],
+      )
+      if not mine:
+        continue
+      line = ax.errorbar(
+        [c["density"] for c in mine],
+        [100 * c["accuracy"] for c in mine],
+        yerr=[100 * c["se"] for c in mine],
+        marker=marker,
+        capsize=2,
+        label=estimator,
+      )
+      for c in mine:
+        ax.annotate(
+          c["config"].removesuffix("_alt"),
+          (c["density"], 100 * c["accuracy"]),
+          fontsize=6,
+          color=line[0].get_color(),
+          xytext=(3, 3),
+          textcoords="offset points",
+        )
+    ax.set_title(f"{length} tokens")
+    ax.set_xlabel("block density")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("accuracy (%), all tasks pooled")
+  axes[0][0].legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def plot_accuracy_density(path: pathlib.Path, summary: dict) -> None:
@@ -785,6 +891,8 @@ def report(args, env: dict, stem: pathlib.Path, argv=None) -> dict:
   )
   stem = write_result(result, script=SCRIPT, tag=args.tag, out_dir=args.out_dir, to_markdown=to_markdown)
   plot_accuracy_density(stem_file(stem, "-accuracy-density.png"), summary)
+  if any(estimator_of(c) == "alternating" for c in summary["configs"]):
+    plot_estimators(stem_file(stem, "-estimators.png"), summary)
   _log(f"wrote {stem}.json, .md, -accuracy-density.png")
   return summary
 

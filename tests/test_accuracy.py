@@ -106,6 +106,36 @@ def test_statistics():
     niah.parse_config("dense_alt", cal_stride=8)
 
 
+def test_lowest_density_within_dense_per_estimator(tmp_path):
+  """The #18 summary: per length and estimator the sparsest config at most 2 points below dense (paired), or none;
+  and its plot of both estimators."""
+  niah = _niah()
+  # 100 samples at one length; dense answers all; each config fails `misses` of them at density `d`.
+  plan = {
+    "dense": (0, 1.0),
+    "s8_t0.9": (5, 0.3),
+    "s8_t0.95": (1, 0.5),
+    "s8_t0.9_alt": (2, 0.31),
+    "s8_t0.8_alt": (9, 0.2),
+  }
+  records = [
+    dict(
+      id=i, config=c, task="single", length=2048, score=float(i >= misses), density=d, compiled=True, layer_density=[d]
+    )
+    for c, (misses, d) in plan.items()
+    for i in range(100)
+  ]
+  summary = niah.summarize(records, list(plan))
+  got = {(w["estimator"], w["config"]) for w in summary["within_dense"]}
+  assert got == {("antidiagonal", "s8_t0.95"), ("alternating", "s8_t0.9_alt")}
+  alt = next(w for w in summary["within_dense"] if w["estimator"] == "alternating")
+  assert alt["density"] == pytest.approx(0.31) and alt["diff"] == pytest.approx(-0.02) and alt["configs"] == 2
+  strict = niah.lowest_density_within(summary["cells"], 0.0)
+  assert [w["config"] for w in strict] == [None, None]
+  niah.plot_estimators(tmp_path / "e.png", summary)
+  assert (tmp_path / "e.png").stat().st_size > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-head math against float64 oracles
 
