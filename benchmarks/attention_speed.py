@@ -7,6 +7,11 @@ warm-up (host clock around `block_until_ready`; calls of 0.1 ms and up, so launc
 baseline timed the same way in the same process. Fixed-density layouts keep, in every query block row, the diagonal
 block and round(d * allowed) - 1 random other allowed blocks, so the density is d of the causal blocks.
 Writes <out-dir>/attention_speed/<card>/<date>-<tag>.json and .md.
+
+--peers flex,sdpa (needs torch in the same Python, as on the GPU machine; imported only then) times PyTorch in the
+same process on the same inputs: FlexAttention on each layout our kernel just ran (benchmarks/peers_torch.py builds
+its BlockMask from the layout's bool block mask), next to our row, and dense causal torch SDPA (cuDNN) next to the
+JAX cuDNN row, each with its output's error against ours / JAX cuDNN's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import xattn_jax as xa
-from benchmarks.common import BLOCK, chained_in_one_jit, fixed_density_layout, rel_err, timed
+from benchmarks.common import BLOCK, block_mask_of, chained_in_one_jit, fixed_density_layout, rel_err, timed
 from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
 from xattn_jax.synthetic import llm_like_qkv
 
@@ -45,8 +50,19 @@ def sparse_flops(layout: xa.BlockLayout, head_dim: int) -> float:
   return 4.0 * head_dim * BLOCK * BLOCK * float(jnp.sum(layout.counts))
 
 
+PEERS = ("flex", "sdpa")
+
+
 def run(args, argv=None) -> dict:
   rows = []
+  peers = None
+  if args.peers:
+    from benchmarks import peers_torch as peers  # torch: only here, after the flags parsed
+
+    device = peers.default_device()
+
+  def measure_peer(fn):
+    return peers.timed(fn, device=device, repeats=args.repeats, pipeline=args.pipeline)
 
   def measure(fn, *fn_args):
     """Per call: `timed` on one call, or with --in-jit N on N chained calls in one program (divided by N)."""
@@ -79,6 +95,29 @@ def run(args, argv=None) -> dict:
         )
       )
       print(f"{length:>7} K={kv_heads:<2} dense {args.dense_implementation:<14} {base['ms']:9.3f} ms", flush=True)
+      if peers is not None:
+        tq, tk, tv = peers.qkv_to_torch(q, k, v, device=device)
+      if "sdpa" in args.peers:
+        sdpa, gqa = peers.sdpa_causal(tq, tk, tv, backend=args.sdpa_backend)
+        t = measure_peer(sdpa)
+        got = sdpa()
+        entry = dict(
+          shape,
+          what=f"torch sdpa {args.sdpa_backend}",
+          gqa=gqa,
+          density=1.0,
+          **t,
+          ratio=t["ms"] / base["ms"],
+          tflops=dense_flops / t["ms"] / 1e9,
+          rel_err_vs_cudnn=peers.rel_err(got, jax.block_until_ready(dense(q, k, v))),
+        )
+        rows.append(entry)
+        del sdpa, got
+        print(
+          f"{length:>7} K={kv_heads:<2} torch sdpa {args.sdpa_backend:<9} {t['ms']:9.3f} ms  "
+          f"{entry['ratio']:.3f}x dense ({gqa}), rel err {entry['rel_err_vs_cudnn']:.2e}",
+          flush=True,
+        )
       if "sparse" in args.sections:
         sparse = jax.jit(
           lambda q, k, v, layout: xa.block_sparse_attention(
@@ -108,6 +147,29 @@ def run(args, argv=None) -> dict:
             f"{entry['ratio']:.3f}x dense (target <= {entry['target_ratio']:.3f})  {entry['tflops']:.0f} TFLOP/s",
             flush=True,
           )
+          if "flex" in args.peers:  # FlexAttention on the blocks our kernel just ran
+            block_mask = peers.flex_block_mask(block_mask_of(layout), device=device)
+            t = measure_peer(lambda: peers.flex_attention(tq, tk, tv, block_mask))
+            got = peers.flex_attention(tq, tk, tv, block_mask)
+            flex = dict(
+              shape,
+              what="torch flex_attention",
+              gqa="enable_gqa" if peers.gqa_supported() else "repeated kv heads",
+              density=real_d,
+              **t,
+              ratio=t["ms"] / base["ms"],
+              vs_ours=t["ms"] / entry["ms"],
+              tflops=sparse_flops(layout, args.head_dim) / t["ms"] / 1e9,
+              rel_err_vs_ours=peers.rel_err(got, jax.block_until_ready(sparse(q, k, v, layout))),
+            )
+            rows.append(flex)
+            del got, block_mask
+            print(
+              f"{length:>7} K={kv_heads:<2} flex   d={real_d:5.3f}     {t['ms']:9.3f} ms  {flex['ratio']:.3f}x dense  "
+              f"flex/ours {flex['vs_ours']:.3f}  events {t.get('event_ms', float('nan')):.3f} ms  "
+              f"rel err vs ours {flex['rel_err_vs_ours']:.2e}  first call {t['first_call_s']:.1f} s",
+              flush=True,
+            )
       for stride in args.strides if "estimator" in args.sections else ():
         est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride, implementation=args.implementation))
         t = measure(est, q, k)
@@ -182,7 +244,9 @@ def run(args, argv=None) -> dict:
             flush=True,
           )
           del scores
-  return dict(
+      if peers is not None:
+        del tq, tk, tv
+  result = dict(
     metadata(SCRIPT, argv),
     rows=rows,
     heads=args.heads,
@@ -191,6 +255,9 @@ def run(args, argv=None) -> dict:
     pipeline=args.pipeline,
     in_jit=args.in_jit,
   )
+  if peers is not None:
+    result.update(peers=args.peers, torch=peers.torch.__version__, torch_device=device)
+  return result
 
 
 def to_markdown(result: dict) -> str:
@@ -210,11 +277,32 @@ def to_markdown(result: dict) -> str:
       else ""
     ),
     "",
+    *(
+      [
+        f"Peers in the same process: torch {result['torch']} on {result['torch_device']}, the same q/k/v; flex rows "
+        "run FlexAttention (torch.compile) on the block layout of the sparse row above them. Their ms is timed as "
+        "ours (host clock, dispatch included); `flex/ours` = flex ms / our ms; `events` = CUDA-event median of the "
+        "same calls (the GPU's time without the host's dispatch gaps)."
+        + (
+          " Our rows here are chained calls in one program and the peers' single calls: compare their events."
+          if result.get("in_jit", 1) > 1
+          else ""
+        ),
+        "",
+      ]
+      if "torch" in result
+      else []
+    ),
     "| T | K | what | density | ms | spread ms | ratio | target | TFLOP/s | note |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
-    note = ", ".join(f"{k}={r[k]:.2e}" for k in ("rel_err_vs_cudnn", "rel_err_vs_dense") if k in r)
+    note = ", ".join(
+      [f"{k}={r[k]:.2e}" for k in ("rel_err_vs_cudnn", "rel_err_vs_dense", "rel_err_vs_ours") if k in r]
+      + ([f"flex/ours={r['vs_ours']:.3f}"] if "vs_ours" in r else [])
+      + ([f"events {r['event_ms']:.3f} ms"] if "event_ms" in r else [])
+      + ([r["gqa"]] if r.get("gqa") == "repeated kv heads" else [])
+    )
     dens = "" if r["density"] is None else f"{r['density']:.3f}"
     lines.append(
       f"| {r['T']} | {r['K']} | {r['what']} | {dens} | {r['ms']:.3f} | {r['spread_ms']:.3f} | {r['ratio']:.3f} | "
@@ -263,6 +351,16 @@ def main(argv=None) -> int:
     "layers run: the GPU's cost without per-call host dispatch)",
   )
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+    "--peers",
+    type=csv_of(str),
+    default=[],
+    help=f"PyTorch peers timed in the same process (comma separated, of {','.join(PEERS)}): FlexAttention on each "
+    "sparse layout, torch SDPA next to the dense row; needs torch importable",
+  )
+  parser.add_argument(
+    "--sdpa-backend", default="cudnn", choices=["cudnn", "flash", "efficient", "math"], help="of --peers sdpa"
+  )
   add_output_args(parser)
   parser.add_argument(
     "--traced-checks",
@@ -273,6 +371,15 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.pipeline < 1:
     parser.error(f"--pipeline {args.pipeline} must be >= 1")
+  if unknown := [p for p in args.peers if p not in PEERS]:
+    parser.error(f"--peers {','.join(unknown)}: not among {','.join(PEERS)}")
+  if "flex" in args.peers and "sparse" not in args.sections:
+    parser.error("--peers flex runs on the sparse section's layouts: add sparse to --sections")
+  if args.peers:
+    try:
+      import torch  # noqa: F401
+    except ImportError as e:
+      parser.error(f"--peers {','.join(args.peers)} needs torch in this Python ({e})")
   if args.repeats < 20:
     print("note: fewer than 20 repeats; the results are not for the record", file=sys.stderr)
   with xa.traced_checks(args.traced_checks == "on"):

@@ -12,6 +12,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import xattn_jax as xa
 
@@ -95,6 +96,12 @@ def fixed_density_layout(key, *, batch, heads, length, density) -> xa.BlockLayou
   rank = jnp.argsort(jnp.argsort(-u, axis=-1), axis=-1)
   keep = jnp.maximum(1, jnp.round(density * jnp.sum(allowed, axis=-1, keepdims=True))).astype(jnp.int32)
   return xa.BlockLayout.from_dense(rank < keep, block_size=BLOCK, allowed=allowed)
+
+
+def block_mask_of(layout: xa.BlockLayout) -> np.ndarray:
+  """The layout as a NumPy bool block mask [B, N, nQb, nKb], True at the selected blocks: what a peer outside JAX
+  (benchmarks.peers_torch) builds its own mask from, so that it runs on exactly the blocks our kernel ran."""
+  return np.asarray(layout.to_dense())
 
 
 def rel_err(got, want) -> float:

@@ -1,5 +1,7 @@
 """The benchmarks package's result files: the shared writer's layout and metadata, and `benchmarks.render`
-regenerating the same markdown from the json (in process and as `python benchmarks/render.py`)."""
+regenerating the same markdown from the json (in process and as `python benchmarks/render.py`); attention_speed.py
+end to end at a toy size, and the block mask it hands to the PyTorch peers (tests/test_peers_torch.py checks those
+where torch imports)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,15 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
+import xattn_jax as xa
 from benchmarks import attention_speed, render
+from benchmarks.common import BLOCK, block_mask_of, fixed_density_layout
 from benchmarks.result_files import result_stem, stem_file, write_result
+from tests import oracle
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROW = dict(
@@ -71,3 +79,59 @@ def test_render_names_the_script_by_folder_for_old_files(tmp_path):
     script + ["--check", str(stem_file(stem, ".json"))], capture_output=True, text=True, cwd=tmp_path
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+TOY = ["--lengths", "256", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--implementation", "xla"]
+TOY += ["--dense-implementation", "xla", "--repeats", "2"]
+
+
+def test_attention_speed_runs_without_peers(tmp_path):
+  """The sparse section at a toy size with XLA on both sides (the GPU run uses cuDNN and the Mosaic GPU kernel);
+  no --peers: no torch rows, no torch import."""
+  args = TOY + ["--densities", "50,100", "--sections", "sparse", "--out-dir", str(tmp_path), "--tag", "toy"]
+  assert attention_speed.main(args) == 0
+  (result_file,) = tmp_path.glob("attention_speed/*/*-toy.json")
+  result = json.loads(result_file.read_text())
+  assert [r["what"] for r in result["rows"]] == ["dense xla"] + ["sparse kernel"] * 2
+  assert result["rows"][-1]["density"] == 1.0 and result["rows"][-1]["rel_err_vs_cudnn"] < 2e-2  # all == dense
+  assert "torch" not in result and "torch" not in sys.modules
+  assert result_file.with_suffix(".md").read_text() == attention_speed.to_markdown(result)
+
+
+def test_attention_speed_peers_flags():
+  with pytest.raises(SystemExit, match="2"):
+    attention_speed.main(TOY + ["--peers", "flash"])  # not a peer
+  with pytest.raises(SystemExit, match="2"):
+    attention_speed.main(TOY + ["--peers", "flex", "--sections", "estimator"])  # flex needs the sparse layouts
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    with pytest.raises(SystemExit, match="2"):  # a parser error naming torch, before any JAX work
+      attention_speed.main(TOY + ["--peers", "flex"])
+
+
+def test_markdown_of_peer_rows():
+  flex = dict(ROW, what="torch flex_attention", ms=1.0, vs_ours=0.8, event_ms=0.9, rel_err_vs_ours=1e-3)
+  result = dict(_result(), card="NVIDIA H100", jax="0.11.2", date="2026-12-06", rows=[ROW, flex])
+  result.update(torch="2.11.0", torch_device="cuda", peers=["flex"])
+  md = attention_speed.to_markdown(result)
+  assert "torch 2.11.0 on cuda" in md
+  assert "rel_err_vs_ours=1.00e-03, flex/ours=0.800, events 0.900 ms |" in md
+
+
+def test_block_mask_handed_to_peers_is_what_the_kernel_runs():
+  """block_mask_of(layout) -> the SPEC §4 oracle (token mask: the selected blocks, causal) == our kernel on the
+  layout; the torch test runs FlexAttention against the same oracle from the same kind of block mask."""
+  B, T, N, K, H = 1, 512, 4, 2, 64
+  layout = fixed_density_layout(jax.random.key(3), batch=B, heads=N, length=T, density=0.5)
+  mask = block_mask_of(layout)
+  nb = T // BLOCK
+  assert isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.shape == (B, N, nb, nb)
+  assert (mask[..., np.arange(nb), np.arange(nb)]).all() and not np.triu(mask, 1).any()  # diagonal, causal blocks
+  np.testing.assert_array_equal(mask.sum(-1), np.asarray(layout.counts))
+  kq, kk, kv = jax.random.split(jax.random.key(4), 3)
+  q = jax.random.normal(kq, (B, T, N, H), jnp.float32)
+  k, v = (jax.random.normal(key, (B, T, K, H), jnp.float32) for key in (kk, kv))
+  got = xa.block_sparse_attention(q, k, v, layout, causal=True, implementation="xla")
+  want, _ = oracle.attention(q, k, v, mask, block_size=BLOCK, causal=True)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
