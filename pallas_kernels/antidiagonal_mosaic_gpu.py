@@ -2,22 +2,32 @@
 
 One pass, no [T/s, S/s] matrix in HBM. The strided logits are z = sum_u Q_u K_u^T with
     Q_u = q.reshape(B, T/s, s, N, H)[b, :, s-1-u, n, :]      K_u = k.reshape(B, S/s, s, K, H)[b, :, u, n//G, :]
-(both free reshapes, so every operand is a plain TMA box). Another estimator of SPEC §1.7 pairs key offset u with
-query offset o_i(u) instead of s-1-u; one fused XLA copy of q (`_kernel_query_order`) stores o_i(u) at slot s-1-u,
-so the kernel is the same: at 128K, 32 heads, H = 128 that is 2 GiB of HBM traffic, ~0.7 ms at 3 TB/s next to
-the estimator's 18-19 ms; measured on an H100 the alternating estimator costs 1.06-1.16x the paper's at 128K and
-1.17-1.46x at 32K, where the copy is a larger share (the paper's order needs no copy). Reading the two row parities
-with two TMA boxes instead (even rows to one consumer warpgroup, odd rows to the other) would remove the copy.
+(both free reshapes, so every operand is a plain TMA box). The other estimator of SPEC §1.7 ("alternating") pairs
+key offset u with query offset o_i(u) = s-1-u on even strided rows i and (s-u) mod s on odd rows, which no single
+box of that view holds. So for it q is viewed as row pairs, q.reshape(B, T/2s, 2s, N, H) (free too), where slot
+p*s + o of pair i/2 is token o of strided row i of parity p, and each step loads two boxes of it:
+    even rows: [b, CTA's 64 pairs, s-1-u,           n, h-chunk]  -> q_smem rows  0..63  (WG0)
+    odd rows:  [b, CTA's 64 pairs, s + (s-u) mod s, n, h-chunk]  -> q_smem rows 64..127 (WG1)
+So WG w holds the CTA's rows of parity w (row0 + 2k + w at its row k) instead of rows row0 + 64w + k, and the
+epilogue regroups (see `_combine`); the kernel's outputs keep their layout, indexed by CTA row position. No XLA
+copy of q (the earlier build reordered q by one fused XLA copy before the kernel: 2 GiB of HBM traffic at 128K,
+32 heads, H = 128; measured on an H100 1.06-1.16x the paper's time at 128K and 1.17-1.46x at 32K).
+Budget of the two boxes: the same bytes per step into the same q_smem slot (SMEM unchanged); one TMA descriptor
+(both boxes are [64, chunk] boxes of the one row-pair view, at different slot coordinates); the q barrier of each
+slot counts 2 arrivals (one arrive.expect_tx per box) instead of 1, no new barriers. Every box row is still one
+contiguous 128-byte run (chunk = 64 bf16), only the row stride doubles. The paper's estimator compiles to the same
+kernel and XLA program as before (one [128, chunk] box per step).
 
 Kernel (grid (heads x key_splits, row blocks, batch), optional 2-CTA cluster over heads; 3 warpgroups):
   WG2 (producer)   streams the contraction (u, h-chunk) in steps of `chunk` = 64 columns of s*H: per step one TMA of
-                   the CTA's 128 strided query rows [128, 64] and one of the key tile [block_n, 64] into a ring of
-                   `num_stages` slots.
-  WG0, WG1         64 strided rows each. Per key tile of block_n strided columns: acc[64, block_n] += Q_u K_u^T over
-                   all steps (wgmma, bf16/f16 in, f32 acc); then online softmax statistics (m, l per row, base 2)
-                   and the per-row partial block sums  C = exp2(z*c - m_tile) @ E, E the [block_n, block_n/g] 0/1
-                   indicator of "column j is in key block c" (g = blk/s strided columns per block): a second, tiny
-                   wgmma with f16 P. C [64, block_n/g] and m_tile [64] go to GMEM by TMA.
+                   the CTA's 128 strided query rows [128, 64] (alternating: two [64, 64], one per row parity) and
+                   one of the key tile [block_n, 64] into a ring of `num_stages` slots.
+  WG0, WG1         64 strided rows each (alternating: the CTA's even / odd rows). Per key tile of block_n strided
+                   columns: acc[64, block_n] += Q_u K_u^T over all steps (wgmma, bf16/f16 in, f32 acc); then online
+                   softmax statistics (m, l per row, base 2) and the per-row partial block sums
+                   C = exp2(z*c - m_tile) @ E, E the [block_n, block_n/g] 0/1 indicator of "column j is in key block
+                   c" (g = blk/s strided columns per block): a second, tiny wgmma with f16 P. C [64, block_n/g]
+                   and m_tile [64] go to GMEM by TMA.
   The causal diagonal: a CTA runs only the key tiles with any allowed cell ("count"); the first "n_full" tiles
   are allowed for every row of the CTA and skip the iota mask. Causal row blocks run longest first.
   Options (ScoresConfig): cluster_heads=2 multicasts each K chunk to the CTAs of two query heads sharing a kv head;
@@ -42,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xattn_jax.pallas_kernels.common import Operand, as_enum
-from xattn_jax.estimators import Estimator, arrange_query_groups
+from xattn_jax.estimators import Estimator, check_estimator
 from xattn_jax.geometry import Geometry, cdiv
 
 _LOG2E = math.log2(math.e)
@@ -105,6 +115,7 @@ def _kernel(
   *,
   s: int,
   g: int,
+  phases: int,
   causal: bool,
   c_scale: float,
   group: int,
@@ -143,7 +154,9 @@ def _kernel(
     # Last allowed strided column per row (SPEC §1.3; jmax is nondecreasing in the row).
     q_len, kv_len, q_pos = qlen_ref[b], kvlen_ref[b], qpos_ref[b]
     kv_last = lax.div(kv_len + (s - 1), s) - 1
-    rows = plgpu.broadcasted_iota(jnp.int32, (_ROWS_PER_WG,), 0, layout=row_layout) + r0
+    rows = plgpu.broadcasted_iota(jnp.int32, (_ROWS_PER_WG,), 0, layout=row_layout)
+    # The strided rows of this WG: its own 64 (one phase), or every other row of the CTA's 128 (WG w = parity w).
+    rows = rows + r0 if phases == 1 else rows * 2 + (row0 + wg)
     if causal:
       lim = q_pos + jnp.minimum(rows * s + (s - 1), q_len - 1)
       jc = jnp.where(lim < 0, -1, lax.div(jnp.maximum(lim, 0), s))
@@ -243,9 +256,18 @@ def _kernel(
       kk = lax.rem(gs, nsteps)
       u = lax.div(kk, hc_per_u)
       h0 = lax.rem(kk, hc_per_u) * ch
-      plgpu.copy_gmem_to_smem(
-        q5_ref.at[b, pl.ds(row0, cfg.cta_rows), s - 1 - u, n, pl.ds(h0, ch)], q_smem.at[slot], q_bars.at[slot]
-      )
+      if phases == 1:  # the paper's o(u) = s-1-u: slot s-1-u of all 128 rows, one box
+        plgpu.copy_gmem_to_smem(
+          q5_ref.at[b, pl.ds(row0, cfg.cta_rows), s - 1 - u, n, pl.ds(h0, ch)], q_smem.at[slot], q_bars.at[slot]
+        )
+      else:  # q5 holds row pairs [.., 2s, ..]: box p is the 64 rows of parity p at their own o_p(u) (SPEC §1.7)
+        half = cfg.cta_rows // 2
+        for p, o in enumerate((s - 1 - u, lax.rem(s - u, s))):
+          plgpu.copy_gmem_to_smem(
+            q5_ref.at[b, pl.ds(rb * half, half), p * s + o, n, pl.ds(h0, ch)],
+            q_smem.at[slot, pl.ds(p * half, half)],
+            q_bars.at[slot],
+          )
       plgpu.copy_gmem_to_smem(
         k5_ref.at[b, pl.ds(t * bn, bn), u, kvh, pl.ds(h0, ch)],
         k_smem.at[slot],
@@ -304,16 +326,6 @@ def supports(q, k, *, stride: int, block_size: int, config: ScoresConfig = Score
   return None
 
 
-def _kernel_query_order(q5: jax.Array, estimator: Estimator) -> jax.Array:
-  """q5 [B, T/s, s, N, H] in token order -> the order the kernel reads (slot s-1-u holds the query offset paired
-  with key offset u): the reverse of the estimator's Qr order; the identity for the paper's antidiagonal. One fused
-  XLA copy of q (written as slices and concatenations instead it measured the same or slower on an H100:
-  benchmarks/notes_antidiagonal_mosaic_gpu.md)."""
-  if estimator is Estimator.ANTIDIAGONAL:
-    return q5
-  return jnp.flip(arrange_query_groups(q5, estimator, row_axis=1, slot_axis=2), 2)
-
-
 @functools.partial(
   jax.jit,
   static_argnames=("stride", "block_size", "causal", "scale", "interpret", "config", "return_parts", "estimator"),
@@ -338,6 +350,8 @@ def antidiagonal_scores(
   reason = supports(q, k, stride=stride, block_size=block_size, config=config)
   if reason is not None:
     raise NotImplementedError(f"antidiagonal_scores (mosaic gpu) does not support {reason}")
+  estimator = check_estimator(estimator, stride=stride, block_size=block_size)
+  phases = 1 if estimator is Estimator.ANTIDIAGONAL else 2  # strided-row phases of the query order (SPEC §1.7)
   B, T, N, H = q.shape
   _, S, K, _ = k.shape
   s, blk, bn = stride, block_size, config.block_n
@@ -361,7 +375,8 @@ def antidiagonal_scores(
     x = lax.cond(jnp.any(lengths % s != 0), zero, lambda x: x, x)
     return jnp.pad(x, ((0, 0), (0, total - x.shape[1]), (0, 0), (0, 0)))
 
-  q5 = _kernel_query_order(zero_pad(q, geometry.q_lengths, Tp).reshape(B, Trp, s, N, H), estimator)
+  # [B, Trp, s, N, H], or row pairs [B, Trp/2, 2s, N, H] for two phases: a free reshape either way.
+  q5 = zero_pad(q, geometry.q_lengths, Tp).reshape(B, Trp // phases, phases * s, N, H)
   k5 = zero_pad(k, geometry.kv_lengths, Sp).reshape(B, Sp // s, s, K, H)
   count, n_full = _tables(geometry, s=s, nrb=nrb, cta_rows=config.cta_rows, bn=bn, causal=causal)
   e = jnp.asarray(indicator(bn, g))
@@ -374,7 +389,7 @@ def antidiagonal_scores(
     plgpu.SMEM((_NUM_CONSUMERS, _ROWS_PER_WG, bn), jnp.float16) if config.p_operand == "smem" else None,
     plgpu.SMEM((_NUM_CONSUMERS, _ROWS_PER_WG, ng), jnp.float32),  # c_smem
     plgpu.SMEM((_NUM_CONSUMERS, _ROWS_PER_WG), jnp.float32),  # v_smem (m_tile, final m, l)
-    plgpu.Barrier(num_barriers=ns),  # q loaded
+    plgpu.Barrier(num_arrivals=phases, num_barriers=ns),  # q loaded (one TMA box per phase)
     plgpu.Barrier(num_barriers=ns),  # k loaded
     (
       plgpu.ClusterBarrier(collective_axes=("cl",), num_arrivals=_NUM_CONSUMERS, num_barriers=ns)
@@ -386,7 +401,7 @@ def antidiagonal_scores(
   if interpret is True:
     interpret = plgpu.InterpretGPUParams(out_of_bounds_reads="raise")
   kernel = functools.partial(
-    _kernel, s=s, g=g, causal=causal, c_scale=scale / s * _LOG2E, group=N // K, nrb=nrb, cfg=config
+    _kernel, s=s, g=g, phases=phases, causal=causal, c_scale=scale / s * _LOG2E, group=N // K, nrb=nrb, cfg=config
   )
   part, mt, ml = plgpu.kernel(
     kernel,
@@ -411,14 +426,20 @@ def antidiagonal_scores(
   )(q5, k5, e, count, n_full, geometry.q_lengths, geometry.kv_lengths, geometry.q_positions)
   if return_parts:
     return part, mt, ml, count
-  return _combine(part, mt, ml, count, geometry, s=s, g=g, ng=ng, nqb=nqb, nkb=nkb, cta_rows=config.cta_rows)
+  return _combine(
+    part, mt, ml, count, geometry, s=s, g=g, ng=ng, nqb=nqb, nkb=nkb, cta_rows=config.cta_rows, phases=phases
+  )
 
 
-def _combine(part, mt, ml, count, geometry, *, s, g, ng, nqb, nkb, cta_rows):
+def _combine(part, mt, ml, count, geometry, *, s, g, ng, nqb, nkb, cta_rows, phases):
   """A[b,n,r,c] = sum_{i in r} part[i,c] * exp2(m_tile[i, c // ng] - m[i]) / l[i] over visited tiles, real rows.
 
   part is [B, N, Trp, ntiles*ng] f32 (1/g of the strided logits); tiles a CTA never visited hold garbage (even NaN),
   so they are removed with a where, fused into the single reduction pass over part.
+  The kernel's outputs (part, m_tile, m, l) are per CTA row position p = 64 w + k (WG w, its row k). With one phase
+  that is strided row p; with two, WG w held the rows of parity w, so p is row 2k + w, and query block r (g rows)
+  gathers k in [r g/2, (r+1) g/2) of both WGs. E.g. g = 16: block 0 = positions 0-7 (rows 0, 2, .., 14) and 64-71
+  (rows 1, 3, .., 15).
   """
   B, N, Trp, C = part.shape
   ntiles = C // ng
@@ -427,7 +448,10 @@ def _combine(part, mt, ml, count, geometry, *, s, g, ng, nqb, nkb, cta_rows):
   m = jnp.max(m_s, axis=2)
   m = jnp.where(m == -jnp.inf, 0.0, m)
   l = jnp.sum(jnp.where(l_s > 0, l_s * jnp.exp2(jnp.minimum(m_s - m[:, :, None], 0.0)), 0.0), axis=2)
-  rows = jnp.arange(Trp, dtype=jnp.int32)
+  rows = jnp.arange(Trp, dtype=jnp.int32)  # position -> strided row
+  if phases == 2:
+    half = cta_rows // 2
+    rows = rows // cta_rows * cta_rows + rows % half * 2 + rows % cta_rows // half
   row_ok = rows[None, :] * s < geometry.q_lengths[:, None]  # [B, Trp]
   visited = jnp.arange(ntiles, dtype=jnp.int32)[None, None, :] < jnp.repeat(count, cta_rows, axis=1)[:, :, None]
   ok = (row_ok[:, :, None] & visited)[:, None] & (l > 0)[..., None]  # [B, N, Trp, ntiles]
@@ -435,7 +459,12 @@ def _combine(part, mt, ml, count, geometry, *, s, g, ng, nqb, nkb, cta_rows):
   # arithmetic touches them. m_tile <= m wherever part != 0; the clamp keeps placeholder rows finite.
   mt = jnp.where(ok, jnp.swapaxes(mt, 2, 3), 0.0)
   w = jnp.where(ok, jnp.exp2(jnp.minimum(mt - m[..., None], 0.0)) / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-  w = w.reshape(B, N, Trp // g, g, ntiles, 1)  # small: [B, N, Trp, ntiles]
-  p6 = jnp.where(ok.reshape(B, N, Trp // g, g, ntiles, 1), part.reshape(B, N, Trp // g, g, ntiles, ng), 0.0)
-  a = jnp.sum(p6 * w, axis=3)  # one fused pass over part
+  # positions grouped by query block: [Trp/g, g], or [nrb, WG, cta_rows/g, g/2] for two phases
+  grouped = (B, N, Trp // g, g) if phases == 1 else (B, N, Trp // cta_rows, 2, cta_rows // g, g // 2)
+  w = w.reshape(*grouped, ntiles, 1)  # small: [B, N, Trp, ntiles]
+  p6 = jnp.where(ok.reshape(*grouped, ntiles, 1), part.reshape(*grouped, ntiles, ng), 0.0)
+  pw = p6 * w
+  # One fused pass over part. Two phases: the WGs are added as two slices, so the reduction keeps one axis (a sum
+  # over two non-adjacent axes is one XLA may split into two passes).
+  a = jnp.sum(pw, axis=3) if phases == 1 else jnp.sum(pw[:, :, :, 0] + pw[:, :, :, 1], axis=4)
   return a.reshape(B, N, Trp // g, ntiles * ng)[:, :, :nqb, :nkb]

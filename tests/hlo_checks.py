@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 
@@ -25,4 +26,18 @@ def zero_filled_loop_buffers(hlo_text: str, min_elements: int) -> list[str]:
       if fill and " constant(" in lines.get(fill.group(3), ""):
         if math.prod(int(d) for d in fill.group(2).split(",") if d) >= min_elements:
           found.append(f"{fill.group(1)}[{fill.group(2)}]")
+  return found
+
+
+def large_ops(stablehlo_text: str, min_elements: int) -> collections.Counter:
+  """How many StableHLO ops of each kind produce a tensor of >= min_elements (their last result type; functions
+  outlined by the lowering counted once). Two programs' counters differ by the big copies one of them makes."""
+  found = collections.Counter()
+  for line in stablehlo_text.splitlines():
+    op = re.search(r"= stablehlo\.(\w+)", line)
+    types = re.findall(r"tensor<([^>]*)>", line)
+    if op and types:
+      dims = types[-1].split("x")[:-1]  # "1x384x8xbf16" -> ["1", "384", "8"]; a scalar has none
+      if all(d.isdigit() for d in dims) and math.prod(int(d) for d in dims) >= min_elements:
+        found[op.group(1)] += 1
   return found

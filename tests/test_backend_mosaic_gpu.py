@@ -12,8 +12,9 @@ import pytest
 
 import xattn_jax as xa
 from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as attention_kernel
-from tests import suites
+from tests import oracle, suites
 from tests.conftest import random_qkv, run_checked
+from tests.hlo_checks import large_ops
 from xattn_jax.geometry import Geometry
 from xattn_jax.layout import BlockLayout
 
@@ -75,19 +76,93 @@ def test_xattention_with_the_kernel_matches_xla():
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("estimator", list(xa.Estimator), ids=[e.value for e in xa.Estimator])
 @pytest.mark.parametrize("length,stride", [(32768, 8), (131072, 8), (131072, 16)])
-def test_scores_kernel_lowers_for_cuda_at_production_shapes(length, stride):
+def test_scores_kernel_lowers_for_cuda_at_production_shapes(length, stride, estimator):
   from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
 
   sds = jax.ShapeDtypeStruct
   geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
-  f = functools.partial(scores_kernel.antidiagonal_scores, stride=stride, block_size=128, causal=True, scale=128**-0.5)
+  f = functools.partial(
+    scores_kernel.antidiagonal_scores, stride=stride, block_size=128, causal=True, scale=128**-0.5, estimator=estimator
+  )
   lowered = (
     jax.jit(f)
     .trace(sds((1, length, 32, 128), jnp.bfloat16), sds((1, length, 8, 128), jnp.bfloat16), geometry)
     .lower(lowering_platforms=("cuda",))
   )
   assert "mosaic_gpu" in lowered.as_text()[:200000]
+
+
+ALTERNATING_CASES = [  # B, T, S, N, K, H, stride, causal, config options
+  (2, 1100, 1300, 4, 2, 64, 8, True, {}),  # two CTA row blocks (1024 tokens each at s = 8)
+  (2, 1100, 1300, 4, 2, 64, 8, False, {"key_splits": 2}),
+  (1, 2100, 2300, 2, 1, 64, 16, True, {"cluster_heads": 2}),  # two row blocks of 2048 tokens, two key tiles
+  (2, 700, 900, 2, 2, 64, 16, False, {}),
+]
+
+
+@pytest.mark.parametrize(
+  "case",
+  ALTERNATING_CASES,
+  ids=[f"T{c[1]}S{c[2]}s{c[6]}{'c' if c[7] else 'nc'}{''.join(c[8])}" for c in ALTERNATING_CASES],
+)
+def test_alternating_scores_kernel_matches_oracle(case):
+  """SPEC §1.7 in the kernel: the two row parities are two TMA boxes, one per consumer warpgroup, and the combine
+  regroups the warpgroups' rows. Ragged lengths (the second sequence off every multiple of s), row blocks past the
+  first (odd rows of a later CTA), split key ranges and 2-CTA clusters, against the float64 oracle."""
+  from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+
+  B, T, S, N, K, H, stride, causal, options = case
+  q, k, _ = random_qkv(hash((T, S, stride, causal)) % 2**31, B=B, T=T, S=S, N=N, K=K, H=H, dtype=jnp.bfloat16)
+  q_lens = jnp.array([T, T - 37][:B], jnp.int32)
+  kv_lens = jnp.array([S, S - 101][:B], jnp.int32)
+  config = scores_kernel.ScoresConfig(p_operand="smem", num_stages=2, **options)
+  kw = dict(stride=stride, block_size=128, causal=causal, scale=H**-0.5)
+  geometry = Geometry.from_lengths(q_lens, kv_lens)
+  got = scores_kernel.antidiagonal_scores(
+    q, k, geometry, config=config, interpret=True, estimator=xa.Estimator.ALTERNATING, **kw
+  )
+  assert not _races_found(), "the Mosaic GPU interpreter recorded a race"
+  want = oracle.scores(q, k, q_lens=q_lens, kv_lens=kv_lens, estimator="alternating", **kw)
+  np.testing.assert_allclose(np.asarray(got), want, atol=5e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("stride", [8, 16])
+def test_alternating_scores_read_q_where_it_lies(stride, causal):
+  """Issue #18: the alternating estimator (SPEC §1.7) costs no XLA copy of q. Its cuda-lowered program has no op
+  producing a q-sized tensor that the paper's program lacks (reshapes aside: free views). The earlier build reordered
+  q before the kernel (reverse, roll = slices + concatenate, select of all of q) and fails this. A ragged length
+  (off every multiple of s and of the CTA's rows) and dynamic per-sequence lengths, so the zero-padding path
+  (pad, select) is in both programs and must be shared, not duplicated."""
+  from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+
+  sds = jax.ShapeDtypeStruct
+  T, N, K, H = 3001, 4, 2, 128
+  geometry = Geometry(*(sds((2,), jnp.int32),) * 3)
+
+  def program(estimator):
+    f = functools.partial(
+      scores_kernel.antidiagonal_scores,
+      stride=stride,
+      block_size=128,
+      causal=causal,
+      scale=H**-0.5,
+      estimator=estimator,
+    )
+    q, k = sds((2, T, N, H), jnp.bfloat16), sds((2, T, K, H), jnp.bfloat16)
+    return jax.jit(f).trace(q, k, geometry).lower(lowering_platforms=("cuda",)).as_text()
+
+  q_size = 2 * T * N * H
+  texts = {e: program(e) for e in xa.Estimator}
+  assert all("mosaic_gpu" in text for text in texts.values())
+  paper = large_ops(texts[xa.Estimator.ANTIDIAGONAL], q_size)
+  alternating = large_ops(texts[xa.Estimator.ALTERNATING], q_size)
+  assert paper["pad"] and paper["select"], paper  # the check sees q's padding
+  extra = alternating - paper
+  del extra["reshape"]
+  assert not extra, f"q-sized XLA ops only the alternating program has: {dict(extra)}"
 
 
 @pytest.mark.parametrize(
