@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import pathlib
 import statistics
 import sys
@@ -46,6 +47,7 @@ import xattn_jax as xa
 from benchmarks.common import device_op_times, fixed_density_layout, timed, without_traced_checks
 from benchmarks.result_files import add_output_args, csv_of, metadata, stem_file, write_result
 from xattn_jax.models import AttentionConfig, Generator, Transformer, from_pretrained, llama3_1_8b
+from xattn_jax.models.generate import CACHE_ALIGN
 
 SCRIPT = "model_prefill"
 GiB = 2**30
@@ -323,79 +325,79 @@ def decode_section(args, model, result, write):
   result.update(copy_bandwidth_tb_s=measured["copy"] / 1e12, read_bandwidth_tb_s=measured["read"] / 1e12)
   free = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 139 * GiB) - params
   dense_model = model.with_attention(AttentionConfig())
-  for context in args.decode_contexts:
-    for batch in args.decode_batches:
-      max_len = context + 2 * args.decode_tokens
-      max_len = -(-max_len // 128) * 128
-      kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
-      cache_bytes = batch * max_len * kv_per_token
-      row = dict(context=context, batch=batch, cache_gib=cache_bytes / GiB)
-      if cache_bytes > 0.9 * free:
-        row["note"] = f"does not fit: the cache needs {cache_bytes / GiB:.0f} GiB, {free / GiB:.0f} GiB free"
-        result["decode"].append(row)
-        print(f"decode {context:>7} x{batch}: {row['note']}", flush=True)
-        write()
-        continue
-      gen = Generator(dense_model, max_len=max_len, chunk_size=128, bucket=128)
-      cache = gen.init_cache(batch)
-      fill = jax.jit(
-        lambda c, key: dataclasses.replace(
-          c,
-          layers=tuple(
-            dataclasses.replace(
-              l,
-              k=jax.random.normal(jax.random.fold_in(key, 2 * i), l.k.shape, l.k.dtype),
-              v=jax.random.normal(jax.random.fold_in(key, 2 * i + 1), l.v.shape, l.v.dtype),
-            )
-            for i, l in enumerate(c.layers)
-          ),
-          lengths=jnp.full_like(c.lengths, context),
-        ),
-        donate_argnums=0,
-      )
-      logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
-      steps_s = []
-      for rep in range(args.repeats + 1):  # the first run compiles and warms up
-        cache = fill(cache, jax.random.key(rep))
-        jax.block_until_ready(cache)
-        start = time.perf_counter()
-        given = cache
-        out, steps, cache = gen.decode(logits, cache, max_new_tokens=args.decode_tokens)
-        jax.block_until_ready(out)
-        row["cache_donated"] = bool(given.layers[0].k.is_deleted())
-        del given
-        if rep:
-          steps_s.append((time.perf_counter() - start) / int(steps))
-      step = statistics.median(steps_s)
-      read = params - embed + batch * cfg.d_model * 2 + batch * context * kv_per_token
-      roofline_step = read / bandwidth
-      row.update(
-        step_ms=step * 1e3,
-        tokens_per_s=batch / step,
-        roofline_step_ms=roofline_step * 1e3,
-        fraction_of_roofline=roofline_step / step,
-        bytes_per_step_gb=read / 1e9,
-        datasheet_fraction=(read / 4.8e12) / step,
-        decode_compiles=gen.compiled_count("decode"),
-        decode_temp_gib=gen.compile_log[-1].temp_bytes / GiB,
-      )
+  for context, batch, align in itertools.product(args.decode_contexts, args.decode_batches, args.cache_aligns):
+    max_len = context + 2 * args.decode_tokens
+    max_len = -(-max_len // 128) * 128
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    cache_bytes = batch * max_len * kv_per_token
+    row = dict(context=context, batch=batch, cache_align=align, cache_gib=cache_bytes / GiB)
+    if cache_bytes > 0.9 * free:
+      row["note"] = f"does not fit: the cache needs {cache_bytes / GiB:.0f} GiB, {free / GiB:.0f} GiB free"
       result["decode"].append(row)
-      print(
-        f"decode {context:>7} x{batch}: {step * 1e3:7.2f} ms/step  {batch / step:8.1f} tok/s  roofline "
-        f"{roofline_step * 1e3:6.2f} ms ({row['fraction_of_roofline']:.0%} of it)",
-        flush=True,
-      )
-      if args.decode_profile:
-        cache = fill(cache, jax.random.key(0))
-        run_once = functools.partial(gen.decode, max_new_tokens=args.decode_tokens)
-        row["profile"] = device_op_times(
-          run_once, logits, cache, divide_by=args.decode_tokens, top=args.decode_profile, warmup=False
-        )
-        for op in row["profile"]:
-          where = f"{op['ms']:8.4f} ms {op['count']:6.1f}x {op['line']}: {op['name']}"
-          print(f"decode {context:>7} x{batch} per step: {where}", flush=True)
+      print(f"decode {context:>7} x{batch}: {row['note']}", flush=True)
       write()
-      del cache, gen
+      continue
+    gen = Generator(dense_model, max_len=max_len, chunk_size=128, bucket=128, cache_align=align)
+    row["cache_len"] = gen.cache_len
+    cache = gen.init_cache(batch)
+    fill = jax.jit(
+      lambda c, key: dataclasses.replace(
+        c,
+        layers=tuple(
+          dataclasses.replace(
+            l,
+            k=jax.random.normal(jax.random.fold_in(key, 2 * i), l.k.shape, l.k.dtype),
+            v=jax.random.normal(jax.random.fold_in(key, 2 * i + 1), l.v.shape, l.v.dtype),
+          )
+          for i, l in enumerate(c.layers)
+        ),
+        lengths=jnp.full_like(c.lengths, context),
+      ),
+      donate_argnums=0,
+    )
+    logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
+    steps_s = []
+    for rep in range(args.repeats + 1):  # the first run compiles and warms up
+      cache = fill(cache, jax.random.key(rep))
+      jax.block_until_ready(cache)
+      start = time.perf_counter()
+      given = cache
+      out, steps, cache = gen.decode(logits, cache, max_new_tokens=args.decode_tokens)
+      jax.block_until_ready(out)
+      row["cache_donated"] = bool(given.layers[0].k.is_deleted())
+      del given
+      if rep:
+        steps_s.append((time.perf_counter() - start) / int(steps))
+    step = statistics.median(steps_s)
+    read = params - embed + batch * cfg.d_model * 2 + batch * context * kv_per_token
+    roofline_step = read / bandwidth
+    row.update(
+      step_ms=step * 1e3,
+      tokens_per_s=batch / step,
+      roofline_step_ms=roofline_step * 1e3,
+      fraction_of_roofline=roofline_step / step,
+      bytes_per_step_gb=read / 1e9,
+      datasheet_fraction=(read / 4.8e12) / step,
+      decode_compiles=gen.compiled_count("decode"),
+      decode_temp_gib=gen.compile_log[-1].temp_bytes / GiB,
+    )
+    result["decode"].append(row)
+    print(
+      f"decode {context:>7} x{batch} cache {gen.cache_len}: {step * 1e3:7.2f} ms/step  {batch / step:8.1f} tok/s  "
+      f"roofline {roofline_step * 1e3:6.2f} ms ({row['fraction_of_roofline']:.0%} of it)",
+      flush=True,
+    )
+    if args.decode_profile:
+      cache = fill(cache, jax.random.key(0))
+      run_once = functools.partial(gen.decode, max_new_tokens=args.decode_tokens)
+      row["profile"] = device_op_times(
+        run_once, logits, cache, divide_by=args.decode_tokens, top=args.decode_profile, warmup=False
+      )
+      for op in row["profile"]:
+        where = f"{op['ms']:8.4f} ms {op['count']:6.1f}x {op['line']}: {op['name']}"
+        print(f"decode {context:>7} x{batch} per step: {where}", flush=True)
+    write()
+    del cache, gen
 
 
 def to_markdown(result: dict) -> str:
@@ -460,7 +462,9 @@ def to_markdown(result: dict) -> str:
       lines.append(
         f"| {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
         f"{r['roofline_step_ms']:.2f} | {r['fraction_of_roofline']:.0%} | {r['datasheet_fraction']:.0%} | "
-        f"{r['bytes_per_step_gb']:.1f} | decode compiled {r['decode_compiles']}x |"
+        f"{r['bytes_per_step_gb']:.1f} | decode compiled {r['decode_compiles']}x"
+        + (f"; cache of {r['cache_len']} tokens" if "cache_len" in r else "")
+        + " |"
       )
   return "\n".join(lines) + "\n"
 
@@ -527,6 +531,9 @@ def main(argv=None) -> int:
   parser.add_argument("--decode-contexts", type=ints, default=[32768, 131072])
   parser.add_argument("--decode-batches", type=ints, default=[1, 8])
   parser.add_argument("--decode-tokens", type=int, default=64)
+  parser.add_argument(
+    "--cache-aligns", type=ints, default=[CACHE_ALIGN], help="decode: the Generator's cache_align values to compare"
+  )
   parser.add_argument(
     "--decode-profile", type=int, default=0, help="after timing, where one step's device time goes: the N largest ops"
   )

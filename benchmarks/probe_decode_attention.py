@@ -59,6 +59,7 @@ def main():
   parser.add_argument("--lengths", type=csv_of(int), default=[32768, 131072])
   parser.add_argument("--batches", type=csv_of(int), default=[1, 8])
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--variants", type=csv_of(str), default=["current", "elementwise", "unrolled"])
   args = parser.parse_args()
   N, K, H = 32, 8, 128
   scale = H**-0.5
@@ -80,7 +81,7 @@ def main():
       }
       ref = jax.jit(variants["current"])(q, k, v, lengths).astype(jnp.float32)
       gb = 2 * k.size * k.dtype.itemsize / 1e9
-      for name, fn in variants.items():
+      for name, fn in ((n, variants[n]) for n in args.variants):
         f = jax.jit(fn)
         err = float(jnp.max(jnp.abs(f(q, k, v, lengths).astype(jnp.float32) - ref)))
         t = timed(f, q, k, v, lengths, repeats=args.repeats, pipeline=10)["ms"]

@@ -76,16 +76,42 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+# The KV cache's length is a multiple of this many tokens. A decode step's attention contracts the cache's length
+# in a dot (probabilities x values); XLA's GPU autotuner picks split-K configurations for that skinny dot and pads the
+# contracting dimension to a multiple of the split when it does not divide, copying every layer's value cache each
+# step (benchmarks/notes_model_prefill.md, v6: 45 us per layer at 32K on an H100, a third of the step's attention).
+CACHE_ALIGN = 4096
+
+
 class Generator:
-  def __init__(self, model: Transformer, *, max_len: int, chunk_size: int = 4096, bucket: int = 128, mesh=None):
-    """mesh: optional `jax.sharding.Mesh` with "data", "seq" and "tensor" axes (xattn_jax.models.sharding.make_mesh;
+  def __init__(
+    self,
+    model: Transformer,
+    *,
+    max_len: int,
+    chunk_size: int = 4096,
+    bucket: int = 128,
+    mesh=None,
+    cache_align: int | None = None,
+  ):
+    """max_len: the most tokens a sequence holds (prompt and new tokens). The KV cache holds max_len rounded up to
+    a multiple of cache_align tokens: by default CACHE_ALIGN on a GPU, `bucket` elsewhere.
+
+    mesh: optional `jax.sharding.Mesh` with "data", "seq" and "tensor" axes (xattn_jax.models.sharding.make_mesh;
     absent axes count as size 1): parameters, activations and the KV cache are sharded by xattn_jax.models.sharding's
     rules and attention runs per device (sequence-parallel over "seq").
 
     Raises:
       ValueError: a size that is not a positive int, or chunk_size not a multiple of bucket dividing max_len.
     """
-    for name, value in (("max_len", max_len), ("chunk_size", chunk_size), ("bucket", bucket)):
+    if cache_align is None:
+      cache_align = CACHE_ALIGN if jax.default_backend() == "gpu" else bucket
+    for name, value in (
+      ("max_len", max_len),
+      ("chunk_size", chunk_size),
+      ("bucket", bucket),
+      ("cache_align", cache_align),
+    ):
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive int")
     if chunk_size % bucket or max_len % chunk_size:
@@ -100,6 +126,9 @@ class Generator:
       check_divisible(model.config, mesh, max_len=max_len)
       self.state = shard_state(self.state, mesh)
     self.max_len, self.chunk_size, self.bucket = int(max_len), int(chunk_size), int(bucket)
+    self.cache_len = -(-self.max_len // cache_align) * cache_align
+    if mesh is not None:
+      check_divisible(model.config, mesh, max_len=self.cache_len)
     self._jitted = {
       "prefill": jax.jit(self._prefill_fn, donate_argnames=("cache",)),
       "extend": jax.jit(self._extend_fn, donate_argnames=("cache",)),
@@ -152,7 +181,7 @@ class Generator:
     return compiled(*dynamic)
 
   def _init_cache_fn(self, state, batch):
-    cache = nnx.merge(self.graphdef, state).init_cache(batch, self.max_len)
+    cache = nnx.merge(self.graphdef, state).init_cache(batch, self.cache_len)
     if self.mesh is None:
       return cache
     check_divisible(self._model(state).config, self.mesh, batch=batch)
@@ -160,7 +189,8 @@ class Generator:
     return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, spec) if x.ndim == 4 else x, cache)
 
   def init_cache(self, batch: int) -> KVCache:
-    """An empty KV cache of `max_len` tokens for `batch` sequences, placed as the generator's programs expect."""
+    """An empty KV cache of `cache_len` (max_len, aligned) tokens for `batch` sequences, placed as the generator's
+    programs expect."""
     with self._context():
       return self._init_cache(self.state, batch)
 

@@ -22,6 +22,15 @@ def test_literal_compression():
   np.testing.assert_allclose(layout.density(), 5 / 16)
 
 
+def test_to_dense_memory_is_the_mask_size():
+  """At 128K tokens and 32 heads (1024 x 1024 blocks per head) the mask is 32 MiB: its temporaries stay within
+  16x that, where a one-hot over the key blocks took 32 GiB (it ran out of memory on an H100)."""
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  layout = xa.BlockLayout(counts=i32(1, 32, 1024), indices=i32(1, 32, 1024, 1024), num_allowed=i32(1, 32, 1024))
+  memory = jax.jit(lambda l: l.to_dense()).lower(layout).compile().memory_analysis()
+  assert memory.temp_size_in_bytes <= 16 * 32 * 2**20, memory.temp_size_in_bytes
+
+
 @hypothesis.given(
   shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(1, 9)),
   seed=st.integers(0, 2**16),

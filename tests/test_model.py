@@ -139,6 +139,15 @@ def test_generation_matches_naive_greedy_and_stops():
   assert result.tokens == [naive[20:]]
   stopped = gen.generate([prompt], max_new_tokens=5, stop_tokens=(naive[22],))
   assert stopped.tokens == [naive[20:22]]
+  # A cache longer than max_len (aligned, as on a GPU) holds the same sequence: same tokens, same bounds.
+  aligned = Generator(model, max_len=128, chunk_size=64, bucket=16, cache_align=96)
+  assert (gen.cache_len, aligned.cache_len) == (128, 192)
+  assert aligned.init_cache(1).layers[0].k.shape[1] == 192
+  assert aligned.generate([prompt], max_new_tokens=5).tokens == [naive[20:]]
+  with pytest.raises(ValueError, match="exceeds max_len=128"):
+    aligned.generate([prompt], max_new_tokens=120)
+  with pytest.raises(ValueError, match="cache_align=0"):
+    Generator(model, max_len=128, chunk_size=64, bucket=16, cache_align=0)
 
 
 def test_first_layers_dense_and_densities():

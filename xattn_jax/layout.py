@@ -74,10 +74,18 @@ class BlockLayout:
 
   def to_dense(self) -> jax.Array:
     """bool [B, N, nQb, nKb], True at the selected blocks."""
-    nkb = self.indices.shape[-1]
+    shape = self.indices.shape
+    rows, nkb = int(np.prod(shape[:-1])), shape[-1]
     valid = jnp.arange(nkb, dtype=jnp.int32) < self.counts[..., None]
-    onehot = (self.indices[..., None] == jnp.arange(nkb, dtype=jnp.int32)) & valid[..., None]
-    return jnp.any(onehot, axis=-2)
+    # A scatter: memory O(B N nQb nKb) (its index pairs are the largest part, 8 bytes per entry), where a one-hot
+    # over the key blocks would be O(nKb^2) per row. Padded entries repeat the last valid index with valid False.
+    row = jnp.arange(rows, dtype=jnp.int32)[:, None]
+    mask = (
+      jnp.zeros((rows, nkb), jnp.int8)
+      .at[row, self.indices.reshape(rows, nkb)]
+      .max(valid.reshape(rows, nkb).astype(jnp.int8))
+    )
+    return mask.reshape(shape) > 0
 
   def density(self, axis=None) -> jax.Array:
     """Selected / allowed blocks (float32), over everything or keeping the axes not in `axis` reduced."""
