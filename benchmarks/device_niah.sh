@@ -18,7 +18,7 @@ case "${1:-}" in
     shift
     cat /tmp/smollm2.gguf.part00 .carry/smollm2.gguf.part01 > "$GGUF" || exit 1
     echo "$MD5  $GGUF" | md5sum -c - || exit 1
-    python3 -c "import gguf" 2>/dev/null || pip install -q --no-deps .carry/gguf-*.whl || exit 1
+    python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps .carry/gguf-*.whl || exit 1
     timeout "${TNIAH:-540}" python3 benchmarks/niah.py --model "$GGUF" --out-dir "$OUT" "$@" 2>&1 | tail -40
     ;;
   *) echo "usage: $0 stash | run <niah.py arguments>" >&2; exit 2 ;;
