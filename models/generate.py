@@ -76,11 +76,15 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-# The KV cache's length is a multiple of this many tokens. A decode step's attention contracts the cache's length
-# in a dot (probabilities x values); XLA's GPU autotuner picks split-K configurations for that skinny dot and pads the
-# contracting dimension to a multiple of the split when it does not divide, copying every layer's value cache each
-# step (benchmarks/notes_model_prefill.md, v6: 45 us per layer at 32K on an H100, a third of the step's attention).
-CACHE_ALIGN = 4096
+# The KV cache's length is a multiple of this many tokens on a GPU. A decode step's attention contracts the cache's
+# length in a dot (probabilities x values); XLA's GPU autotuner picks a split-K configuration for that skinny dot and,
+# where the split does not divide the length, pads it: a copy of every layer's value cache each step, which its
+# timing of the dot alone does not see. H100, one layer's decode attention (benchmarks/probe_decode_attention.py):
+# 0.124 ms at 32,896 cached tokens (128 x 257) against 0.073-0.080 ms at 32,768, 33,024 (256 x 129) and 33,792
+# (1024 x 33); 0.419 ms at 131,200 against 0.229-0.233 ms at 131,072, 131,584, 132,096 (1024 x 129). The model's
+# decode at B = 1 with a cache of 36,864 / 135,168 tokens: 10.22 -> 8.82 ms per step at 32K, 19.54 -> 13.58 ms at
+# 128K (notes_model_prefill.md, v6).
+CACHE_ALIGN = 1024
 
 
 class Generator:
