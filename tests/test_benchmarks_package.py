@@ -135,3 +135,18 @@ def test_block_mask_handed_to_peers_is_what_the_kernel_runs():
   got = xa.block_sparse_attention(q, k, v, layout, causal=True, implementation="xla")
   want, _ = oracle.attention(q, k, v, mask, block_size=BLOCK, causal=True)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+
+
+def test_model_decode_section_at_a_toy_size(tmp_path):
+  """model_prefill.py's decode section on the tiny shape: one row per cache alignment (the Generator's cache_len),
+  one compilation each, and --decode-profile's per-op rows (the host's XLA threads on a CPU)."""
+  from benchmarks import model_prefill
+
+  args = ["--sections", "decode", "--shape", "tiny", "--layers", "2", "--decode-contexts", "256", "--decode-batches"]
+  args += ["2", "--decode-tokens", "8", "--cache-aligns", "128,512", "--decode-profile", "3", "--repeats", "1"]
+  assert model_prefill.main(args + ["--out-dir", str(tmp_path), "--tag", "toy"]) == 0
+  (result_file,) = tmp_path.glob("model_prefill/*/*-toy.json")
+  rows = json.loads(result_file.read_text())["decode"]
+  assert [(r["cache_align"], r["cache_len"], r["decode_compiles"]) for r in rows] == [(128, 384, 1), (512, 512, 1)]
+  assert all(r["step_ms"] > 0 and 0 < len(r["profile"]) and r["cache_donated"] for r in rows)
+  assert "cache of 512 tokens" in result_file.with_suffix(".md").read_text()
