@@ -144,6 +144,13 @@ def test_generation_matches_naive_greedy_and_stops():
   assert (gen.cache_len, aligned.cache_len) == (128, 192)
   assert aligned.init_cache(1).layers[0].k.shape[1] == 192
   assert aligned.generate([prompt], max_new_tokens=5).tokens == [naive[20:]]
+  long = _prompts(9, [100])  # two chunks: the second attends to the longer cache through its lengths
+  np.testing.assert_allclose(aligned.prefill(long)[0], gen.prefill(long)[0], rtol=2e-5, atol=2e-5)
+  sparse = _model(TINY.with_attention(XATTN))  # the estimator and selection see the longer cache's masked blocks
+  x_gens = [Generator(sparse, max_len=128, chunk_size=64, bucket=16, cache_align=a) for a in (16, 96)]
+  (x_plain, x_dens), (x_aligned, x_aligned_dens) = (g.prefill(long)[::2] for g in x_gens)
+  np.testing.assert_allclose(x_aligned, x_plain, rtol=2e-5, atol=2e-5)
+  np.testing.assert_array_equal(x_aligned_dens, x_dens)
   with pytest.raises(ValueError, match="exceeds max_len=128"):
     aligned.generate([prompt], max_new_tokens=120)
   with pytest.raises(ValueError, match="cache_align=0"):
