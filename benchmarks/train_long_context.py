@@ -141,8 +141,10 @@ def run(
     loss = float(metrics["loss"])  # blocks until the step is done
     step_s = time.perf_counter() - start
     if step % log_every == 0 or step == 1:
+      # bucket = the whole length: the probe's prompts are exactly `length` tokens, and a block size that does not
+      # divide it (--block-size 96 at 1024: ragged last block) would not divide the chunk either
       gen = Generator(
-        trainer.model(state), max_len=preset["length"], chunk_size=preset["length"], bucket=preset["block_size"]
+        trainer.model(state), max_len=preset["length"], chunk_size=preset["length"], bucket=preset["length"]
       )
       densities = np.asarray(gen.prefill([list(map(int, row)) for row in np.asarray(probe_tokens)])[2])
       log.append(
@@ -230,6 +232,13 @@ def main(argv=None) -> int:
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--threshold", type=float, default=0.9)
+  parser.add_argument(
+    "--block-size",
+    type=int,
+    default=None,
+    help="XAttention block size (default: the preset's; recorded in the result's settings). One that does not divide "
+    "T/2 puts the copy source of a query block (--copy-shift 0) across two key blocks instead of exactly one",
+  )
   parser.add_argument("--log-every", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
   add_output_args(parser, tag="")
@@ -260,6 +269,8 @@ def main(argv=None) -> int:
   )
   args = parser.parse_args(argv)
   preset = dict(PRESETS[args.preset])
+  if args.block_size:
+    preset["block_size"] = args.block_size
   if args.steps:
     preset["steps"] = args.steps
     preset["warmup"] = min(preset["warmup"], args.steps // 10)
