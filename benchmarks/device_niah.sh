@@ -8,6 +8,8 @@
 # after ~30 s), which runs `bash benchmarks/device_niah.sh run <niah.py arguments>`: the parts are joined in /tmp,
 # the md5 checked, the gguf package installed from the wheel if missing, and niah.py run for at most TNIAH seconds
 # (default 540) with the model's path filled in. A run cut off by the limit leaves its resumable JSONL in $OUT.
+# RESUME=benchmarks/results/niah/<card>/<date>-<tag>.jsonl.gz puts a committed run's JSONL back under $OUT, so the
+# same --tag continues it (extra configs, samples, lengths) on a card of that name; another card starts afresh.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 GGUF=/tmp/smollm2.gguf
@@ -19,6 +21,11 @@ case "${1:-}" in
     cat /tmp/smollm2.gguf.part00 .carry/smollm2.gguf.part01 > "$GGUF" || exit 1
     echo "$MD5  $GGUF" | md5sum -c - || exit 1
     python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps .carry/gguf-*.whl || exit 1
+    if [ -n "${RESUME:-}" ]; then
+      dest="$OUT/niah/$(basename "$(dirname "$RESUME")")"
+      mkdir -p "$dest" && zcat "$RESUME" > "$dest/$(basename "$RESUME" .gz)" || exit 1
+      echo "resuming $(wc -l < "$dest/$(basename "$RESUME" .gz)") results in $dest"
+    fi
     timeout "${TNIAH:-540}" python3 benchmarks/niah.py --model "$GGUF" --out-dir "$OUT" "$@" 2>&1 | tail -40
     ;;
   *) echo "usage: $0 stash | run <niah.py arguments>" >&2; exit 2 ;;
