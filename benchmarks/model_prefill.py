@@ -330,16 +330,15 @@ def decode_section(args, model, result, write):
     max_len = context + 2 * args.decode_tokens
     max_len = -(-max_len // 128) * 128
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
-    cache_bytes = batch * -(-max_len // align) * align * kv_per_token
-    row = dict(context=context, batch=batch, cache_align=align, cache_gib=cache_bytes / GiB)
+    gen = Generator(dense_model, max_len=max_len, chunk_size=128, bucket=128, cache_align=align)
+    cache_bytes = batch * gen.cache_len * kv_per_token
+    row = dict(context=context, batch=batch, cache_align=align, cache_len=gen.cache_len, cache_gib=cache_bytes / GiB)
     if cache_bytes > 0.9 * free:
       row["note"] = f"does not fit: the cache needs {cache_bytes / GiB:.0f} GiB, {free / GiB:.0f} GiB free"
       result["decode"].append(row)
       print(f"decode {context:>7} x{batch}: {row['note']}", flush=True)
       write()
       continue
-    gen = Generator(dense_model, max_len=max_len, chunk_size=128, bucket=128, cache_align=align)
-    row["cache_len"] = gen.cache_len
     # A random cache, one array at a time (an 8B model at 32K and B = 8: 64 arrays of 0.5 GiB), the previous one freed
     # first. Filling an `init_cache` cache in one donated program ran out of memory at 32K, B = 8 on an 80 GB card
     # (34.6 GB of cache next to 16 GB of weights; why the donation did not bound it was not established).

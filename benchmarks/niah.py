@@ -598,7 +598,7 @@ WITHIN_DENSE = 0.02  # the issue's accuracy target: within 2 points of dense (po
 
 
 def estimator_of(config: str) -> str:
-  return "alternating" if config.endswith("_alt") else "antidiagonal"
+  return parse_config(config, cal_stride=8).estimator  # the estimator does not depend on the calibration stride
 
 
 def lowest_density_within(cells: list[dict], margin: float) -> list[dict]:
