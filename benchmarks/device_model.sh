@@ -5,8 +5,9 @@
 # one 600 s call. The decode step spends ~100 s on setup (random 8B weights, copy bandwidth, compiles).
 # Optional steps first, off unless given a limit: TTEST (GPU tests of default dispatch, export, dense and the
 # estimators; TESTS overrides the -k expression), TEST_SPEED (estimator_speed.py), TCOMP (probe_compile.py: compile
-# time per layer count, program and XLA flag), T32 (8K and 32K TTFT). DECPROF=N prints where a decode step's device
-# time goes (the N largest ops per profile line).
+# time per layer count, program and XLA flag; COMPARGS replaces its probe set), T32 (8K and 32K TTFT). DECPROF=N
+# prints where a decode step's device time goes (the N largest ops per profile line), PROF=N the same for one 128K
+# prefill of the dense and of each stride's XAttention one-shot model.
 #   run(command="bash benchmarks/device_model.sh")                     # the model steps
 #   run(command="MODES=one-shot T128=240 TDEC=200 T256=120 bash benchmarks/device_model.sh")
 #   run(command="TTEST=240 TEST_SPEED=120 TCOMP=200 T128=0 TDEC=0 T256=0 bash benchmarks/device_model.sh")
@@ -21,8 +22,10 @@ step "${TTEST:-0}" && timeout ${TTEST:-0} python3 -m pytest -q -p no:cacheprovid
   2>&1 | tee "$OUT/gpu_tests.txt" | tail -6
 step "${TEST_SPEED:-0}" && timeout ${TEST_SPEED:-0} python3 benchmarks/estimator_speed.py --out-dir "$OUT" 2>&1 \
   | grep -E '^ +[0-9]|Error|error'
-compile_probe() { timeout ${TCOMP:-0} python3 benchmarks/probe_compile.py "$@" 2>&1 | grep -E '^(dense|xattention)|Error'; }
-if step "${TCOMP:-0}"; then  # compile time of the 128K programs: per layer count, program and XLA flag
+compile_probe() { timeout ${TCOMP:-0} python3 benchmarks/probe_compile.py "$@" 2>&1 | grep -E '^(dense|xattention|holding)|Error'; }
+if step "${TCOMP:-0}" && [ -n "${COMPARGS:-}" ]; then  # one probe set of your choice, e.g. --hold-gib 0,40
+  compile_probe $COMPARGS | tee "$OUT/compile.txt"
+elif step "${TCOMP:-0}"; then  # compile time of the 128K programs: per layer count, program and XLA flag
   { compile_probe --layers 1,32 --programs prefill,extend --kinds xattention,dense
     XLA_FLAGS=--xla_gpu_autotune_level=0 compile_probe --layers 32
     XLA_FLAGS=--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL compile_probe --layers 32
@@ -30,7 +33,7 @@ if step "${TCOMP:-0}"; then  # compile time of the 128K programs: per layer coun
 fi
 step "${T128:-300}" && timeout ${T128:-300} python3 benchmarks/model_prefill.py --lengths 131072 \
   ${EXTRA128---extra-stride 16} --no-natural --target-densities ${TARGETS:-0.1} --modes ${MODES:-one-shot,chunked} \
-  --out-dir "$OUT" --tag 128k --repeats 1 2>&1 | quiet
+  --prefill-profile ${PROF:-0} --out-dir "$OUT" --tag 128k --repeats 1 2>&1 | QUIET_LINES=${QUIET128:-24} quiet
 step "${TDEC:-200}" && timeout ${TDEC:-200} python3 benchmarks/model_prefill.py --sections decode \
   --decode-contexts 32768,131072 --decode-batches ${DECB:-1,8} --decode-profile ${DECPROF:-0} --out-dir "$OUT" \
   --tag decode 2>&1 | quiet

@@ -156,14 +156,42 @@ def refine_threshold(gen: Generator, prompt, search: dict, target: float, steps:
   return tau, tried
 
 
+def random_qkv(cfg, length: int):
+  """Random bf16 q, k, v of the model's attention shape at B=1."""
+  kq, kk, kv = jax.random.split(jax.random.key(length), 3)
+  q = jax.random.normal(kq, (1, length, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+  k = jax.random.normal(kk, (1, length, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+  v = jax.random.normal(kv, (1, length, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+  return q, k, v
+
+
+def estimator_ms(args, cfg, length: int, stride: int) -> float:
+  """One layer's antidiagonal scoring at `stride` on random inputs (for a row whose stride is not --stride)."""
+  q, k, _ = random_qkv(cfg, length)
+  est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride))
+  return timed(est, q, k, repeats=max(3, args.op_repeats))["ms"]
+
+
+def profile_prefill(gen: Generator, prompt, row: dict, top: int, label: str) -> None:
+  """Where one prefill's device time goes (`device_op_times`: the `top` largest ops per profile line), into row."""
+
+  def run_once():
+    logits, cache, _ = gen.prefill([prompt])
+    jax.block_until_ready(logits)
+    del cache
+    return logits
+
+  row["profile"] = device_op_times(run_once, top=top, warmup=False)
+  for op in row["profile"]:
+    print(f"{label} profile: {op['ms']:9.3f} ms {op['count']:6.0f}x {op['line']}: {op['name'][:120]}", flush=True)
+
+
 def op_times(args, cfg, length: int, densities) -> dict:
   """Per-layer attention times on random inputs of the model's attention shape (B=1, bf16, causal); dense is what
   the dense model runs (`xattn_jax.dense_attention`: cuDNN on a GPU)."""
-  N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  kq, kk, kv, kl = jax.random.split(jax.random.key(length), 4)
-  q = jax.random.normal(kq, (1, length, N, H), jnp.bfloat16)
-  k = jax.random.normal(kk, (1, length, K, H), jnp.bfloat16)
-  v = jax.random.normal(kv, (1, length, K, H), jnp.bfloat16)
+  N, H = cfg.num_heads, cfg.head_dim
+  q, k, v = random_qkv(cfg, length)
+  kl = jax.random.key(length + 1)
   repeats = max(3, args.op_repeats)
   dense = jax.jit(lambda q, k, v: xa.dense_attention(q, k, v, is_causal=True))
   out = dict(
@@ -225,25 +253,39 @@ def prefill_section(args, model, result, write):
     modes = [(mode, size) for mode, size in (("one-shot", length), ("chunked", chunk)) if mode in args.modes]
     for mode, size in modes if "dense" in args.kinds else ():
       gen = Generator(dense_model, max_len=length, chunk_size=size, bucket=128)
-      record(f"dense {mode}", gen)
+      row = record(f"dense {mode}", gen)
+      if args.prefill_profile and mode == "one-shot":
+        profile_prefill(gen, prompt, row, args.prefill_profile, f"{length:>7} dense")
       del gen
     ops = None
-    for mode, size in modes if "xattention" in args.kinds else ():
+    strides = [args.stride] + ([args.extra_stride] if args.extra_stride else [])
+    for stride, (mode, size) in itertools.product(strides, modes if "xattention" in args.kinds else ()):
+      extra = stride != args.stride  # the extra stride: first target density only, its own estimator time
       gen = Generator(
-        model.with_attention(xattention_config(args, args.threshold)), max_len=length, chunk_size=size, bucket=128
+        model.with_attention(xattention_config(args, args.threshold, stride)),
+        max_len=length,
+        chunk_size=size,
+        bucket=128,
       )
-      if args.natural:
+      if args.natural and not extra:
         record(f"xattention {mode} tau={args.threshold:g}", gen)
-      if mode == modes[0][0]:
-        search = search_thresholds(gen, prompt, layers, args.target_densities)
-        result["threshold_search"].append(dict(base, **search))
-        print(f"{length:>7} threshold search: {search}", flush=True)
-      for target in search["thresholds"]:
+      targets = args.target_densities[:1] if extra else args.target_densities
+      if mode == modes[0][0]:  # one search per stride, reused by the other mode
+        search = search_thresholds(gen, prompt, layers, targets)
+        result["threshold_search"].append(dict(base, stride=stride, **search))
+        print(f"{length:>7} threshold search s={stride}: {search}", flush=True)
+      for target in targets:
         tau, tried = refine_threshold(gen, prompt, search, target, args.refine)
-        print(f"{length:>7} refine {mode} ~{target:.0%}: {tried} -> tau {tau:.3f}", flush=True)
+        label = f" s={stride}" if extra else ""
+        print(f"{length:>7} refine {mode}{label} ~{target:.0%}: {tried} -> tau {tau:.3f}", flush=True)
         gen.set_thresholds(tau)
         row = record(
-          f"xattention {mode} ~{target:.0%} (tau={tau:.3f})", gen, target_density=target, threshold=tau, refine=tried
+          f"xattention {mode}{label} ~{target:.0%} (tau={tau:.3f})",
+          gen,
+          target_density=target,
+          threshold=tau,
+          stride=stride,
+          refine=tried,
         )
         if ops is None:  # at the densities the one-shot rows reached
           reached = [r["density"] for r in result["prefill"] if r["T"] == length and r["what"].startswith("xatt")]
@@ -255,41 +297,18 @@ def prefill_section(args, model, result, write):
               sparse_ms={str(k): v for k, v in ops["sparse_ms"].items()},
             )
           )
+        own = ops
+        if extra:
+          key = f"estimator_ms_s{stride}"
+          if key not in result["ops"][-1]:
+            result["ops"][-1][key] = estimator_ms(args, model.config, length, stride)
+          own = dict(ops, estimator_ms=result["ops"][-1][key])
         if "dense one-shot" in rows:
-          row.update(predict(rows["dense one-shot"], ops, row["density"], layers))
+          row.update(predict(rows["dense one-shot"], own, row["density"], layers))
+        if args.prefill_profile and mode == "one-shot" and target == targets[0]:
+          profile_prefill(gen, prompt, row, args.prefill_profile, f"{length:>7} xattention s={stride}")
         write()
       gen.set_thresholds()
-      del gen
-    if args.extra_stride and "xattention" in args.kinds:  # one more one-shot row, at the first target density
-      stride = args.extra_stride
-      gen = Generator(
-        model.with_attention(xattention_config(args, args.threshold, stride)),
-        max_len=length,
-        chunk_size=length,
-        bucket=128,
-      )
-      target = args.target_densities[0]
-      tau, tried = refine_threshold(gen, prompt, search_thresholds(gen, prompt, layers, [target]), target, args.refine)
-      print(f"{length:>7} refine s={stride} ~{target:.0%}: {tried} -> tau {tau:.3f}", flush=True)
-      gen.set_thresholds(tau)
-      row = record(
-        f"xattention one-shot s={stride} ~{target:.0%} (tau={tau:.3f})",
-        gen,
-        target_density=target,
-        threshold=tau,
-        stride=stride,
-        refine=tried,
-      )
-      if ops is not None and "dense one-shot" in rows:
-        cfg = model.config
-        q = jax.random.normal(jax.random.key(1), (1, length, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
-        k = jax.random.normal(jax.random.key(2), (1, length, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
-        est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=stride))
-        own = dict(ops, estimator_ms=timed(est, q, k, repeats=max(3, args.op_repeats))["ms"])
-        result["ops"][-1][f"estimator_ms_s{stride}"] = own["estimator_ms"]
-        del q, k
-        row.update(predict(rows["dense one-shot"], own, row["density"], layers))
-      write()
       del gen
     for name, row in rows.items():
       row.pop("logits", None)
@@ -521,7 +540,13 @@ def main(argv=None) -> int:
     "--extra-stride",
     type=int,
     default=None,
-    help="also one one-shot XAttention row with this stride at the first target density",
+    help="also XAttention rows (every --modes) with this stride at the first target density",
+  )
+  parser.add_argument(
+    "--prefill-profile",
+    type=int,
+    default=0,
+    help="after the dense one-shot row and the first one-shot row of each stride: the N largest ops of one prefill",
   )
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--op-repeats", type=int, default=5)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import xattn_jax as xa
+from benchmarks.result_files import csv_of
 from xattn_jax.models import AttentionConfig, Generator, Transformer, llama3_1_8b
 
 GiB = 1 << 30
@@ -59,7 +60,23 @@ def main():
   p.add_argument("--programs", default="prefill", help="prefill (one shot) and/or extend (one chunk into the cache)")
   p.add_argument("--chunk", type=int, default=32768)
   p.add_argument("--stride", type=int, default=8)
+  p.add_argument(
+    "--hold-gib",
+    type=csv_of(float),
+    default=[0.0],
+    help="compile while this many GiB of device memory are held (as a benchmark's weights and caches are); one "
+    "probe set per value",
+  )
   args = p.parse_args()
+  for hold in args.hold_gib:
+    held = jnp.ones((int(hold * GiB) // 4,), jnp.float32) if hold else None  # a real allocation, not a lazy one
+    jax.block_until_ready(held)
+    print(f"holding {hold:g} GiB of device memory", flush=True)
+    probe_all(args)
+    del held
+
+
+def probe_all(args):
   for kind in args.kinds.split(","):
     for program in args.programs.split(","):
       for layers in map(int, args.layers.split(",")):

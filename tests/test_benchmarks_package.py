@@ -150,3 +150,31 @@ def test_model_decode_section_at_a_toy_size(tmp_path):
   assert [(r["cache_align"], r["cache_len"], r["decode_compiles"]) for r in rows] == [(128, 384, 1), (512, 512, 1)]
   assert all(r["step_ms"] > 0 and 0 < len(r["profile"]) and r["cache_donated"] for r in rows)
   assert "cache of 512 tokens" in result_file.with_suffix(".md").read_text()
+
+
+def test_model_prefill_section_at_a_toy_size(tmp_path):
+  """model_prefill.py's prefill section on the tiny shape: dense and XAttention rows in both modes, the extra stride
+  in both modes with its own estimator time and prediction, chunked equal to one-shot, --prefill-profile's rows."""
+  from benchmarks import model_prefill
+
+  args = ["--shape", "tiny", "--layers", "2", "--lengths", "1024", "--chunk-size", "256", "--no-natural"]
+  args += ["--target-densities", "0.5", "--refine", "1", "--extra-stride", "16", "--prefill-profile", "3"]
+  args += ["--repeats", "1", "--op-repeats", "1"]
+  assert model_prefill.main(args + ["--out-dir", str(tmp_path), "--tag", "toy"]) == 0
+  (result_file,) = tmp_path.glob("model_prefill/*/*-toy.json")
+  result = json.loads(result_file.read_text())
+  rows = {r["what"].split(" (")[0]: r for r in result["prefill"]}
+  assert set(rows) == {
+    "dense one-shot",
+    "dense chunked",
+    "xattention one-shot ~50%",
+    "xattention chunked ~50%",
+    "xattention one-shot s=16 ~50%",
+    "xattention chunked s=16 ~50%",
+  }
+  assert rows["dense chunked"]["max_logit_diff_vs_dense"] < 1e-3
+  assert [r["stride"] for r in result["prefill"] if "stride" in r] == [8, 8, 16, 16]
+  assert all("predicted_ttft_s" in r for r in result["prefill"] if r["what"].startswith("xattention"))
+  assert result["ops"][0]["estimator_ms_s16"] > 0 and [s["stride"] for s in result["threshold_search"]] == [8, 16]
+  profiled = [name for name, r in rows.items() if r.get("profile")]
+  assert profiled == ["dense one-shot", "xattention one-shot ~50%", "xattention one-shot s=16 ~50%"]
