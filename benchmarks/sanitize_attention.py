@@ -6,11 +6,13 @@
 "noref" skips the XLA references (only the kernels run, the backward on the kernel forward's out/lse): less
 non-kernel work under the tool.
 
-Covers the forward (both P @ V operands, causal and not), the antidiagonal estimator, and the dQ and dK/dV
-kernels, on ragged shapes (a batch of two with different lengths, T and S not multiples of 128, GQA) so that the
-padding paths run. Each result is compared with the XLA reference, so a kernel that reads garbage also shows here.
+Covers the forward (both P @ V operands, causal and not, one and several tiles per CTA), the antidiagonal
+estimator, and the dQ and dK/dV kernels, on ragged shapes (a batch of two with different lengths, T and S not
+multiples of 128, GQA) so that the padding paths run. Each result is compared with the XLA reference, so a kernel
+that reads garbage also shows here.
 """
 
+import itertools
 import sys
 
 import jax
@@ -56,12 +58,14 @@ def main(parts=("forward", "estimator", "backward")):
         interpret=interpret,
         config=kernel.ForwardConfig(pv_operand=operands[0]),
       )
-    for pv in operands if "forward" in parts else ():
+    # num_ctas 2: each CTA of the persistent grid runs several tiles (the next tile's Q loads during this one's)
+    for pv, ctas in itertools.product(operands if "forward" in parts else (), (132, 2)):
+      config = kernel.ForwardConfig(pv_operand=pv, num_ctas=ctas)
       out, _ = kernel.block_sparse_attention(
-        q, k, v, layout, geometry, causal=causal, **kw, config=kernel.ForwardConfig(pv_operand=pv), interpret=interpret
+        q, k, v, layout, geometry, causal=causal, **kw, config=config, interpret=interpret
       )
       print(
-        f"forward causal={causal} pv={pv}: max error {_err(out, want):.3e}"
+        f"forward causal={causal} pv={pv} num_ctas={ctas}: max error {_err(out, want):.3e}"
         + ("" if reference else " (vs the kernel's own default run)"),
         flush=True,
       )
