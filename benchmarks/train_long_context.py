@@ -236,8 +236,10 @@ def main(argv=None) -> int:
     "--block-size",
     type=int,
     default=None,
-    help="XAttention block size (default: the preset's; recorded in the result's settings). One that does not divide "
-    "T/2 puts the copy source of a query block (--copy-shift 0) across two key blocks instead of exactly one",
+    help="XAttention block size (default: the preset's; recorded in the result's settings). The logits at t read "
+    "the copy source at t + 1 - D (D = T/2 + --copy-shift): a block dividing D - 1 keeps every query block's sources "
+    "in one key block; other sizes split them over two, and a split-off row or two is what tau 0.9 drops (the "
+    "plateau of notes_training.md)",
   )
   parser.add_argument("--log-every", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
@@ -255,17 +257,15 @@ def main(argv=None) -> int:
     "--estimator",
     choices=[e.value for e in xa.Estimator],
     default="antidiagonal",
-    help="the XAttention runs' block-importance estimator (SPEC 1.7): alternating samples every token distance, so "
-    "the copy source at distance 512 is seen",
+    help="the XAttention runs' block-importance estimator (SPEC 1.7): alternating samples every token distance",
   )
   parser.add_argument(
     "--copy-shift",
     type=int,
     default=0,
-    help="zeros between the two halves: the copy distance is T/2 + shift. With stride s (even), the paper's "
-    "antidiagonal estimator never samples a diagonal at an even distance (query offset s-1-a meets key offset a at "
-    "distance s-1-2a inside a tile), so shift 0 hides the copy source from it; an odd shift does not "
-    "(nor does --estimator alternating)",
+    help="zeros between the two halves: the copy distance D is T/2 + shift, and the copy heads attend at distance "
+    "D - 1 (the logits at t predict token t + 1). With stride s (even) the paper's estimator never samples an even "
+    "distance (SPEC 1.7), so an odd shift hides the copy source from it",
   )
   args = parser.parse_args(argv)
   preset = dict(PRESETS[args.preset])

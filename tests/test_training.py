@@ -110,10 +110,11 @@ def test_threshold_schedule_is_state_not_trained_and_does_not_recompile():
 
 
 def test_estimator_misses_diagonals_at_even_distances_unless_alternating():
-  """Why the copy task of benchmarks/train_long_context.py needs an odd --copy-shift with the paper's estimator: the
-  strided dot product pairs query offset s-1-a with key offset a inside each s x s tile, so a sharp diagonal (query
-  t -> key t - D) is never sampled when D is even (s even); its source blocks then get only chance-level estimated
-  mass. The alternating estimator (SPEC §1.7) samples even distances on every other strided row."""
+  """The paper's estimator's known limit (README; not the copy task's plateau, whose heads read distance D - 1 and
+  whose cause is block selection: notes_training.md): the strided dot product pairs query offset s-1-a with key
+  offset a inside each s x s tile, so a sharp diagonal (query t -> key t - D) is never sampled when D is even (s
+  even); its source blocks then get only chance-level estimated mass. The alternating estimator (SPEC §1.7) samples
+  even distances on every other strided row."""
   from tests.conftest import run_checked
 
   T, H, blk, s = 1024, 64, 64, 8
