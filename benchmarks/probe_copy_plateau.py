@@ -35,9 +35,9 @@ if __name__ == "__main__" and not __package__:
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import xattn_jax as xa
-from benchmarks.train_long_context import PRESETS, copy_batch
+from benchmarks.train_long_context import PRESETS, copy_batch, model_config
 from xattn_jax.geometry import cdiv
-from xattn_jax.models.config import AttentionConfig, ModelConfig
+from xattn_jax.models.config import AttentionConfig
 from xattn_jax.models.layers import apply_rope, rope_frequencies
 from xattn_jax.models.transformer import Transformer
 
@@ -45,17 +45,7 @@ from xattn_jax.models.transformer import Transformer
 def load_model(path: pathlib.Path, preset: dict, xcfg: xa.XAttentionConfig) -> Transformer:
   import orbax.checkpoint as ocp
 
-  config = ModelConfig(
-    vocab_size=preset["vocab"],
-    d_model=preset["d_model"],
-    num_layers=preset["layers"],
-    num_heads=preset["heads"],
-    num_kv_heads=preset["kv_heads"],
-    head_dim=preset["head_dim"],
-    mlp_dim=4 * preset["d_model"],
-    max_seq_len=preset["length"],
-    attention=AttentionConfig(kind="xattention", xattention=xcfg),
-  )
+  config = model_config(preset, AttentionConfig(kind="xattention", xattention=xcfg))
   model = Transformer(config, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   with ocp.StandardCheckpointer() as checkpointer:

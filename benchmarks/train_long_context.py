@@ -97,6 +97,21 @@ def threshold_schedule(tau: float, dense_steps: int, ramp_steps: int):
   return schedule
 
 
+def model_config(preset: dict, attention: AttentionConfig) -> ModelConfig:
+  """The preset's model with this attention."""
+  return ModelConfig(
+    vocab_size=preset["vocab"],
+    d_model=preset["d_model"],
+    num_layers=preset["layers"],
+    num_heads=preset["heads"],
+    num_kv_heads=preset["kv_heads"],
+    head_dim=preset["head_dim"],
+    mlp_dim=4 * preset["d_model"],
+    max_seq_len=preset["length"],
+    attention=attention,
+  )
+
+
 def run(
   preset: dict,
   attention: AttentionConfig,
@@ -109,17 +124,7 @@ def run(
   shift: int = 0,
 ) -> dict:
   """schedule: optional step -> tau for an XAttention run (thresholds are state: no recompilation)."""
-  config = ModelConfig(
-    vocab_size=preset["vocab"],
-    d_model=preset["d_model"],
-    num_layers=preset["layers"],
-    num_heads=preset["heads"],
-    num_kv_heads=preset["kv_heads"],
-    head_dim=preset["head_dim"],
-    mlp_dim=4 * preset["d_model"],
-    max_seq_len=preset["length"],
-    attention=attention,
-  )
+  config = model_config(preset, attention)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   model = Transformer(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
   trainer = Trainer(
