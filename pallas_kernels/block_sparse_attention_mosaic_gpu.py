@@ -112,9 +112,7 @@ def _kernel(
 
   The K/V ring and its barriers run on across tiles (global step counter), so the producer prefetches the next
   tile's first blocks while the consumers finish the current one. Q/O staging is double buffered per consumer:
-  during tile i's first step a consumer requests tile i+1's Q into its other buffer (once tile i-1's output stores
-  have read it), so no tile opens on the latency of a Q load, and tile i's output store drains while tile i+1
-  computes. With one buffer (P through SMEM at head dim 128) Q loads as its tile opens.
+  tile i's output store drains while tile i+1 loads and computes.
   """
   block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
   num_heads, num_q_blocks = counts_ref.shape[1], counts_ref.shape[2]
@@ -147,31 +145,18 @@ def _kernel(
   def _consumer():
     plgpu.set_max_registers(config.consumer_registers, action="increase")
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    buffers = qo_smem.shape[1]
-
-    def load_q(i):  # this warpgroup's rows of tile i into Q buffer i % buffers
-      b, r, n = tile_coords(i)
-      buf = lax.rem(i, buffers)
-      rows = pl.ds(r * block_kv + wg * block_q, block_q)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], qo_smem.at[wg, buf], q_barriers.at[wg * buffers + buf])
-
-    def load_next_q(i):  # with two buffers: tile i + 1's Q, while tile i computes
-      @pl.when(i + 1 < my_tiles)
-      def _():
-        # The other buffer staged tile i - 1's output: its stores (the only ones not yet waited for) must have read it.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        load_q(i + 1)
 
     def run_tile(i, carry):
       first_step, count, n_full = carry  # this tile's trip counts, loaded during the previous tile
       b, r, n = tile_coords(i)
       next_steps = tile_steps(i + 1)  # the next tile's, loaded now so that no GMEM latency opens the next tile
+      buffers = qo_smem.shape[1]
       buf = lax.rem(i, buffers)
       q_smem = qo_smem.at[wg, buf]
       q_base = r * block_kv + wg * block_q
-      if buffers == 1:  # Q loads here, once the previous tile's stores (O, lse) have read the one buffer
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        load_q(i)
+      # The stores (O, lse: two groups per tile) of the tile that last used this buffer must have read it.
+      plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem, q_barriers.at[wg * buffers + buf])
       kv_len = kv_len_ref[b]
       q_position = q_pos_ref[b] + q_base  # position of this warpgroup's first query
       m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
@@ -196,8 +181,6 @@ def _kernel(
 
         s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-        if buffers > 1:  # after the tile's first S: the previous tile's stores have had a step to drain
-          pl.when(j == 0)(lambda: load_next_q(i))
         s = s * qk_scale
         if masked:
           s = mask_scores(
@@ -245,8 +228,6 @@ def _kernel(
 
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
       acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
-      if buffers > 1:  # a tile without steps (padding rows)
-        pl.when(count == 0)(lambda: load_next_q(i))
       pl.when(wg == 0)(schedule)
 
       rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=row_layout) + q_base
@@ -261,8 +242,6 @@ def _kernel(
       plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, n, pl.ds(q_base, block_q)])
       return (first_step + count, *next_steps)
 
-    if buffers > 1:
-      load_q(0)  # every CTA has a tile (grid <= num_tiles)
     lax.fori_loop(0, my_tiles, run_tile, (jnp.int32(0), *tile_steps(0)))
     plgpu.wait_smem_to_gmem(0)
 

@@ -224,52 +224,6 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
   np.testing.assert_allclose(np.asarray(lse)[live], np.asarray(want_lse)[live], atol=1e-3)
 
 
-def _copy_loop_depths(jaxpr, source_shape) -> list[int]:
-  """For each GMEM -> SMEM copy in the jaxpr (kernel bodies included) whose source has `source_shape`: how many
-  while loops enclose it."""
-  from jax.extend import core as jex_core
-
-  depths = []
-
-  def walk(jaxpr, loops):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "copy_gmem_to_smem" and tuple(eqn.invars[0].aval.shape) == source_shape:
-        depths.append(loops)
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (list, tuple)) else [param]:
-          if isinstance(sub, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
-            walk(getattr(sub, "jaxpr", sub), loops + (eqn.primitive.name == "while"))
-
-  walk(jaxpr.jaxpr, 0)
-  return sorted(depths)
-
-
-@pytest.mark.parametrize("pv_operand,q_buffers", [("registers", 2), ("smem", 1)])
-def test_next_tiles_q_loads_during_the_current_tiles_steps(pv_operand, q_buffers):
-  """Issue #19 (per-tile fixed cost): with two Q buffers (the GPU's config at head dim 128), a consumer requests the
-  next tile's Q during the current tile's first step (inside the step loops: loop depth 2), so no tile opens on a Q
-  load's latency; the first tile's Q is requested before the tile loop, and a tile without steps requests the next
-  one after its (empty) loops. With one buffer (P through SMEM) Q still loads as its tile opens (depth 1). The
-  version before loaded every tile's Q as the tile opened; correctness and ordering (the stores that staged the
-  previous output in that buffer must have read it) are the interpreter tests' (its race detector catches a missing
-  wait)."""
-  heads, length, head_dim = 4, 1024, 128
-  nb = length // 128
-  sds = jax.ShapeDtypeStruct
-  layout = BlockLayout(
-    counts=sds((1, heads, nb), jnp.int32),
-    indices=sds((1, heads, nb, nb), jnp.int32),
-    num_allowed=sds((1, heads, nb), jnp.int32),
-  )
-  config = attention_kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=4)
-  f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=head_dim**-0.5, config=config)
-  q_shape = (1, length, heads, head_dim)
-  kv = sds((1, length, 2, head_dim), jnp.bfloat16)
-  jaxpr = jax.make_jaxpr(f)(sds(q_shape, jnp.bfloat16), kv, kv, layout, Geometry(*(sds((1,), jnp.int32),) * 3))
-  want = [0, 1, 2, 2] if q_buffers == 2 else [1]  # before the loop, stepless tiles, the two step loops
-  assert _copy_loop_depths(jaxpr, q_shape) == want
-
-
 def test_tuning_config_validation():
   with pytest.raises(ValueError, match="tile_order='work'"):
     attention_kernel.ForwardConfig(tile_order="work")
