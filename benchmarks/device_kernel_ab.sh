@@ -4,7 +4,8 @@
 # then attention_speed.py with the working tree's kernel ("new") and again with OLD copied over it ("old").
 #   git show <commit>:pallas_kernels/block_sparse_attention_mosaic_gpu.py > old_forward.py   # untracked: it travels
 #   run(command="OLD=old_forward.py bash benchmarks/device_kernel_ab.sh")
-# Time limits per step in seconds (0 skips): TTEST, TSAN (each tool), TBENCH (each attention_speed.py call).
+# Time limits per step in seconds (0 skips): TTEST (TESTS: its -k), TSAN (each of TOOLS), TBENCH (each
+# attention_speed.py call).
 # SHORT and LONG are the two attention_speed.py argument sets run for each version.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -16,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import jax; print('jax', jax.__version__)" | tee -a "$OUT/env.txt"
 step "${TTEST:-150}" && timeout ${TTEST:-150} python3 -m pytest -q -p no:cacheprovider tests/test_mosaic_gpu_device.py \
   -k "${TESTS:-attention_kernel_matches_xla}" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -4
-for tool in racecheck memcheck; do
+for tool in ${TOOLS:-racecheck memcheck}; do
   step "${TSAN:-90}" && XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${TSAN:-90} \
     compute-sanitizer --tool $tool python3 benchmarks/sanitize_attention.py forward,noref 2>&1 \
     | tee "$OUT/sanitizer-$tool.txt" | grep -E 'forward|ERROR SUMMARY|RACECHECK SUMMARY|Error' | tail -6
