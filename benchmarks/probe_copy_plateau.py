@@ -38,7 +38,6 @@ import xattn_jax as xa
 from benchmarks.train_long_context import PRESETS, copy_batch, model_config
 from xattn_jax.geometry import cdiv
 from xattn_jax.models.config import AttentionConfig
-from xattn_jax.models.layers import apply_rope, rope_frequencies
 from xattn_jax.models.transformer import Transformer
 
 
@@ -87,10 +86,7 @@ def layer_probe(model: Transformer, tokens, *, distance: int, xcfg: xa.XAttentio
     attn = block.attn
     x = block.attn_norm(h)
     N, K, H = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    inv_freq = rope_frequencies(*attn.rope)
-    q = apply_rope(attn.q_proj(x).reshape(B, T, N, H), positions, inv_freq)
-    k = apply_rope(attn.k_proj(x).reshape(B, T, K, H), positions, inv_freq)
-    v = attn.v_proj(x).reshape(B, T, K, H)
+    q, k, v = attn.project(x, positions)
     _, layout = xa.xattention(
       q,
       k,

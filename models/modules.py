@@ -84,11 +84,7 @@ class Attention(nnx.Module):
     the layer attended densely).
     """
     B, T, _ = x.shape
-    N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
-    inv_freq = rope_frequencies(*self.rope)
-    q = apply_rope(self.q_proj(x).reshape(B, T, N, H), positions, inv_freq)
-    k = apply_rope(self.k_proj(x).reshape(B, T, K, H), positions, inv_freq)
-    v = self.v_proj(x).reshape(B, T, K, H)
+    q, k, v = self.project(x, positions)
     if cache is not None:
       cache = LayerCache(_write(cache.k, k, offsets), _write(cache.v, v, offsets))
       # The writes are sinks nothing reads before the program ends, and XLA's GPU scheduler may defer them: in an
@@ -103,7 +99,16 @@ class Attention(nnx.Module):
     out, density = self._attend(
       q, keys.astype(q.dtype), values.astype(q.dtype), q_lengths, kv_lengths, self_attention=self_attention
     )
-    return self.o_proj(out.reshape(B, T, N * H)), cache, density
+    return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache, density
+
+  def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H], q and k rotated to `positions`."""
+    B, T, _ = x.shape
+    N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+    inv_freq = rope_frequencies(*self.rope)
+    q = apply_rope(self.q_proj(x).reshape(B, T, N, H), positions, inv_freq)
+    k = apply_rope(self.k_proj(x).reshape(B, T, K, H), positions, inv_freq)
+    return q, k, self.v_proj(x).reshape(B, T, K, H)
 
   def _axes(self, mesh) -> dict:
     """The mesh axes attention is split over (those `mesh` has; seq only where it has more than one device)."""
