@@ -3,9 +3,12 @@
 A decode step reads the whole cache once; its floor is (K + V bytes) / HBM bandwidth. The model's decode at 128K
 reached 43% of the weights-plus-cache roofline (benchmarks/notes_model_prefill.md), so the attention is the suspect.
 Variants (all [B, S, K, H] caches as the model stores them, GQA 32/8, head dim 128, bf16, f32 softmax):
-  current      - xattn_jax.dense's decode route (two dot_generals)
-  elementwise  - the route before it (elementwise products reduced over H, then over S)
-  unrolled     - the current route once per sequence
+  current      - xattn_jax.dense's decode route (two dot_generals; for B > 1 batched over the sequence only, each
+                 query widened to all kv heads with zeros outside its own)
+  wide         - the B > 1 route at every B (at B = 1 too)
+  two_batch    - the route until 2026-12-06 at every B: dots batched over the sequence and the kv head
+  elementwise  - the route before that (elementwise products reduced over H, then over S)
+  unrolled     - the B = 1 route once per sequence
 Measured on the H200 (2026-12-03, jax 0.11.2) before the switch: the dot route 0.174 ms at B=1, S=128K
 (3.09 TB/s) against 0.909 ms (0.59 TB/s) elementwise; at B=8 1.16 against 0.93 TB/s, and per sequence 3.36 TB/s
 (but 2.5x slower than one batched pair inside the model's decode loop: 37.1 against 14.6 ms per step at 32K, B=8);
@@ -44,8 +47,21 @@ def elementwise_decode(q, k, v, kv_lengths, scale):
   return o.reshape(B, 1, q.shape[2], H).astype(q.dtype)
 
 
+def two_batch_decode(q, k, v, kv_lengths, scale):
+  """The route until 2026-12-06 at every B: batch dimensions (sequence, kv head), which are not one stride of the
+  cache, so XLA transposes it (inside the model's decode loop, once for the whole loop: a second cache)."""
+  B, S, K, H = k.shape
+  G = q.shape[2] // K
+  s = jnp.einsum("bkgh,bskh->bkgs", q.reshape(B, K, G, H).astype(k.dtype), k, preferred_element_type=jnp.float32)
+  s = jnp.where(jnp.arange(S)[None, None, None, :] < kv_lengths[:, None, None, None], s * scale, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  o = jnp.einsum("bkgs,bskh->bkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (o / jnp.sum(p, axis=-1)[..., None]).reshape(B, 1, K * G, H).astype(q.dtype)
+
+
 def unrolled_decode(q, k, v, kv_lengths, scale):
-  """The current route once per sequence (dots whose only batch dimension is the kv head)."""
+  """The B = 1 route once per sequence (dots whose only batch dimension is the kv head)."""
   return jnp.concatenate(
     [
       dense._decode_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], kv_lengths[b : b + 1], scale)
@@ -59,7 +75,7 @@ def main():
   parser.add_argument("--lengths", type=csv_of(int), default=[32768, 131072])
   parser.add_argument("--batches", type=csv_of(int), default=[1, 8])
   parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--variants", type=csv_of(str), default=["current", "elementwise", "unrolled"])
+  parser.add_argument("--variants", type=csv_of(str), default=["current", "wide", "two_batch", "unrolled"])
   args = parser.parse_args()
   N, K, H = 32, 8, 128
   scale = H**-0.5
@@ -78,6 +94,8 @@ def main():
         "current": functools.partial(dense._decode_attention, scale=scale),
         "elementwise": functools.partial(elementwise_decode, scale=scale),
         "unrolled": functools.partial(unrolled_decode, scale=scale),
+        "two_batch": functools.partial(two_batch_decode, scale=scale),
+        "wide": functools.partial(dense._decode_attention, scale=scale, widen=True),
       }
       ref = jax.jit(variants["current"])(q, k, v, lengths).astype(jnp.float32)
       gb = 2 * k.size * k.dtype.itemsize / 1e9

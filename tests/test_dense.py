@@ -3,6 +3,8 @@ O(T) in the model's compiled prefill programs, and chunked prefill equal to one-
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,26 @@ def test_routes_chosen_on_this_host_need_no_gpu():
   whole = xa.dense_attention(q, k, v, is_causal=True, implementation="xla")
   chunked = xa.dense_attention(q, k, v, is_causal=True, implementation="xla", query_chunk_size=128)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_decode_dots_batch_over_one_stride_of_the_cache(B):
+  # A dot whose batch dimensions are two non-adjacent dims of the [B, S, K, H] cache makes XLA's GPU compiler
+  # transpose the cache, and in the model's decode loop it did so once for the whole loop: a second cache (32 GiB at
+  # 32K tokens and B = 8 for an 8B model). Each dot over K or V batches over at most one non-trivial cache dim.
+  q = jax.ShapeDtypeStruct((B, 1, 8, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((B, 256, 2, 64), jnp.bfloat16)
+  lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+  attend = lambda q, k, v, n: xa.dense_attention(
+    q, k, v, is_causal=True, query_seq_lengths=n * 0 + 1, key_value_seq_lengths=n
+  )
+  text = jax.jit(attend).lower(q, kv, kv, lengths).as_text()
+  dots = re.findall(r"batching_dims = \[([\d, ]*)\] x \[([\d, ]*)\].*?: \(tensor<[^>]*>, tensor<([\dx]+)x", text)
+  assert len(dots) == 2, text
+  for _, rhs_batch, rhs_shape in dots:
+    shape = [int(d) for d in rhs_shape.split("x")]
+    assert shape[1] == 256, rhs_shape  # the cache itself, not a relaid-out copy
+    assert sum(shape[int(d)] > 1 for d in rhs_batch.split(", ")) <= 1, (B, rhs_batch)
 
 
 def test_gradient_of_the_block_route_matches_the_logits_route():

@@ -8,9 +8,9 @@ function, `dense_route`, decides how:
     CUDNN    a GPU, bf16/fp16, head dim a multiple of 8 up to 128, and    O(T): cuDNN's flash attention
              cuDNN's top-left causal mask equals ours (T == S with the
              same lengths for queries and keys, or not causal)
-    DECODE   a decode step (T = 1): one pass over K and V in their        the [B, N, S] logits: O(S)
-             [B, S, K, H] layout (a multiply-reduce, not a dot, whose
-             batch dims would make XLA transpose the whole cache)
+    DECODE   a decode step (T = 1): two dots that read K and V in         the [B, N, S] logits: O(S)
+             place in their [B, S, K, H] layout (batch dimensions
+             chosen so that XLA never transposes the cache)
     LOGITS   logits of at most 256 MiB (short prompts)                    the [B, N, T, S] logits
     BLOCKS   everything else: chunked prefill (T < S), TPUs, CPUs,        one query chunk's block tables and
              float32                                                      working set: the block-sparse kernels of
@@ -28,6 +28,7 @@ import enum
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from xattn_jax import _checks, backends
 from xattn_jax.config import normalize_implementation
@@ -243,29 +244,48 @@ def _dense(
   return out
 
 
-def _decode_attention(q, k, v, kv_lengths, scale: float) -> jax.Array:
+def _decode_attention(q, k, v, kv_lengths, scale: float, widen: bool | None = None) -> jax.Array:
   """One query per sequence (T = 1, at position k_b - 1: causal or not, it sees every real key). [B, 1, N, H].
 
-  Two dot_generals over the cache as stored ([B, S, K, H]; softmax in f32 between them, probabilities in the
-  cache's dtype for the second, as flash attention does). H200, 32/8 heads, head dim 128
-  (benchmarks/probe_decode_attention.py): 0.17 ms at B = 1, S = 128K (3.1 TB/s of cache; cuBLAS GEMVs over the cache
-  in place) against 0.91 ms for the elementwise products this replaced; 3.65 against 4.64 ms at B = 8, where the
-  sequence as a second batch dimension makes XLA transpose the cache. One pair of dots per sequence is 2.8x faster
-  at B = 8 on its own but 2.5x slower inside the model's decode loop (slices of the loop-carried cache are copied),
-  so the batch stays one pair. Memory: the [B, N, S] f32 scores, O(S).
+  Two dot_generals that read the cache in place, as stored ([B, S, K, H]); softmax in f32 between them,
+  probabilities in the cache's dtype for the second, as flash attention does. Memory: the [B, N, S] f32 logits,
+  O(S). The dots' batch dimensions must be a single stride of the cache, else XLA transposes it, and inside the
+  model's decode loop that transpose is hoisted out of the loop: a second copy of the whole cache (32 GiB at 32K
+  tokens and B = 8 for an 8B model, which then runs out of memory on an 80 GB card). So:
+  - B = 1: the kv head is the batch dimension (the G query heads of a group against their head's keys; GEMVs at
+    3.1 TB/s on the H200 at 128K, benchmarks/probe_decode_attention.py);
+  - B > 1: the sequence is the only batch dimension and each query is widened to all K kv heads with zeros outside
+    its own ([B, N, K * H]), so the contraction runs over the cache's contiguous K * H minor dims and a head's
+    logits see only its kv head's keys. K times the multiply-adds of a memory-bound step; the same bytes read.
+    The second dot returns [B, N, K * H] of which each head keeps its own kv head's H.
+  `widen` forces either (None: B > 1), for benchmarks/probe_decode_attention.py.
   """
   B, S, K, H = k.shape
-  G = q.shape[2] // K
-  qg = q.reshape(B, K, G, H).astype(k.dtype)
-  s = jnp.einsum("bkgh,bskh->bkgs", qg, k, preferred_element_type=jnp.float32) * scale
-  real = jnp.arange(S, dtype=jnp.int32)[None, None, None, :] < kv_lengths[:, None, None, None]
+  widen = B > 1 if widen is None else widen
+  N = q.shape[2]
+  G = N // K
+  f32 = jnp.float32
+  if not widen:
+    qg = q.reshape(B, K, G, H).astype(k.dtype)
+    s = jnp.einsum("bkgh,bskh->bkgs", qg, k, preferred_element_type=f32).reshape(B, N, S)
+  else:
+    own = (jnp.arange(N)[:, None] // G == jnp.arange(K)[None, :])[None, :, :, None]  # [1, N, K, 1]
+    wide = jnp.where(own, q.reshape(B, N, 1, H), jnp.zeros((), q.dtype)).astype(k.dtype)  # [B, N, K, H]
+    s = lax.dot_general(wide, k, (((2, 3), (2, 3)), ((0,), (0,))), preferred_element_type=f32)  # [B, N, S]
+  s = s * scale
+  real = jnp.arange(S, dtype=jnp.int32)[None, None, :] < kv_lengths[:, None, None]
   s = jnp.where(real, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-  l = jnp.sum(p, axis=-1)  # [B, K, G]
-  o = jnp.einsum("bkgs,bskh->bkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  l = jnp.sum(p, axis=-1)  # [B, N]
+  if not widen:
+    pg = p.reshape(B, K, G, S).astype(v.dtype)
+    o = jnp.einsum("bkgs,bskh->bkgh", pg, v, preferred_element_type=f32).reshape(B, N, H)
+  else:
+    wide_o = lax.dot_general(p.astype(v.dtype), v, (((2,), (1,)), ((0,), (0,))), preferred_element_type=f32)
+    o = jnp.sum(jnp.where(own, wide_o, 0.0), axis=2)  # [B, N, K, H] -> each head's own kv head: [B, N, H]
   o = o / jnp.where(l > 0, l, 1.0)[..., None]
-  return o.reshape(B, 1, K * G, H).astype(q.dtype)
+  return o.reshape(B, 1, N, H).astype(q.dtype)
 
 
 def _mask(dims: _checks.Dims, q_lengths, kv_lengths, causal: bool) -> jax.Array:
