@@ -9,7 +9,8 @@
 # the md5 checked, the gguf package installed from the wheel if missing, and niah.py run for at most TNIAH seconds
 # (default 540) with the model's path filled in. A run cut off by the limit leaves its resumable JSONL in $OUT.
 # RESUME=benchmarks/results/niah/<card>/<date>-<tag>.jsonl.gz puts a committed run's JSONL back under $OUT, so the
-# same --tag continues it (extra configs, samples, lengths) on a card of that name; another card starts afresh.
+# same --tag continues it (extra configs, samples, lengths) on a card of that name; another card starts afresh. Its
+# sibling <date>-<tag>-thresholds-*.json files (searched or calibrated thresholds) come back too, so no search reruns.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 GGUF=/tmp/smollm2.gguf
@@ -24,7 +25,8 @@ case "${1:-}" in
     if [ -n "${RESUME:-}" ]; then
       dest="$OUT/niah/$(basename "$(dirname "$RESUME")")"
       mkdir -p "$dest" && zcat "$RESUME" > "$dest/$(basename "$RESUME" .gz)" || exit 1
-      echo "resuming $(wc -l < "$dest/$(basename "$RESUME" .gz)") results in $dest"
+      for t in "${RESUME%.jsonl.gz}"-thresholds-*.json; do [ -e "$t" ] && cp "$t" "$dest/"; done  # searched thresholds
+      echo "resuming $(wc -l < "$dest/$(basename "$RESUME" .gz)") results in $dest ($(ls "$dest" | grep -c thresholds) threshold files)"
     fi
     timeout "${TNIAH:-540}" python3 benchmarks/niah.py --model "$GGUF" --out-dir "$OUT" "$@" 2>&1 | tail -40
     ;;
