@@ -7,7 +7,8 @@
 # estimators; TESTS overrides the -k expression), TEST_SPEED (estimator_speed.py), TCOMP (probe_compile.py: compile
 # time per layer count, program and XLA flag; COMPARGS replaces its probe set), T32 (8K and 32K TTFT). DECPROF=N
 # prints where a decode step's device time goes (the N largest ops per profile line), PROF=N the same for one 128K
-# prefill of the dense and of each stride's XAttention one-shot model.
+# prefill of the dense and of each stride's XAttention one-shot model. DUMPDEC (seconds) dumps the B=8 decode loop's
+# optimized HLO and buffer report (the copies that make its temporaries half a KV cache).
 #   run(command="bash benchmarks/device_model.sh")                     # the model steps
 #   run(command="MODES=one-shot T128=240 TDEC=200 T256=120 bash benchmarks/device_model.sh")
 #   run(command="TTEST=240 TEST_SPEED=120 TCOMP=200 T128=0 TDEC=0 T256=0 bash benchmarks/device_model.sh")
@@ -47,4 +48,11 @@ step "${DUMP:-0}" && timeout ${DUMP:-30} python3 benchmarks/prefill_memory.py --
   --chunk-sizes 0 --kinds dense --dump /tmp/xla-dump 2>&1 | quiet
 step "${DUMP:-0}" && ls -S /tmp/xla-dump/*memory-usage-report* 2>/dev/null | head -1 | \
   xargs -r -I{} cp {} "$OUT/memory-report-2l-32k.txt"
+if step "${DUMPDEC:-0}"; then  # the decode loop at B=8, 2 layers, 32K: its temporaries, buffers and copies named
+  XLA_FLAGS="--xla_dump_to=/tmp/xla-dec --xla_dump_hlo_as_text" timeout ${DUMPDEC} python3 benchmarks/probe_compile.py \
+    --programs decode --kinds dense --batch 8 --layers 2 --length 32768 2>&1 | grep -E '^dense|Error' | tee "$OUT/decode-b8.txt"
+  ls -S /tmp/xla-dec/*memory-usage-report* 2>/dev/null | head -1 | xargs -r -I{} cp {} "$OUT/memory-report-decode-b8.txt"
+  ls -S /tmp/xla-dec/*after_optimizations.txt 2>/dev/null | head -1 | xargs -r -I{} grep -E ' (copy|transpose)(-start)?\(|while\(|custom-call' {} \
+    | cut -c1-400 > "$OUT/decode-b8-copies.txt"
+fi
 exit 0

@@ -51,9 +51,35 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def over_token_chunks(fn, x: jax.Array, chunk_tokens: int | None) -> jax.Array:
+  """fn(x) for a position-wise fn ([rows, D] -> [rows, D']), run on `chunk_tokens` rows (tokens) at a time so that
+  fn's intermediates stay one chunk's size; rows are independent, so chunking changes no value.
+
+  The loop's buffer is the input itself, not a zero-filled output: XLA's GPU compiler fuses the zero fills of every
+  layer into one kernel at the start of the program and so held one [T, D] buffer per layer to the end (8 KB per
+  token per layer in an 8B model). Each step reads its rows with a dynamic slice and writes fn's rows over them; a
+  fn that starts with an elementwise op or a row reduction (a norm) can read the slice inside its fusion. Under
+  reverse mode each step keeps one chunk's residuals. When chunking, fn's rows are written over its input's."""
+  rows, D = math.prod(x.shape[:-1]), x.shape[-1]
+  c = chunk_tokens
+  if c is None or rows <= c:
+    return fn(x)
+  n = rows // c
+  out_dtype = jax.eval_shape(fn, jax.ShapeDtypeStruct((c, D), x.dtype)).dtype
+
+  def chunk(i, buf):  # rows [i c, (i + 1) c) still hold the input: read them, then write fn's rows over them
+    start = i * c
+    return jax.lax.dynamic_update_slice_in_dim(buf, fn(jax.lax.dynamic_slice_in_dim(buf, start, c)), start, axis=0)
+
+  out = jax.lax.fori_loop(0, n, chunk, x.reshape(rows, D).astype(out_dtype))
+  if rows % c:
+    out = jax.lax.dynamic_update_slice_in_dim(out, fn(out[n * c :]), n * c, axis=0)
+  return out.reshape(x.shape[:-1] + (out.shape[-1],))
+
+
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), over chunks of `chunk_tokens` tokens so that the [tokens, F]
-  intermediates of a long prompt stay one chunk's size (rows are independent: chunking changes no value)."""
+  intermediates of a long prompt stay one chunk's size (`over_token_chunks`)."""
 
   def __init__(
     self, d_model: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, chunk_tokens: int | None = None
@@ -68,23 +94,4 @@ class MLP(nnx.Module):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [..., D]
-    rows, D = math.prod(x.shape[:-1]), x.shape[-1]
-    c = self.chunk_tokens
-    if c is None or rows <= c:
-      return self._mlp(x)
-    n = rows // c
-    dtype = jax.eval_shape(self._mlp, jax.ShapeDtypeStruct((c, D), x.dtype)).dtype
-
-    def chunk(i, buf):  # rows [i c, (i + 1) c) still hold the input: read them, then write their output over them
-      start = i * c
-      return jax.lax.dynamic_update_slice_in_dim(
-        buf, self._mlp(jax.lax.dynamic_slice_in_dim(buf, start, c)), start, axis=0
-      )
-
-    # The loop's buffer is the input itself, not a zero-filled output: XLA's GPU compiler fuses the zero fills of
-    # every layer into one kernel at the start of the program and so held one [T, D] buffer per layer to the end
-    # (8 KB per token per layer in an 8B model). Under reverse mode each step keeps one chunk's residuals.
-    out = jax.lax.fori_loop(0, n, chunk, x.reshape(rows, D).astype(dtype))
-    if rows % c:
-      out = jax.lax.dynamic_update_slice_in_dim(out, self._mlp(out[n * c :]), n * c, axis=0)
-    return out.reshape(x.shape[:-1] + (out.shape[-1],))
+    return over_token_chunks(self._mlp, x, self.chunk_tokens)

@@ -13,7 +13,7 @@ from flax import nnx
 import xattn_jax
 from xattn_jax.sharding import current_mesh, sharded_dense_attention, sharded_xattention
 from xattn_jax.models.config import ModelConfig
-from xattn_jax.models.layers import MLP, RMSNorm, apply_rope, rope_frequencies
+from xattn_jax.models.layers import MLP, RMSNorm, apply_rope, over_token_chunks, rope_frequencies
 
 
 def threshold_vector(threshold, num_heads: int) -> jax.Array:
@@ -178,4 +178,8 @@ class Block(nnx.Module):
   def __call__(self, x, **attn_kwargs):
     attn_out, cache, density = self.attn(self.attn_norm(x), **attn_kwargs)
     x = x + attn_out
-    return x + self.mlp(self.mlp_norm(x)), cache, density
+    # The norm and the residual inside the MLP's token chunks: each chunk's norm reads its rows of x through the
+    # slice, so neither a normalized [T, D] copy of x nor a copy of each chunk's rows for the GEMMs is needed, and
+    # the sum is written over those rows.
+    mlp = lambda h: h + self.mlp(self.mlp_norm(h))
+    return over_token_chunks(mlp, x, self.mlp.chunk_tokens), cache, density
