@@ -22,6 +22,7 @@ Configs (--configs, comma separated):
   file:PATH        XAttention with the thresholds of a file written by `xattn-jax calibrate`
   ..._alt          any XAttention config above with the alternating estimator (SPEC §1.7) instead of the paper's
                    antidiagonal, e.g. s8_t0.9_alt, cal0.9_alt, min0.9_alt
+  ..._nb           a flat or searched config with keep_top_neighbors (SPEC §2.7), e.g. s8_t0.9_nb, s8_t0.9_alt_nb
 Default: dense, s{8,16} x t{0.8,0.9,0.95}, cal0.9.
 
 The files of a run are <out-dir>/niah/<card>/<date>-<tag>* (RUN below), dated by the run's first call.
@@ -77,6 +78,7 @@ class RunConfig:
   aggregate: str = "max"  # calibrated: over the calibration prompts
   path: str | None = None  # calibrated from a file
   estimator: str = "antidiagonal"  # SPEC §1.7
+  top_neighbors: bool = False  # SPEC §2.7
 
   def stride_of(self, runner) -> int:
     return runner.settings(self)[0] if self.kind == "calibrated" else self.stride
@@ -85,6 +87,11 @@ class RunConfig:
 def parse_config(name: str, *, cal_stride: int) -> RunConfig:
   if name == "dense":
     return RunConfig(name, "dense")
+  if name.endswith("_nb"):
+    config = parse_config(name[:-3], cal_stride=cal_stride)
+    if config.kind not in ("flat", "searched"):
+      raise ValueError(f"config {name!r}: _nb (keep_top_neighbors) applies to s<stride>_t<tau> and min<tau> configs")
+    return dataclasses.replace(config, name=name, top_neighbors=True)
   if name.endswith("_alt") and name != "dense_alt" and not name.startswith("file:"):
     return dataclasses.replace(parse_config(name[:-4], cal_stride=cal_stride), name=name, estimator="alternating")
   if m := re.fullmatch(r"s(\d+)_t([0-9.]+)", name):
@@ -275,6 +282,8 @@ class Runner:
       block_size=a.block_size,
       estimator=config.estimator,
     )
+    if config.top_neighbors:  # only then: older files (without the key) stay valid for the other configs
+      want["top_neighbors"] = True
     record = load_thresholds(path) if path.exists() else None
     if record is not None and all(record.get(k) == v for k, v in want.items()):
       return record
@@ -284,7 +293,14 @@ class Runner:
     start = time.perf_counter()
     samples = task_prompts(self.tok, n=a.search_prompts, length=a.search_length, tasks=a.tasks, seed=3000)
     gen = self.generator(
-      RunConfig(config.name, "flat", stride=config.stride, threshold=config.target, estimator=config.estimator)
+      RunConfig(
+        config.name,
+        "flat",
+        stride=config.stride,
+        threshold=config.target,
+        estimator=config.estimator,
+        top_neighbors=config.top_neighbors,
+      )
     )
     table, history = search_thresholds(
       gen,
@@ -344,7 +360,8 @@ class Runner:
     from xattn_jax.models.config import AttentionConfig
     from xattn_jax.models.generate import Generator
 
-    key = "dense" if config.kind == "dense" else (config.stride_of(self), self.settings(config)[2])
+    estimator = None if config.kind == "dense" else self.settings(config)[2]
+    key = "dense" if config.kind == "dense" else (config.stride_of(self), estimator, config.top_neighbors)
     if key not in self._generators:
       attention = (
         AttentionConfig()
@@ -352,7 +369,11 @@ class Runner:
         else AttentionConfig(
           kind="xattention",
           xattention=xa.XAttentionConfig(
-            stride=key[0], block_size=self.args.block_size, implementation=self.args.implementation, estimator=key[1]
+            stride=key[0],
+            block_size=self.args.block_size,
+            implementation=self.args.implementation,
+            estimator=key[1],
+            keep_top_neighbors=key[2],
           ),
         )
       )
@@ -408,8 +429,9 @@ class Runner:
           stop_tokens=self.tok.stop_token_ids,
         ):
           batch = mine[b : b + size]
-          first = (config.kind, config.stride, config.estimator, length) not in self._compiled
-          self._compiled.add((config.kind, config.stride, config.estimator, length))
+          compiled_key = (config.kind, config.stride, config.estimator, config.top_neighbors, length)
+          first = compiled_key not in self._compiled
+          self._compiled.add(compiled_key)
           layer_density = [float(d) for d in result.densities]
           density = 1.0 if config.kind == "dense" else float(np.mean([d for d in layer_density if d >= 0]))
           lines = []
@@ -455,6 +477,8 @@ class Runner:
     a = self.args
     path = self.path("-fidelity.json")
     sparse = [c for c in self.configs if c.kind != "dense"]
+    if any(c.top_neighbors for c in sparse):
+      raise ValueError("--fidelity-prompts: the fidelity metrics do not apply keep_top_neighbors (_nb configs); pass 0")
     settings = {c.name: self.settings(c) for c in sparse}
     if path.exists():
       old = json.loads(path.read_text())
@@ -517,6 +541,7 @@ class Runner:
           stride=stride,
           block_size=a.block_size,
           estimator=estimator,
+          keep_top_neighbors=config.top_neighbors,
           return_block_layout=True,
         )
         dense = np.asarray(layout.to_dense()[0])

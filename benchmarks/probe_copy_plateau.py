@@ -96,6 +96,7 @@ def layer_probe(model: Transformer, tokens, *, distance: int, xcfg: xa.XAttentio
       stride=xcfg.stride,
       block_size=blk,
       estimator=xcfg.estimator,
+      keep_top_neighbors=xcfg.keep_top_neighbors,
       return_block_layout=True,
     )
     sel = np.asarray(layout.to_dense())  # [B, N, nQb, nKb]
@@ -226,6 +227,7 @@ def main(argv=None) -> int:
   parser.add_argument("--threshold", type=float, default=0.9)
   parser.add_argument("--estimator", default="antidiagonal")
   parser.add_argument("--copy-shift", type=int, default=0)
+  parser.add_argument("--keep-top-neighbors", action="store_true", help="the checkpoint's runs used SPEC 2.7's rule")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seed", type=int, default=777)
   parser.add_argument(
@@ -241,14 +243,21 @@ def main(argv=None) -> int:
   blk, T = preset["block_size"], preset["length"]
   D = T // 2 + args.copy_shift
   xcfg = xa.XAttentionConfig(
-    threshold=args.threshold, stride=preset["stride"], block_size=blk, estimator=args.estimator
+    threshold=args.threshold,
+    stride=preset["stride"],
+    block_size=blk,
+    estimator=args.estimator,
+    keep_top_neighbors=args.keep_top_neighbors,
   )
   model = load_model(args.checkpoint, preset, xcfg)
   dense = model.with_attention(AttentionConfig())
   tokens, mask = copy_batch(
     np.random.default_rng(args.seed), batch=args.batch, length=T, vocab=preset["vocab"], shift=args.copy_shift
   )
-  print(f"checkpoint {args.checkpoint}, block {blk}, estimator {args.estimator}, tau {args.threshold}, D = {D}")
+  print(
+    f"checkpoint {args.checkpoint}, block {blk}, estimator {args.estimator}, tau {args.threshold}, D = {D}"
+    + (", keep_top_neighbors" if args.keep_top_neighbors else "")
+  )
   print(f"source of query t (predicting t + 1): key t + 1 - D = t - {D - 1}")
   stats = {}
   for name, m in (("xattention", model), ("dense attn, same weights", dense)):

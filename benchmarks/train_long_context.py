@@ -181,7 +181,8 @@ def to_markdown(result: dict) -> str:
     f"Command: `python benchmarks/{result['command']}`",
     "",
     f"Settings: {result['settings']}, tau {tau}, copy distance T/2 + {result.get('copy_shift', 0)}"
-    + (f", estimator {result['estimator']}" if "estimator" in result else ""),
+    + (f", estimator {result['estimator']}" if "estimator" in result else "")
+    + (", keep_top_neighbors" if result.get("keep_top_neighbors") else ""),
     "",
     "| step | "
     + " | ".join(f"{r['name']} loss" for r in runs)
@@ -265,6 +266,12 @@ def main(argv=None) -> int:
     help="the XAttention runs' block-importance estimator (SPEC 1.7): alternating samples every token distance",
   )
   parser.add_argument(
+    "--keep-top-neighbors",
+    action="store_true",
+    help="the XAttention runs also keep both neighbours of each query block's top key block (SPEC 2.7): the copy "
+    "heads' source crosses a key-block boundary for one row per query block",
+  )
+  parser.add_argument(
     "--copy-shift",
     type=int,
     default=0,
@@ -283,7 +290,11 @@ def main(argv=None) -> int:
   if checkpoints is not None:
     checkpoints.mkdir(parents=True, exist_ok=True)
   xcfg = xa.XAttentionConfig(
-    threshold=args.threshold, stride=preset["stride"], block_size=preset["block_size"], estimator=args.estimator
+    threshold=args.threshold,
+    stride=preset["stride"],
+    block_size=preset["block_size"],
+    estimator=args.estimator,
+    keep_top_neighbors=args.keep_top_neighbors,
   )
   sparse = AttentionConfig(kind="xattention", xattention=xcfg)
   choices = {
@@ -316,6 +327,7 @@ def main(argv=None) -> int:
     ramp_steps=args.ramp_steps,
     copy_shift=args.copy_shift,
     estimator=args.estimator,
+    keep_top_neighbors=args.keep_top_neighbors,
     runs=runs,
   )
   tag = args.preset + (f"-{args.tag}" if args.tag else "")  # the preset always named: cpu-small, gpu-shift1

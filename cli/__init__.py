@@ -240,7 +240,9 @@ def _attention_config(args, attention: str):
   if getattr(args, "thresholds", None):  # a calibration file: its stride, block size and per-head thresholds
     from xattn_jax.evaluation.calibration import attention_config
 
-    return attention_config(args.thresholds, implementation=args.implementation)
+    return attention_config(
+      args.thresholds, implementation=args.implementation, keep_top_neighbors=args.keep_top_neighbors
+    )
   return AttentionConfig(
     kind="xattention",
     dense_layers=args.dense_layers,
@@ -249,6 +251,7 @@ def _attention_config(args, attention: str):
       threshold=args.threshold,
       block_size=args.block_size,
       estimator=args.estimator,
+      keep_top_neighbors=args.keep_top_neighbors,
       implementation=args.implementation,
     ),
   )
@@ -450,6 +453,12 @@ def _xattention_args(p, *, threshold: bool = True) -> None:
     default="antidiagonal",
     help="block-importance estimator: the paper's antidiagonal (with an even stride it samples odd token "
     "distances only) or alternating (every distance; SPEC 1.7)",
+  )
+  p.add_argument(
+    "--keep-top-neighbors",
+    action="store_true",
+    help="also keep both neighbours of each query block's top key block (SPEC 2.7: sharp diagonals that cross a "
+    "key-block boundary)",
   )
 
 

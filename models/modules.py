@@ -129,6 +129,7 @@ class Attention(nnx.Module):
         block_size=cfg.block_size,
         keep_sink=cfg.keep_sink,
         keep_diagonal=cfg.keep_diagonal,
+        keep_top_neighbors=cfg.keep_top_neighbors,
         query_chunk_size=cfg.query_chunk_size,
         implementation=cfg.implementation,
         estimator=cfg.estimator,

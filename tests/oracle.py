@@ -82,6 +82,7 @@ def select(
   causal,
   keep_sink=True,
   keep_diagonal=True,
+  keep_top_neighbors=False,
   q_lens=None,
   kv_lens=None,
 ):
@@ -116,6 +117,9 @@ def select(
             if mass < need or (not forced and visit == 0):
               chosen.add(c)
               mass += row[c]
+          if keep_top_neighbors and tau[n] > 0:  # §2.7
+            top = min(allowed, key=lambda c: (-row[c], c))
+            chosen |= {top - 1, top + 1} & set(allowed)
         mask[b, n, r, sorted(chosen)] = True
   return mask
 

@@ -277,12 +277,12 @@ class XAttentionSuite:
     return run_checked(xa.xattention, q, k, v, implementation=self.implementation, interpret=self.interpret, **kw)
 
   @pytest.mark.parametrize(
-    "case,estimator",
-    [(c, "antidiagonal") for c in CASES] + [(CASES[2], "alternating")],
-    ids=CASE_IDS + [CASE_IDS[2] + "-alternating"],
+    "case,estimator,top_neighbors",
+    [(c, "antidiagonal", False) for c in CASES] + [(CASES[2], "alternating", False), (CASES[2], "antidiagonal", True)],
+    ids=CASE_IDS + [CASE_IDS[2] + "-alternating", CASE_IDS[2] + "-top-neighbors"],
   )
-  def test_pipeline_matches_oracle(self, case, estimator):
-    """estimate -> select -> attend, each stage against the float64 oracle."""
+  def test_pipeline_matches_oracle(self, case, estimator, top_neighbors):
+    """estimate -> select -> attend, each stage against the float64 oracle (SPEC §2.7's rule in one case)."""
     q, k, v, lens = _case_inputs(case, seed=31)
     B, T, S, N, _, _, stride, blk, causal, _ = case
     tau = 0.6
@@ -296,14 +296,16 @@ class XAttentionSuite:
       block_size=blk,
       return_block_layout=True,
       estimator=estimator,
+      keep_top_neighbors=top_neighbors,
       **_lengths_kwargs(lens),
     )
     want_scores = oracle.scores(
       q, k, stride=stride, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1], estimator=estimator
     )
-    want_mask = oracle.select(
-      want_scores, q_len=T, kv_len=S, block_size=blk, threshold=tau, causal=causal, q_lens=lens[0], kv_lens=lens[1]
-    )
+    select = dict(q_len=T, kv_len=S, block_size=blk, threshold=tau, causal=causal, q_lens=lens[0], kv_lens=lens[1])
+    want_mask = oracle.select(want_scores, keep_top_neighbors=top_neighbors, **select)
+    if top_neighbors:  # the case is one where the rule adds blocks
+      assert want_mask.sum() > oracle.select(want_scores, **select).sum()
     np.testing.assert_array_equal(np.asarray(layout.to_dense()), want_mask)
     want, _ = oracle.attention(q, k, v, want_mask, block_size=blk, causal=causal, q_lens=lens[0], kv_lens=lens[1])
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-5)

@@ -104,6 +104,17 @@ def test_statistics():
   )
   with pytest.raises(ValueError, match="config"):
     niah.parse_config("dense_alt", cal_stride=8)
+  nb = niah.parse_config("s8_t0.9_alt_nb", cal_stride=8)
+  assert (nb.name, nb.kind, nb.threshold, nb.estimator, nb.top_neighbors) == (
+    "s8_t0.9_alt_nb",
+    "flat",
+    0.9,
+    "alternating",
+    True,
+  )
+  assert niah.parse_config("min0.9_nb", cal_stride=8).top_neighbors
+  with pytest.raises(ValueError, match="_nb"):
+    niah.parse_config("cal0.9_nb", cal_stride=8)
 
 
 def test_lowest_density_within_dense_per_estimator(tmp_path):

@@ -81,6 +81,29 @@ def test_first_chunk_keeps_sink_once():
   np.testing.assert_array_equal(layout.counts, [[[1, 2, 2]]])
 
 
+def test_top_neighbors_keep_a_diagonal_that_crosses_a_block_boundary():
+  # A copy head's query block 9 (diagonal 9) puts its mass on key block 1 (63 of 64 rows) and one row's worth on key
+  # block 2: 2's share (1/64) is under 1 - tau, so the mass rule drops it (SPEC §2.7); the neighbours of block 1
+  # (0, forced anyway, and 2) come back with keep_top_neighbors.
+  row = np.full(10, 0.001, np.float32)
+  row[1], row[2] = 63, 1
+  kw = dict(q_len=160, kv_len=160, block_size=16, threshold=0.9)
+  scores = np.tile(row, (10, 1))[None, None]
+  plain = select(scores, **kw)
+  halo = select(scores, keep_top_neighbors=True, **kw)
+  np.testing.assert_array_equal(plain.indices[0, 0, 9, :3], [0, 1, 9])
+  np.testing.assert_array_equal(halo.indices[0, 0, 9, :4], [0, 1, 2, 9])
+  np.testing.assert_array_equal(halo.counts[0, 0, 9], 4)
+  # Row 2 (diagonal 2): blocks 0-2 are all forced or top; nothing is added twice.
+  np.testing.assert_array_equal(halo.counts[0, 0, :3], plain.counts[0, 0, :3])
+  # tau = 0 keeps exactly the forced set.
+  np.testing.assert_array_equal(select(scores, keep_top_neighbors=True, **dict(kw, threshold=0.0)).counts[0, 0, 9], 2)
+  # The top block may be forced: a source in the sink block (0) brings block 1.
+  sink = np.tile(np.r_[np.float32(60), np.full(9, 0.001, np.float32)], (10, 1))[None, None]
+  np.testing.assert_array_equal(select(sink, keep_top_neighbors=True, **kw).indices[0, 0, 9, :3], [0, 1, 9])
+  np.testing.assert_array_equal(select(sink, **kw).counts[0, 0, 9], 2)
+
+
 # --- against the float64 oracle, and SPEC's properties -------------------------------------------------------------
 
 
@@ -97,17 +120,25 @@ def _random_scores(seed, B, N, nqb, nkb):
   causal=st.booleans(),
   keep_sink=st.booleans(),
   keep_diagonal=st.booleans(),
+  keep_top_neighbors=st.booleans(),
   seed=st.integers(0, 2**16),
   tau=st.one_of(st.sampled_from([0.0, 1.0, 1.5]), st.floats(0.0, 1.0)),
 )
-def test_property_matches_oracle(B, N, T, extra, causal, keep_sink, keep_diagonal, seed, tau):
+def test_property_matches_oracle(B, N, T, extra, causal, keep_sink, keep_diagonal, keep_top_neighbors, seed, tau):
   S, blk = T + extra, 16
   rng = np.random.default_rng(seed)
   kv = rng.integers(1, S + 1, size=B)
   q = np.minimum(rng.integers(1, T + 1, size=B), kv)
   scores = _random_scores(seed, B, N, -(-T // blk), -(-S // blk))
   kw = dict(
-    q_len=T, kv_len=S, block_size=blk, threshold=tau, causal=causal, keep_sink=keep_sink, keep_diagonal=keep_diagonal
+    q_len=T,
+    kv_len=S,
+    block_size=blk,
+    threshold=tau,
+    causal=causal,
+    keep_sink=keep_sink,
+    keep_diagonal=keep_diagonal,
+    keep_top_neighbors=keep_top_neighbors,
   )
   layout = select(scores, query_seq_lengths=jnp.asarray(q), key_value_seq_lengths=jnp.asarray(kv), **kw)
   want = oracle.select(scores, q_lens=q, kv_lens=kv, **kw)

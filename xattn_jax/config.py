@@ -56,6 +56,8 @@ class XAttentionConfig:
       query head (a tuple of length N). tau >= 1 is dense attention; tau = 0 keeps only the forced blocks.
     keep_sink: always keep key block 0 (the attention sink).
     keep_diagonal: always keep the diagonal key block (forced anyway in causal attention).
+    keep_top_neighbors: also keep both neighbours of each query block's highest-scoring key block (SPEC §2.7), for
+      sharp diagonals that cross a key-block boundary; off by default (the paper's selection).
     query_chunk_size: queries processed per step, a multiple of block_size; bounds the memory of scores and block
       tables. None picks one from a memory budget.
     estimator: "antidiagonal" (the paper's) or "alternating" (samples every token distance; SPEC §1.7).
@@ -69,6 +71,7 @@ class XAttentionConfig:
   threshold: float | tuple[float, ...] = 0.9
   keep_sink: bool = True
   keep_diagonal: bool = True
+  keep_top_neighbors: bool = False
   query_chunk_size: int | None = None
   implementation: Implementation = None
   estimator: str = "antidiagonal"
@@ -98,6 +101,6 @@ class XAttentionConfig:
     object.__setattr__(
       self, "estimator", check_estimator(self.estimator, stride=self.stride, block_size=self.block_size).value
     )
-    for name in ("keep_sink", "keep_diagonal"):
+    for name in ("keep_sink", "keep_diagonal", "keep_top_neighbors"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")

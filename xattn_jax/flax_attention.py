@@ -72,6 +72,7 @@ def attention_fn(config: XAttentionConfig | None = None, *, is_causal: bool | No
       block_size=config.block_size,
       keep_sink=config.keep_sink,
       keep_diagonal=config.keep_diagonal,
+      keep_top_neighbors=config.keep_top_neighbors,
       query_chunk_size=config.query_chunk_size,
       estimator=config.estimator,
       implementation=config.implementation,

@@ -187,6 +187,7 @@ def xattention(
   block_size: int = 128,
   keep_sink: bool = True,
   keep_diagonal: bool = True,
+  keep_top_neighbors: bool = False,
   query_chunk_size: int | None = None,
   implementation=None,
   interpret: bool = False,
@@ -216,6 +217,8 @@ def xattention(
     block_size: tokens per block.
     keep_sink: always keep key block 0.
     keep_diagonal: always keep the diagonal block (causal always does).
+    keep_top_neighbors: also keep both neighbours of each query block's highest-scoring key block (SPEC §2.7: a
+      sharp diagonal that crosses a key-block boundary needs them for a few rows).
     query_chunk_size: queries per step (multiple of block_size); None picks one from a memory budget.
     implementation: None, a backend name or a sequence of names.
     interpret: run Pallas kernels in their CPU interpreter.
@@ -255,6 +258,7 @@ def xattention(
     block_size=block_size,
     keep_sink=keep_sink,
     keep_diagonal=keep_diagonal,
+    keep_top_neighbors=keep_top_neighbors,
     query_chunk_size=query_chunk_size,
     implementation=implementation,
     interpret=interpret,
@@ -285,6 +289,7 @@ def prepare_xattention(
   interpret,
   return_block_layout,
   estimator="antidiagonal",
+  keep_top_neighbors=False,
 ):
   """Validates `xattention`'s (batched) arguments: (geometry, tau [N], the static keyword arguments of `_xattention`).
 
@@ -311,6 +316,7 @@ def prepare_xattention(
     block_size=block_size,
     keep_sink=bool(keep_sink),
     keep_diagonal=bool(keep_diagonal),
+    keep_top_neighbors=bool(keep_top_neighbors),
     chunk=min(query_chunk_size, nqb * block_size),
     implementation=backends.resolve(implementation),
     interpret=bool(interpret),
@@ -335,6 +341,7 @@ def _output_buffer(q, out_shape):
     "block_size",
     "keep_sink",
     "keep_diagonal",
+    "keep_top_neighbors",
     "chunk",
     "implementation",
     "interpret",
@@ -361,6 +368,7 @@ def _xattention(
   interpret,
   return_block_layout,
   dense=False,
+  keep_top_neighbors=False,
   estimator=Estimator.ANTIDIAGONAL,
 ):
   """Estimate, select and attend per query chunk of `chunk` tokens; with `dense` (or a decode step) every allowed
@@ -387,7 +395,14 @@ def _xattention(
         interpret=interpret,
       )
       layout = select_layout(
-        scores, geom, tau, block_size=block_size, causal=causal, keep_sink=keep_sink, keep_diagonal=keep_diagonal
+        scores,
+        geom,
+        tau,
+        block_size=block_size,
+        causal=causal,
+        keep_sink=keep_sink,
+        keep_diagonal=keep_diagonal,
+        keep_top_neighbors=keep_top_neighbors,
       )
     out, _ = _attention(qc, k, v, layout, geom, causal, scale, implementation, interpret)
     return out, layout

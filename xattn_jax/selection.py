@@ -11,7 +11,8 @@ Example, a = [5, 1, 3, 0, 1], causal with the diagonal at 4 (so F = {0, 4}), tau
     -> counts 3, indices [0, 2, 4, 4, 4].
 
 The visit order is one stable (key, id) sort; the kept blocks are a prefix of it, so an exclusive cumulative sum
-decides them all at once, and a second sort of the kept ids gives the ascending index table.
+decides them all at once, and a second sort of the kept ids gives the ascending index table. With keep_top_neighbors
+(SPEC §2.7) the neighbours of the highest-scoring allowed block join them when tau > 0 (at most 2 per row).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def select_layout(
   causal: bool,
   keep_sink: bool,
   keep_diagonal: bool,
+  keep_top_neighbors: bool = False,
 ) -> BlockLayout:
   """SPEC §2 on validated inputs; jittable, no host round trip."""
   B, N, nqb, nkb = scores.shape
@@ -72,9 +74,34 @@ def select_layout(
   dense = threshold[None, :, None, None] >= 1.0  # tau >= 1: every allowed block, whatever the rounding
   keep = jnp.where(dense, group_sorted <= 1, keep)
   counts = jnp.sum(keep, axis=-1, dtype=jnp.int32)
-  counts, indices = compress_ids(jnp.where(keep, order, nkb), counts)
+  ids = jnp.where(keep, order, nkb)
+  if keep_top_neighbors:
+    ids, counts = _add_top_neighbors(ids, counts, key, order, mass, allowed, threshold)
+  counts, indices = compress_ids(ids, counts)
   num_allowed = jnp.broadcast_to(jnp.maximum(last_allowed[..., 0] + 1, 0), counts.shape).astype(jnp.int32)
   return BlockLayout(counts=counts, indices=indices, num_allowed=num_allowed, block_size=block_size)
+
+
+def _add_top_neighbors(ids, counts, key, order, mass, allowed, threshold):
+  """SPEC §2.7: for tau > 0, the allowed neighbours of the highest-scoring allowed block c* (forced or not) are kept
+  too. The kept blocks are a prefix of the visit order, so a block is already kept iff its (key, id) is at most the
+  last kept one's; new ones take the padding slots right after the kept prefix."""
+  nkb = ids.shape[-1]
+  at = lambda x, pos: jnp.take_along_axis(x, pos[..., None], axis=-1)[..., 0]
+  top = jnp.argmax(jnp.where(allowed, mass, -jnp.inf), axis=-1).astype(jnp.int32)  # first of equal maxima
+  active = jnp.any(allowed, axis=-1) & (threshold[None, :, None] > 0)
+  last = jnp.maximum(counts - 1, 0)
+  last_key = at(jnp.take_along_axis(key, order, axis=-1), last)
+  last_id = at(order, last)
+  for offset in (-1, 1):
+    h = jnp.clip(top + offset, 0, nkb - 1)
+    h_key = at(key, h)
+    kept = (h_key < last_key) | ((h_key == last_key) & (h <= last_id))
+    new = active & (h == top + offset) & at(allowed, h) & ~kept
+    slot = jnp.arange(nkb, dtype=jnp.int32) == counts[..., None]
+    ids = jnp.where(slot & new[..., None], h[..., None], ids)
+    counts = counts + new.astype(jnp.int32)
+  return ids, counts
 
 
 def select_blocks(
@@ -87,6 +114,7 @@ def select_blocks(
   block_size: int = 128,
   keep_sink: bool = True,
   keep_diagonal: bool = True,
+  keep_top_neighbors: bool = False,
   key_value_seq_lengths=None,
   query_seq_lengths=None,
 ) -> BlockLayout:
@@ -101,6 +129,7 @@ def select_blocks(
     block_size: tokens per block.
     keep_sink: always keep key block 0.
     keep_diagonal: always keep the diagonal block (non-causal; causal always keeps it).
+    keep_top_neighbors: for tau > 0 also keep the allowed neighbours of the highest-scoring block (SPEC §2.7).
     key_value_seq_lengths: optional int [B], real keys per batch element.
     query_seq_lengths: optional int [B], real queries per batch element (query t sits at k_b - q_b + t).
 
@@ -136,10 +165,13 @@ def select_blocks(
     causal=bool(causal),
     keep_sink=bool(keep_sink),
     keep_diagonal=bool(keep_diagonal),
+    keep_top_neighbors=bool(keep_top_neighbors),
   )
 
 
-_select_jit = jax.jit(select_layout, static_argnames=("block_size", "causal", "keep_sink", "keep_diagonal"))
+_select_jit = jax.jit(
+  select_layout, static_argnames=("block_size", "causal", "keep_sink", "keep_diagonal", "keep_top_neighbors")
+)
 
 
 def dense_layout(geometry: Geometry, *, num_heads: int, q_len: int, kv_len: int, block_size: int, causal: bool):
