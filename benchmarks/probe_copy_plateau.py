@@ -22,6 +22,7 @@ Prints tables; writes nothing.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import pathlib
 import sys
@@ -63,6 +64,15 @@ def token_stats(logits, tokens, mask):
   m = np.asarray(mask[:, 1:])
   nll, wrong = np.where(m, np.asarray(nll), np.nan), np.where(m, np.asarray(wrong), np.nan)
   return nll, wrong
+
+
+def confusions(logits, tokens, wrong, top: int = 4) -> dict:
+  """The most frequent (target -> predicted) token pairs among the wrong predictions: errors of one token value
+  (an embedding that training left confused with another) are not errors of attention."""
+  b, t = np.nonzero(np.nan_to_num(wrong) > 0)
+  pred = np.asarray(jnp.argmax(logits[:, :-1], axis=-1))[b, t]
+  pairs = collections.Counter(zip(np.asarray(tokens)[b, t + 1].tolist(), pred.tolist()))
+  return {f"{a} -> {p}": n for (a, p), n in pairs.most_common(top)}
 
 
 def by_offset(x, blk):
@@ -261,9 +271,11 @@ def main(argv=None) -> int:
   print(f"source of query t (predicting t + 1): key t + 1 - D = t - {D - 1}")
   stats = {}
   for name, m in (("xattention", model), ("dense attn, same weights", dense)):
-    nll, wrong = token_stats(m(tokens), tokens, mask)
+    logits = m(tokens)
+    nll, wrong = token_stats(logits, tokens, mask)
     stats[name] = (by_offset(nll, blk), by_offset(wrong, blk))
     print(f"{name:>26}: loss {np.nanmean(nll):.4f}, wrong {np.nanmean(wrong):.4f} of copied tokens")
+    print(f"{'':>26}  wrong tokens as (target -> predicted): count: {confusions(logits, tokens, wrong)}")
   for kind in args.interventions:
     DENSITIES.clear()
     with extra_blocks(kind, distance=D):

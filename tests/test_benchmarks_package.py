@@ -178,3 +178,22 @@ def test_model_prefill_section_at_a_toy_size(tmp_path):
   assert result["ops"][0]["estimator_ms_s16"] > 0 and [s["stride"] for s in result["threshold_search"]] == [8, 16]
   profiled = [name for name, r in rows.items() if r.get("profile")]
   assert profiled == ["dense one-shot", "xattention one-shot ~50%", "xattention one-shot s=16 ~50%"]
+
+
+def test_copy_task_training_and_probe_with_top_neighbors(tmp_path, capsys):
+  """train_long_context.py (two steps) with SPEC §2.7's rule writes it into its result and checkpoint, and
+  probe_copy_plateau.py reloads that checkpoint with the rule and names the confused tokens."""
+  from benchmarks import probe_copy_plateau, train_long_context
+
+  args = ["--runs", "xattention", "--steps", "2", "--log-every", "1", "--block-size", "64", "--estimator"]
+  args += ["alternating", "--keep-top-neighbors", "--out-dir", str(tmp_path), "--tag", "toy"]
+  assert train_long_context.main(args) == 0
+  (result_file,) = tmp_path.glob("train_long_context/*/*-toy.json")
+  result = json.loads(result_file.read_text())
+  assert result["keep_top_neighbors"] and result["estimator"] == "alternating"
+  assert "keep_top_neighbors" in result_file.with_suffix(".md").read_text()
+  capsys.readouterr()
+  probe = [str(tmp_path / "checkpoints" / "xattention"), "--block-size", "64", "--estimator", "alternating"]
+  assert probe_copy_plateau.main(probe + ["--keep-top-neighbors", "--interventions", "", "--batch", "2"]) == 0
+  out = capsys.readouterr().out
+  assert "keep_top_neighbors" in out and "wrong tokens as (target -> predicted)" in out
