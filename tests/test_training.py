@@ -55,7 +55,9 @@ def test_gradient_accumulation_equals_one_batch():
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-4)
   for a, b in zip(jax.tree_util.tree_leaves(s1.master), jax.tree_util.tree_leaves(s2.master)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # f32 sums in another order change tiny gradients, which Adam's first step normalizes (g / sqrt(v)): with jax
+    # 0.12.1 one of 8192 weights moved by 3.9e-6
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_bf16_params_keep_f32_master_weights_and_the_step_passes_checkify():
