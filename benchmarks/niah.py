@@ -360,8 +360,10 @@ class Runner:
     from xattn_jax.models.config import AttentionConfig
     from xattn_jax.models.generate import Generator
 
-    estimator = None if config.kind == "dense" else self.settings(config)[2]
-    key = "dense" if config.kind == "dense" else (config.stride_of(self), estimator, config.top_neighbors)
+    if config.kind == "dense":
+      key = "dense"
+    else:
+      key = (config.stride_of(self), self.settings(config)[2], config.top_neighbors)
     if key not in self._generators:
       attention = (
         AttentionConfig()

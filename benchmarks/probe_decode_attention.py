@@ -6,7 +6,9 @@ Variants (all [B, S, K, H] caches as the model stores them, GQA 32/8, head dim 1
   current      - xattn_jax.dense's decode route (two dot_generals; for B > 1 batched over the sequence only, each
                  query widened to all kv heads with zeros outside its own)
   wide         - the B > 1 route at every B (at B = 1 too)
-  two_batch    - the route until 2026-12-06 at every B: dots batched over the sequence and the kv head
+  two_batch    - the B = 1 route at every B (the route until 2026-12-06): dots batched over the sequence and the kv
+                 head, which are not one stride of the cache, so XLA transposes it (in the model's decode loop, once
+                 for the whole loop: a second cache)
   elementwise  - the route before that (elementwise products reduced over H, then over S)
   unrolled     - the B = 1 route once per sequence
 Measured on the H200 (2026-12-03, jax 0.11.2) before the switch: the dot route 0.174 ms at B=1, S=128K
@@ -47,19 +49,6 @@ def elementwise_decode(q, k, v, kv_lengths, scale):
   return o.reshape(B, 1, q.shape[2], H).astype(q.dtype)
 
 
-def two_batch_decode(q, k, v, kv_lengths, scale):
-  """The route until 2026-12-06 at every B: batch dimensions (sequence, kv head), which are not one stride of the
-  cache, so XLA transposes it (inside the model's decode loop, once for the whole loop: a second cache)."""
-  B, S, K, H = k.shape
-  G = q.shape[2] // K
-  s = jnp.einsum("bkgh,bskh->bkgs", q.reshape(B, K, G, H).astype(k.dtype), k, preferred_element_type=jnp.float32)
-  s = jnp.where(jnp.arange(S)[None, None, None, :] < kv_lengths[:, None, None, None], s * scale, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-  o = jnp.einsum("bkgs,bskh->bkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return (o / jnp.sum(p, axis=-1)[..., None]).reshape(B, 1, K * G, H).astype(q.dtype)
-
-
 def unrolled_decode(q, k, v, kv_lengths, scale):
   """The B = 1 route once per sequence (dots whose only batch dimension is the kv head)."""
   return jnp.concatenate(
@@ -94,7 +83,7 @@ def main():
         "current": functools.partial(dense._decode_attention, scale=scale),
         "elementwise": functools.partial(elementwise_decode, scale=scale),
         "unrolled": functools.partial(unrolled_decode, scale=scale),
-        "two_batch": functools.partial(two_batch_decode, scale=scale),
+        "two_batch": functools.partial(dense._decode_attention, scale=scale, widen=False),
         "wide": functools.partial(dense._decode_attention, scale=scale, widen=True),
       }
       ref = jax.jit(variants["current"])(q, k, v, lengths).astype(jnp.float32)

@@ -60,7 +60,7 @@ def select_layout(
   # (key, id) sort is what XLA can hand to a radix sort on GPUs; 0 - x maps both signed zeros to +0.0.
   key = jnp.where(forced, -jnp.inf, jnp.where(allowed, 0.0 - mass, jnp.inf))
   ids = jnp.broadcast_to(block_ids, scores.shape)
-  _, order = lax.sort((key, ids), dimension=-1, is_stable=True, num_keys=1)
+  key_sorted, order = lax.sort((key, ids), dimension=-1, is_stable=True, num_keys=1)
   forced_sorted = jnp.take_along_axis(forced, order, axis=-1)
   allowed_sorted = jnp.take_along_axis(allowed, order, axis=-1)
   group_sorted = jnp.where(forced_sorted, 0, jnp.where(allowed_sorted, 1, 2))
@@ -76,13 +76,13 @@ def select_layout(
   counts = jnp.sum(keep, axis=-1, dtype=jnp.int32)
   ids = jnp.where(keep, order, nkb)
   if keep_top_neighbors:
-    ids, counts = _add_top_neighbors(ids, counts, key, order, mass, allowed, threshold)
+    ids, counts = _add_top_neighbors(ids, counts, key, key_sorted, order, mass, allowed, threshold)
   counts, indices = compress_ids(ids, counts)
   num_allowed = jnp.broadcast_to(jnp.maximum(last_allowed[..., 0] + 1, 0), counts.shape).astype(jnp.int32)
   return BlockLayout(counts=counts, indices=indices, num_allowed=num_allowed, block_size=block_size)
 
 
-def _add_top_neighbors(ids, counts, key, order, mass, allowed, threshold):
+def _add_top_neighbors(ids, counts, key, key_sorted, order, mass, allowed, threshold):
   """SPEC §2.7: for tau > 0, the allowed neighbours of the highest-scoring allowed block c* (forced or not) are kept
   too. The kept blocks are a prefix of the visit order, so a block is already kept iff its (key, id) is at most the
   last kept one's; new ones take the padding slots right after the kept prefix."""
@@ -91,7 +91,7 @@ def _add_top_neighbors(ids, counts, key, order, mass, allowed, threshold):
   top = jnp.argmax(jnp.where(allowed, mass, -jnp.inf), axis=-1).astype(jnp.int32)  # first of equal maxima
   active = jnp.any(allowed, axis=-1) & (threshold[None, :, None] > 0)
   last = jnp.maximum(counts - 1, 0)
-  last_key = at(jnp.take_along_axis(key, order, axis=-1), last)
+  last_key = at(key_sorted, last)
   last_id = at(order, last)
   for offset in (-1, 1):
     h = jnp.clip(top + offset, 0, nkb - 1)
