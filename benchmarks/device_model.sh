@@ -54,5 +54,6 @@ if step "${DUMPDEC:-0}"; then  # the decode loop at B=8, 2 layers, 32K: its temp
   ls -S /tmp/xla-dec/*memory-usage-report* 2>/dev/null | head -1 | xargs -r -I{} cp {} "$OUT/memory-report-decode-b8.txt"
   ls -S /tmp/xla-dec/*after_optimizations.txt 2>/dev/null | head -1 | xargs -r -I{} grep -E ' (copy|transpose)(-start)?\(|while\(|custom-call' {} \
     | cut -c1-400 > "$OUT/decode-b8-copies.txt"
+  ls -S /tmp/xla-dec/*after_optimizations.txt 2>/dev/null | head -1 | xargs -r -I{} sh -c 'gzip -c {} > "$OUT/decode-b8-hlo.txt.gz"'
 fi
 exit 0

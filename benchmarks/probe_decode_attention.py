@@ -11,12 +11,16 @@ Variants (all [B, S, K, H] caches as the model stores them, GQA 32/8, head dim 1
                  for the whole loop: a second cache)
   elementwise  - the route before that (elementwise products reduced over H, then over S)
   unrolled     - the B = 1 route once per sequence
+  wide_kh, keys_left[_t][_flat] - forms of the widened route (`widened_decode`), for `--in-loop`
 Measured on the H200 (2026-12-03, jax 0.11.2) before the switch: the dot route 0.174 ms at B=1, S=128K
 (3.09 TB/s) against 0.909 ms (0.59 TB/s) elementwise; at B=8 1.16 against 0.93 TB/s, and per sequence 3.36 TB/s
 (but 2.5x slower than one batched pair inside the model's decode loop: 37.1 against 14.6 ms per step at 32K, B=8);
 S split into 8-128 chunks (flash-decoding in XLA) 0.6-0.9 TB/s. Results: benchmarks/notes_model_prefill.md.
 
   python benchmarks/probe_decode_attention.py --lengths 32768,131072 --batches 1,8
+  python benchmarks/probe_decode_attention.py --lengths 32768 --batches 8 --in-loop 16 \
+    --variants current,wide_kh,keys_left,keys_left_t,keys_left_flat,two_batch
+  (the last: inside a decode loop, does XLA's GPU compiler relay a cache out for the loop?)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import functools
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -59,12 +64,66 @@ def unrolled_decode(q, k, v, kv_lengths, scale):
   )
 
 
+def widened_decode(q, k, v, kv_lengths, scale, keys_left: bool, transpose_logits: bool, flat: bool):
+  """Forms of the B > 1 route (queries widened to all kv heads), to find one XLA's GPU compiler reads in place inside
+  a decode loop. `keys_left`: the K cache is the first dot's left operand (batch, non-contracting S, contracting
+  K * H minor: the canonical left form), logits [B, S, N] and softmax over S, or turned to [B, N, S] first with
+  `transpose_logits` (tried in the model on the H100 2026-12-06: K still relaid out for the loop). Otherwise the
+  query is the left operand, as in xattn_jax.dense. `flat`: the cache's (K, H) merged into one contracting dim, as
+  xattn_jax.dense does since 2026-12-06; query left and not flat ("wide_kh") is its route before that, whose K
+  cache XLA's GPU compiler relaid out for the decode loop."""
+  B, S, K, H = k.shape
+  N = q.shape[2]
+  own = (jnp.arange(N)[:, None] // (N // K) == jnp.arange(K)[None, :])[None, :, :, None]
+  wide = jnp.where(own, q.reshape(B, N, 1, H), jnp.zeros((), q.dtype)).astype(k.dtype)
+  kk, vv, c = (k.reshape(B, S, K * H), v.reshape(B, S, K * H), (2,)) if flat else (k, v, (2, 3))
+  wide = wide.reshape(B, N, K * H) if flat else wide
+  f32 = jnp.float32
+  if keys_left:
+    s = jax.lax.dot_general(kk, wide, ((c, c), ((0,), (0,))), preferred_element_type=f32) * scale  # [B, S, N]
+    s = jnp.swapaxes(s, 1, 2) if transpose_logits else s
+  else:
+    s = jax.lax.dot_general(wide, kk, ((c, c), ((0,), (0,))), preferred_element_type=f32) * scale  # [B, N, S]
+  axis = 1 if keys_left and not transpose_logits else 2
+  real = jnp.expand_dims(jnp.arange(S) < kv_lengths[:, None], 3 - axis)
+  s = jnp.where(real, s, -jnp.inf)
+  m = jnp.max(s, axis=axis, keepdims=True)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  l = jnp.sum(p, axis=axis)  # [B, N]
+  dims = (((axis,), (1,)), ((0,), (0,)))
+  wide_o = jax.lax.dot_general(p.astype(v.dtype), vv, dims, preferred_element_type=f32).reshape(B, N, K, H)
+  o = jnp.sum(jnp.where(own, wide_o, 0.0), axis=2) / jnp.where(l > 0, l, 1.0)[..., None]
+  return o.reshape(B, 1, N, H).astype(q.dtype)
+
+
+def in_decode_loop(fn, steps: int):
+  """`steps` decode steps in one program, as the model's decode loop runs them: the caches are carried, each step
+  writes its token's K and V at the sequence's length and attends over the cache. XLA's layout assignment sees the
+  dots inside the loop, so a cache operand it wants relaid out shows as temporaries (memory_analysis) of its size."""
+
+  def run(q, k, v, kv_lengths):
+    def body(i, carry):
+      k, v, out = carry
+      at = kv_lengths[0] + i - 1
+      k = jax.lax.dynamic_update_slice(k, out.reshape(k.shape[0], 1, k.shape[2], -1)[..., : k.shape[3]], (0, at, 0, 0))
+      v = jax.lax.dynamic_update_slice(v, out.reshape(v.shape[0], 1, v.shape[2], -1)[..., : v.shape[3]], (0, at, 0, 0))
+      return k, v, fn(q + out, k, v, kv_lengths + i)
+
+    return jax.lax.fori_loop(0, steps, body, (k, v, jnp.zeros_like(q)))
+
+  return jax.jit(run, donate_argnums=(1, 2))  # the caches updated in place, as the model's decode loop does
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--lengths", type=csv_of(int), default=[32768, 131072])
   parser.add_argument("--batches", type=csv_of(int), default=[1, 8])
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--variants", type=csv_of(str), default=["current", "wide", "two_batch", "unrolled"])
+  parser.add_argument("--dtype", default="bfloat16", help="float32 on a CPU (its dots take no bf16 x bf16 -> f32)")
+  parser.add_argument(
+    "--in-loop", type=int, default=0, help="N > 0: each variant inside an N-step decode loop (temporaries, ms/step)"
+  )
   args = parser.parse_args()
   N, K, H = 32, 8, 128
   scale = H**-0.5
@@ -75,9 +134,10 @@ def main():
         print(f"B={B} S={S}: skipped (cache over 60 GiB)")
         continue
       kq, kk, kv = jax.random.split(jax.random.key(S + B), 3)
-      q = jax.random.normal(kq, (B, 1, N, H), jnp.bfloat16)
-      k = jax.random.normal(kk, (B, S, K, H), jnp.bfloat16)
-      v = jax.random.normal(kv, (B, S, K, H), jnp.bfloat16)
+      dtype = jnp.dtype(args.dtype)
+      q = jax.random.normal(kq, (B, 1, N, H), dtype)
+      k = jax.random.normal(kk, (B, S, K, H), dtype)
+      v = jax.random.normal(kv, (B, S, K, H), dtype)
       lengths = jnp.full((B,), S - 3, jnp.int32)
       variants = {
         "current": functools.partial(dense._decode_attention, scale=scale),
@@ -86,6 +146,34 @@ def main():
         "two_batch": functools.partial(dense._decode_attention, scale=scale, widen=False),
         "wide": functools.partial(dense._decode_attention, scale=scale, widen=True),
       }
+      for left in (False, True):
+        for t in (False, True) if left else (False,):
+          for flat in (False, True) if left else (False,):  # query left and flat: "wide"
+            name = ("keys_left" + "_t" * t if left else "wide_kh") + "_flat" * flat
+            variants.setdefault(
+              name, functools.partial(widened_decode, scale=scale, keys_left=left, transpose_logits=t, flat=flat)
+            )
+      if args.in_loop:
+        for name in args.variants:
+          f = in_decode_loop(variants[name], args.in_loop)
+          compiled = f.lower(q, k, v, lengths).compile()
+          temps = compiled.memory_analysis().temp_size_in_bytes / 2**30
+          carried = [
+            line.split("while(")[0].strip()[:200] for line in compiled.as_text().splitlines() if " while(" in line
+          ]
+          k, v, _ = jax.block_until_ready(compiled(q, k, v, lengths))  # warm-up; the caches come back updated
+          start = time.perf_counter()
+          for _ in range(3):
+            k, v, out = compiled(q, k, v, lengths)
+          jax.block_until_ready(out)
+          t = (time.perf_counter() - start) * 1e3 / 3
+          print(
+            f"B={B} S={S:>7} {name:<11} in a {args.in_loop}-step loop: temps {temps:6.2f} GiB "
+            f"{t / args.in_loop:8.3f} ms/step; loop carry {carried[:1]}",
+            flush=True,
+          )
+        del k, v
+        continue
       ref = jax.jit(variants["current"])(q, k, v, lengths).astype(jnp.float32)
       gb = 2 * k.size * k.dtype.itemsize / 1e9
       for name, fn in ((n, variants[n]) for n in args.variants):

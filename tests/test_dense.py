@@ -88,6 +88,8 @@ def test_decode_dots_batch_over_one_stride_of_the_cache(B):
   # A dot whose batch dimensions are two non-adjacent dims of the [B, S, K, H] cache makes XLA's GPU compiler
   # transpose the cache, and in the model's decode loop it did so once for the whole loop: a second cache (32 GiB at
   # 32K tokens and B = 8 for an 8B model). Each dot over K or V batches over at most one non-trivial cache dim.
+  # At B > 1 each also contracts a single dim: with the cache's (K, H) as two contracting dims the GPU compiler kept
+  # K as [B, K, H, S] for the whole loop (half a cache of temporaries; benchmarks/probe_decode_attention.py --in-loop).
   q = jax.ShapeDtypeStruct((B, 1, 8, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((B, 256, 2, 64), jnp.bfloat16)
   lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
@@ -95,12 +97,17 @@ def test_decode_dots_batch_over_one_stride_of_the_cache(B):
     q, k, v, is_causal=True, query_seq_lengths=n * 0 + 1, key_value_seq_lengths=n
   )
   text = jax.jit(attend).lower(q, kv, kv, lengths).as_text()
-  dots = re.findall(r"batching_dims = \[([\d, ]*)\] x \[([\d, ]*)\].*?: \(tensor<[^>]*>, tensor<([\dx]+)x", text)
+  dots = re.findall(
+    r"batching_dims = \[([\d, ]*)\] x \[([\d, ]*)\], contracting_dims = \[([\d, ]*)\].*?: "
+    r"\(tensor<[^>]*>, tensor<([\dx]+)x",
+    text,
+  )
   assert len(dots) == 2, text
-  for _, rhs_batch, rhs_shape in dots:
+  for _, rhs_batch, lhs_contracting, rhs_shape in dots:
     shape = [int(d) for d in rhs_shape.split("x")]
     assert shape[1] == 256, rhs_shape  # the cache itself, not a relaid-out copy
     assert sum(shape[int(d)] > 1 for d in rhs_batch.split(", ")) <= 1, (B, rhs_batch)
+    assert B == 1 or "," not in lhs_contracting, (B, lhs_contracting)
 
 
 def test_gradient_of_the_block_route_matches_the_logits_route():

@@ -257,7 +257,10 @@ def _decode_attention(q, k, v, kv_lengths, scale: float, widen: bool | None = No
   - B > 1: the sequence is the only batch dimension and each query is widened to all K kv heads with zeros outside
     its own ([B, N, K * H]), so the contraction runs over the cache's contiguous K * H minor dims and a head's
     logits see only its kv head's keys. K times the multiply-adds of a memory-bound step; the same bytes read.
-    The second dot returns [B, N, K * H] of which each head keeps its own kv head's H.
+    The second dot returns [B, N, K * H] of which each head keeps its own kv head's H. Both dots see the caches
+    as [B, S, K * H] (a free reshape): with (K, H) as two contracting dims XLA's GPU compiler kept the K cache as
+    [B, K, H, S] for the whole decode loop, temporaries of half the cache (16.5 GiB at 32K, B = 8, 8B model), and
+    each step was 10% slower (benchmarks/probe_decode_attention.py --in-loop; notes_model_prefill.md v10).
   `widen` forces either (None: B > 1), for benchmarks/probe_decode_attention.py.
   """
   B, S, K, H = k.shape
@@ -270,8 +273,8 @@ def _decode_attention(q, k, v, kv_lengths, scale: float, widen: bool | None = No
     s = jnp.einsum("bkgh,bskh->bkgs", qg, k, preferred_element_type=f32).reshape(B, N, S)
   else:
     own = (jnp.arange(N)[:, None] // G == jnp.arange(K)[None, :])[None, :, :, None]  # [1, N, K, 1]
-    wide = jnp.where(own, q.reshape(B, N, 1, H), jnp.zeros((), q.dtype)).astype(k.dtype)  # [B, N, K, H]
-    s = lax.dot_general(wide, k, (((2, 3), (2, 3)), ((0,), (0,))), preferred_element_type=f32)  # [B, N, S]
+    wide = jnp.where(own, q.reshape(B, N, 1, H), jnp.zeros((), q.dtype)).astype(k.dtype).reshape(B, N, K * H)
+    s = lax.dot_general(wide, k.reshape(B, S, K * H), (((2,), (2,)), ((0,), (0,))), preferred_element_type=f32)
   s = s * scale
   real = jnp.arange(S, dtype=jnp.int32)[None, None, :] < kv_lengths[:, None, None]
   s = jnp.where(real, s, -jnp.inf)
@@ -282,7 +285,9 @@ def _decode_attention(q, k, v, kv_lengths, scale: float, widen: bool | None = No
     pg = p.reshape(B, K, G, S).astype(v.dtype)
     o = jnp.einsum("bkgs,bskh->bkgh", pg, v, preferred_element_type=f32).reshape(B, N, H)
   else:
-    wide_o = lax.dot_general(p.astype(v.dtype), v, (((2,), (1,)), ((0,), (0,))), preferred_element_type=f32)
+    flat_v = v.reshape(B, S, K * H)
+    wide_o = lax.dot_general(p.astype(v.dtype), flat_v, (((2,), (1,)), ((0,), (0,))), preferred_element_type=f32)
+    wide_o = wide_o.reshape(B, N, K, H)
     o = jnp.sum(jnp.where(own, wide_o, 0.0), axis=2)  # [B, N, K, H] -> each head's own kv head: [B, N, H]
   o = o / jnp.where(l > 0, l, 1.0)[..., None]
   return o.reshape(B, 1, N, H).astype(q.dtype)
