@@ -161,27 +161,37 @@ def _mass_properties(scores, layout, allowed, tau):
   return mask, kept, total
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_coverage_minimality_and_monotonicity(seed):
+@pytest.mark.parametrize("seed,keep_top_neighbors", [(0, False), (1, False), (2, False), (0, True), (3, True)])
+def test_coverage_minimality_and_monotonicity(seed, keep_top_neighbors):
   B, N, T, S, blk = 2, 3, 160, 256, 16
   scores = _random_scores(seed, B, N, T // blk, S // blk)
   allowed = np.asarray(xa.allowed_blocks(q_len=T, kv_len=S, block_size=blk))
+  # SPEC 2.7: with the rule, each row's selection plus the allowed neighbours of its top allowed block (tau > 0).
+  top = np.argmax(np.where(allowed, scores, -np.inf), -1)
+  cols = np.arange(S // blk)
+  neighbours = allowed & ((cols == top[..., None] - 1) | (cols == top[..., None] + 1))
   previous = None
   for tau in (0.0, 0.3, 0.6, 0.9, 0.99, 1.0):
     layout = select(scores, q_len=T, kv_len=S, block_size=blk, threshold=tau)
     mask, kept, total = _mass_properties(scores, layout, allowed, tau)
-    # Forced blocks: the sink and the diagonal (the last allowed block of each row).
-    assert mask[..., 0].all()
-    last = allowed.sum(-1) - 1
-    assert np.take_along_axis(mask, np.broadcast_to(last[..., None], mask.shape[:3] + (1,)), -1).all()
-    # Minimality: without its smallest non-forced block, a row covers less than tau.
-    forced = np.zeros_like(mask)
-    forced[..., 0] = True
-    np.put_along_axis(forced, np.broadcast_to(last[..., None], mask.shape[:3] + (1,)), True, -1)
-    optional = mask & ~forced
-    smallest = np.where(optional, scores, np.inf).min(-1)
-    has_optional = optional.any(-1)
-    assert np.all(~has_optional | (kept - smallest < tau * total * (1 + 1e-6)))
+    if keep_top_neighbors:
+      rule = select(scores, q_len=T, kv_len=S, block_size=blk, threshold=tau, keep_top_neighbors=True)
+      np.testing.assert_array_equal(np.asarray(rule.to_dense()), mask | (neighbours if tau > 0 else False))
+      assert np.any(neighbours & ~mask) or tau == 1.0  # the rule adds blocks here (else this case tests nothing)
+      mask, _, _ = _mass_properties(scores, rule, allowed, tau)
+    else:
+      # Forced blocks: the sink and the diagonal (the last allowed block of each row).
+      assert mask[..., 0].all()
+      last = allowed.sum(-1) - 1
+      assert np.take_along_axis(mask, np.broadcast_to(last[..., None], mask.shape[:3] + (1,)), -1).all()
+      # Minimality: without its smallest non-forced block, a row covers less than tau.
+      forced = np.zeros_like(mask)
+      forced[..., 0] = True
+      np.put_along_axis(forced, np.broadcast_to(last[..., None], mask.shape[:3] + (1,)), True, -1)
+      optional = mask & ~forced
+      smallest = np.where(optional, scores, np.inf).min(-1)
+      has_optional = optional.any(-1)
+      assert np.all(~has_optional | (kept - smallest < tau * total * (1 + 1e-6)))
     if previous is not None:
       assert not (previous & ~mask).any(), "the mask is not monotone in tau"
     previous = mask
