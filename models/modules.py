@@ -133,7 +133,7 @@ class Attention(nnx.Module):
         query_chunk_size=cfg.query_chunk_size,
         implementation=cfg.implementation,
         estimator=cfg.estimator,
-        return_block_layout=True,
+        return_block_layout="counts",  # the density alone: no [B, N, T/blk, S/blk] index table, by construction
       )
       mesh = current_mesh()
       if mesh is None:

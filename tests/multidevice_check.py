@@ -40,6 +40,10 @@ def check_op(mesh):
   np.testing.assert_allclose(np.asarray(ambient), np.asarray(want), atol=1e-6, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(layout.indices), np.asarray(want_layout.indices))
+  _, counts = run_checked(sharded_xattention, q, k, v, mesh=mesh, **dict(kw, return_block_layout="counts"))
+  assert isinstance(counts, xa.BlockCounts), type(counts)
+  for field in ("counts", "num_allowed"):
+    np.testing.assert_array_equal(np.asarray(getattr(counts, field)), np.asarray(getattr(want_layout, field)))
   dense_kw = dict(is_causal=True, query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], implementation="xla")
   np.testing.assert_allclose(
     np.asarray(run_checked(sharded_dense_attention, q, k, v, mesh=mesh, **dense_kw)),

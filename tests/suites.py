@@ -341,6 +341,14 @@ class XAttentionSuite:
     for lay in (lay_b, lay_c):
       np.testing.assert_array_equal(np.asarray(lay.counts), np.asarray(lay_a.counts))
       np.testing.assert_array_equal(np.asarray(lay.indices), np.asarray(lay_a.indices))
+    # The counts alone (no index table), in chunks and in one: the layout's, and its density.
+    for chunk in (blk, None):
+      out_d, counts = self.run(q, k, v, query_chunk_size=chunk, **dict(kw, return_block_layout="counts"))
+      assert isinstance(counts, xa.BlockCounts), type(counts)
+      np.testing.assert_array_equal(np.asarray(counts.counts), np.asarray(lay_a.counts))
+      np.testing.assert_array_equal(np.asarray(counts.num_allowed), np.asarray(lay_a.num_allowed))
+      np.testing.assert_allclose(float(counts.density()), float(lay_a.density()), rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(out_d), np.asarray(out_a), atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_a), atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(out_c), np.asarray(out_a), atol=1e-6, rtol=1e-6)
 

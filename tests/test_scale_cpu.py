@@ -73,3 +73,25 @@ def test_a_128k_one_shot_call_has_no_tail_chunk():
   call = jax.jit(lambda q, k, v: xa.xattention(q, k, v, is_causal=True, threshold=0.9))
   text = call.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("custom_call @mosaic_gpu_v2") == 2  # the scoring and the attention kernel
+
+
+def test_block_counts_hold_no_index_table():
+  """`return_block_layout="counts"` (what the model asks for its density) returns O(T) per head: at 32K tokens and
+  32 heads in query chunks of 4K the compiled call's outputs are the layout's minus its [B, N, T/blk, S/blk] int32
+  index table (8 MiB here, 8 GiB at 1M tokens), and its temporaries are no larger: one chunk's table, which the
+  kernels read (in a single chunk that is the whole table)."""
+  T, N, K, H = 32768, 32, 8, 128
+  q = jax.ShapeDtypeStruct((1, T, N, H), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, T, K, H), jnp.bfloat16)
+  kw = dict(is_causal=True, implementation="xla", query_chunk_size=4096)
+  memory = {
+    mode: jax.jit(lambda q, k, v: xa.xattention(q, k, v, return_block_layout=mode, **kw))
+    .lower(q, kv, kv)
+    .compile()
+    .memory_analysis()
+    for mode in (True, "counts")
+  }
+  table = N * (T // 128) ** 2 * 4
+  less = memory[True].output_size_in_bytes - memory["counts"].output_size_in_bytes
+  assert table <= less < table + 1024, (less, table)  # (plus a tuple entry)
+  assert memory["counts"].temp_size_in_bytes <= memory[True].temp_size_in_bytes

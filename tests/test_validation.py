@@ -63,6 +63,7 @@ BAD = [
   (scores, dict(stride=0), "stride=0"),
   (scores, dict(estimator="diagonal"), "estimator='diagonal' must be one of"),
   (xattn, dict(estimator=None), "estimator=None must be one of"),
+  (xattn, dict(return_block_layout="indices"), "return_block_layout='indices' must be False, True or 'counts'"),
   (xattn, dict(stride=16, estimator="alternating"), "needs an even block_size / stride"),
   (scores, dict(block_size=-16), "block_size=-16"),
   (scores, dict(q=Q.astype(jnp.int32)), "q.dtype=int32"),

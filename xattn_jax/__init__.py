@@ -9,13 +9,14 @@ from xattn_jax._checks import traced_checks
 from xattn_jax.config import XAttentionConfig
 from xattn_jax.dense import DenseRoute, dense_attention, dense_route
 from xattn_jax.estimators import Estimator
-from xattn_jax.layout import BlockLayout, allowed_blocks
+from xattn_jax.layout import BlockCounts, BlockLayout, allowed_blocks
 from xattn_jax.ops import antidiagonal_scores, block_sparse_attention, xattention
 from xattn_jax.selection import select_blocks
 from xattn_jax.sharding import sharded_xattention
 from xattn_jax.flax_attention import attention_fn
 
 __all__ = [
+  "BlockCounts",
   "BlockLayout",
   "DenseRoute",
   "Estimator",

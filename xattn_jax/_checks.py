@@ -139,6 +139,15 @@ def check_static_int(value, name: str, *, minimum: int = 1) -> int:
   return int(value)
 
 
+def check_return_block_layout(value) -> bool | str:
+  """False, True (the BlockLayout) or "counts" (a BlockCounts: the layout's O(T) part, enough for its density)."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, str) and value == "counts":
+    return value
+  raise ValueError(f"return_block_layout={value!r} must be False, True or 'counts'")
+
+
 def check_stride_block(stride, block_size) -> tuple[int, int]:
   stride = check_static_int(stride, "stride")
   block_size = check_static_int(block_size, "block_size")

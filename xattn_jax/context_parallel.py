@@ -31,7 +31,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from xattn_jax.geometry import Geometry, cdiv
-from xattn_jax.layout import BlockLayout
+from xattn_jax.layout import RETURNED_TABLES, returned_layout
 
 
 def zigzag_order(parts: int) -> np.ndarray:
@@ -70,11 +70,12 @@ def sequence_parallel(
   batch_axis,
   head_axis,
   block_size: int,
-  return_block_layout: bool,
+  return_block_layout: bool | str,
 ):
-  """Runs `run_chunk(q_chunk, k_all, v_all, chunk_geometry, tau) -> (out,) or (out, BlockLayout)` on each device's
-  two zig-zag chunks of the queries, after all-gathering K and V along `seq_axis`; returns what the unsharded op
-  returns (out [B, T, N, H], and the BlockLayout in the unsharded query-block order if asked).
+  """Runs `run_chunk(q_chunk, k_all, v_all, chunk_geometry, tau) -> (out,) or (out, BlockLayout or BlockCounts)` on
+  each device's two zig-zag chunks of the queries, after all-gathering K and V along `seq_axis`; returns what the
+  unsharded op returns (out [B, T, N, H], and the BlockLayout or BlockCounts in the unsharded query-block order if
+  asked).
 
   `shard_map(local, args, in_specs, out_specs)` runs `local` over `mesh`; `place(x, spec)` lays x out as `spec`
   (an explicit reshard on Explicit mesh axes, nothing on Auto ones).
@@ -107,12 +108,11 @@ def sequence_parallel(
     out = jnp.concatenate([r[0] for r in results], axis=1)
     if not return_block_layout:
       return out
-    tables = [
-      jnp.concatenate([getattr(r[1], f) for r in results], axis=2) for f in ("counts", "indices", "num_allowed")
-    ]
-    return out, *tables
+    return out, *(jnp.concatenate([getattr(r[1], name) for r in results], axis=2) for name in names)
 
-  out_specs = (tokens, rows, P(batch_axis, head_axis, seq_axis, None), rows) if return_block_layout else tokens
+  names = RETURNED_TABLES[return_block_layout][0] if return_block_layout else ()
+  spec_of = lambda name: P(*rows, None) if name == "indices" else rows
+  out_specs = (tokens, *(spec_of(name) for name in names)) if return_block_layout else tokens
   in_specs = (tokens, tokens, tokens, P(batch_axis), P(batch_axis), P(batch_axis), P(head_axis))
   result = shard_map(local, (q, k, v, *geometry, tau), in_specs, out_specs)
   inverse = np.argsort(order)
@@ -128,17 +128,15 @@ def sequence_parallel(
 
   if not return_block_layout:
     return unpermute_out(result)
-  out, counts, indices, num_allowed = result
+  out, *tables = result
   nqb, nkb = cdiv(T, block_size), cdiv(S, block_size)
 
   def unpermute(x, spec):
     x = _permute(x, inverse, axis=2, parts=2 * parts, spec=spec if explicit else None, sharding=sharding)
     return trim(x, spec, 2, nqb)
 
-  layout = BlockLayout(
-    counts=unpermute(counts, rows),
-    indices=unpermute(indices, P(*rows, None))[..., :nkb],
-    num_allowed=unpermute(num_allowed, rows),
-    block_size=block_size,
-  )
-  return unpermute_out(out), layout
+  tables = [
+    unpermute(x, spec_of(name))[..., :nkb] if name == "indices" else unpermute(x, rows)
+    for name, x in zip(names, tables)
+  ]
+  return unpermute_out(out), returned_layout(return_block_layout, tables, block_size)

@@ -89,9 +89,48 @@ class BlockLayout:
 
   def density(self, axis=None) -> jax.Array:
     """Selected / allowed blocks (float32), over everything or keeping the axes not in `axis` reduced."""
+    return self.block_counts().density(axis)
+
+  def block_counts(self) -> BlockCounts:
+    """The per-row counts alone (what `density` needs)."""
+    return BlockCounts(counts=self.counts, num_allowed=self.num_allowed, block_size=self.block_size)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockCounts:
+  """A BlockLayout's per-row counts without its indices: selected and allowed key blocks per (batch, query head,
+  query block). O(T) per head where the indices are O(T * S / block_size^2) (8 GiB per layer for 32 heads at 1M
+  tokens): what `xattention(..., return_block_layout="counts")` returns, enough for the density.
+
+  Attributes:
+    counts: int32 [B, N, nQb], number of selected key blocks.
+    num_allowed: int32 [B, N, nQb], size of the allowed set of each row.
+    block_size: tokens per block (static metadata, not a leaf).
+  """
+
+  counts: jax.Array
+  num_allowed: jax.Array
+  block_size: int = dataclasses.field(default=128, metadata=dict(static=True))
+
+  def density(self, axis=None) -> jax.Array:
+    """Selected / allowed blocks (float32), over everything or keeping the axes not in `axis` reduced."""
     selected = jnp.sum(self.counts, axis=axis, dtype=jnp.float32)
     allowed = jnp.sum(self.num_allowed, axis=axis, dtype=jnp.float32)
     return selected / jnp.maximum(allowed, 1.0)
+
+
+# What xattention returns next to its output for each `return_block_layout`: the tables, in this order, and the type.
+RETURNED_TABLES = {
+  True: (("counts", "indices", "num_allowed"), BlockLayout),
+  "counts": (("counts", "num_allowed"), BlockCounts),
+}
+
+
+def returned_layout(mode, tables, block_size: int):
+  """The BlockLayout (mode True) or BlockCounts (mode "counts") built from `tables` in RETURNED_TABLES order."""
+  names, kind = RETURNED_TABLES[mode]
+  return kind(**dict(zip(names, tables)), block_size=block_size)
 
 
 def _compress(mask: jax.Array) -> tuple[jax.Array, jax.Array]:

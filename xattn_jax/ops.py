@@ -16,7 +16,7 @@ from jax import lax
 from xattn_jax import _checks, backends
 from xattn_jax.estimators import Estimator, check_estimator
 from xattn_jax.geometry import Geometry, block_bounds, cdiv, chunk_blocks
-from xattn_jax.layout import BlockLayout, validate_layout
+from xattn_jax.layout import RETURNED_TABLES, BlockLayout, returned_layout, validate_layout
 from xattn_jax.selection import dense_layout, select_layout
 
 # Bytes per query chunk of xattention's block-level buffers: scores, sort keys, order, indices (~6 words per
@@ -191,7 +191,7 @@ def xattention(
   query_chunk_size: int | None = None,
   implementation=None,
   interpret: bool = False,
-  return_block_layout: bool = False,
+  return_block_layout: bool | str = False,
   estimator: str = "antidiagonal",
   **kwargs,
 ):
@@ -222,14 +222,16 @@ def xattention(
     query_chunk_size: queries per step (multiple of block_size); None picks one from a memory budget.
     implementation: None, a backend name or a sequence of names.
     interpret: run Pallas kernels in their CPU interpreter.
-    return_block_layout: also return the BlockLayout (B, N, nQb, nKb) that was used.
+    return_block_layout: also return the BlockLayout (B, N, nQb, nKb) that was used; "counts": return its per-row
+      counts alone (a BlockCounts, O(T) where the layout's indices are O(T * S / block_size^2) and are never held
+      for the whole sequence), enough for `density()`.
     estimator: the block-importance estimator, "antidiagonal" (the paper's) or "alternating" (sees every token
       distance; SPEC §1.7).
     **kwargs: what Flax passes to an attention_fn (dropout_rng, dropout_rate, deterministic, dtype, precision,
       module, ...); active dropout raises NotImplementedError.
 
   Returns:
-    out like query (and the BlockLayout if asked).
+    out like query (and the BlockLayout or BlockCounts if asked).
   """
   unknown = set(kwargs) - _FLAX_KWARGS
   if unknown:
@@ -320,7 +322,7 @@ def prepare_xattention(
     chunk=min(query_chunk_size, nqb * block_size),
     implementation=backends.resolve(implementation),
     interpret=bool(interpret),
-    return_block_layout=bool(return_block_layout),
+    return_block_layout=_checks.check_return_block_layout(return_block_layout),
     estimator=check_estimator(estimator, stride=stride, block_size=block_size),
   )
   return Geometry.from_lengths(q_lengths, kv_lengths), tau, static
@@ -407,9 +409,14 @@ def _xattention(
     out, _ = _attention(qc, k, v, layout, geom, causal, scale, implementation, interpret)
     return out, layout
 
+  def parts(layout):
+    return (
+      tuple(getattr(layout, name) for name in RETURNED_TABLES[return_block_layout][0]) if return_block_layout else ()
+    )
+
   if chunk >= T:
     out, layout = one_chunk(q, geometry)
-    return (out, layout) if return_block_layout else (out,)
+    return (out, returned_layout(return_block_layout, parts(layout), block_size)) if return_block_layout else (out,)
 
   # Whole chunks in a loop, then the ragged tail (if any) as one smaller static chunk. The loop's buffer starts as q
   # itself: each chunk reads its queries from it with a dynamic slice and writes its output rows over them, so no
@@ -420,9 +427,6 @@ def _xattention(
 
   def run_chunk(buf, start, size):
     return one_chunk(lax.dynamic_slice_in_dim(buf, start, size, axis=1), geometry.chunk(start, size))
-
-  def parts(layout):
-    return (layout.counts, layout.indices, layout.num_allowed) if return_block_layout else ()
 
   def write(carry, start, result):
     out, tables = carry
@@ -444,7 +448,4 @@ def _xattention(
   if tail:
     carry = write(carry, n_full * chunk, run_chunk(carry[0], n_full * chunk, tail))
   out, tables = carry
-  if not return_block_layout:
-    return (out,)
-  counts, indices, num_allowed = tables
-  return out, BlockLayout(counts=counts, indices=indices, num_allowed=num_allowed, block_size=block_size)
+  return (out, returned_layout(return_block_layout, tables, block_size)) if return_block_layout else (out,)

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from xattn_jax import _checks
 from xattn_jax.dense import dense_attention
-from xattn_jax.layout import BlockLayout
+from xattn_jax.layout import RETURNED_TABLES, returned_layout
 from xattn_jax.context_parallel import chunk_tokens, sequence_parallel
 from xattn_jax.ops import _xattention, prepare_xattention, xattention
 
@@ -129,7 +129,7 @@ def sharded_xattention(
   query_seq_lengths=None,
   key_value_seq_lengths=None,
   threshold=0.9,
-  return_block_layout: bool = False,
+  return_block_layout: bool | str = False,
   **kwargs,
 ):
   """`xattention` with batch split over `batch_axis`, heads over `head_axis` and, with `seq_axis`, the queries of
@@ -159,20 +159,13 @@ def sharded_xattention(
   q_lengths, kv_lengths = _checks.query_key_lengths(query_seq_lengths, key_value_seq_lengths, dims)
   tau = _checks.threshold_array(threshold, dims.N)
   heads = P(batch_axis, None, head_axis, None)
-  table = P(batch_axis, head_axis, None)
-  out_specs = (
-    (
-      heads,
-      BlockLayout(
-        counts=table,
-        indices=P(batch_axis, head_axis, None, None),
-        num_allowed=table,
-        block_size=kwargs.get("block_size", 128),
-      ),
-    )
-    if return_block_layout
-    else heads
-  )
+  return_block_layout = _checks.check_return_block_layout(return_block_layout)
+  if return_block_layout:
+    rows = dict(counts=P(batch_axis, head_axis, None), num_allowed=P(batch_axis, head_axis, None))
+    tables = [rows.get(name, P(batch_axis, head_axis, None, None)) for name in RETURNED_TABLES[return_block_layout][0]]
+    out_specs = (heads, returned_layout(return_block_layout, tables, kwargs.get("block_size", 128)))
+  else:
+    out_specs = heads
 
   def local(q, k, v, q_lengths, kv_lengths, tau):
     # The inputs were validated above, on the whole arrays; checkify's error flag cannot cross this shard_map.
