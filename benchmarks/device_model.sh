@@ -8,7 +8,8 @@
 # time per layer count, program and XLA flag; COMPARGS replaces its probe set), T32 (8K and 32K TTFT). DECPROF=N
 # prints where a decode step's device time goes (the N largest ops per profile line), PROF=N the same for one 128K
 # prefill of the dense and of each stride's XAttention one-shot model. DUMPDEC (seconds) dumps the B=8 decode loop's
-# optimized HLO and buffer report (the copies that make its temporaries half a KV cache).
+# optimized HLO and buffer report (the copies that make its temporaries half a KV cache); DUMPPRE (seconds) the
+# 1-layer 128K XAttention prefill's optimized HLO (STRIDE, default 16), to name its MemcpyD2D copies.
 #   run(command="bash benchmarks/device_model.sh")                     # the model steps
 #   run(command="MODES=one-shot T128=240 TDEC=200 T256=120 bash benchmarks/device_model.sh")
 #   run(command="TTEST=240 TEST_SPEED=120 TCOMP=200 T128=0 TDEC=0 T256=0 bash benchmarks/device_model.sh")
@@ -55,5 +56,11 @@ if step "${DUMPDEC:-0}"; then  # the decode loop at B=8, 2 layers, 32K: its temp
   ls -S /tmp/xla-dec/*after_optimizations.txt 2>/dev/null | head -1 | xargs -r -I{} grep -E ' (copy|transpose)(-start)?\(|while\(|custom-call' {} \
     | cut -c1-400 > "$OUT/decode-b8-copies.txt"
   ls -S /tmp/xla-dec/*after_optimizations.txt 2>/dev/null | head -1 | xargs -r -I{} sh -c 'gzip -c {} > "$OUT/decode-b8-hlo.txt.gz"'
+fi
+if step "${DUMPPRE:-0}"; then  # the 1-layer 128K XAttention one-shot prefill: its copies and conditionals named
+  XLA_FLAGS="--xla_dump_to=/tmp/xla-pre --xla_dump_hlo_as_text" timeout ${DUMPPRE} python3 benchmarks/probe_compile.py \
+    --programs prefill --kinds xattention --stride ${STRIDE:-16} --layers 1 --length 131072 2>&1 | grep -E '^xatt|Error' \
+    | tee "$OUT/prefill-1l.txt"
+  ls -S /tmp/xla-pre/*after_optimizations.txt 2>/dev/null | head -1 | xargs -r -I{} sh -c 'gzip -c {} > "$OUT/prefill-1l-hlo.txt.gz"'
 fi
 exit 0
