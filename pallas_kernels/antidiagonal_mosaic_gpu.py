@@ -328,7 +328,17 @@ def supports(q, k, *, stride: int, block_size: int, config: ScoresConfig = Score
 
 @functools.partial(
   jax.jit,
-  static_argnames=("stride", "block_size", "causal", "scale", "interpret", "config", "return_parts", "estimator"),
+  static_argnames=(
+    "stride",
+    "block_size",
+    "causal",
+    "scale",
+    "interpret",
+    "config",
+    "return_parts",
+    "estimator",
+    "padding_zeroed",
+  ),
 )
 def antidiagonal_scores(
   q,
@@ -343,8 +353,11 @@ def antidiagonal_scores(
   config: ScoresConfig | None = None,
   return_parts: bool = False,
   estimator: Estimator = Estimator.ANTIDIAGONAL,
+  padding_zeroed: bool = False,
 ):
-  """SPEC §1 block scores f32 [B, N, ceil(T/blk), ceil(S/blk)]. `interpret`: False, True or InterpretGPUParams."""
+  """SPEC §1 block scores f32 [B, N, ceil(T/blk), ceil(S/blk)]. `interpret`: False, True or InterpretGPUParams.
+  `padding_zeroed`: the caller zeroed the padding tokens that share a stride group with real ones
+  (`geometry.zero_straddling_tokens`, as `xattention` does), so no conditional pass over q and K is staged here."""
   if config is None:
     config = ScoresConfig(p_operand="smem" if interpret else "registers", num_stages=2 if interpret else 4)
   reason = supports(q, k, stride=stride, block_size=block_size, config=config)
@@ -372,7 +385,10 @@ def antidiagonal_scores(
   def zero_pad(x, lengths, total):
     idx = jnp.arange(x.shape[1], dtype=jnp.int32)
     zero = lambda x: jnp.where((idx[None, :] < lengths[:, None])[:, :, None, None], x, jnp.zeros((), x.dtype))
-    x = lax.cond(jnp.any(lengths % s != 0), zero, lambda x: x, x)
+    # With traced lengths the conditional stays in the program and its identity branch copies x (XLA's copy
+    # insertion: the attention still reads the original), a full pass either way: `padding_zeroed` skips it.
+    if not padding_zeroed:
+      x = lax.cond(jnp.any(lengths % s != 0), zero, lambda x: x, x)
     return jnp.pad(x, ((0, 0), (0, total - x.shape[1]), (0, 0), (0, 0)))
 
   # [B, Trp, s, N, H], or row pairs [B, Trp/2, 2s, N, H] for two phases: a free reshape either way.

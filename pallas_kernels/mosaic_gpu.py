@@ -76,7 +76,7 @@ def backend(tuning: MosaicGpu | None = None) -> Backend:
 
   tuning = tuning or MosaicGpu()
 
-  def scores(q, k, geometry, *, stride, block_size, causal, scale, estimator, interpret):
+  def scores(q, k, geometry, *, stride, block_size, causal, scale, estimator, interpret, padding_zeroed=False):
     _check_platform(interpret, "scores")
     config = tuning.scores
     if config is not None and interpret:
@@ -92,6 +92,7 @@ def backend(tuning: MosaicGpu | None = None) -> Backend:
       config=config,
       interpret=interpret,
       estimator=estimator,
+      padding_zeroed=padding_zeroed,
     )
 
   def attention(q, k, v, layout, geometry, *, causal, scale, interpret):

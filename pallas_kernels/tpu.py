@@ -55,7 +55,8 @@ def backend(tuning: Tpu | None = None) -> Backend:
   tuning = tuning or Tpu()
   configured = lambda config: {} if config is None else {"config": config}
 
-  def scores(q, k, geometry, *, stride, block_size, causal, scale, estimator, interpret):
+  def scores(q, k, geometry, *, stride, block_size, causal, scale, estimator, interpret, padding_zeroed=False):
+    del padding_zeroed  # the kernel's zeroing fuses into the strided relayout of q and K it makes anyway
     return scoring_kernel.antidiagonal_scores(
       q,
       k,

@@ -332,3 +332,27 @@ def test_a_configured_backend_carries_its_tuning_to_the_kernels(monkeypatch):
   stages = [(type(c).__name__, c.num_stages) for c in seen]
   assert ("ForwardConfig", 1) in stages and ("BackwardConfig", 1) in stages, stages
   assert all(getattr(c, "pv_operand", getattr(c, "operand", "smem")) == "smem" for c in seen)  # the interpreter's
+
+
+def test_xattention_zeroes_only_the_straddling_tokens_with_traced_lengths():
+  """With traced lengths (a model's prompts) the scoring launcher's padding zeroing was a conditional over the whole
+  q chunk and K per query chunk, whose identity branch XLA copies: a full pass per chunk either way. xattention
+  zeroes the at most `stride` tokens per sequence that can mix with real ones and tells the launcher: the cuda
+  lowering holds no conditional and no select as large as K (the launcher's own, with lengths it must zero itself,
+  does)."""
+  from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+
+  sds = jax.ShapeDtypeStruct
+  T, N, K, H = 4096, 8, 2, 128
+  lengths = sds((2,), jnp.int32)
+  q, kv = sds((2, T, N, H), jnp.bfloat16), sds((2, T, K, H), jnp.bfloat16)
+  call = lambda q, k, v, n: xa.xattention(
+    q, k, v, is_causal=True, threshold=0.9, query_seq_lengths=n, key_value_seq_lengths=n, query_chunk_size=1024
+  )
+  text = jax.jit(call).trace(q, kv, kv, lengths).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu_v2") == 2, "the scoring and attention kernels, once each in the loop"
+  big = large_ops(text, 2 * T * K * H)
+  assert not big["case"] and not big["select"], dict(big)
+  launcher = functools.partial(scores_kernel.antidiagonal_scores, stride=8, block_size=128, causal=True, scale=0.1)
+  own = jax.jit(launcher).trace(q, kv, Geometry(lengths, lengths, lengths)).lower(lowering_platforms=("cuda",))
+  assert large_ops(own.as_text(), 2 * T * K * H)["select"], "the launcher alone still zeroes what it is given"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests import suites
 from tests.conftest import lengths_pair, random_qkv, run_checked
@@ -54,3 +57,20 @@ def test_chunk_budgets_bound_memory_at_long_lengths():
   assert tokens // 8 * (131072 // 8) * 32 * 4 <= 64 * 2**20
   blocks = attention_xla.query_chunk_blocks(batch=1, heads=32, head_dim=128, block_size=128, num_q_blocks=1024)
   assert 1 <= blocks < 1024
+
+
+@pytest.mark.parametrize("stride", [1, 4, 8, 64])
+def test_zero_straddling_tokens(stride):
+  """The padding tokens of the stride group holding each length are zeroed (a whole group when the length is a
+  multiple: harmless padding), nothing else changes; an array shorter than the stride is masked whole."""
+  from xattn_jax.geometry import zero_straddling_tokens
+
+  L = 37
+  x = jax.random.normal(jax.random.key(stride), (5, L, 2, 3))
+  lengths = jnp.array([L, 0, 13, 32, 36], jnp.int32)
+  got = np.asarray(jax.jit(zero_straddling_tokens, static_argnums=2)(x, lengths, stride))
+  want = np.asarray(x).copy()
+  for b, n in enumerate(np.asarray(lengths)):
+    start = min(n // stride * stride, L - stride) if L >= stride else 0
+    want[b, n : start + stride] = 0
+  np.testing.assert_array_equal(got, want)

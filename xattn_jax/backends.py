@@ -36,8 +36,11 @@ class ScoresFn(Protocol):
     scale: float,
     estimator: Estimator,
     interpret,
+    padding_zeroed: bool = False,
   ) -> jax.Array:
-    """SPEC §1 block scores, f32 [B, N, nQb, nKb], of the estimator of SPEC §1.7."""
+    """SPEC §1 block scores, f32 [B, N, nQb, nKb], of the estimator of SPEC §1.7. `padding_zeroed`: the caller has
+    zeroed the padding tokens that share a stride group with real ones (`geometry.zero_straddling_tokens`), so a
+    backend need not zero them itself."""
 
 
 class AttentionFn(Protocol):
@@ -87,8 +90,8 @@ class Backend:
 def _xla() -> Backend:
   from xattn_jax import attention_xla, scoring_xla
 
-  def scores(q, k, geometry, *, interpret, **kw):
-    del interpret  # plain XLA runs the same everywhere
+  def scores(q, k, geometry, *, interpret, padding_zeroed=False, **kw):
+    del interpret, padding_zeroed  # plain XLA runs the same everywhere; its zeroing fuses into its float32 copies
     return scoring_xla.antidiagonal_scores(q, k, geometry, **kw)
 
   def attention(q, k, v, layout, geometry, *, interpret, **kw):

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 class Geometry(NamedTuple):
@@ -46,6 +47,30 @@ def chunk_blocks(num_blocks: int, max_blocks: int) -> int:
     if num_blocks % n == 0:
       return num_blocks // n
   return cdiv(num_blocks, fewest)
+
+
+def zero_straddling_tokens(x: jax.Array, lengths: jax.Array, stride: int) -> jax.Array:
+  """x [B, L, h, H] with the padding tokens (position >= length) of the stride-aligned group that holds position
+  `length` (the last group when length = L) set to zero: at most `stride` tokens per sequence, among them every
+  padding token that shares a group with real ones, the only padding the estimator's strided products can mix with
+  real tokens (SPEC §1.1; whole padding groups are dropped by its epilogue and masks). One dynamic_update_slice of
+  a `stride`-token window per sequence (a loop over the batch): in place where x has no other use, instead of a pass
+  over all of x."""
+  L = x.shape[1]
+  if L < stride:
+    real = jnp.arange(L, dtype=jnp.int32)[None, :] < lengths[:, None]
+    return jnp.where(real[:, :, None, None], x, jnp.zeros((), x.dtype))
+  lengths = lengths.astype(jnp.int32)
+
+  def one(b, x):  # sequence b's window, written over x
+    start = jnp.clip(lengths[b] // stride * stride, 0, L - stride)
+    window = lax.dynamic_slice(x, (b, start, 0, 0), (1, stride) + x.shape[2:])
+    real = start + jnp.arange(stride, dtype=jnp.int32) < lengths[b]
+    return lax.dynamic_update_slice(
+      x, jnp.where(real[None, :, None, None], window, jnp.zeros((), x.dtype)), (b, start, 0, 0)
+    )
+
+  return lax.fori_loop(0, x.shape[0], one, x)
 
 
 def block_bounds(geometry: Geometry, *, num_q_blocks: int, block_size: int, causal: bool):

@@ -15,7 +15,7 @@ from jax import lax
 
 from xattn_jax import _checks, backends
 from xattn_jax.estimators import Estimator, check_estimator
-from xattn_jax.geometry import Geometry, block_bounds, cdiv, chunk_blocks
+from xattn_jax.geometry import Geometry, block_bounds, cdiv, chunk_blocks, zero_straddling_tokens
 from xattn_jax.layout import RETURNED_TABLES, BlockLayout, returned_layout, validate_layout
 from xattn_jax.selection import dense_layout, select_layout
 
@@ -377,6 +377,14 @@ def _xattention(
   block is attended and nothing is estimated: `dense_attention`'s blockwise route."""
   B, T, N, H = q.shape
   S = k.shape[1]
+  if not (dense or T == 1):
+    # The padding tokens that share a stride group with real ones, zeroed once for the estimator of every chunk
+    # (SPEC §1.1) and seen by the attention too, which never reads them (padding keys are masked, padding query
+    # rows written as zeros): a write of at most `stride` tokens per sequence, in place where q and K have no
+    # other use, instead of a conditional pass over the whole q chunk and K per chunk in the scoring kernel's
+    # launcher. Gradients are unchanged (nothing depends on those tokens).
+    q = zero_straddling_tokens(q, geometry.q_lengths, stride)
+    k = zero_straddling_tokens(k, geometry.kv_lengths, stride)
 
   def one_chunk(qc, geom):
     t = qc.shape[1]
@@ -395,6 +403,7 @@ def _xattention(
         scale=scale,
         estimator=estimator,
         interpret=interpret,
+        padding_zeroed=True,
       )
       layout = select_layout(
         scores,
