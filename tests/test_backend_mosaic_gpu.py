@@ -358,7 +358,8 @@ def test_xattention_zeroes_only_the_straddling_tokens_with_traced_lengths():
   assert large_ops(own.as_text(), 2 * T * K * H)["select"], "the launcher alone still zeroes what it is given"
 
 
-def test_xattention_ignores_padding_values_through_the_kernels():
+@pytest.mark.parametrize("estimator", ["antidiagonal", "alternating"])
+def test_xattention_ignores_padding_values_through_the_kernels(estimator):
   """SPEC §1.1: padding tokens count as zeros whatever their stored values. xattention zeroes only those that share
   a stride group with real ones (`padding_zeroed`); the kernels drop whole padding groups themselves. Ragged lengths
   (off multiples of the stride), padding filled with NaN: the same layout and output as with zero padding (fails
@@ -375,6 +376,7 @@ def test_xattention_ignores_padding_values_through_the_kernels():
       v,
       is_causal=True,
       threshold=0.5,
+      estimator=estimator,
       query_seq_lengths=lengths,
       key_value_seq_lengths=lengths,
       implementation="pallas_mosaic_gpu",
