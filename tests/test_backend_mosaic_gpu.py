@@ -353,6 +353,9 @@ def test_xattention_zeroes_only_the_straddling_tokens_with_traced_lengths():
   assert text.count("custom_call @mosaic_gpu_v2") == 2, "the scoring and attention kernels, once each in the loop"
   big = large_ops(text, 2 * T * K * H)
   assert not big["case"] and not big["select"], dict(big)
+  # Without lengths every token is real: no window is written (q and K, the program's arguments, would be copied).
+  whole = jax.jit(lambda q, k, v: call(q, k, v, None)).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+  assert large_ops(whole.as_text(), 2 * T * K * H)["dynamic_update_slice"] == big["dynamic_update_slice"] - 2 == 1
   launcher = functools.partial(scores_kernel.antidiagonal_scores, stride=8, block_size=128, causal=True, scale=0.1)
   own = jax.jit(launcher).trace(q, kv, Geometry(lengths, lengths, lengths)).lower(lowering_platforms=("cuda",))
   assert large_ops(own.as_text(), 2 * T * K * H)["select"], "the launcher alone still zeroes what it is given"

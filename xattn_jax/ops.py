@@ -324,6 +324,7 @@ def prepare_xattention(
     interpret=bool(interpret),
     return_block_layout=_checks.check_return_block_layout(return_block_layout),
     estimator=check_estimator(estimator, stride=stride, block_size=block_size),
+    padded=query_seq_lengths is not None or key_value_seq_lengths is not None,
   )
   return Geometry.from_lengths(q_lengths, kv_lengths), tau, static
 
@@ -350,6 +351,7 @@ def _output_buffer(q, out_shape):
     "return_block_layout",
     "dense",
     "estimator",
+    "padded",
   ),
 )
 def _xattention(
@@ -372,17 +374,20 @@ def _xattention(
   dense=False,
   keep_top_neighbors=False,
   estimator=Estimator.ANTIDIAGONAL,
+  padded=True,
 ):
   """Estimate, select and attend per query chunk of `chunk` tokens; with `dense` (or a decode step) every allowed
-  block is attended and nothing is estimated: `dense_attention`'s blockwise route."""
+  block is attended and nothing is estimated: `dense_attention`'s blockwise route. `padded`: lengths were given
+  (without them every token is real, and the padding to whole tiles that the kernels add is zeros)."""
   B, T, N, H = q.shape
   S = k.shape[1]
-  if not (dense or T == 1):
+  if padded and not (dense or T == 1):
     # The padding tokens that share a stride group with real ones, zeroed once for the estimator of every chunk
     # (SPEC §1.1) and seen by the attention too, which never reads them (padding keys are masked, padding query
     # rows written as zeros): a write of at most `stride` tokens per sequence, in place where q and K have no
     # other use, instead of a conditional pass over the whole q chunk and K per chunk in the scoring kernel's
-    # launcher. Gradients are unchanged (nothing depends on those tokens).
+    # launcher. Gradients are unchanged (nothing depends on those tokens). Without lengths nothing is written: q
+    # and K, a program's arguments, would be copied for it.
     q = zero_straddling_tokens(q, geometry.q_lengths, stride)
     k = zero_straddling_tokens(k, geometry.kv_lengths, stride)
 
