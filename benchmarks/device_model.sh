@@ -9,7 +9,8 @@
 # prints where a decode step's device time goes (the N largest ops per profile line), PROF=N the same for one 128K
 # prefill of the dense and of each stride's XAttention one-shot model. DUMPDEC (seconds) dumps the B=8 decode loop's
 # optimized HLO and buffer report (the copies that make its temporaries half a KV cache); DUMPPRE (seconds) the
-# 1-layer 128K XAttention prefill's optimized HLO (STRIDE, default 16), to name its MemcpyD2D copies.
+# 1-layer 128K XAttention prefill's optimized HLO (STRIDE, default 16), to name its MemcpyD2D copies. QCHUNK sets
+# XAttention's query chunk in the 128K step (131072: one chunk, no per-chunk copies, ~2x the default's tables).
 #   run(command="bash benchmarks/device_model.sh")                     # the model steps
 #   run(command="MODES=one-shot T128=240 TDEC=200 T256=120 bash benchmarks/device_model.sh")
 #   run(command="TTEST=240 TEST_SPEED=120 TCOMP=200 T128=0 TDEC=0 T256=0 bash benchmarks/device_model.sh")
@@ -34,7 +35,7 @@ elif step "${TCOMP:-0}"; then  # compile time of the 128K programs: per layer co
   } | tee "$OUT/compile.txt"
 fi
 step "${T128:-300}" && timeout ${T128:-300} python3 benchmarks/model_prefill.py --lengths 131072 \
-  ${EXTRA128---extra-stride 16} --no-natural --target-densities ${TARGETS:-0.1} --modes ${MODES:-one-shot,chunked} \
+  ${EXTRA128---extra-stride 16} ${QCHUNK:+--query-chunk-size $QCHUNK} --no-natural --target-densities ${TARGETS:-0.1} --modes ${MODES:-one-shot,chunked} \
   --prefill-profile ${PROF:-0} --out-dir "$OUT" --tag 128k --repeats 1 2>&1 | QUIET_LINES=${QUIET128:-24} quiet
 step "${TDEC:-200}" && timeout ${TDEC:-200} python3 benchmarks/model_prefill.py --sections decode \
   --decode-contexts 32768,131072 --decode-batches ${DECB:-1,8} --decode-profile ${DECPROF:-0} --out-dir "$OUT" \

@@ -81,7 +81,10 @@ def memory_peak() -> float:
 
 def xattention_config(args, threshold: float, stride: int | None = None) -> AttentionConfig:
   return AttentionConfig(
-    kind="xattention", xattention=xa.XAttentionConfig(stride=stride or args.stride, threshold=threshold)
+    kind="xattention",
+    xattention=xa.XAttentionConfig(
+      stride=stride or args.stride, threshold=threshold, query_chunk_size=args.query_chunk_size
+    ),
   )
 
 
@@ -536,6 +539,13 @@ def main(argv=None) -> int:
     help="skip XAttention at --threshold (slow at long lengths: random weights keep ~half)",
   )
   parser.add_argument("--stride", type=int, default=8)
+  parser.add_argument(
+    "--query-chunk-size",
+    type=int,
+    default=None,
+    help="XAttention's query chunk (a multiple of 128; default: from its table budget, e.g. 4 chunks of 32K at 128K "
+    "and stride 8): each chunk slices q and writes its output rows, one copy each per layer",
+  )
   parser.add_argument(
     "--extra-stride",
     type=int,
