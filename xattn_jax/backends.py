@@ -211,6 +211,15 @@ def on_each_platform(fn, *args):
   return jax.lax.platform_dependent(*args, default=branch("cpu"), cuda=branch("cuda"), tpu=branch("tpu"))
 
 
+def where_backend_may_run(name: str, implementation, fn, *args):
+  """`fn(*args)` where backend `name` may serve a call of `implementation` (it is one of its names, or for the
+  default, in the order of the platform the program is lowered for), else `args` unchanged."""
+  names = resolve(implementation)
+  if names is not None:
+    return fn(*args) if any((n.name if is_configured_backend(n) else n) == name for n in names) else args
+  return on_each_platform(lambda platform, *args: fn(*args) if name in _default_names(platform) else args, *args)
+
+
 def _per_platform(call, *args):
   """`call(names, *args)` with each platform's default backend order (`on_each_platform`)."""
   return on_each_platform(lambda platform, *args: call(_default_names(platform), *args), *args)

@@ -382,14 +382,18 @@ def _xattention(
   B, T, N, H = q.shape
   S = k.shape[1]
   if padded and not (dense or T == 1):
-    # The padding tokens that share a stride group with real ones, zeroed once for the estimator of every chunk
-    # (SPEC §1.1) and seen by the attention too, which never reads them (padding keys are masked, padding query
-    # rows written as zeros): a write of at most `stride` tokens per sequence, in place where q and K have no
-    # other use, instead of a conditional pass over the whole q chunk and K per chunk in the scoring kernel's
-    # launcher. Gradients are unchanged (nothing depends on those tokens). Without lengths nothing is written: q
-    # and K, a program's arguments, would be copied for it.
-    q = zero_straddling_tokens(q, geometry.q_lengths, stride)
-    k = zero_straddling_tokens(k, geometry.kv_lengths, stride)
+    # For the Mosaic GPU scoring kernel (`padding_zeroed`): the padding tokens that share a stride group with real
+    # ones, zeroed once for the estimator of every chunk (SPEC §1.1) and seen by the attention too, which never
+    # reads them (padding keys are masked, padding query rows written as zeros): a write of at most `stride`
+    # tokens per sequence, in place where q and K have no other use, instead of a conditional pass over the whole
+    # q chunk and K per chunk in its launcher. Gradients are unchanged (nothing depends on those tokens). Without
+    # lengths, or where that kernel cannot run (the XLA and TPU scorers zero inside copies they make anyway),
+    # nothing is written: q and K, a program's arguments, would be copied for it.
+    zero = lambda q, k: (
+      zero_straddling_tokens(q, geometry.q_lengths, stride),
+      zero_straddling_tokens(k, geometry.kv_lengths, stride),
+    )
+    q, k = backends.where_backend_may_run("pallas_mosaic_gpu", implementation, zero, q, k)
 
   def one_chunk(qc, geom):
     t = qc.shape[1]
