@@ -139,6 +139,11 @@ class Tuned:
     return _REGISTRY[self.name](self)
 
 
+def _registered_name(name) -> str:
+  """The registry name of a backend name or of a configured backend (`Tuned`)."""
+  return name.name if is_configured_backend(name) else name
+
+
 def _load(name) -> Backend:
   if is_configured_backend(name):  # carries its own tuning
     return name.backend()
@@ -155,8 +160,7 @@ def resolve(implementation) -> tuple[str, ...] | None:
     return None if _TARGET.get() is None else _default_names(_TARGET.get())
   names = implementation if isinstance(implementation, tuple) else (implementation,)
   for name in names:
-    registered = name.name if is_configured_backend(name) else name
-    if registered not in _REGISTRY:
+    if _registered_name(name) not in _REGISTRY:
       raise ValueError(f"implementation={name!r} is not one of the available backends {available()}")
   return names
 
@@ -216,7 +220,7 @@ def where_backend_may_run(name: str, implementation, fn, *args):
   default, in the order of the platform the program is lowered for), else `args` unchanged."""
   names = resolve(implementation)
   if names is not None:
-    return fn(*args) if any((n.name if is_configured_backend(n) else n) == name for n in names) else args
+    return fn(*args) if name in map(_registered_name, names) else args
   return on_each_platform(lambda platform, *args: fn(*args) if name in _default_names(platform) else args, *args)
 
 
