@@ -47,6 +47,36 @@ def _lengths_kwargs(lens):
   return out
 
 
+def assert_padding_values_do_not_matter(*, seed, T, N, K, H, lengths, estimator, min_density, **xattention_kwargs):
+  """SPEC §1.1: padding tokens count as zeros whatever their stored values. xattention zeroes only those that share
+  a stride group with real ones and tells the scoring kernel (`padding_zeroed`); the kernels drop whole padding
+  groups themselves. Ragged `lengths` (off multiples of the stride), traced as a model's are, padding filled with
+  NaN: the same layout and output as with zero padding. Plain jit: checkify's NaN checks would flag the garbage."""
+  q, k, v = random_qkv(seed, B=len(lengths), T=T, S=T, N=N, K=K, H=H, dtype=jnp.bfloat16)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  pad = (jnp.arange(T)[None, :] >= lengths[:, None])[:, :, None, None]
+  run = jax.jit(
+    lambda q, k, n: xa.xattention(
+      q,
+      k,
+      v,
+      is_causal=True,
+      threshold=0.5,
+      estimator=estimator,
+      query_seq_lengths=n,
+      key_value_seq_lengths=n,
+      return_block_layout=True,
+      **xattention_kwargs,
+    )
+  )
+  clean_out, clean = run(jnp.where(pad, 0, q), jnp.where(pad, 0, k), lengths)
+  out, layout = run(jnp.where(pad, jnp.nan, q).astype(q.dtype), jnp.where(pad, jnp.nan, k).astype(k.dtype), lengths)
+  assert min_density < float(clean.density()) < 0.9, float(clean.density())  # a selection that can go wrong
+  np.testing.assert_array_equal(np.asarray(layout.indices), np.asarray(clean.indices))
+  np.testing.assert_array_equal(np.asarray(layout.counts), np.asarray(clean.counts))
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(clean_out, np.float32))
+
+
 def random_layout(seed, *, B, N, T, S, blk, causal, lens, density=0.4):
   """A random layout inside the allowed set, always holding the sink and the diagonal; plus its dense mask."""
   rng = np.random.default_rng(seed)
