@@ -68,7 +68,7 @@ def test_zero_straddling_tokens(stride):
   L = 37
   x = jax.random.normal(jax.random.key(stride), (5, L, 2, 3))
   lengths = jnp.array([L, 0, 13, 32, 36], jnp.int32)
-  got = np.asarray(jax.jit(zero_straddling_tokens, static_argnums=2)(x, lengths, stride))
+  got = np.asarray(run_checked(zero_straddling_tokens, x, lengths, stride=stride))
   want = np.asarray(x).copy()
   for b, n in enumerate(np.asarray(lengths)):
     start = min(n // stride * stride, L - stride) if L >= stride else 0
