@@ -34,6 +34,13 @@ from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import RETURNED_TABLES, returned_layout
 
 
+def table_specs(return_block_layout, rows: P) -> tuple[P, ...]:
+  """The partition specs of the tables xattention returns for `return_block_layout` (RETURNED_TABLES order), given
+  the spec of a per-row table [B, N, nQb]: the indices have one more (key block) dim, never split."""
+  names = RETURNED_TABLES[return_block_layout][0] if return_block_layout else ()
+  return tuple(P(*rows, None) if name == "indices" else rows for name in names)
+
+
 def zigzag_order(parts: int) -> np.ndarray:
   """The chunk order that puts chunks i and 2P-1-i next to each other: device i's slice after sharding."""
   return np.array([c for i in range(parts) for c in (i, 2 * parts - 1 - i)])
@@ -111,8 +118,8 @@ def sequence_parallel(
     return out, *(jnp.concatenate([getattr(r[1], name) for r in results], axis=2) for name in names)
 
   names = RETURNED_TABLES[return_block_layout][0] if return_block_layout else ()
-  spec_of = lambda name: P(*rows, None) if name == "indices" else rows
-  out_specs = (tokens, *(spec_of(name) for name in names)) if return_block_layout else tokens
+  specs = table_specs(return_block_layout, rows)
+  out_specs = (tokens, *specs) if return_block_layout else tokens
   in_specs = (tokens, tokens, tokens, P(batch_axis), P(batch_axis), P(batch_axis), P(head_axis))
   result = shard_map(local, (q, k, v, *geometry, tau), in_specs, out_specs)
   inverse = np.argsort(order)
@@ -136,7 +143,7 @@ def sequence_parallel(
     return trim(x, spec, 2, nqb)
 
   tables = [
-    unpermute(x, spec_of(name))[..., :nkb] if name == "indices" else unpermute(x, rows)
-    for name, x in zip(names, tables)
+    unpermute(x, spec)[..., :nkb] if name == "indices" else unpermute(x, spec)
+    for name, x, spec in zip(names, tables, specs)
   ]
   return unpermute_out(out), returned_layout(return_block_layout, tables, block_size)

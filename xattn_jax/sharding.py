@@ -19,8 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 from xattn_jax import _checks
 from xattn_jax.dense import dense_attention
-from xattn_jax.layout import RETURNED_TABLES, returned_layout
-from xattn_jax.context_parallel import chunk_tokens, sequence_parallel
+from xattn_jax.layout import returned_layout
+from xattn_jax.context_parallel import chunk_tokens, sequence_parallel, table_specs
 from xattn_jax.ops import _xattention, prepare_xattention, xattention
 
 # xattention's keyword defaults that `prepare_xattention` needs, read from its signature so that they cannot drift.
@@ -161,8 +161,7 @@ def sharded_xattention(
   heads = P(batch_axis, None, head_axis, None)
   return_block_layout = _checks.check_return_block_layout(return_block_layout)
   if return_block_layout:
-    rows = dict(counts=P(batch_axis, head_axis, None), num_allowed=P(batch_axis, head_axis, None))
-    tables = [rows.get(name, P(batch_axis, head_axis, None, None)) for name in RETURNED_TABLES[return_block_layout][0]]
+    tables = table_specs(return_block_layout, P(batch_axis, head_axis, None))
     out_specs = (heads, returned_layout(return_block_layout, tables, kwargs.get("block_size", 128)))
   else:
     out_specs = heads
