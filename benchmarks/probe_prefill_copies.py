@@ -1,0 +1,128 @@
+"""Where a long prefill's device copies come from, and the TTFT of a source tree against dense in the same process.
+
+The Llama-3.1-8B shape (random bf16 weights, `model_prefill.make_model`) at one length: dense one-shot TTFT, then
+XAttention at fixed flat thresholds (no search: give the taus another run searched, e.g. model_prefill.py's), one-shot
+and/or chunked, then one profiled XAttention prefill per mode whose copy events (`Memcpy*` / `memcpy*` on the stream
+lines) are each attributed to the HLO op that overlaps them on the "XLA Ops" line: count, ms and bytes per op. A
+copy that no op overlaps is listed as "(between ops)".
+
+Which source tree runs is PYTHONPATH's (the script imports xattn_jax and benchmarks from it), so two versions can be
+A/B'd back to back on one warm machine, each against its own dense baseline:
+    PYTHONPATH=$PWD python benchmarks/probe_prefill_copies.py --length 131072 --stride 16 --taus 0.524,0.502
+    PYTHONPATH=.ab/old python benchmarks/probe_prefill_copies.py --length 131072 --stride 16 --taus 0.524,0.502
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+import xattn_jax as xa
+from benchmarks.model_prefill import make_model
+from benchmarks.result_files import csv_of
+from xattn_jax.models import AttentionConfig, Generator
+
+
+def prefill_once(gen: Generator, prompt) -> None:
+  logits, cache, _ = gen.prefill([prompt])
+  jax.block_until_ready(logits)
+  del cache
+
+
+def ttft(gen: Generator, prompt, repeats: int) -> tuple[float, float]:
+  """(first call incl. compile, median of `repeats` timed calls) in seconds."""
+  start = time.perf_counter()
+  prefill_once(gen, prompt)
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    prefill_once(gen, prompt)
+    times.append(time.perf_counter() - start)
+  return first, float(np.median(times))
+
+
+def copy_attribution(fn) -> tuple[dict, list]:
+  """Run `fn` once under the profiler; {hlo op: [count, ms, bytes]} of its copy events and the stats of the first
+  few copies (to see what the trace records about them)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      fn()
+    (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+  ops, copies = [], []
+  for plane in (p for p in data.planes if p.name.startswith("/device:")):
+    for line in plane.lines:
+      if line.name == "XLA Ops":
+        ops += [(e.start_ns, e.end_ns, e.name) for e in line.events]
+      elif line.name.startswith("Stream"):
+        copies += [e for e in line.events if "memcpy" in e.name.lower()]
+  ops.sort()
+  starts = np.array([o[0] for o in ops], dtype=np.float64)
+  table = collections.defaultdict(lambda: [0, 0.0, 0])
+  samples = []
+  for e in copies:
+    i = int(np.searchsorted(starts, e.start_ns, side="right")) - 1
+    owner = ops[i][2] if i >= 0 and ops[i][1] >= e.start_ns else "(between ops)"
+    stats = {str(k): v for k, v in e.stats}
+    size = next((int(v) for k, v in stats.items() if "bytes" in k.lower() and str(v).isdigit()), 0)
+    row = table[f"{owner} <{e.name}>"]
+    row[0] += 1
+    row[1] += e.duration_ns / 1e6
+    row[2] += size
+    if len(samples) < 6:
+      samples.append((owner, e.name, e.duration_ns / 1e3, stats))
+  return dict(table), samples
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--length", type=int, default=131072)
+  p.add_argument("--layers", type=int, default=32)
+  p.add_argument("--stride", type=int, default=16)
+  p.add_argument("--modes", type=csv_of(str), default=["one-shot", "chunked"])
+  p.add_argument("--taus", type=csv_of(float), required=True, help="one flat threshold per mode, in --modes order")
+  p.add_argument("--chunk-size", type=int, default=32768, help="the chunked mode's chunk")
+  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--shape", default="llama3_1_8b", help="model_prefill.SHAPES (tiny: a CPU smoke run)")
+  args = p.parse_args()
+  if len(args.taus) != len(args.modes):
+    p.error(f"--taus {args.taus}: one per mode in --modes {args.modes}")
+  model = make_model(
+    argparse.Namespace(
+      checkpoint=None, layers=args.layers, lengths=[args.length], decode_contexts=[], shape=args.shape, seed=args.seed
+    )
+  )
+  prompt = np.random.default_rng(args.seed).integers(0, model.config.vocab_size, size=args.length).tolist()
+  print(f"xattn_jax from {xa.__file__}, jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
+  dense = Generator(model.with_attention(AttentionConfig()), max_len=args.length, chunk_size=args.length, bucket=128)
+  first, base = ttft(dense, prompt, args.repeats)
+  print(f"{args.length:>7} dense one-shot        TTFT {base:7.3f} s  first call {first:6.1f} s", flush=True)
+  del dense
+  for mode, tau in zip(args.modes, args.taus):
+    cfg = AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(stride=args.stride, threshold=tau))
+    size = args.length if mode == "one-shot" else args.chunk_size
+    gen = Generator(model.with_attention(cfg), max_len=args.length, chunk_size=size, bucket=128)
+    first, t = ttft(gen, prompt, args.repeats)
+    print(
+      f"{args.length:>7} xattention s={args.stride} {mode:<8} tau {tau:.3f} TTFT {t:7.3f} s  {base / t:5.3f}x dense  "
+      f"first call {first:6.1f} s",
+      flush=True,
+    )
+    table, samples = copy_attribution(lambda: prefill_once(gen, prompt))
+    for owner, name, us, stats in samples:
+      print(f"  sample copy: {name} under {owner[:60]}: {us:.1f} us stats {stats}")
+    for op, (n, ms, size) in sorted(table.items(), key=lambda kv: -kv[1][1]):
+      print(f"  copies {mode:<8} {ms:8.3f} ms {n:5d}x {size / 2**20:10.1f} MiB  {op[:110]}", flush=True)
+    del gen
+
+
+if __name__ == "__main__":
+  main()
