@@ -3,8 +3,9 @@
 The Llama-3.1-8B shape (random bf16 weights, `model_prefill.make_model`) at one length: dense one-shot TTFT, then
 XAttention at fixed flat thresholds (no search: give the taus another run searched, e.g. model_prefill.py's), one-shot
 and/or chunked, then one profiled XAttention prefill per mode whose copy events (`Memcpy*` / `memcpy*` on the stream
-lines) are each attributed to the HLO op that overlaps them on the "XLA Ops" line: count, ms and bytes per op. A
-copy that no op overlaps is listed as "(between ops)".
+lines) are each attributed to the HLO op the trace names in the event's `hlo_op` stat (inside a command buffer
+that is the buffer, `command_buffer_N`), else to the op overlapping it on an "XLA Ops" line: count, ms and bytes
+(a cudaMemcpy's `memcpy_details` size; a copy kernel's bytes are not recorded) per op and event name.
 
 Which source tree runs is PYTHONPATH's (the script imports xattn_jax and benchmarks from it), so two versions can be
 A/B'd back to back on one warm machine, each against its own dense baseline:
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
+import re
+import sys
 import tempfile
 import time
 
@@ -49,15 +53,20 @@ def ttft(gen: Generator, prompt, repeats: int) -> tuple[float, float]:
 
 
 def copy_attribution(fn) -> tuple[dict, list]:
-  """Run `fn` once under the profiler; {hlo op: [count, ms, bytes]} of its copy events and the stats of the first
-  few copies (to see what the trace records about them)."""
+  """Run `fn` once under the profiler: `attribute_copies` of its device planes."""
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp):
       fn()
     (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
     data = jax.profiler.ProfileData.from_file(path)
+  return attribute_copies([p for p in data.planes if p.name.startswith("/device:")])
+
+
+def attribute_copies(planes) -> tuple[dict, list]:
+  """{"module/hlo op <event name>": [count, ms, bytes]} of the copy events on the planes' stream lines, and the
+  details of the first few copies (planes: objects with .lines, each with .name and .events as in ProfileData)."""
   ops, copies = [], []
-  for plane in (p for p in data.planes if p.name.startswith("/device:")):
+  for plane in planes:
     for line in plane.lines:
       if line.name == "XLA Ops":
         ops += [(e.start_ns, e.end_ns, e.name) for e in line.events]
@@ -68,20 +77,22 @@ def copy_attribution(fn) -> tuple[dict, list]:
   table = collections.defaultdict(lambda: [0, 0.0, 0])
   samples = []
   for e in copies:
-    i = int(np.searchsorted(starts, e.start_ns, side="right")) - 1
-    owner = ops[i][2] if i >= 0 and ops[i][1] >= e.start_ns else "(between ops)"
     stats = {str(k): v for k, v in e.stats}
-    size = next((int(v) for k, v in stats.items() if "bytes" in k.lower() and str(v).isdigit()), 0)
+    i = int(np.searchsorted(starts, e.start_ns, side="right")) - 1
+    overlapping = ops[i][2] if i >= 0 and ops[i][1] >= e.start_ns else "(no op)"
+    owner = f"{stats.get('hlo_module', '?')}/{stats['hlo_op']}" if "hlo_op" in stats else overlapping
+    size = re.search(r"size:(\d+)", str(stats.get("memcpy_details", "")))
     row = table[f"{owner} <{e.name}>"]
     row[0] += 1
     row[1] += e.duration_ns / 1e6
-    row[2] += size
+    row[2] += int(size.group(1)) if size else 0
     if len(samples) < 6:
-      samples.append((owner, e.name, e.duration_ns / 1e3, stats))
+      keys = ("memcpy_details", "kernel_details")
+      samples.append((owner, e.name, e.duration_ns / 1e3, {k: stats[k] for k in keys if k in stats}))
   return dict(table), samples
 
 
-def main():
+def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--length", type=int, default=131072)
   p.add_argument("--layers", type=int, default=32)
@@ -92,7 +103,7 @@ def main():
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--shape", default="llama3_1_8b", help="model_prefill.SHAPES (tiny: a CPU smoke run)")
-  args = p.parse_args()
+  args = p.parse_args(argv)
   if len(args.taus) != len(args.modes):
     p.error(f"--taus {args.taus}: one per mode in --modes {args.modes}")
   model = make_model(
@@ -116,13 +127,14 @@ def main():
       f"first call {first:6.1f} s",
       flush=True,
     )
-    table, samples = copy_attribution(lambda: prefill_once(gen, prompt))
+    table, samples = copy_attribution(functools.partial(prefill_once, gen, prompt))
     for owner, name, us, stats in samples:
       print(f"  sample copy: {name} under {owner[:60]}: {us:.1f} us stats {stats}")
     for op, (n, ms, size) in sorted(table.items(), key=lambda kv: -kv[1][1]):
       print(f"  copies {mode:<8} {ms:8.3f} ms {n:5d}x {size / 2**20:10.1f} MiB  {op[:110]}", flush=True)
     del gen
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

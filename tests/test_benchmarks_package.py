@@ -197,3 +197,38 @@ def test_copy_task_training_and_probe_with_top_neighbors(tmp_path, capsys):
   assert probe_copy_plateau.main(probe + ["--keep-top-neighbors", "--interventions", "", "--batch", "2"]) == 0
   out = capsys.readouterr().out
   assert "keep_top_neighbors" in out and "wrong tokens as (target -> predicted)" in out
+
+
+def test_probe_prefill_copies_times_the_tree_and_attributes_copies(capsys):
+  """probe_prefill_copies.py runs the tiny shape against dense in one process, and its attribution names each copy
+  by the trace's hlo_op stat (else the overlapping XLA op) and sums cudaMemcpy sizes."""
+  from types import SimpleNamespace as NS
+
+  from benchmarks import probe_prefill_copies
+
+  argv = ["--length", "512", "--layers", "1", "--shape", "tiny", "--stride", "8", "--taus", "0.5,0.5"]
+  assert probe_prefill_copies.main(argv + ["--chunk-size", "256", "--repeats", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "dense one-shot" in out and "s=8 one-shot" in out and "s=8 chunked" in out
+
+  def event(name, start, end, **stats):
+    return NS(name=name, start_ns=start, end_ns=end, duration_ns=end - start, stats=list(stats.items()))
+
+  ops = NS(name="XLA Ops", events=[event("fusion.1", 0, 100), event("custom-call.2", 200, 300)])
+  stream = NS(
+    name="Stream #7",
+    events=[
+      event("MemcpyD2D", 10, 30, memcpy_details="kind_src:device kind_dst:device size:4096 dest:0"),
+      event("MemcpyD2D", 40, 50, memcpy_details="kind_src:device kind_dst:device size:1024 dest:0"),
+      event("memcpy128", 210, 290),
+      event("memcpy128", 400, 500, hlo_op="command_buffer_3", hlo_module="jit_prefill"),
+      event("gemm_kernel", 220, 280),
+    ],
+  )
+  table, samples = probe_prefill_copies.attribute_copies([NS(lines=[ops, stream])])
+  assert table == {
+    "fusion.1 <MemcpyD2D>": [2, pytest.approx(30e-6), 5120],
+    "custom-call.2 <memcpy128>": [1, pytest.approx(80e-6), 0],
+    "jit_prefill/command_buffer_3 <memcpy128>": [1, pytest.approx(100e-6), 0],
+  }
+  assert len(samples) == 4
