@@ -5,7 +5,8 @@ XAttention at fixed flat thresholds (no search: give the taus another run search
 and/or chunked, then one profiled XAttention prefill per mode whose copy events (`Memcpy*` / `memcpy*` on the stream
 lines) are each attributed to the HLO op the trace names in the event's `hlo_op` stat (inside a command buffer
 that is the buffer, `command_buffer_N`), else to the op overlapping it on an "XLA Ops" line: count, ms and bytes
-(a cudaMemcpy's `memcpy_details` size; a copy kernel's bytes are not recorded) per op and event name.
+(a cudaMemcpy's `memcpy_details` size; a copy kernel's bytes are not recorded) per op and event name. Then the --top
+largest ops of a second profiled prefill (`common.device_op_times`).
 
 Which source tree runs is PYTHONPATH's (the script imports xattn_jax and benchmarks from it), so two versions can be
 A/B'd back to back on one warm machine, each against its own dense baseline:
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 
 import xattn_jax as xa
+from benchmarks.common import device_op_times
 from benchmarks.model_prefill import make_model
 from benchmarks.result_files import csv_of
 from xattn_jax.models import AttentionConfig, Generator
@@ -102,6 +104,7 @@ def main(argv=None) -> int:
   p.add_argument("--chunk-size", type=int, default=32768, help="the chunked mode's chunk")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--top", type=int, default=12, help="also the N largest ops of a second profiled prefill")
   p.add_argument("--shape", default="llama3_1_8b", help="model_prefill.SHAPES (tiny: a CPU smoke run)")
   args = p.parse_args(argv)
   if len(args.taus) != len(args.modes):
@@ -132,6 +135,8 @@ def main(argv=None) -> int:
       print(f"  sample copy: {name} under {owner[:60]}: {us:.1f} us stats {stats}")
     for op, (n, ms, size) in sorted(table.items(), key=lambda kv: -kv[1][1]):
       print(f"  copies {mode:<8} {ms:8.3f} ms {n:5d}x {size / 2**20:10.1f} MiB  {op[:110]}", flush=True)
+    for op in device_op_times(functools.partial(prefill_once, gen, prompt), top=args.top, warmup=False):
+      print(f"  kernels {mode:<8} {op['ms']:8.3f} ms {op['count']:5.0f}x {op['line']}: {op['name'][:100]}", flush=True)
     del gen
   return 0
 

@@ -38,11 +38,26 @@ class LayerCache:
   v: jax.Array  # [B, S_max, K, H]
 
 
-def _write(cache: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
-  """cache [B, S, K, H] with new [B, T, K, H] written at rows [offsets[b], offsets[b] + T) of each batch element."""
+def _write(cache: jax.Array, new: jax.Array, offsets: jax.Array, *, scatter: bool) -> jax.Array:
+  """cache [B, S, K, H] with new [B, T, K, H] written at rows [offsets[b], offsets[b] + T) of each batch element
+  (in bounds: the Generator sizes the cache so).
+
+  `scatter=False` (a prompt or a later chunk on one device): one dynamic_update_slice of T rows per sequence, in a
+  loop over the batch, which XLA writes in place at copy speed. A scatter of the B * T rows took 1.27 ms per layer
+  for K alone at 128K on an H100 (8B shape, 256 MiB: ~7x the copy), 80 ms of each 128K prefill for K and V
+  (notes_model_prefill.md v12). `scatter=True` (decode steps, meshes): one scatter, B rows in one kernel where a loop
+  would launch one per sequence, and XLA partitions it along the cache's batch and position splits."""
   B, T = new.shape[:2]
-  rows = offsets[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T], in bounds: see Generator
-  return cache.at[jnp.arange(B)[:, None], rows].set(new.astype(cache.dtype), mode="promise_in_bounds")
+  new = new.astype(cache.dtype)
+  if scatter:
+    rows = offsets[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    return cache.at[jnp.arange(B)[:, None], rows].set(new, mode="promise_in_bounds")
+  zero = jnp.zeros((), jnp.int32)
+
+  def one(b, c):
+    return jax.lax.dynamic_update_slice(c, jax.lax.dynamic_slice_in_dim(new, b, 1), (b, offsets[b], zero, zero))
+
+  return jax.lax.fori_loop(0, B, one, cache)
 
 
 class XAttentionThreshold(nnx.Variable):
@@ -86,7 +101,8 @@ class Attention(nnx.Module):
     B, T, _ = x.shape
     q, k, v = self.project(x, positions)
     if cache is not None:
-      cache = LayerCache(_write(cache.k, k, offsets), _write(cache.v, v, offsets))
+      scatter = T == 1 or current_mesh() is not None
+      cache = LayerCache(_write(cache.k, k, offsets, scatter=scatter), _write(cache.v, v, offsets, scatter=scatter))
       # The writes are sinks nothing reads before the program ends, and XLA's GPU scheduler may defer them: in an
       # XAttention prefill on the H200 it put every layer's cache writes after the last layer's attention, holding
       # each layer's k and v to the end (4 KB per token per layer in an 8B model; 16 GiB at 128K). The barrier
