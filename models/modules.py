@@ -52,9 +52,10 @@ def _write(cache: jax.Array, new: jax.Array, offsets: jax.Array, *, scatter: boo
   if scatter:
     rows = offsets[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     return cache.at[jnp.arange(B)[:, None], rows].set(new, mode="promise_in_bounds")
-  zero = jnp.zeros((), jnp.int32)
+  zero, offsets = jnp.zeros((), jnp.int32), offsets.astype(jnp.int32)
 
   def one(b, c):
+    b = jnp.asarray(b, jnp.int32)
     return jax.lax.dynamic_update_slice(c, jax.lax.dynamic_slice_in_dim(new, b, 1), (b, offsets[b], zero, zero))
 
   return jax.lax.fori_loop(0, B, one, cache)
