@@ -251,7 +251,7 @@ def test_cache_writes_are_slices_for_prompts_and_one_scatter_for_decode_steps():
   cache = jax.random.normal(kc, (3, 40, 2, 8), jnp.float32)
   new = jax.random.normal(kn, (3, 7, 2, 8), jnp.bfloat16)
   offsets = jnp.array([0, 33, 12], jnp.int32)
-  sliced = jax.jit(lambda c, n, o: _write(c, n, o, scatter=False))(cache, new, offsets)
+  sliced = run_checked(lambda c, n, o: _write(c, n, o, scatter=False), cache, new, offsets)
   np.testing.assert_array_equal(np.asarray(sliced), np.asarray(_write(cache, new, offsets, scatter=True)))
   for b, o in enumerate((0, 33, 12)):
     np.testing.assert_array_equal(np.asarray(sliced[b, o : o + 7]), np.asarray(new[b].astype(jnp.float32)))

@@ -31,14 +31,13 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from xattn_jax.geometry import Geometry, cdiv
-from xattn_jax.layout import RETURNED_TABLES, returned_layout
+from xattn_jax.layout import returned_layout, returned_table_names
 
 
 def table_specs(return_block_layout, rows: P) -> tuple[P, ...]:
-  """The partition specs of the tables xattention returns for `return_block_layout` (RETURNED_TABLES order), given
+  """The partition specs of the tables xattention returns for `return_block_layout` (`returned_table_names`), given
   the spec of a per-row table [B, N, nQb]: the indices have one more (key block) dim, never split."""
-  names = RETURNED_TABLES[return_block_layout][0] if return_block_layout else ()
-  return tuple(P(*rows, None) if name == "indices" else rows for name in names)
+  return tuple(P(*rows, None) if name == "indices" else rows for name in returned_table_names(return_block_layout))
 
 
 def zigzag_order(parts: int) -> np.ndarray:
@@ -117,7 +116,7 @@ def sequence_parallel(
       return out
     return out, *(jnp.concatenate([getattr(r[1], name) for r in results], axis=2) for name in names)
 
-  names = RETURNED_TABLES[return_block_layout][0] if return_block_layout else ()
+  names = returned_table_names(return_block_layout)
   specs = table_specs(return_block_layout, rows)
   out_specs = (tokens, *specs) if return_block_layout else tokens
   in_specs = (tokens, tokens, tokens, P(batch_axis), P(batch_axis), P(batch_axis), P(head_axis))

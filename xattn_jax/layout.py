@@ -127,6 +127,11 @@ RETURNED_TABLES = {
 }
 
 
+def returned_table_names(mode) -> tuple[str, ...]:
+  """The tables xattention returns for `return_block_layout=mode`, in RETURNED_TABLES order (none for False)."""
+  return RETURNED_TABLES[mode][0] if mode else ()
+
+
 def returned_layout(mode, tables, block_size: int):
   """The BlockLayout (mode True) or BlockCounts (mode "counts") built from `tables` in RETURNED_TABLES order."""
   names, kind = RETURNED_TABLES[mode]

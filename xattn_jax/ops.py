@@ -16,7 +16,7 @@ from jax import lax
 from xattn_jax import _checks, backends
 from xattn_jax.estimators import Estimator, check_estimator
 from xattn_jax.geometry import Geometry, block_bounds, cdiv, chunk_blocks, zero_straddling_tokens
-from xattn_jax.layout import RETURNED_TABLES, BlockLayout, returned_layout, validate_layout
+from xattn_jax.layout import BlockLayout, returned_layout, returned_table_names, validate_layout
 from xattn_jax.selection import dense_layout, select_layout
 
 # Bytes per query chunk of xattention's block-level buffers: scores, sort keys, order, indices (~6 words per
@@ -428,9 +428,7 @@ def _xattention(
     return out, layout
 
   def parts(layout):
-    return (
-      tuple(getattr(layout, name) for name in RETURNED_TABLES[return_block_layout][0]) if return_block_layout else ()
-    )
+    return tuple(getattr(layout, name) for name in returned_table_names(return_block_layout))
 
   if chunk >= T:
     out, layout = one_chunk(q, geometry)
