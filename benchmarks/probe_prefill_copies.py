@@ -23,14 +23,13 @@ import glob
 import re
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np
 
 import xattn_jax as xa
 from benchmarks.common import device_op_times
-from benchmarks.model_prefill import make_model
+from benchmarks.model_prefill import make_model, time_prefill
 from benchmarks.result_files import csv_of
 from xattn_jax.models import AttentionConfig, Generator
 
@@ -39,19 +38,6 @@ def prefill_once(gen: Generator, prompt) -> None:
   logits, cache, _ = gen.prefill([prompt])
   jax.block_until_ready(logits)
   del cache
-
-
-def ttft(gen: Generator, prompt, repeats: int) -> tuple[float, float]:
-  """(first call incl. compile, median of `repeats` timed calls) in seconds."""
-  start = time.perf_counter()
-  prefill_once(gen, prompt)
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    prefill_once(gen, prompt)
-    times.append(time.perf_counter() - start)
-  return first, float(np.median(times))
 
 
 def copy_attribution(fn) -> tuple[dict, list]:
@@ -117,14 +103,16 @@ def main(argv=None) -> int:
   prompt = np.random.default_rng(args.seed).integers(0, model.config.vocab_size, size=args.length).tolist()
   print(f"xattn_jax from {xa.__file__}, jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
   dense = Generator(model.with_attention(AttentionConfig()), max_len=args.length, chunk_size=args.length, bucket=128)
-  first, base = ttft(dense, prompt, args.repeats)
+  row = time_prefill(dense, prompt, args.repeats)
+  first, base = row["first_call_s"], row["ttft_s"]
   print(f"{args.length:>7} dense one-shot        TTFT {base:7.3f} s  first call {first:6.1f} s", flush=True)
   del dense
   for mode, tau in zip(args.modes, args.taus):
     cfg = AttentionConfig(kind="xattention", xattention=xa.XAttentionConfig(stride=args.stride, threshold=tau))
     size = args.length if mode == "one-shot" else args.chunk_size
     gen = Generator(model.with_attention(cfg), max_len=args.length, chunk_size=size, bucket=128)
-    first, t = ttft(gen, prompt, args.repeats)
+    row = time_prefill(gen, prompt, args.repeats)
+    first, t = row["first_call_s"], row["ttft_s"]
     print(
       f"{args.length:>7} xattention s={args.stride} {mode:<8} tau {tau:.3f} TTFT {t:7.3f} s  {base / t:5.3f}x dense  "
       f"first call {first:6.1f} s",
