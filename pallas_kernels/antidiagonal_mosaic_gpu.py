@@ -58,6 +58,7 @@ from xattn_jax.geometry import Geometry, cdiv
 _LOG2E = math.log2(math.e)
 _ROWS_PER_WG = 64  # wgmma M
 _NUM_CONSUMERS = 2
+_TILE_ROWS = 8  # rows of a TMA swizzle tile: the q/K views' row counts are multiples of it
 _MIN_E_COLS = 16  # E [block_n, block_n/g] needs a minor dim of >= 16 f16 (32-byte swizzle); narrower ones are padded
 
 
@@ -375,25 +376,31 @@ def antidiagonal_scores(
   nrb = cdiv(T, rows_tok)
   Tp = nrb * rows_tok
   ntiles = cdiv(S, bn * s)
-  Sp = ntiles * bn * s
   Trp = Tp // s
 
   # Padding tokens count as zero vectors (SPEC §1.1). Only a strided row/column that mixes real and padding tokens
   # (length % s != 0) can see them: whole padding rows are dropped by the epilogue and whole padding columns by the
   # in-kernel mask (a where, so even NaN garbage is harmless). So the full pass over q/k runs only when needed.
-  # The padding to whole CTA row blocks / key tiles is zeros (jnp.pad; a no-op when T, S are multiples).
-  def zero_pad(x, lengths, total):
+  # The arrays are not padded to whole CTA row blocks / key tiles: the last block's boxes run past the end of the
+  # view and TMA fills those rows with zeros (as the interpreter does; the masks above would make any value harmless).
+  # Only a length that does not fill whole 8-row swizzle tiles of the view (8s tokens, 16s for q's row pairs: the
+  # TMA's gmem tiling) is padded, to the next one.
+  # (Padding to the tiles copied q and K per query chunk: ~1.9 GB per layer at T = 130944, s = 16.)
+  def zero_pad(x, lengths, multiple):
     idx = jnp.arange(x.shape[1], dtype=jnp.int32)
     zero = lambda x: jnp.where((idx[None, :] < lengths[:, None])[:, :, None, None], x, jnp.zeros((), x.dtype))
     # With traced lengths the conditional stays in the program and its identity branch copies x (XLA's copy
     # insertion: the attention still reads the original), a full pass either way: `padding_zeroed` skips it.
     if not padding_zeroed:
       x = lax.cond(jnp.any(lengths % s != 0), zero, lambda x: x, x)
-    return jnp.pad(x, ((0, 0), (0, total - x.shape[1]), (0, 0), (0, 0)))
+    total = cdiv(x.shape[1], multiple) * multiple
+    return x if total == x.shape[1] else jnp.pad(x, ((0, 0), (0, total - x.shape[1]), (0, 0), (0, 0)))
 
-  # [B, Trp, s, N, H], or row pairs [B, Trp/2, 2s, N, H] for two phases: a free reshape either way.
-  q5 = zero_pad(q, geometry.q_lengths, Tp).reshape(B, Trp // phases, phases * s, N, H)
-  k5 = zero_pad(k, geometry.kv_lengths, Sp).reshape(B, Sp // s, s, K, H)
+  # [B, T/s, s, N, H], or row pairs [B, T/2s, 2s, N, H] for two phases: a free reshape either way.
+  q5 = zero_pad(q, geometry.q_lengths, _TILE_ROWS * phases * s)
+  q5 = q5.reshape(B, q5.shape[1] // (phases * s), phases * s, N, H)
+  k5 = zero_pad(k, geometry.kv_lengths, _TILE_ROWS * s)
+  k5 = k5.reshape(B, k5.shape[1] // s, s, K, H)
   count, n_full = _tables(geometry, s=s, nrb=nrb, cta_rows=config.cta_rows, bn=bn, causal=causal)
   e = jnp.asarray(indicator(bn, g))
   dt = q.dtype
@@ -415,6 +422,7 @@ def antidiagonal_scores(
     plgpu.Barrier(),  # E loaded
   ]
   if interpret is True:
+    # The last row block's and key tile's boxes run past the end of q5 / k5: the interpreter fills zeros as TMA does.
     interpret = plgpu.InterpretGPUParams(out_of_bounds_reads="raise")
   kernel = functools.partial(
     _kernel, s=s, g=g, phases=phases, causal=causal, c_scale=scale / s * _LOG2E, group=N // K, nrb=nrb, cfg=config

@@ -94,6 +94,23 @@ def test_scores_kernel_lowers_for_cuda_at_production_shapes(length, stride, esti
   assert "mosaic_gpu" in lowered.as_text()[:200000]
 
 
+@pytest.mark.parametrize("stride", [8, 16])
+def test_scores_kernel_reads_a_bucketed_prompt_without_copying_it(stride):
+  """A real prompt is bucketed to a multiple of 128 tokens, not of the scorer's CTA rows (1024 / 2048 tokens) or key
+  tiles (2048 / 4096): the last boxes run past the end of q and K (TMA zero fill) instead of a padded copy of both
+  per call (~1.9 GB per layer of a 128K prefill, in three query chunks). T = 130944 = 1023 x 128."""
+  from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+
+  sds = jax.ShapeDtypeStruct
+  T, N, K, H = 130944, 32, 8, 128
+  f = functools.partial(scores_kernel.antidiagonal_scores, stride=stride, block_size=128, causal=True, scale=H**-0.5)
+  geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
+  lowered = jax.jit(f).trace(sds((1, T, N, H), jnp.bfloat16), sds((1, T, K, H), jnp.bfloat16), geometry)
+  text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+  big = large_ops(text, T * K * H)  # the selects: the conditional zeroing of straddling tokens (lengths % s != 0)
+  assert "mosaic_gpu" in text[:200000] and not big["pad"] and not big["concatenate"], dict(big)
+
+
 ALTERNATING_CASES = [  # B, T, S, N, K, H, stride, causal, config options
   (2, 1100, 1300, 4, 2, 64, 8, True, {}),  # two CTA row blocks (1024 tokens each at s = 8)
   (2, 1100, 1300, 4, 2, 64, 8, False, {"key_splits": 2}),
