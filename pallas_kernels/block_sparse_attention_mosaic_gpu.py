@@ -36,7 +36,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xattn_jax.pallas_kernels.common import SM90_SMEM_BYTES, SUPPORTED_HEAD_DIMS, Operand, TileOrder, as_enum
+from xattn_jax.pallas_kernels.common import (
+  SM90_SMEM_BYTES,
+  SUPPORTED_HEAD_DIMS,
+  Operand,
+  TileOrder,
+  as_enum,
+  pad_tokens,
+)
 from xattn_jax.pallas_kernels.tiles_mosaic_gpu import mask_scores
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
@@ -346,8 +353,7 @@ def block_sparse_attention(
   blk = config.block_kv
   nqb, nkb = cdiv(T, blk), cdiv(S, blk)
   # TMA boxes are whole blocks: pad ragged ends (the padding is masked: it lies past q_len / kv_len).
-  pad = lambda x, length: x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
-  q, k, v = pad(q, nqb * blk), pad(k, nkb * blk), pad(v, nkb * blk)
+  q, k, v = pad_tokens(q, nqb * blk), pad_tokens(k, nkb * blk), pad_tokens(v, nkb * blk)
   block_q, stages = config.block_q, config.num_stages
   dtype = q.dtype
   num_tiles = B * N * nqb
