@@ -59,6 +59,17 @@ def test_routes_match_the_reference(dtype, B, T, S, N, K, H):
     assert not np.any(np.asarray(got[b, int(q_lengths[b]) :], np.float32))
 
 
+def test_self_attention_prefill_runs_cudnn():
+  """The cuDNN route is what a GPU host compiles for self-attention with one lengths array (a model's prompt), not
+  the block route that a host without cuDNN falls back to: the compiled program calls cuDNN's fused attention."""
+  q, k, v = random_qkv(5, B=1, T=2048, S=2048, N=8, K=2, H=128, dtype=jnp.bfloat16)
+  lengths = jnp.array([2000], jnp.int32)
+  call = lambda q, k, v, n: xa.dense_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n)
+  fn = jax.jit(call)
+  text = fn.lower(q, k, v, lengths).compile().as_text()
+  assert "cudnn" in text.lower() and "mosaic_gpu" not in text, "the aligned dense call did not compile to cuDNN"
+
+
 def test_block_route_gradient_matches_reference():
   q, k, v = random_qkv(5, B=1, T=1024, S=2048, N=8, K=2, H=128, dtype=jnp.bfloat16)
   loss = lambda impl: jax.jit(

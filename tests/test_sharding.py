@@ -1,6 +1,6 @@
 """Multi-device: sharded == unsharded for the op and a tiny model's prefill + decode on 4 CPU devices, per mesh.
 
-Each mesh runs tests/multidevice_check.py in a fresh process, because the device count is fixed when JAX starts.
+The meshes run tests/multidevice_check.py in one fresh process, because the device count is fixed when JAX starts.
 """
 
 from __future__ import annotations
@@ -20,20 +20,23 @@ from xattn_jax.sharding import sharded_dense_attention, sharded_xattention
 ROOT = pathlib.Path(__file__).parent.parent
 
 
-@pytest.mark.parametrize("data,tensor", [(1, 4), (2, 2), (4, 1)])
-def test_sharded_equals_unsharded_on_four_devices(data, tensor):
+MESHES = [(1, 4), (2, 2), (4, 1)]  # data x tensor
+
+
+def test_sharded_equals_unsharded_on_four_devices():
   env = dict(
     os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"
   )
   proc = subprocess.run(
-    [sys.executable, str(ROOT / "tests" / "multidevice_check.py"), str(data), str(tensor)],
+    [sys.executable, str(ROOT / "tests" / "multidevice_check.py"), *(f"{d}x{t}" for d, t in MESHES)],
     env=env,
     capture_output=True,
     text=True,
     timeout=900,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert f"mesh ({data}, {tensor}): sharded == unsharded" in proc.stdout
+  for data, tensor in MESHES:
+    assert f"mesh ({data}, {tensor}): sharded == unsharded" in proc.stdout
 
 
 def test_needs_a_mesh_and_known_axes():

@@ -25,6 +25,7 @@ block-sparse Mosaic GPU kernel with the full layout runs within a few percent of
 from __future__ import annotations
 
 import enum
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -207,6 +208,8 @@ def _dense(
     except RuntimeError as e:  # tracing the CUDA branch on a host without cuDNN (exporting from a CPU): the kernels
       if implementation == "cudnn" or "cuDNN" not in str(e):
         raise
+      if jax.default_backend() == "gpu":  # not expected where cuDNN is installed: say so rather than run slower
+        warnings.warn(f"dense_attention: cuDNN refused a call it should take ({e}); running the block route")
       route = DenseRoute.BLOCKS
   if route is DenseRoute.DECODE:
     out = _decode_attention(query, key, value, kv_lengths, scale)
