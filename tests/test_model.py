@@ -81,10 +81,12 @@ def test_prefill_then_decode_equals_full_forward(attention):
   logits, cache, _ = _method(model, "prefill", tokens, lengths, model.init_cache(2, 128))
   next_tokens = jnp.array([5, 9], jnp.int32)
   step_logits, _ = _method(model, "decode", next_tokens, cache)
+  # One right-padded forward of both prompts with their next tokens (causal: the padding changes no earlier row).
+  full_tokens, full_lengths = _padded([p + [int(next_tokens[b])] for b, p in enumerate(prompts)], 48)
+  full = _forward(model, full_tokens, full_lengths)
   for b, p in enumerate(prompts):
-    full = _forward(model, np.asarray([p + [int(next_tokens[b])]]))[0]
-    np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(full[len(p) - 1]), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(step_logits[b]), np.asarray(full[len(p)]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(full[b, len(p) - 1]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(step_logits[b]), np.asarray(full[b, len(p)]), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("attention", [AttentionConfig(), XATTN], ids=["dense", "xattention"])
