@@ -13,8 +13,9 @@ XAttention runs at its natural density (--threshold, 0.9) and at flat thresholds
 interpolated per target. Each row: TTFT (median of --repeats prefill calls, compiled ahead of time), compile
 seconds, XLA temporaries of the compiled program, and the device's peak memory so far (allocator peak since the
 process started: monotone, so an upper bound for the row). The XAttention rows also carry the TTFT that op-level
-times predict: the dense one-shot TTFT minus layers x cuDNN attention, plus layers x (estimator + selection + sparse
-kernel at the row's density), each op timed on random inputs of the same shape in the same process.
+times predict: the dense one-shot TTFT minus layers x the dense model's attention call (`dense_attention` with its
+lengths: cuDNN where it serves), plus layers x (estimator + selection + sparse kernel at the row's density), each op
+timed on random inputs of the same shape in the same process.
 
 decode section, per context L and batch B: a cache filled with L random keys/values per sequence, then greedy decode
 of --decode-tokens tokens in the generator's while loop; tokens/s against the roofline (weights + KV cache read per
@@ -190,16 +191,22 @@ def profile_prefill(gen: Generator, prompt, row: dict, top: int, label: str) -> 
 
 
 def op_times(args, cfg, length: int, densities) -> dict:
-  """Per-layer attention times on random inputs of the model's attention shape (B=1, bf16, causal); dense is what
-  the dense model runs (`xattn_jax.dense_attention`: cuDNN on a GPU)."""
+  """Per-layer attention times on random inputs of the model's attention shape (B=1, bf16, causal); dense is the call
+  the dense model's prefill makes (`xattn_jax.dense_attention` with one traced lengths array for queries and keys),
+  and `dense_route` names the attention kernel its compiled program holds ("cudnn", "mosaic_gpu" or "xla"), next
+  to the route `xattn_jax.dense_route` picks for it (`dense_route_picked`)."""
   N, H = cfg.num_heads, cfg.head_dim
   q, k, v = random_qkv(cfg, length)
   kl = jax.random.key(length + 1)
   repeats = max(3, args.op_repeats)
-  dense = jax.jit(lambda q, k, v: xa.dense_attention(q, k, v, is_causal=True))
+  dense = jax.jit(
+    lambda q, k, v, n: xa.dense_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n)
+  )
+  lengths = jnp.full((1,), length, jnp.int32)
   out = dict(
-    dense_ms=timed(dense, q, k, v, repeats=repeats)["ms"],
-    dense_route=xa.dense_route(
+    dense_ms=timed(dense, q, k, v, lengths, repeats=repeats)["ms"],
+    dense_route=compiled_attention_kernel(dense, q, k, v, lengths),
+    dense_route_picked=xa.dense_route(
       platform=jax.default_backend(),
       dtype=q.dtype,
       batch=1,
@@ -224,6 +231,19 @@ def op_times(args, cfg, length: int, densities) -> dict:
     out["sparse_ms"][round(d, 4)] = timed(sparse, q, k, v, layout, repeats=repeats)["ms"]
     del layout
   return out
+
+
+def _route(ops: dict) -> str:
+  """The dense call's compiled kernel, and the route dense_route picked where one says cuDNN and the other does not
+  (older files hold the picked route alone)."""
+  compiled, picked = ops["dense_route"], ops.get("dense_route_picked", ops["dense_route"])
+  return compiled if (compiled == "cudnn") == (picked == "cudnn") else f"{compiled}; dense_route picked {picked}"
+
+
+def compiled_attention_kernel(fn, *args) -> str:
+  """Which attention kernel the compiled program of jitted `fn` holds: "cudnn", "mosaic_gpu" or "xla"."""
+  text = fn.lower(*args).compile().as_text()
+  return "cudnn" if "cudnn" in text.lower() else "mosaic_gpu" if "mosaic_gpu" in text else "xla"
 
 
 def prefill_section(args, model, result, write):
@@ -456,7 +476,7 @@ def to_markdown(result: dict) -> str:
     lines += ["", "Op-level times per layer (random inputs, same shapes, same process):", ""]
     for o in result["ops"]:
       lines.append(
-        f"- T={o['T']}: dense ({o['dense_route']}) {o['dense_ms']:.2f} ms, estimator "
+        f"- T={o['T']}: dense ({_route(o)}) {o['dense_ms']:.2f} ms, estimator "
         f"{o['estimator_ms']:.2f} ms, selection "
         f"{o['selection_ms']:.2f} ms, sparse kernel "
         + ", ".join(f"d={d}: {ms:.2f} ms" for d, ms in o["sparse_ms"].items())
