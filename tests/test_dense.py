@@ -4,6 +4,7 @@ O(T) in the model's compiled prefill programs, and chunked prefill equal to one-
 from __future__ import annotations
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,21 @@ def test_routes_chosen_on_this_host_need_no_gpu():
   whole = xa.dense_attention(q, k, v, is_causal=True, implementation="xla")
   chunked = xa.dense_attention(q, k, v, is_causal=True, implementation="xla", query_chunk_size=128)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-6, rtol=1e-6)
+
+
+def test_a_cudnn_fallback_is_silent_only_where_there_is_no_gpu(monkeypatch):
+  """Lowering for cuda from this host, cuDNN's attention refuses (not installed) and the block route runs: fine for an
+  export from a CPU; on a GPU host the same fallback would hide a slower kernel, so there it warns."""
+  sds = jax.ShapeDtypeStruct
+  q, kv, n = sds((1, 4096, 8, 128), jnp.bfloat16), sds((1, 4096, 2, 128), jnp.bfloat16), sds((1,), jnp.int32)
+  call = lambda q, k, v, n: xa.dense_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n)
+  lower = lambda: jax.jit(call).trace(q, kv, kv, n).lower(lowering_platforms=("cuda",)).as_text()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert "mosaic_gpu" in lower()
+  monkeypatch.setattr(xa.dense.jax, "default_backend", lambda: "gpu")
+  with pytest.warns(UserWarning, match="cuDNN refused a call it should take"):
+    lower()
 
 
 @pytest.mark.parametrize("B", [1, 4])
