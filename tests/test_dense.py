@@ -88,15 +88,18 @@ def test_a_cudnn_fallback_is_silent_only_where_there_is_no_gpu(monkeypatch):
   """Lowering for cuda from this host, cuDNN's attention refuses (not installed) and the block route runs: fine for an
   export from a CPU; on a GPU host the same fallback would hide a slower kernel, so there it warns."""
   sds = jax.ShapeDtypeStruct
-  q, kv, n = sds((1, 4096, 8, 128), jnp.bfloat16), sds((1, 4096, 2, 128), jnp.bfloat16), sds((1,), jnp.int32)
-  call = lambda q, k, v, n: xa.dense_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n)
-  lower = lambda: jax.jit(call).trace(q, kv, kv, n).lower(lowering_platforms=("cuda",)).as_text()
+
+  def lower(T):  # a new function and shape each time: no cached trace may skip the fallback
+    q, kv, n = sds((1, T, 8, 128), jnp.bfloat16), sds((1, T, 2, 128), jnp.bfloat16), sds((1,), jnp.int32)
+    call = lambda q, k, v, n: xa.dense_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n)
+    return jax.jit(call).trace(q, kv, kv, n).lower(lowering_platforms=("cuda",)).as_text()
+
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert "mosaic_gpu" in lower()
+    assert "mosaic_gpu" in lower(4096)
   monkeypatch.setattr(xa.dense.jax, "default_backend", lambda: "gpu")
   with pytest.warns(UserWarning, match="cuDNN refused a call it should take"):
-    lower()
+    assert "mosaic_gpu" in lower(4224)
 
 
 @pytest.mark.parametrize("B", [1, 4])
