@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xattn_jax.pallas_kernels.common import Operand, as_enum
+from xattn_jax.pallas_kernels.common import Operand, as_enum, pad_tokens
 from xattn_jax.estimators import Estimator, check_estimator
 from xattn_jax.geometry import Geometry, cdiv
 
@@ -393,8 +393,7 @@ def antidiagonal_scores(
     # insertion: the attention still reads the original), a full pass either way: `padding_zeroed` skips it.
     if not padding_zeroed:
       x = lax.cond(jnp.any(lengths % s != 0), zero, lambda x: x, x)
-    total = cdiv(x.shape[1], multiple) * multiple
-    return x if total == x.shape[1] else jnp.pad(x, ((0, 0), (0, total - x.shape[1]), (0, 0), (0, 0)))
+    return pad_tokens(x, cdiv(x.shape[1], multiple) * multiple)
 
   # [B, T/s, s, N, H], or row pairs [B, T/2s, 2s, N, H] for two phases: a free reshape either way.
   q5 = zero_pad(q, geometry.q_lengths, _TILE_ROWS * phases * s)
