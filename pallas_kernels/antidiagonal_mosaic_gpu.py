@@ -51,14 +51,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xattn_jax.pallas_kernels.common import Operand, as_enum, pad_tokens
+from xattn_jax.pallas_kernels.common import TMA_TILE_ROWS, Operand, as_enum, pad_tokens_to_multiple
 from xattn_jax.estimators import Estimator, check_estimator
 from xattn_jax.geometry import Geometry, cdiv
 
 _LOG2E = math.log2(math.e)
 _ROWS_PER_WG = 64  # wgmma M
 _NUM_CONSUMERS = 2
-_TILE_ROWS = 8  # rows of a TMA swizzle tile: the q/K views' row counts are multiples of it
 _MIN_E_COLS = 16  # E [block_n, block_n/g] needs a minor dim of >= 16 f16 (32-byte swizzle); narrower ones are padded
 
 
@@ -393,12 +392,12 @@ def antidiagonal_scores(
     # insertion: the attention still reads the original), a full pass either way: `padding_zeroed` skips it.
     if not padding_zeroed:
       x = lax.cond(jnp.any(lengths % s != 0), zero, lambda x: x, x)
-    return pad_tokens(x, cdiv(x.shape[1], multiple) * multiple)
+    return pad_tokens_to_multiple(x, multiple)
 
   # [B, T/s, s, N, H], or row pairs [B, T/2s, 2s, N, H] for two phases: a free reshape either way.
-  q5 = zero_pad(q, geometry.q_lengths, _TILE_ROWS * phases * s)
+  q5 = zero_pad(q, geometry.q_lengths, TMA_TILE_ROWS * phases * s)
   q5 = q5.reshape(B, q5.shape[1] // (phases * s), phases * s, N, H)
-  k5 = zero_pad(k, geometry.kv_lengths, _TILE_ROWS * s)
+  k5 = zero_pad(k, geometry.kv_lengths, TMA_TILE_ROWS * s)
   k5 = k5.reshape(B, k5.shape[1] // s, s, K, H)
   count, n_full = _tables(geometry, s=s, nrb=nrb, cta_rows=config.cta_rows, bn=bn, causal=causal)
   e = jnp.asarray(indicator(bn, g))

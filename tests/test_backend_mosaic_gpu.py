@@ -208,6 +208,24 @@ def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_ope
   assert "mosaic_gpu" in lowered.as_text()[:200000]
 
 
+def test_attention_kernel_reads_a_ragged_prompt_without_copying_it():
+  """T = 8000 (not a multiple of the 128-token block): the boxes past the end of q, k and v read zeros (TMA), so the
+  cuda-lowered call pads none of them (before: a padded copy of each). The output keeps whole blocks and is sliced."""
+  T, N, K, H, nb = 8000, 32, 8, 128, 63
+  sds = jax.ShapeDtypeStruct
+  layout = BlockLayout(
+    counts=sds((1, N, nb), jnp.int32),
+    indices=sds((1, N, nb, nb), jnp.int32),
+    num_allowed=sds((1, N, nb), jnp.int32),
+    block_size=128,
+  )
+  f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=H**-0.5)
+  qkv = [sds((1, T, n, H), jnp.bfloat16) for n in (N, K, K)]
+  text = jax.jit(f).trace(*qkv, layout, Geometry(*(sds((1,), jnp.int32),) * 3)).lower(lowering_platforms=("cuda",))
+  big = large_ops(text.as_text(), T * K * H)
+  assert "mosaic_gpu" in text.as_text()[:200000] and not big["pad"], dict(big)
+
+
 @pytest.mark.parametrize("num_ctas,tile_order", [(1, "rows"), (3, "rows"), (None, "rows"), (3, "head"), (4, "head")])
 def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
   """Rows of different lengths (and empty padding rows) walked by few CTAs in either tile order: the K/V ring
