@@ -87,8 +87,9 @@ def device_op_times(fn, *args, divide_by: int = 1, top: int = 15, warmup: bool =
 
 def fixed_density_layout(key, *, batch, heads, length, density) -> xa.BlockLayout:
   """Causal layout with `density` of each row's allowed blocks, always holding the diagonal: in every query block
-  row the diagonal block and round(density * allowed) - 1 random other allowed blocks."""
-  nb = length // BLOCK
+  row the diagonal block and round(density * allowed) - 1 random other allowed blocks. A length off whole blocks
+  (a ragged prompt) has a partial last block."""
+  nb = -(-length // BLOCK)
   allowed = xa.allowed_blocks(q_len=length, kv_len=length, block_size=BLOCK)  # [1, 1, nb, nb]
   u = jax.random.uniform(key, (batch, heads, nb, nb))
   diag = jnp.eye(nb, dtype=bool)

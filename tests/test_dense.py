@@ -102,6 +102,29 @@ def test_a_cudnn_fallback_is_silent_only_where_there_is_no_gpu(monkeypatch):
     assert "mosaic_gpu" in lower(4224)
 
 
+def test_the_cudnn_route_returns_cudnns_output(monkeypatch):
+  """Lowered for cuda with a stand-in for cuDNN's attention (this host has none): the program returns what cuDNN
+  returned and holds no block kernel. (The block route's branch once also caught route CUDNN, overwrote cuDNN's output
+  and XLA dropped the cuDNN call: the dense model ran the block kernel on the GPU.)"""
+  real = jax.nn.dot_product_attention
+
+  def stand_in(q, k, v, *, implementation=None, **kw):
+    out = real(q, k, v, implementation="xla" if implementation == "cudnn" else implementation, **kw)
+    return out + 3 if implementation == "cudnn" else out  # marks cuDNN's output
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  q, k, v = random_qkv(2, B=1, T=256, S=256, N=4, K=2, H=128, dtype=jnp.bfloat16)
+  n = jnp.array([200], jnp.int32)
+  call = lambda q, k, v, n: xa.dense_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n)
+  text = jax.jit(call).trace(q, k, v, n).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" not in text
+  route = xa.dense.dense_route  # run here too as on a GPU: the route CUDNN, with the stand-in
+  monkeypatch.setattr(xa.dense, "dense_route", lambda **kw: route(**{**kw, "platform": "gpu"}))
+  got = jax.jit(lambda *a: call(*a))(q, k, v, n)  # a new function: not the cached trace of the lowering above
+  want = xa.dense_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n, implementation="xla")
+  np.testing.assert_allclose(np.asarray(got[:, :200], np.float32), np.asarray(want[:, :200], np.float32) + 3, atol=0.1)
+
+
 @pytest.mark.parametrize("B", [1, 4])
 def test_decode_dots_batch_over_one_stride_of_the_cache(B):
   # A dot whose batch dimensions are two non-adjacent dims of the [B, S, K, H] cache makes XLA's GPU compiler

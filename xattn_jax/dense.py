@@ -218,7 +218,7 @@ def _dense(
       query, key, value, scale=scale, implementation="xla", mask=_mask(dims, q_lengths, kv_lengths, causal)
     )
     padded = True  # XLA's softmax over a row with no allowed key is uniform, not zero
-  else:
+  elif route is DenseRoute.BLOCKS:  # not a bare else: cuDNN's output (route CUDNN) must not be overwritten
     nkb = cdiv(dims.S, _BLOCK_SIZE)
     max_blocks = _DENSE_TABLE_BUDGET_BYTES // (dims.B * dims.N * nkb * 4)
     chunk = query_chunk_size or chunk_blocks(cdiv(dims.T, _BLOCK_SIZE), max_blocks) * _BLOCK_SIZE
