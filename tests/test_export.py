@@ -101,12 +101,8 @@ def test_dense_attention_exports_per_platform_from_a_cpu_host():
   assert "mosaic_gpu" in cuda.mlir_module().lower()
 
 
-@pytest.mark.parametrize("attention,kernels", [("dense", 1), ("xattention", 2)])
-def test_a_model_prefill_exports_for_a_tpu_from_a_cpu_host(attention, kernels):
-  """A tiny Llama's jitted prefill lowered for a TPU on this CPU host, what a TPU VM user compiles ahead of time: the
-  dense model runs the TPU attention kernel with every block (the prompt is over the logits budget); with a dense
-  first layer and an XAttention second one, the scoring kernel joins it (both layers call the one attention
-  kernel, lowered once)."""
+def _tiny_prefill_for_a_tpu(attention: str) -> str:
+  """A tiny Llama's jitted prefill (16K tokens) exported for a TPU from this host: its module text."""
   from flax import nnx
 
   from xattn_jax.models import AttentionConfig, ModelConfig, Transformer
@@ -132,5 +128,30 @@ def test_a_model_prefill_exports_for_a_tpu_from_a_cpu_host(attention, kernels):
 
   args = (state, jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
   with _tpu_target():
-    exported = jax.export.export(jax.jit(prefill), platforms=["tpu"])(*args)
-  assert exported.mlir_module().count("tpu_custom_call") == kernels
+    return jax.export.export(jax.jit(prefill), platforms=["tpu"])(*args).mlir_module()
+
+
+@pytest.mark.parametrize("attention,kernels", [("dense", 1), ("xattention", 2)])
+def test_a_model_prefill_exports_for_a_tpu_from_a_cpu_host(attention, kernels):
+  """A tiny Llama's jitted prefill lowered for a TPU on this CPU host, what a TPU VM user compiles ahead of time: the
+  dense model runs the TPU attention kernel with every block (the prompt is over the logits budget); with a dense
+  first layer and an XAttention second one, the scoring kernel joins it (both layers call the one attention
+  kernel, lowered once)."""
+  assert _tiny_prefill_for_a_tpu(attention).count("tpu_custom_call") == kernels
+
+
+def test_a_tpu_export_from_a_host_with_cudnn_leaves_cudnn_out(monkeypatch):
+  """On a GPU host the cuda branch of the dense prefill traces cuDNN's attention, a primitive that needs devices to
+  lower, and lowering for an abstract TPU mesh refused the whole program ("AbstractMesh cannot be used ...", seen on
+  an H100). Here a stand-in cuDNN carries such a primitive (a pure_callback): the export succeeds without it."""
+  real = jax.nn.dot_product_attention
+
+  def stand_in(q, k, v, *, implementation=None, **kw):
+    if implementation != "cudnn":
+      return real(q, k, v, implementation=implementation, **kw)
+    out = real(q, k, v, implementation="xla", **kw)
+    return jax.pure_callback(lambda x: x, jax.ShapeDtypeStruct(out.shape, out.dtype), out)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  text = _tiny_prefill_for_a_tpu("dense")
+  assert text.count("tpu_custom_call") == 1 and "callback" not in text

@@ -199,6 +199,8 @@ def _dense(
     aligned=aligned,
     implementation=implementation,
   )
+  if route is DenseRoute.CUDNN and implementation is None and not _cudnn_may_lower():
+    route = DenseRoute.BLOCKS  # a placeholder: this branch is not lowered for another platform's mesh
   if route is DenseRoute.CUDNN:
     lengths = dict(query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths) if lengths_given else {}
     try:
@@ -245,6 +247,15 @@ def _dense(
     real = jnp.arange(dims.T, dtype=jnp.int32)[None, :] < q_lengths[:, None]
     out = jnp.where(real[:, :, None, None], out, jnp.zeros((), out.dtype))
   return out
+
+
+def _cudnn_may_lower() -> bool:
+  """False where the program is traced for an abstract mesh of another platform's devices (a TPU program exported
+  from a GPU host under `use_abstract_mesh`). Its cuda branch is never lowered, but cuDNN's attention is a primitive
+  that needs devices to lower, and its mere presence in the traced program makes lowering for an abstract mesh fail.
+  (On a host without cuDNN the call raises and the fallback below does the same.)"""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return device is None or device.platform in ("gpu", "cuda")
 
 
 def _decode_attention(q, k, v, kv_lengths, scale: float, widen: bool | None = None) -> jax.Array:
