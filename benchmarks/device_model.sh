@@ -41,7 +41,7 @@ step "${TDEC:-200}" && timeout ${TDEC:-200} python3 benchmarks/model_prefill.py 
   --decode-contexts 32768,131072 --decode-batches ${DECB:-1,8} --decode-profile ${DECPROF:-0} --out-dir "$OUT" \
   --tag decode 2>&1 | quiet
 step "${T32:-0}" && timeout ${T32:-0} python3 benchmarks/model_prefill.py --lengths 8192,32768 --no-natural \
-  --target-densities ${TARGETS:-0.1} --modes one-shot,chunked --out-dir "$OUT" --tag 8k-32k --repeats 2 2>&1 | quiet
+  --target-densities ${TARGETS:-0.1} --modes one-shot,chunked --out-dir "$OUT" --tag 8k-32k --repeats 3 2>&1 | quiet
 step "${T256:-120}" && timeout ${T256:-120} python3 benchmarks/model_prefill.py --lengths 262144 --kinds xattention \
   --no-natural --modes one-shot --target-densities 0.1 --out-dir "$OUT" --tag 256k 2>&1 | quiet
 step "${TCP:-0}" && timeout ${TCP:-50} python3 benchmarks/context_parallel.py --lengths 131072 --devices 1 \
