@@ -219,6 +219,20 @@ def op_times(args, cfg, length: int, densities) -> dict:
       aligned=True,
     ).value,
   )
+  if jax.default_backend() == "gpu":  # what else the dense model could run: the data for dense_route's choice
+    alternatives = dict(
+      cudnn_without_lengths=jax.jit(
+        lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+      ),
+      block_kernel=jax.jit(
+        lambda q, k, v, n: xa.dense_attention(
+          q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n, implementation="pallas_mosaic_gpu"
+        )
+      ),
+    )
+    out["dense_alternatives_ms"] = {
+      name: timed(fn, q, k, v, lengths, repeats=repeats)["ms"] for name, fn in alternatives.items()
+    }
   est = jax.jit(lambda q, k: xa.antidiagonal_scores(q, k, stride=args.stride))
   out["estimator_ms"] = timed(est, q, k, repeats=repeats)["ms"]
   scores = est(q, k)
@@ -481,6 +495,10 @@ def to_markdown(result: dict) -> str:
         f"{o['estimator_ms']:.2f} ms, selection "
         f"{o['selection_ms']:.2f} ms, sparse kernel "
         + ", ".join(f"d={d}: {ms:.2f} ms" for d, ms in o["sparse_ms"].items())
+        + "".join(
+          f"; dense alternative {name.replace('_', ' ')}: {ms:.2f} ms"
+          for name, ms in o.get("dense_alternatives_ms", {}).items()
+        )
       )
   if result["decode"]:
     lines += [
