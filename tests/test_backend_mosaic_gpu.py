@@ -182,13 +182,9 @@ def test_alternating_scores_read_q_where_it_lies(stride, causal):
   assert not extra, f"q-sized XLA ops only the alternating program has: {dict(extra)}"
 
 
-@pytest.mark.parametrize(
-  "length,kv_heads,head_dim,pv_operand",
-  [(32768, 8, 128, "registers"), (131072, 8, 128, "registers"), (32768, 32, 128, "smem"), (32768, 8, 64, "registers")],
-)
-def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_operand):
-  """The real Mosaic GPU lowering (layouts, wgmma shapes, the 227 KiB shared-memory budget), no GPU needed."""
-  heads, nb = 32, length // 128
+def _cuda_lowering(length, heads, kv_heads, head_dim, config=attention_kernel.ForwardConfig()) -> str:
+  """The forward kernel's call lowered for cuda from this host (abstract inputs, causal, one sequence): its text."""
+  nb = -(-length // 128)
   sds = jax.ShapeDtypeStruct
   layout = BlockLayout(
     counts=sds((1, heads, nb), jnp.int32),
@@ -197,33 +193,28 @@ def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_ope
     block_size=128,
   )
   geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
-  f = functools.partial(
-    attention_kernel.block_sparse_attention,
-    causal=True,
-    scale=head_dim**-0.5,
-    config=attention_kernel.ForwardConfig(pv_operand=pv_operand),
-  )
+  f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=head_dim**-0.5, config=config)
   qkv = [sds((1, length, n, head_dim), jnp.bfloat16) for n in (heads, kv_heads, kv_heads)]
-  lowered = jax.jit(f).trace(*qkv, layout, geometry).lower(lowering_platforms=("cuda",))
-  assert "mosaic_gpu" in lowered.as_text()[:200000]
+  return jax.jit(f).trace(*qkv, layout, geometry).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize(
+  "length,kv_heads,head_dim,pv_operand",
+  [(32768, 8, 128, "registers"), (131072, 8, 128, "registers"), (32768, 32, 128, "smem"), (32768, 8, 64, "registers")],
+)
+def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_operand):
+  """The real Mosaic GPU lowering (layouts, wgmma shapes, the 227 KiB shared-memory budget), no GPU needed."""
+  config = attention_kernel.ForwardConfig(pv_operand=pv_operand)
+  assert "mosaic_gpu" in _cuda_lowering(length, 32, kv_heads, head_dim, config)[:200000]
 
 
 def test_attention_kernel_reads_a_ragged_prompt_without_copying_it():
   """T = 8000 (not a multiple of the 128-token block): the boxes past the end of q, k and v read zeros (TMA), so the
   cuda-lowered call pads none of them (before: a padded copy of each). The output keeps whole blocks and is sliced."""
-  T, N, K, H, nb = 8000, 32, 8, 128, 63
-  sds = jax.ShapeDtypeStruct
-  layout = BlockLayout(
-    counts=sds((1, N, nb), jnp.int32),
-    indices=sds((1, N, nb, nb), jnp.int32),
-    num_allowed=sds((1, N, nb), jnp.int32),
-    block_size=128,
-  )
-  f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=H**-0.5)
-  qkv = [sds((1, T, n, H), jnp.bfloat16) for n in (N, K, K)]
-  text = jax.jit(f).trace(*qkv, layout, Geometry(*(sds((1,), jnp.int32),) * 3)).lower(lowering_platforms=("cuda",))
-  big = large_ops(text.as_text(), T * K * H)
-  assert "mosaic_gpu" in text.as_text()[:200000] and not big["pad"], dict(big)
+  T, K, H = 8000, 8, 128
+  text = _cuda_lowering(T, 32, K, H)
+  big = large_ops(text, T * K * H)
+  assert "mosaic_gpu" in text[:200000] and not big["pad"], dict(big)
 
 
 @pytest.mark.parametrize("num_ctas,tile_order", [(1, "rows"), (3, "rows"), (None, "rows"), (3, "head"), (4, "head")])
