@@ -253,7 +253,7 @@ def _cudnn_may_lower() -> bool:
   """False where the program is traced for an abstract mesh of another platform's devices (a TPU program exported
   from a GPU host under `use_abstract_mesh`). Its cuda branch is never lowered, but cuDNN's attention is a primitive
   that needs devices to lower, and its mere presence in the traced program makes lowering for an abstract mesh fail.
-  (On a host without cuDNN the call raises and the fallback below does the same.)"""
+  (On a host without cuDNN the call raises, and `_dense` falls back to the block route the same way.)"""
   device = jax.sharding.get_abstract_mesh().abstract_device
   return device is None or device.platform in ("gpu", "cuda")
 
