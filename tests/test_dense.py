@@ -17,7 +17,7 @@ from xattn_jax.models.config import AttentionConfig, ModelConfig
 from xattn_jax.models.generate import Generator
 from xattn_jax.models.transformer import Transformer
 from tests import suites
-from tests.conftest import random_qkv
+from tests.conftest import random_qkv, run_checked
 from tests.hlo_checks import zero_filled_loop_buffers
 
 R = xa.DenseRoute
@@ -120,8 +120,16 @@ def test_the_cudnn_route_returns_cudnns_output(monkeypatch):
   assert "mosaic_gpu" not in text
   route = xa.dense.dense_route  # run here too as on a GPU: the route CUDNN, with the stand-in
   monkeypatch.setattr(xa.dense, "dense_route", lambda **kw: route(**{**kw, "platform": "gpu"}))
-  got = jax.jit(lambda *a: call(*a))(q, k, v, n)  # a new function: not the cached trace of the lowering above
-  want = xa.dense_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n, implementation="xla")
+  got = run_checked(lambda *a: call(*a), q, k, v, n)  # a new function: not the cached trace of the lowering above
+  want = run_checked(
+    lambda q, k, v, n: xa.dense_attention(
+      q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n, implementation="xla"
+    ),
+    q,
+    k,
+    v,
+    n,
+  )
   np.testing.assert_allclose(np.asarray(got[:, :200], np.float32), np.asarray(want[:, :200], np.float32) + 3, atol=0.1)
 
 
