@@ -6,7 +6,7 @@
 #   run(command="OLD=old_forward.py bash benchmarks/device_kernel_ab.sh")
 # Time limits per step in seconds (0 skips): TTEST (TESTS: its -k), TSAN (each of TOOLS), TBENCH (each
 # attention_speed.py call).
-# SHORT and LONG are the two attention_speed.py argument sets run for each version.
+# SHORT and LONG are the two attention_speed.py argument sets run for each version (an empty one is skipped).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 KERNEL=pallas_kernels/block_sparse_attention_mosaic_gpu.py
@@ -25,6 +25,7 @@ done
 for version in new old; do
   if [ $version = old ]; then [ -f "${OLD:-}" ] && cp "$OLD" $KERNEL || break; fi
   for args in "$SHORT" "$LONG"; do
+    [ -n "$args" ] || continue  # SHORT= or LONG= (empty) skips that set
     step "${TBENCH:-120}" && timeout ${TBENCH:-120} python3 benchmarks/attention_speed.py $args --out-dir "$OUT" \
       --tag "$version-$(echo "$args" | grep -o 'lengths [0-9,]*' | tr -c '0-9\n' '-' | tr -s '-')" 2>&1 \
       | grep -v '^|' | grep -E 'sparse|dense|Error' | tail -12

@@ -355,9 +355,14 @@ def block_sparse_attention(
   nqb = cdiv(T, blk)
   # TMA boxes are whole blocks. Those past the end of q, k, v read zeros, and the padding is masked (it lies past
   # q_len / kv_len), so only lengths off whole swizzle tiles are padded: a ragged prompt costs no copy of q, k and v
-  # (~300 MiB at 8000 tokens, 32 / 8 heads: measured -43 to -48 us per call on an H100). The output keeps whole
-  # blocks, so every store stays in bounds.
+  # (~300 MiB at 8000 tokens, 32 / 8 heads: measured -43 to -48 us per call on an H100). The output has q's rows
+  # too: its stores are tiled TMA boxes, bounded per dimension, so a last block's rows past the end are dropped and
+  # no whole-block output is written and sliced (a copy of the output: ~62 MiB there). The lse keeps whole blocks:
+  # its 64-float stores are contiguous, and Mosaic GPU issues those as bulk copies clamped only to the end of the
+  # whole array, so rows past T would land at the start of the next head's row (seen on an H100; the interpreter
+  # does not model it). Its slice moves 4 bytes per query and head (1 MiB at 8000 tokens).
   q, k, v = (pad_tokens_to_multiple(x, TMA_TILE_ROWS) for x in (q, k, v))
+  rows = q.shape[1]
   block_q, stages = config.block_q, config.num_stages
   dtype = q.dtype
   num_tiles = B * N * nqb
@@ -386,7 +391,7 @@ def block_sparse_attention(
   )
   out, lse = plgpu.kernel(
     kernel,
-    out_type=(jax.ShapeDtypeStruct((B, nqb * blk, N, H), dtype), jax.ShapeDtypeStruct((B, N, nqb * blk), jnp.float32)),
+    out_type=(jax.ShapeDtypeStruct((B, rows, N, H), dtype), jax.ShapeDtypeStruct((B, N, nqb * blk), jnp.float32)),
     scratch_types=list(scratch.values()),
     grid=(grid,),
     grid_names=("cta",),
@@ -405,4 +410,4 @@ def block_sparse_attention(
     geometry.kv_lengths,
     geometry.q_positions,
   )
-  return out[:, :T], lse[:, :, :T]
+  return (out if rows == T else out[:, :T]), lse[:, :, :T]

@@ -4,6 +4,7 @@ real Mosaic GPU lowering ("cuda") at production shapes. The GPU itself: tests/te
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -210,11 +211,16 @@ def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_ope
 
 def test_attention_kernel_reads_a_ragged_prompt_without_copying_it():
   """T = 8000 (not a multiple of the 128-token block): the boxes past the end of q, k and v read zeros (TMA), so the
-  cuda-lowered call pads none of them (before: a padded copy of each). The output keeps whole blocks and is sliced."""
-  T, K, H = 8000, 8, 128
-  text = _cuda_lowering(T, 32, K, H)
+  cuda-lowered call pads none of them (before: a padded copy of each). The output has q's rows (its tiled stores past
+  the end are dropped), so it is not sliced out of a whole-block one (before: an output-sized copy). The lse is: its
+  contiguous stores are clamped only at the end of the array (see the launcher), so it must keep whole blocks."""
+  T, N, K, H = 8000, 32, 8, 128
+  text = _cuda_lowering(T, N, K, H)
   big = large_ops(text, T * K * H)
   assert "mosaic_gpu" in text[:200000] and not big["pad"], dict(big)
+  assert not large_ops(text, T * N * H)["slice"], dict(large_ops(text, T * N * H))
+  lse_slices = re.findall(r"stablehlo\.slice.*tensor<1x32x8064xf32>.*tensor<1x32x8000xf32>", text)
+  assert len(lse_slices) == 1, "the kernel's lse must have whole blocks (8064 rows), sliced to T"
 
 
 @pytest.mark.parametrize("num_ctas,tile_order", [(1, "rows"), (3, "rows"), (None, "rows"), (3, "head"), (4, "head")])
