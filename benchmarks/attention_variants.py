@@ -33,7 +33,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import xattn_jax as xa
-from benchmarks.common import fixed_density_layout, timed, without_traced_checks
+from benchmarks.common import chained_in_one_jit, fixed_density_layout, rel_err, timed, without_traced_checks
 from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
 from xattn_jax.geometry import Geometry
 
@@ -45,6 +45,7 @@ VARIANTS = {
   "rows": {"tile_order": "rows"},
   "per-row": {"num_ctas": None},
   "smem": {"pv_operand": "smem"},
+  "k3": {"k_stages": 3},  # K ring one stage deeper than V's (one Q/O buffer then fits in SMEM)
 }
 
 
@@ -86,10 +87,18 @@ def to_markdown(result: dict) -> str:
     f"Command: `python benchmarks/{result['command']}`",
     "",
     f"Kernel module {result['module']}. ms = median of {result['repeats']} samples per round, rounds separated "
-    "by '/'; pipeline p = p back-to-back calls per sample (1 includes the host dispatch). Traced checks off.",
+    "by '/'; pipeline p = p back-to-back calls per sample (1 includes the host dispatch). Traced checks off."
+    + (
+      f" Each call is one of {result['in_jit']} chained calls in one jitted program, time / {result['in_jit']}."
+      if result.get("in_jit", 1) > 1
+      else ""
+    )
+    + " rel err: the output's relative error to the default kernel's on the same input.",
     "",
-    "| T | K | density | what | " + " | ".join(f"pipeline {p}: ms per round" for p in pipeline) + " | ratio to cuDNN |",
-    "|---|---|---|---|" + "---|" * len(pipeline) + "---|",
+    "| T | K | density | what | "
+    + " | ".join(f"pipeline {p}: ms per round" for p in pipeline)
+    + " | ratio to cuDNN | rel err |",
+    "|---|---|---|---|" + "---|" * len(pipeline) + "---|---|",
   ]
   lines += [table_line(row, len(pipeline)) for row in result["rows"]]
   return "\n".join(lines) + "\n"
@@ -101,10 +110,12 @@ def table_line(row: dict, pipelines: int) -> str:
   case = f"| {row['T']} | {row['K']} | {row['percent']}% |"
   if "ms" in row:
     cells = [" / ".join(f"{t:.3f}" for t in per_round) for per_round in row["ms"]]
-    return f"{case} {row['what']} | " + " | ".join(cells) + f" | {row['ratio']:.3f} |"
+    err = f"{row['rel_err_vs_default']:.1e}" if "rel_err_vs_default" in row else ""
+    return f"{case} {row['what']} | " + " | ".join(cells) + f" | {row['ratio']:.3f} | {err} |"
   if "span_ms" in row:
-    return f"{case} {row['what']} | {row['span_ms']:.3f} ms |" + " |" * pipelines
-  return f"| | | | device kernel {row['kernel'][:60]} x{row['per_call']:g} | {row['us']:.1f} us |" + " |" * pipelines
+    return f"{case} {row['what']} | {row['span_ms']:.3f} ms |" + " |" * (pipelines + 1)
+  kernel = f"device kernel {row['kernel'][:60]} x{row['per_call']:g}"
+  return f"| | | | {kernel} | {row['us']:.1f} us |" + " |" * (pipelines + 1)
 
 
 @without_traced_checks  # production dispatch: no checkify effects in the timed programs
@@ -117,6 +128,7 @@ def main(argv=None) -> int:
   parser.add_argument("--variants", type=csv_of(str), default=["default", "head", "per-row"])
   parser.add_argument("--pipeline", type=ints, default=[1, 10])
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--in-jit", type=int, default=1, help="N > 1: N chained calls in one jitted program, time / N")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--trace", action="store_true")
   parser.add_argument("--module", default="xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu")
@@ -134,6 +146,7 @@ def main(argv=None) -> int:
     repeats=args.repeats,
     rounds=args.rounds,
     pipeline=args.pipeline,
+    in_jit=args.in_jit,
     rows=rows,
   )
 
@@ -170,11 +183,16 @@ def main(argv=None) -> int:
             jax.jit(direct_call(kernel.block_sparse_attention, geometry, config)),
             (q, k, v, layout),
           )
+        reference = calls["kernel default"][0](q, k, v, layout) if "default" in args.variants else None
+        kernels = [name for name in calls if name.startswith("kernel")]
+        errors = {name: rel_err(calls[name][0](*calls[name][1]), reference) for name in kernels}
+        if args.in_jit > 1:
+          calls = {name: (chained_in_one_jit(fn, args.in_jit), fn_args) for name, (fn, fn_args) in calls.items()}
         times = {name: {p: [] for p in args.pipeline} for name in calls}
         for _ in range(args.rounds):
           for name, (fn, fn_args) in calls.items():
             for p in args.pipeline:
-              times[name][p].append(timed(fn, *fn_args, repeats=args.repeats, pipeline=p)["ms"])
+              times[name][p].append(timed(fn, *fn_args, repeats=args.repeats, pipeline=p)["ms"] / args.in_jit)
         base = statistics.median(times["dense cudnn"][args.pipeline[0]])
         for name in calls:
           record(
@@ -183,6 +201,7 @@ def main(argv=None) -> int:
               what=name,
               ms=[times[name][p] for p in args.pipeline],
               ratio=statistics.median(times[name][args.pipeline[0]]) / base,
+              **({"rel_err_vs_default": errors[name]} if name in errors and reference is not None else {}),
             )
           )
         if args.trace:
