@@ -45,7 +45,6 @@ VARIANTS = {
   "rows": {"tile_order": "rows"},
   "per-row": {"num_ctas": None},
   "smem": {"pv_operand": "smem"},
-  "k3": {"k_stages": 3},  # K ring one stage deeper than V's (one Q/O buffer then fits in SMEM)
 }
 
 

@@ -58,10 +58,7 @@ class ForwardConfig:
   """Kernel tiles. block_kv is the layout's block size; a CTA covers one layout query block with two warpgroups."""
 
   block_kv: int = 128
-  num_stages: int = 2  # V ring depth, and K's unless k_stages says otherwise (SMEM: block_kv * H * 2 bytes each)
-  # K ring depth (None: num_stages). Deeper than V's, the producer issues K of a tile's step j + 1 before V of step j:
-  # K, which the consumers wait for first, is then requested a step earlier.
-  k_stages: int | None = None
+  num_stages: int = 2  # K/V ring depth (SMEM: 2 * num_stages * block_kv * H * 2 bytes)
   pv_operand: Operand = Operand.REGISTERS  # REGISTERS (FA3) or SMEM (interpretable); strings are accepted
   producer_registers: int = 40
   consumer_registers: int = 232
@@ -79,8 +76,6 @@ class ForwardConfig:
     object.__setattr__(self, "pv_operand", as_enum(Operand, self.pv_operand, "pv_operand"))
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
-    if self.k_stages is not None and self.k_stages < self.num_stages:
-      raise ValueError(f"k_stages={self.k_stages} must be None or >= num_stages={self.num_stages}")
     object.__setattr__(self, "tile_order", as_enum(TileOrder, self.tile_order, "tile_order"))
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be None or >= 1")
@@ -88,10 +83,6 @@ class ForwardConfig:
   @property
   def block_q(self) -> int:  # rows per consumer warpgroup
     return self.block_kv // 2
-
-  @property
-  def k_ring(self) -> int:
-    return self.num_stages if self.k_stages is None else self.k_stages
 
 
 def _kernel(
@@ -131,8 +122,7 @@ def _kernel(
   tile's first blocks while the consumers finish the current one. Q/O staging is double buffered per consumer:
   tile i's output store drains while tile i+1 loads and computes.
   """
-  block_q, block_kv = config.block_q, config.block_kv
-  k_ring, v_ring = config.k_ring, config.num_stages
+  block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
   num_heads, num_q_blocks = counts_ref.shape[1], counts_ref.shape[2]
   batch = counts_ref.shape[0]
   cta = lax.axis_index("cta")
@@ -184,21 +174,21 @@ def _kernel(
 
       @pl.when(count > 0)
       def _():
-        plgpu.barrier_wait(k_barriers.at[lax.rem(first_step, k_ring)])
+        plgpu.barrier_wait(k_barriers.at[lax.rem(first_step, stages)])
 
       pl.when(wg == 1)(schedule)
 
       def step(j, carry, *, masked: bool):
         acc, m_i, l_i = carry
-        k_slot, v_slot = lax.rem(first_step + j, k_ring), lax.rem(first_step + j, v_ring)
+        slot = lax.rem(first_step + j, stages)
 
         def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[k_slot].transpose((1, 0)))
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
           schedule()
           return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-        plgpu.barrier_arrive(k_consumed_barriers.at[k_slot])
+        plgpu.barrier_arrive(k_consumed_barriers.at[slot])
         s = s * qk_scale
         if masked:
           s = mask_scores(
@@ -216,18 +206,18 @@ def _kernel(
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)
         plgpu.barrier_arrive(schedule_barrier)
-        plgpu.barrier_wait(v_barriers.at[v_slot])
+        plgpu.barrier_wait(v_barriers.at[slot])
         plgpu.barrier_wait(schedule_barrier)
 
         def wait_next_k():
           @pl.when(j + 1 < count)
           def _():
-            plgpu.barrier_wait(k_barriers.at[lax.rem(first_step + j + 1, k_ring)])
+            plgpu.barrier_wait(k_barriers.at[lax.rem(first_step + j + 1, stages)])
 
         if config.pv_operand == "registers":
 
           def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[v_slot])
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
             wait_next_k()
 
           acc = pl.run_state(pv)(plgpu.ACC.init(acc))
@@ -236,12 +226,12 @@ def _kernel(
           plgpu.commit_smem()
 
           def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[v_slot])
+            plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
             wait_next_k()
             return acc_ref[...]
 
           acc = acc + pl.run_scoped(pv, plgpu.ACC((block_q, head_dim), jnp.float32))
-        plgpu.barrier_arrive(v_consumed_barriers.at[v_slot])
+        plgpu.barrier_arrive(v_consumed_barriers.at[slot])
         return acc, m_new, l_i
 
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
@@ -270,44 +260,34 @@ def _kernel(
     def load_tile(i, g):  # g: blocks loaded so far by this CTA (ring position)
       b, r, n = tile_coords(i)
       kv_head = lax.div(n, group)
-      count = counts_ref[b, n, r]
-      keys = lambda j: (b, pl.ds(indices_ref[b, n, r, j] * block_kv, block_kv), kv_head)
 
-      def load(ring, data_ref, smem, loaded, consumed, g, j):
-        slot = lax.rem(g, ring)
-        block = keys(j)
+      def load(j, g):
+        slot = lax.rem(g, stages)
+        keys = (b, pl.ds(indices_ref[b, n, r, j] * block_kv, block_kv), kv_head)
 
-        @pl.when(g >= ring)  # the slot's previous block must be consumed
+        @pl.when(g >= stages)  # the slot's previous block must be consumed
         def _():
-          plgpu.barrier_wait(consumed.at[slot])
+          plgpu.barrier_wait(k_consumed_barriers.at[slot])
 
-        plgpu.copy_gmem_to_smem(data_ref.at[block], smem.at[slot], loaded.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
 
-      load_k = functools.partial(load, k_ring, k_ref, k_smem, k_barriers, k_consumed_barriers)
-      load_v = functools.partial(load, v_ring, v_ref, v_smem, v_barriers, v_consumed_barriers)
-      k_ahead = int(k_ring > v_ring)  # K of step j + k_ahead is requested before V of step j
+        @pl.when(g >= stages)
+        def _():
+          plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
-      if k_ahead:
-        pl.when(count > 0)(lambda: load_k(g, 0))
-
-      def step(j, g):
-        if k_ahead:
-          pl.when(j + 1 < count)(lambda: load_k(g + 1, j + 1))
-        else:
-          load_k(g, j)
-        load_v(g, j)
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
         return g + 1
 
-      return lax.fori_loop(0, count, step, g)
+      return lax.fori_loop(0, counts_ref[b, n, r], load, g)
 
     total = lax.fori_loop(0, my_tiles, load_tile, jnp.int32(0))
 
     # Observe the last consumed phases: a no-op on the GPU, required by the interpreter's barrier bookkeeping.
-    for ring, consumed in ((k_ring, k_consumed_barriers), (v_ring, v_consumed_barriers)):
-
-      @pl.loop(jnp.maximum(total - ring, 0), total)
-      def _(g):
-        plgpu.barrier_wait(consumed.at[lax.rem(g, ring)])
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _(g):
+      slot = lax.rem(g, stages)
+      plgpu.barrier_wait(k_consumed_barriers.at[slot])
+      plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
 
 def smem_bytes(config: ForwardConfig, head_dim: int, dtype, *, q_buffers: int) -> int:
@@ -320,8 +300,7 @@ def smem_bytes(config: ForwardConfig, head_dim: int, dtype, *, q_buffers: int) -
   itemsize = jnp.dtype(dtype).itemsize
   kib = lambda n: -(-n // 1024) * 1024
   total = kib(2 * q_buffers * config.block_q * head_dim * itemsize)
-  total += kib(config.k_ring * config.block_kv * head_dim * itemsize)
-  total += kib(config.num_stages * config.block_kv * head_dim * itemsize)
+  total += 2 * kib(config.num_stages * config.block_kv * head_dim * itemsize)
   if config.pv_operand == "smem":
     total += kib(2 * config.block_q * config.block_kv * itemsize)
   total += kib(2 * q_buffers * config.block_q * 4) + 6 * 1024 + 128 * 4 * 4  # lse, barrier groups, reductions
@@ -396,14 +375,14 @@ def block_sparse_attention(
     )
   scratch = dict(
     qo_smem=plgpu.SMEM((2, buffers, block_q, H), dtype),  # [consumer, buffer]
-    k_smem=plgpu.SMEM((config.k_ring, blk, H), dtype),
+    k_smem=plgpu.SMEM((stages, blk, H), dtype),
     v_smem=plgpu.SMEM((stages, blk, H), dtype),
     p_smem=plgpu.SMEM((2, block_q, blk), dtype) if config.pv_operand == "smem" else None,
     lse_smem=plgpu.SMEM((2, buffers, block_q), jnp.float32),
-    k_barriers=plgpu.Barrier(num_barriers=config.k_ring),
+    k_barriers=plgpu.Barrier(num_barriers=stages),
     v_barriers=plgpu.Barrier(num_barriers=stages),
     q_barriers=plgpu.Barrier(num_barriers=2 * buffers),
-    k_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=config.k_ring),
+    k_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     v_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     schedule_barrier=plgpu.Barrier(num_arrivals=2),
   )

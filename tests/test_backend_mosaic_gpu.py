@@ -223,13 +223,10 @@ def test_attention_kernel_reads_a_ragged_prompt_without_copying_it():
   assert len(lse_slices) == 1, "the kernel's lse must have whole blocks (8064 rows), sliced to T"
 
 
-@pytest.mark.parametrize(
-  "num_ctas,tile_order,k_stages",
-  [(1, "rows", None), (3, "rows", None), (None, "rows", None), (3, "head", None), (4, "head", None), (3, "head", 3)],
-)
-def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order, k_stages):
+@pytest.mark.parametrize("num_ctas,tile_order", [(1, "rows"), (3, "rows"), (None, "rows"), (3, "head"), (4, "head")])
+def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
   """Rows of different lengths (and empty padding rows) walked by few CTAs in either tile order: the K/V ring
-  crosses tiles. k_stages=3: a K ring deeper than V's, K requested a step ahead of V."""
+  crosses tiles."""
   from xattn_jax import attention_xla
 
   B, T, S, N, K, H = 2, 300, 400, 2, 1, 64
@@ -238,9 +235,7 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order, k_stag
   geometry = Geometry.from_lengths(*lens)
   layout, _ = suites.random_layout(65, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens, density=0.7)
   assert int(jnp.min(layout.counts)) == 0 and int(jnp.max(layout.counts)) >= 3
-  config = attention_kernel.ForwardConfig(
-    pv_operand="smem", num_ctas=num_ctas, tile_order=tile_order, k_stages=k_stages
-  )
+  config = attention_kernel.ForwardConfig(pv_operand="smem", num_ctas=num_ctas, tile_order=tile_order)
   out, lse = run_checked(
     attention_kernel.block_sparse_attention,
     q,
@@ -262,8 +257,6 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order, k_stag
 
 
 def test_tuning_config_validation():
-  with pytest.raises(ValueError, match="k_stages=1"):
-    attention_kernel.ForwardConfig(num_stages=2, k_stages=1)
   with pytest.raises(ValueError, match="tile_order='work'"):
     attention_kernel.ForwardConfig(tile_order="work")
 

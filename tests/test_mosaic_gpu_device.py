@@ -41,20 +41,19 @@ def _lengths(B: int, T: int, S: int, with_lengths: bool):
 
 
 @pytest.mark.parametrize(
-  "pv_operand,num_ctas,tile_order,k_stages",
+  "pv_operand,num_ctas,tile_order",
   [
-    ("registers", 132, "head", None),
-    ("smem", 132, "head", None),
-    ("registers", None, "head", None),
-    ("registers", 5, "head", None),
-    ("registers", 5, "rows", None),
-    ("registers", 5, "head", 3),  # K ring deeper than V's, K requested a step ahead
+    ("registers", 132, "head"),
+    ("smem", 132, "head"),
+    ("registers", None, "head"),
+    ("registers", 5, "head"),
+    ("registers", 5, "rows"),
   ],
 )
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}T{s[1]}S{s[2]}N{s[3]}K{s[4]}H{s[5]}" for s in SHAPES])
-def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas, tile_order, k_stages):
+def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas, tile_order):
   from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 
   B, T, S, N, K, H, with_lengths = shape
@@ -72,7 +71,7 @@ def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas
     geometry,
     causal=causal,
     scale=scale,
-    config=kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=num_ctas, tile_order=tile_order, k_stages=k_stages),
+    config=kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=num_ctas, tile_order=tile_order),
   )
   want, want_lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
