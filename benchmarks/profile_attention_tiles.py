@@ -9,14 +9,29 @@ the k-th case. Then, for the hottest SASS lines of each launch:
     ncu --import $OUT/tiles.ncu-rep --page source --csv --print-source sass > sass.csv
     python3 benchmarks/profile_attention_tiles.py --sass-top sass.csv
 
+Without Nsight, Mosaic GPU's own profiler times each consumer warpgroup's tile phases ("open": Q load, first K,
+the ping-pong handoff; "steps"; "close": the epilogue and stores) and the gaps between tiles, per CTA:
+
+    python3 benchmarks/profile_attention_tiles.py 8192:10,32768:10 --phases $OUT/phases
+
+It writes the kernel's Perfetto trace under that directory and prints, per case, each phase's median and mean time
+per tile and its share of the busiest CTA's span (the kernel's time). The profiler's event writes cost ~12 cycles
+each, so the phases are slightly longer than without it.
+
 A case is T:percent[:kv heads[:variant]] (8 kv heads and the default ForwardConfig if left out; variants as in
 attention_variants.py). Shapes as in attention_speed.py: B=1, 32 query heads, head dim 128, bf16, causal,
 fixed-density layouts holding the diagonal. Prints the layout's work (tiles, visited blocks) per case, which the
 profile's cycles are divided by.
 """
 
+import collections
 import csv
+import dataclasses
+import glob
+import json
+import os
 import pathlib
+import statistics
 import sys
 
 import jax
@@ -65,10 +80,52 @@ def sass_top(path: str, lines: int = 40) -> None:
       )
 
 
+def tile_phases(trace: dict) -> dict:
+  """A Mosaic GPU profiler trace (Perfetto JSON: "B" / "E" events with name, ts in us, pid = SM, tid = one
+  warpgroup of one CTA) summarized: {"phases": {name: [durations in us of its outermost ranges]}, "between": [gaps
+  from one range's end to the next range's begin on a warpgroup], "span_us": {tid: last end - first begin}}.
+  Ranges nested inside another (a scope re-entered in a loop body) count toward the outer one only."""
+  by_tid = collections.defaultdict(list)
+  for event in trace["traceEvents"]:
+    by_tid[event["tid"]].append(event)
+  phases, between, span = collections.defaultdict(list), [], {}
+  for tid, events in by_tid.items():
+    events.sort(key=lambda e: e["ts"])  # per warpgroup the clock is monotone (the dump enforces it)
+    stack, last_end = [], None
+    for event in events:
+      if event["ph"] == "B":
+        if not stack and last_end is not None:
+          between.append(event["ts"] - last_end)
+        stack.append(event)
+      else:
+        begin = stack.pop()
+        if not stack:
+          phases[begin["name"]].append(event["ts"] - begin["ts"])
+          last_end = event["ts"]
+    span[tid] = events[-1]["ts"] - events[0]["ts"]
+  return {"phases": dict(phases), "between": between, "span_us": span}
+
+
+def phase_table(summary: dict) -> str:
+  """Per phase: ranges, median and mean us, total us over all warpgroups, and that total as a share of the summed
+  spans (where the warpgroups' time goes)."""
+  total_span = sum(summary["span_us"].values())
+  rows = [*summary["phases"].items(), ("(between ranges)", summary["between"])]
+  lines = [f"warpgroups {len(summary['span_us'])}, busiest span {max(summary['span_us'].values()):.1f} us"]
+  for name, durations in rows:
+    if durations:
+      lines.append(
+        f"  {name:18s} n={len(durations):6d}  median {statistics.median(durations):7.2f} us  "
+        f"mean {statistics.mean(durations):7.2f} us  share {sum(durations) / max(total_span, 1e-9):6.1%}"
+      )
+  return "\n".join(lines)
+
+
 @without_traced_checks  # production dispatch: no checkify effects in the timed programs
 def main():
   if sys.argv[1] == "--sass-top":
     return sass_top(sys.argv[2])
+  phases_dir = sys.argv[3] if sys.argv[2:3] == ["--phases"] else None
   heads, head_dim = 32, 128
   for case in sys.argv[1].split(","):
     length, percent, *rest = case.split(":")
@@ -77,6 +134,10 @@ def main():
       raise SystemExit(f"case {case!r}: variant {variant!r} not in {sorted(VARIANTS)}")
     length, percent, kv_heads = int(length), int(percent), int(kv_heads)
     config = kernel.ForwardConfig(**VARIANTS[variant])
+    if phases_dir:
+      case_dir = os.path.join(phases_dir, case.replace(":", "-"))
+      os.makedirs(case_dir, exist_ok=True)
+      config = dataclasses.replace(config, profile_dir=case_dir)
     ks = jax.random.split(jax.random.key(length + percent), 4)
     q = jax.random.normal(ks[0], (1, length, heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(ks[1], (1, length, kv_heads, head_dim), jnp.bfloat16)
@@ -95,6 +156,10 @@ def main():
       f"output finite: {bool(jnp.isfinite(out.astype(jnp.float32)).all())}",
       flush=True,
     )
+    if phases_dir:
+      trace_file = sorted(glob.glob(os.path.join(case_dir, "*-trace.json")))[-1]  # <time_ns>-trace.json per call
+      with open(trace_file) as f:
+        print(phase_table(tile_phases(json.load(f))), flush=True)
 
 
 if __name__ == "__main__":

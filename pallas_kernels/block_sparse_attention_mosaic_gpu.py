@@ -71,6 +71,9 @@ class ForwardConfig:
   #   run together, but the CTAs spread over all heads. On an H200 at 32K, 32 kv heads, 100% density it read 9x the
   #   DRAM bytes of "head" (42.7 vs 4.8 GB) and took 7% longer (benchmarks/notes_attention_mosaic_gpu.md).
   tile_order: TileOrder = TileOrder.HEAD
+  # Mosaic GPU's profiler: a directory to write a Perfetto trace of each consumer's tile phases to (the named scopes
+  # "open", "steps", "close"; benchmarks/profile_attention_phases.py reads it); "" (default): no profiler.
+  profile_dir: str = ""
 
   def __post_init__(self):
     object.__setattr__(self, "pv_operand", as_enum(Operand, self.pv_operand, "pv_operand"))
@@ -162,21 +165,22 @@ def _kernel(
       buf = lax.rem(i, buffers)
       q_smem = qo_smem.at[wg, buf]
       q_base = r * block_kv + wg * block_q
-      # The stores (O, lse: two groups per tile) of the tile that last used this buffer must have read it.
-      plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem, q_barriers.at[wg * buffers + buf])
-      kv_len = kv_len_ref[b]
-      q_position = q_pos_ref[b] + q_base  # position of this warpgroup's first query
-      m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
-      l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row_layout)
-      acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-      plgpu.barrier_wait(q_barriers.at[wg * buffers + buf])
+      with jax.named_scope("open"):  # Q load, first K, the ping-pong handoff
+        # The stores (O, lse: two groups per tile) of the tile that last used this buffer must have read it.
+        plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem, q_barriers.at[wg * buffers + buf])
+        kv_len = kv_len_ref[b]
+        q_position = q_pos_ref[b] + q_base  # position of this warpgroup's first query
+        m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
+        l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row_layout)
+        acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(q_barriers.at[wg * buffers + buf])
 
-      @pl.when(count > 0)
-      def _():
-        plgpu.barrier_wait(k_barriers.at[lax.rem(first_step, stages)])
+        @pl.when(count > 0)
+        def _():
+          plgpu.barrier_wait(k_barriers.at[lax.rem(first_step, stages)])
 
-      pl.when(wg == 1)(schedule)
+        pl.when(wg == 1)(schedule)
 
       def step(j, carry, *, masked: bool):
         acc, m_i, l_i = carry
@@ -234,20 +238,22 @@ def _kernel(
         plgpu.barrier_arrive(v_consumed_barriers.at[slot])
         return acc, m_new, l_i
 
-      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
-      acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
-      pl.when(wg == 0)(schedule)
+      with jax.named_scope("steps"):
+        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
+      with jax.named_scope("close"):  # epilogue: normalize, stage and store O and the lse
+        pl.when(wg == 0)(schedule)
 
-      rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=row_layout) + q_base
-      live = (l_i > 0) & (rows < q_len_ref[b])  # padding queries and queries that attend to nothing
-      l_safe = jnp.where(live, l_i, 1.0)
-      out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-      out = jnp.where(lax.broadcast_in_dim(live, acc.shape, [0]), out, 0.0)
-      q_smem[...] = out.astype(dtype)  # Q is dead: its SMEM tile stages the output
-      lse_smem.at[wg, buf][...] = jnp.where(live, (m_i + jnp.log2(l_safe)) * (1.0 / _LOG2E), -jnp.inf)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, n, pl.ds(q_base, block_q)])
+        rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=row_layout) + q_base
+        live = (l_i > 0) & (rows < q_len_ref[b])  # padding queries and queries that attend to nothing
+        l_safe = jnp.where(live, l_i, 1.0)
+        out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+        out = jnp.where(lax.broadcast_in_dim(live, acc.shape, [0]), out, 0.0)
+        q_smem[...] = out.astype(dtype)  # Q is dead: its SMEM tile stages the output
+        lse_smem.at[wg, buf][...] = jnp.where(live, (m_i + jnp.log2(l_safe)) * (1.0 / _LOG2E), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, n, pl.ds(q_base, block_q)])
       return (first_step + count, *next_steps)
 
     lax.fori_loop(0, my_tiles, run_tile, (jnp.int32(0), *tile_steps(0)))
@@ -288,6 +294,14 @@ def _kernel(
       slot = lax.rem(g, stages)
       plgpu.barrier_wait(k_consumed_barriers.at[slot])
       plgpu.barrier_wait(v_consumed_barriers.at[slot])
+
+
+def _profiler_params(config: ForwardConfig, *, tiles_per_cta: int) -> dict:
+  """CompilerParams fields of the profiler: room for the three phases of every tile of a CTA (two events each),
+  events past it dropped rather than written past the buffer."""
+  if not config.profile_dir:
+    return {}
+  return dict(profile_space=6 * tiles_per_cta + 16, profile_dir=config.profile_dir, profile_bounds_check=True)
 
 
 def smem_bytes(config: ForwardConfig, head_dim: int, dtype, *, q_buffers: int) -> int:
@@ -397,7 +411,11 @@ def block_sparse_attention(
     grid_names=("cta",),
     num_threads=3,
     thread_name="wg",
-    compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    compiler_params=plgpu.CompilerParams(
+      approx_math=True,
+      lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+      **_profiler_params(config, tiles_per_cta=cdiv(num_tiles, grid)),
+    ),
     interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
   )(
     q,

@@ -256,6 +256,17 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
   np.testing.assert_allclose(np.asarray(lse)[live], np.asarray(want_lse)[live], atol=1e-3)
 
 
+def test_profiler_is_off_unless_a_directory_is_given():
+  """ForwardConfig.profile_dir turns on Mosaic GPU's profiler (its trace dump needs a GPU backend to lower, so the
+  traced run is a device step: benchmarks/profile_attention_tiles.py --phases); room for 3 ranges per tile."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  assert attention_kernel._profiler_params(attention_kernel.ForwardConfig(), tiles_per_cta=16) == {}
+  params = attention_kernel._profiler_params(attention_kernel.ForwardConfig(profile_dir="/tmp/p"), tiles_per_cta=16)
+  assert params == dict(profile_space=6 * 16 + 16, profile_dir="/tmp/p", profile_bounds_check=True)
+  plgpu.CompilerParams(**params)  # fields this jax version has
+
+
 def test_tuning_config_validation():
   with pytest.raises(ValueError, match="tile_order='work'"):
     attention_kernel.ForwardConfig(tile_order="work")

@@ -232,3 +232,22 @@ def test_probe_prefill_copies_times_the_tree_and_attributes_copies(capsys):
     "jit_prefill/command_buffer_3 <memcpy128>": [1, pytest.approx(100e-6), 0],
   }
   assert len(samples) == 4
+
+
+def test_tile_phases_of_a_mosaic_gpu_profiler_trace():
+  """The phase summary of profile_attention_tiles.py --phases on a trace in the profiler's dump format: two
+  warpgroups, ranges per tile, one scope re-entered inside "steps" (counted toward it), gaps between ranges."""
+  from benchmarks.profile_attention_tiles import phase_table, tile_phases
+
+  def rng(name, begin, end, tid):
+    return [dict(name=name, ph="B", ts=begin, pid=1, tid=tid), dict(name=name, ph="E", ts=end, pid=1, tid=tid)]
+
+  events = rng("open", 0.0, 2.0, 1) + rng("steps", 2.0, 10.0, 1) + rng("close", 10.0, 11.0, 1)
+  events += rng("open", 12.0, 13.0, 1)  # the next tile, 1 us after the last close
+  events[2:2] = rng("steps", 3.0, 4.0, 1)  # nested: inside the outer "steps" range
+  events += rng("open", 5.0, 8.0, 2) + rng("steps", 8.0, 20.0, 2)
+  summary = tile_phases({"traceEvents": events})
+  assert summary["phases"] == {"open": [2.0, 1.0, 3.0], "steps": [8.0, 12.0], "close": [1.0]}
+  assert summary["between"] == [0.0, 0.0, 1.0, 0.0] and summary["span_us"] == {1: 13.0, 2: 15.0}
+  table = phase_table(summary)
+  assert "busiest span 15.0 us" in table and "steps" in table and "share" in table
