@@ -72,7 +72,7 @@ class ForwardConfig:
   #   DRAM bytes of "head" (42.7 vs 4.8 GB) and took 7% longer (benchmarks/notes_attention_mosaic_gpu.md).
   tile_order: TileOrder = TileOrder.HEAD
   # Mosaic GPU's profiler: a directory to write a Perfetto trace of each consumer's tile phases to (the named scopes
-  # "open", "steps", "close"; benchmarks/profile_attention_phases.py reads it); "" (default): no profiler.
+  # "open", "steps", "close"; `benchmarks/profile_attention_tiles.py --phases` reads it); "" (default): none.
   profile_dir: str = ""
 
   def __post_init__(self):
