@@ -14,9 +14,9 @@ the ping-pong handoff; "steps"; "close": the epilogue and stores) and the gaps b
 
     python3 benchmarks/profile_attention_tiles.py 8192:10,32768:10 --phases $OUT/phases
 
-It writes the kernel's Perfetto trace under that directory and prints, per case, each phase's median and mean time
-per tile and its share of the busiest CTA's span (the kernel's time). The profiler's event writes cost ~12 cycles
-each, so the phases are slightly longer than without it.
+It writes the kernel's Perfetto trace under that directory and prints, per case, the busiest warpgroup's span (the
+kernel's time), and each phase's median and mean time per tile and its share of all warpgroups' time. The
+profiler's event writes cost ~12 cycles each, so the phases are slightly longer than without it.
 
 A case is T:percent[:kv heads[:variant]] (8 kv heads and the default ForwardConfig if left out; variants as in
 attention_variants.py). Shapes as in attention_speed.py: B=1, 32 query heads, head dim 128, bf16, causal,
@@ -107,8 +107,8 @@ def tile_phases(trace: dict) -> dict:
 
 
 def phase_table(summary: dict) -> str:
-  """Per phase: ranges, median and mean us, total us over all warpgroups, and that total as a share of the summed
-  spans (where the warpgroups' time goes)."""
+  """The busiest warpgroup's span, then per phase: ranges, median and mean us, and their sum over all warpgroups as
+  a share of the summed spans (where the warpgroups' time goes)."""
   total_span = sum(summary["span_us"].values())
   rows = [*summary["phases"].items(), ("(between ranges)", summary["between"])]
   lines = [f"warpgroups {len(summary['span_us'])}, busiest span {max(summary['span_us'].values()):.1f} us"]
