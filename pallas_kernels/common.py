@@ -29,6 +29,14 @@ class TileOrder(str, enum.Enum):
 
   ROWS = "rows"
   HEAD = "head"
+  KV_HEAD = "kv_head"
+
+
+class TileScheduler(str, enum.Enum):
+  """How a persistent kernel's CTA gets its next tile: a GMEM atomic counter (dynamic) or a static snake."""
+
+  COUNTER = "counter"
+  SNAKE = "snake"
 
 
 def as_enum(cls: type[enum.Enum], value, name: str):
