@@ -15,8 +15,11 @@ the ping-pong handoff; "steps"; "close": the epilogue and stores) and the gaps b
     python3 benchmarks/profile_attention_tiles.py 8192:10,32768:10 --phases $OUT/phases
 
 It writes the kernel's Perfetto trace under that directory and prints, per case, the busiest warpgroup's span (the
-kernel's time), and each phase's median and mean time per tile and its share of all warpgroups' time. The
-profiler's event writes cost ~12 cycles each, so the phases are slightly longer than without it.
+kernel's time), how much longer the busiest CTA (SM) ran than the mean one (the schedule's tail), and each phase's
+median and mean time per tile and its share of all warpgroups' time. Units: the profiler stamps events with the
+SM's cycle counter and writes ts = cycles / 1000 after a start in ns, so its "us" are thousands of cycles (kcyc;
+divide by the clock in GHz: an H100 under this load runs at ~1.5 GHz). Its event writes cost ~12 cycles each, so
+the phases are slightly longer than without it.
 
 A case is T:percent[:kv heads[:variant]] (8 kv heads and the default ForwardConfig if left out; variants as in
 attention_variants.py). Shapes as in attention_speed.py: B=1, 32 query heads, head dim 128, bf16, causal,
@@ -81,14 +84,15 @@ def sass_top(path: str, lines: int = 40) -> None:
 
 
 def tile_phases(trace: dict) -> dict:
-  """A Mosaic GPU profiler trace (Perfetto JSON: "B" / "E" events with name, ts in us, pid = SM, tid = one
-  warpgroup of one CTA) summarized: {"phases": {name: [durations in us of its outermost ranges]}, "between": [gaps
-  from one range's end to the next range's begin on a warpgroup], "span_us": {tid: last end - first begin}}.
-  Ranges nested inside another (a scope re-entered in a loop body) count toward the outer one only."""
+  """A Mosaic GPU profiler trace (Perfetto JSON: "B" / "E" events with name, ts in kcyc, pid = SM, tid = one
+  warpgroup of one CTA) summarized: {"phases": {name: [durations of its outermost ranges]}, "between": [gaps from
+  one range's end to the next range's begin on a warpgroup], "span_us": {tid: last end - first begin}, "sm_span":
+  {pid: the SM's last end - its first begin}}. Ranges nested inside another (a scope re-entered in a loop body)
+  count toward the outer one only."""
   by_tid = collections.defaultdict(list)
   for event in trace["traceEvents"]:
     by_tid[event["tid"]].append(event)
-  phases, between, span = collections.defaultdict(list), [], {}
+  phases, between, span, sm_bounds = collections.defaultdict(list), [], {}, {}
   for tid, events in by_tid.items():
     events.sort(key=lambda e: e["ts"])  # per warpgroup the clock is monotone (the dump enforces it)
     stack, last_end = [], None
@@ -103,7 +107,10 @@ def tile_phases(trace: dict) -> dict:
           phases[begin["name"]].append(event["ts"] - begin["ts"])
           last_end = event["ts"]
     span[tid] = events[-1]["ts"] - events[0]["ts"]
-  return {"phases": dict(phases), "between": between, "span_us": span}
+    lo, hi = sm_bounds.get(events[0]["pid"], (events[0]["ts"], events[-1]["ts"]))
+    sm_bounds[events[0]["pid"]] = min(lo, events[0]["ts"]), max(hi, events[-1]["ts"])
+  sm_span = {pid: hi - lo for pid, (lo, hi) in sm_bounds.items()}
+  return {"phases": dict(phases), "between": between, "span_us": span, "sm_span": sm_span}
 
 
 def phase_table(summary: dict) -> str:
@@ -111,12 +118,16 @@ def phase_table(summary: dict) -> str:
   a share of the summed spans (where the warpgroups' time goes)."""
   total_span = sum(summary["span_us"].values())
   rows = [*summary["phases"].items(), ("(between ranges)", summary["between"])]
-  lines = [f"warpgroups {len(summary['span_us'])}, busiest span {max(summary['span_us'].values()):.1f} us"]
+  sm_span = list(summary["sm_span"].values())
+  lines = [
+    f"warpgroups {len(summary['span_us'])}, busiest span {max(summary['span_us'].values()):.1f} kcyc; "
+    f"SMs {len(sm_span)}, busiest / mean SM span {max(sm_span) / statistics.mean(sm_span):.3f}"
+  ]
   for name, durations in rows:
     if durations:
       lines.append(
-        f"  {name:18s} n={len(durations):6d}  median {statistics.median(durations):7.2f} us  "
-        f"mean {statistics.mean(durations):7.2f} us  share {sum(durations) / max(total_span, 1e-9):6.1%}"
+        f"  {name:18s} n={len(durations):6d}  median {statistics.median(durations):7.2f} kcyc  "
+        f"mean {statistics.mean(durations):7.2f} kcyc  share {sum(durations) / max(total_span, 1e-9):6.1%}"
       )
   return "\n".join(lines)
 

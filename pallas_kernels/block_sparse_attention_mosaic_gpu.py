@@ -101,6 +101,21 @@ class ForwardConfig:
     return self.block_kv // 2
 
 
+def tile_coords(t, order: TileOrder, *, batch: int, num_heads: int, num_q_blocks: int, group: int):
+  """(b, r, n): batch, query block and query head of position t of the tile order (ForwardConfig.tile_order); int32
+  scalars in the kernel, arrays anywhere (benchmarks/simulate_tile_schedule.py walks the same order)."""
+  if order == "rows":
+    r = num_q_blocks - 1 - lax.div(t, batch * num_heads)
+    return lax.rem(lax.div(t, num_heads), batch), r, lax.rem(t, num_heads)
+  if order == "head":
+    bn = lax.div(t, num_q_blocks)
+    return lax.div(bn, num_heads), num_q_blocks - 1 - lax.rem(t, num_q_blocks), lax.rem(bn, num_heads)
+  per_kv_head = group * num_q_blocks  # "kv_head": the query heads of one kv head, row by row from the last
+  bh, w = lax.div(t, per_kv_head), lax.rem(t, per_kv_head)
+  kv_heads = num_heads // group
+  return lax.div(bh, kv_heads), num_q_blocks - 1 - lax.div(w, group), lax.rem(bh, kv_heads) * group + lax.rem(w, group)
+
+
 def _kernel(
   q_ref,
   k_ref,
@@ -154,21 +169,9 @@ def _kernel(
   dtype = q_ref.dtype
   head_dim = q_ref.shape[-1]
 
-  def tile_coords(t):  # (b, r, n) of position t of the tile order
-    if config.tile_order == "rows":
-      r = num_q_blocks - 1 - lax.div(t, batch * num_heads)
-      return lax.rem(lax.div(t, num_heads), batch), r, lax.rem(t, num_heads)
-    if config.tile_order == "head":
-      bn = lax.div(t, num_q_blocks)
-      return lax.div(bn, num_heads), num_q_blocks - 1 - lax.rem(t, num_q_blocks), lax.rem(bn, num_heads)
-    per_kv_head = group * num_q_blocks  # "kv_head": the query heads of one kv head, row by row from the last
-    bh, w = lax.div(t, per_kv_head), lax.rem(t, per_kv_head)
-    kv_heads = num_heads // group
-    return (
-      lax.div(bh, kv_heads),
-      num_q_blocks - 1 - lax.div(w, group),
-      lax.rem(bh, kv_heads) * group + lax.rem(w, group),
-    )
+  coords = functools.partial(
+    tile_coords, order=config.tile_order, batch=batch, num_heads=num_heads, num_q_blocks=num_q_blocks, group=group
+  )
 
   def schedule():  # ping-pong the two consumers so one's softmax overlaps the other's wgmma
     plgpu.barrier_arrive(schedule_barrier)
@@ -188,7 +191,7 @@ def _kernel(
 
     def run_tile(carry):
       i, first_step, t, count, n_full = carry
-      b, r, n = tile_coords(t)
+      b, r, n = coords(t)
       buffers = qo_smem.shape[1]
       buf = lax.rem(i, buffers)
       q_smem = qo_smem.at[wg, buf]
@@ -304,7 +307,7 @@ def _kernel(
       else:  # the snake: round i of G positions, the direction alternating (evens out a causal triangle)
         t = i * grid + jnp.where(lax.rem(i, 2) == 0, cta, grid - 1 - cta)
         tile_smem[slot, 0] = t
-      b, r, n = tile_coords(jnp.minimum(t, num_tiles - 1))
+      b, r, n = coords(jnp.minimum(t, num_tiles - 1))
       count = jnp.where(t < num_tiles, counts_ref[b, n, r], 0)
       tile_smem[slot, 1] = count
       tile_smem[slot, 2] = n_full_ref[b, n, r]
@@ -313,7 +316,7 @@ def _kernel(
 
     def load_tile(carry):  # g: blocks loaded so far by this CTA (ring position)
       i, g, t, count = carry
-      b, r, n = tile_coords(t)
+      b, r, n = coords(t)
       kv_head = lax.div(n, group)
 
       def load(j, g):

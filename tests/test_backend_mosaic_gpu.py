@@ -277,6 +277,30 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
   np.testing.assert_allclose(np.asarray(lse)[live], np.asarray(want_lse)[live], atol=1e-3)
 
 
+@pytest.mark.parametrize("order", ["rows", "head", "kv_head"])
+def test_each_tile_order_visits_every_tile_once(order):
+  """Positions 0 .. B*N*nQb - 1 of the order map one to one onto (b, r, n), last query blocks first; "kv_head" keeps
+  the G query heads of one kv head together, row by row."""
+  B, N, nqb, group = 2, 6, 5, 3
+  t = jnp.arange(B * N * nqb, dtype=jnp.int32)
+  b, r, n = (
+    np.asarray(x) for x in attention_kernel.tile_coords(t, order, batch=B, num_heads=N, num_q_blocks=nqb, group=group)
+  )
+  assert sorted(zip(b, r, n)) == [(i, j, k) for i in range(B) for j in range(nqb) for k in range(N)]
+  assert r[0] == nqb - 1
+  if order == "kv_head":
+    assert list(zip(b[:7], r[:7], n[:7])) == [
+      (0, 4, 0),
+      (0, 4, 1),
+      (0, 4, 2),
+      (0, 3, 0),
+      (0, 3, 1),
+      (0, 3, 2),
+      (0, 2, 0),
+    ]
+    assert (n[: group * nqb] < group).all() and (b[: N * nqb] == 0).all()
+
+
 def test_profiler_is_off_unless_a_directory_is_given():
   """ForwardConfig.profile_dir turns on Mosaic GPU's profiler (its trace dump needs a GPU backend to lower, so the
   traced run is a device step: benchmarks/profile_attention_tiles.py --phases); room for 3 ranges per tile."""

@@ -246,8 +246,29 @@ def test_tile_phases_of_a_mosaic_gpu_profiler_trace():
   events += rng("open", 12.0, 13.0, 1)  # the next tile, 1 us after the last close
   events[2:2] = rng("steps", 3.0, 4.0, 1)  # nested: inside the outer "steps" range
   events += rng("open", 5.0, 8.0, 2) + rng("steps", 8.0, 20.0, 2)
+  events += [dict(e, pid=2, tid=3, ts=e["ts"] + 1.0) for e in rng("steps", 0.0, 9.0, 3)]  # another SM: 9 long
   summary = tile_phases({"traceEvents": events})
-  assert summary["phases"] == {"open": [2.0, 1.0, 3.0], "steps": [8.0, 12.0], "close": [1.0]}
-  assert summary["between"] == [0.0, 0.0, 1.0, 0.0] and summary["span_us"] == {1: 13.0, 2: 15.0}
+  assert summary["phases"] == {"open": [2.0, 1.0, 3.0], "steps": [8.0, 12.0, 9.0], "close": [1.0]}
+  assert summary["between"] == [0.0, 0.0, 1.0, 0.0] and summary["span_us"] == {1: 13.0, 2: 15.0, 3: 9.0}
+  assert summary["sm_span"] == {1: 20.0, 2: 9.0}  # SM 1: its two warpgroups from 0 to 20
   table = phase_table(summary)
-  assert "busiest span 15.0 us" in table and "steps" in table and "share" in table
+  assert "busiest span 15.0 kcyc" in table and "busiest / mean SM span 1.379" in table and "share" in table
+
+
+def test_tile_schedule_simulation():
+  """The snake deals positions c, 2G - 1 - c, ... to CTA c; the counter gives the next tile to the CTA that is free
+  first, which evens out a causal triangle of rows better than the snake once heads meet inside a round."""
+  from benchmarks import simulate_tile_schedule as sim
+
+  np.testing.assert_array_equal(sim.cta_work(np.array([5.0, 4, 3, 2, 1]), 2, "snake"), [5 + 2 + 1, 4 + 3])
+  np.testing.assert_array_equal(
+    sim.cta_work(np.array([5.0, 4, 3, 2, 1]), 2, "counter"), [5 + 2 + 1, 4 + 3]
+  )  # a tie goes to CTA 0
+  counts = np.broadcast_to(np.arange(1, 17, dtype=np.int32), (1, 8, 16))  # causal rows, 8 heads, 4 per kv head
+  for order in ("head", "kv_head", "rows"):
+    costs = 5.0 + 2.82 * sim.ordered_counts(counts, order, group=4)
+    assert sorted(costs) == sorted(5.0 + 2.82 * counts.ravel())
+    assert costs[0] == 5.0 + 2.82 * 16  # the last query block first
+  snake = sim.cta_work(5.0 + 2.82 * sim.ordered_counts(counts, "head", 4), 10, "snake")
+  counter = sim.cta_work(5.0 + 2.82 * sim.ordered_counts(counts, "kv_head", 4), 10, "counter")
+  assert counter.max() / counter.mean() < snake.max() / snake.mean()
