@@ -4,12 +4,12 @@
 
 A kernel call lasts as long as its busiest CTA, so the ratio busiest / mean CTA work is the time lost to the
 schedule. Each tile (one layout row) costs `--tile-cost` + `--block-cost` x its blocks, in thousands of SM cycles;
-the defaults are the fit to the Mosaic GPU profiler's phases on an H100 (notes_attention_mosaic_gpu.md, v4: 5.0
-per tile for its opening, epilogue and loop switch, 2.82 per visited block). Layouts as in
+the defaults are the fit to the Mosaic GPU profiler's phases on an H100 (notes_attention_mosaic_gpu.md, "The tile
+phases, profiled": 5.0 per tile for its opening, epilogue and loop switch, 2.82 per visited block). Layouts as in
 profile_attention_tiles.py (fixed density, B = 1, 32 query heads, 8 kv heads). The orders are the kernel's own
 `position_coords`; the schedulers:
 - snake: CTA c of G takes positions c, 2G - 1 - c, 2G + c, ... (static);
-- counter: the next position goes to the CTA that finishes first (a GMEM tile counter, prepared in the notes' v4;
+- counter: the next position goes to the CTA that finishes first (a GMEM tile counter: notes, v4 candidate 3;
   claiming when the producer has issued the current tile's loads, about two blocks before the end, simulates the
   same as claiming at the end).
 """
