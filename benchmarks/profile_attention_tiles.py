@@ -86,7 +86,7 @@ def sass_top(path: str, lines: int = 40) -> None:
 def tile_phases(trace: dict) -> dict:
   """A Mosaic GPU profiler trace (Perfetto JSON: "B" / "E" events with name, ts in kcyc, pid = SM, tid = one
   warpgroup of one CTA) summarized: {"phases": {name: [durations of its outermost ranges]}, "between": [gaps from
-  one range's end to the next range's begin on a warpgroup], "span_us": {tid: last end - first begin}, "sm_span":
+  one range's end to the next range's begin on a warpgroup], "span": {tid: last end - first begin}, "sm_span":
   {pid: the SM's last end - its first begin}}. Ranges nested inside another (a scope re-entered in a loop body)
   count toward the outer one only."""
   by_tid = collections.defaultdict(list)
@@ -110,17 +110,17 @@ def tile_phases(trace: dict) -> dict:
     lo, hi = sm_bounds.get(events[0]["pid"], (events[0]["ts"], events[-1]["ts"]))
     sm_bounds[events[0]["pid"]] = min(lo, events[0]["ts"]), max(hi, events[-1]["ts"])
   sm_span = {pid: hi - lo for pid, (lo, hi) in sm_bounds.items()}
-  return {"phases": dict(phases), "between": between, "span_us": span, "sm_span": sm_span}
+  return {"phases": dict(phases), "between": between, "span": span, "sm_span": sm_span}
 
 
 def phase_table(summary: dict) -> str:
-  """The busiest warpgroup's span, then per phase: ranges, median and mean us, and their sum over all warpgroups as
-  a share of the summed spans (where the warpgroups' time goes)."""
-  total_span = sum(summary["span_us"].values())
+  """The busiest warpgroup's span and the busiest / mean SM span, then per phase: ranges, median and mean kcyc, and
+  their sum over all warpgroups as a share of the summed spans (where the warpgroups' time goes)."""
+  total_span = sum(summary["span"].values())
   rows = [*summary["phases"].items(), ("(between ranges)", summary["between"])]
   sm_span = list(summary["sm_span"].values())
   lines = [
-    f"warpgroups {len(summary['span_us'])}, busiest span {max(summary['span_us'].values()):.1f} kcyc; "
+    f"warpgroups {len(summary['span'])}, busiest span {max(summary['span'].values()):.1f} kcyc; "
     f"SMs {len(sm_span)}, busiest / mean SM span {max(sm_span) / statistics.mean(sm_span):.3f}"
   ]
   for name, durations in rows:

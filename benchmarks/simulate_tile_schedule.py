@@ -8,7 +8,7 @@ the defaults are the fit to the Mosaic GPU profiler's phases on an H100 (notes_a
 phases, profiled": 5.0 per tile for its opening, epilogue and loop switch, 2.82 per visited block). Layouts as in
 profile_attention_tiles.py (fixed density, B = 1, 32 query heads, 8 kv heads). The orders are the kernel's own
 `position_coords`; the schedulers:
-- snake: CTA c of G takes positions c, 2G - 1 - c, 2G + c, ... (static);
+- snake: CTA c of G takes positions c, 2G - 1 - c, 2G + c, ... (static; the kernel's own `snake_position`);
 - counter: the next position goes to the CTA that finishes first (a GMEM tile counter: notes, v4 candidate 3;
   claiming when the producer has issued the current tile's loads, about two blocks before the end, simulates the
   same as claiming at the end).
@@ -29,7 +29,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py
 
 from benchmarks.common import fixed_density_layout
 from benchmarks.result_files import csv_of
-from xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu import position_coords
+from xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu import position_coords, snake_position
 from xattn_jax.pallas_kernels.common import TileOrder
 
 
@@ -45,12 +45,11 @@ def ordered_counts(counts: np.ndarray, order: TileOrder, group: int) -> np.ndarr
 
 def cta_work(costs: np.ndarray, ctas: int, scheduler: str) -> np.ndarray:
   """Each CTA's summed tile cost when `ctas` CTAs take the tiles (costs in position order) by `scheduler`."""
-  work = np.zeros(ctas)
   if scheduler == "snake":
-    for t, cost in enumerate(costs):
-      rnd, place = divmod(t, ctas)
-      work[place if rnd % 2 == 0 else ctas - 1 - place] += cost
-    return work
+    rounds = np.arange(-(-len(costs) // ctas), dtype=np.int32)[:, None]
+    t = np.asarray(snake_position(rounds, np.arange(ctas, dtype=np.int32)[None, :], ctas))  # [round, CTA]
+    return np.where(t < len(costs), np.asarray(costs)[np.minimum(t, len(costs) - 1)], 0.0).sum(axis=0)
+  work = np.zeros(ctas)
   free = [(0.0, c) for c in range(ctas)]  # (time the CTA asks for its next tile, CTA)
   for cost in costs:
     at, c = heapq.heappop(free)

@@ -72,7 +72,7 @@ class ForwardConfig:
   #   DRAM bytes of "head" (42.7 vs 4.8 GB) and took 7% longer (benchmarks/notes_attention_mosaic_gpu.md);
   # "kv_head": (batch, kv head) major; within one, query blocks from the last, the G query heads fastest. With the
   #   snake it balances badly where a kv head holds few rounds (1.41 x the mean CTA's work at 8K, simulated); it is
-  #   the order for a dynamic tile counter (prepared, not yet run on a GPU: notes, v4).
+  #   the order for a dynamic tile counter (prepared, not yet run on a GPU: notes, v4 candidate 3).
   tile_order: TileOrder = TileOrder.HEAD
   # Mosaic GPU's profiler: a directory to write a Perfetto trace of each consumer's tile phases to (the named scopes
   # "open", "steps", "close"; `benchmarks/profile_attention_tiles.py --phases` reads it); "" (default): none.
@@ -89,6 +89,13 @@ class ForwardConfig:
   @property
   def block_q(self) -> int:  # rows per consumer warpgroup
     return self.block_kv // 2
+
+
+def snake_position(i, cta, grid: int):
+  """Position in the tile order of CTA `cta`'s i-th tile: rounds of `grid` positions, the direction alternating
+  between rounds (c, 2G - 1 - c, 2G + c, ...), which evens out the CTAs' work over a causal triangle; int32 scalars
+  in the kernel, arrays anywhere (benchmarks/simulate_tile_schedule.py deals the same way)."""
+  return i * grid + jnp.where(lax.rem(i, 2) == 0, cta, grid - 1 - cta)
 
 
 def position_coords(t, order: TileOrder, *, batch: int, num_heads: int, num_q_blocks: int, group: int):
@@ -148,15 +155,19 @@ def _kernel(
   batch = counts_ref.shape[0]
   cta = lax.axis_index("cta")
   wg = lax.axis_index("wg")
-  full_rounds, last_round = divmod(num_tiles, grid)
-  snake = lambda i: jnp.where(lax.rem(i, 2) == 0, cta, grid - 1 - cta)  # this CTA's place in round i
-  my_tiles = full_rounds + (snake(full_rounds) < last_round).astype(jnp.int32)
+  full_rounds = num_tiles // grid
+  my_tiles = full_rounds + (snake_position(full_rounds, cta, grid) < num_tiles).astype(jnp.int32)
   dtype = q_ref.dtype
   head_dim = q_ref.shape[-1]
 
   def tile_coords(i):  # (b, r, n) of this CTA's i-th tile
     return position_coords(
-      i * grid + snake(i), config.tile_order, batch=batch, num_heads=num_heads, num_q_blocks=num_q_blocks, group=group
+      snake_position(i, cta, grid),
+      config.tile_order,
+      batch=batch,
+      num_heads=num_heads,
+      num_q_blocks=num_q_blocks,
+      group=group,
     )
 
   def tile_steps(i):  # (steps, unmasked steps) of tile i, clamped to a real tile: loaded one tile ahead

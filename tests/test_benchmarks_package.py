@@ -243,13 +243,13 @@ def test_tile_phases_of_a_mosaic_gpu_profiler_trace():
     return [dict(name=name, ph="B", ts=begin, pid=1, tid=tid), dict(name=name, ph="E", ts=end, pid=1, tid=tid)]
 
   events = rng("open", 0.0, 2.0, 1) + rng("steps", 2.0, 10.0, 1) + rng("close", 10.0, 11.0, 1)
-  events += rng("open", 12.0, 13.0, 1)  # the next tile, 1 us after the last close
+  events += rng("open", 12.0, 13.0, 1)  # the next tile, 1 kcyc after the last close
   events[2:2] = rng("steps", 3.0, 4.0, 1)  # nested: inside the outer "steps" range
   events += rng("open", 5.0, 8.0, 2) + rng("steps", 8.0, 20.0, 2)
   events += [dict(e, pid=2, tid=3, ts=e["ts"] + 1.0) for e in rng("steps", 0.0, 9.0, 3)]  # another SM: 9 long
   summary = tile_phases({"traceEvents": events})
   assert summary["phases"] == {"open": [2.0, 1.0, 3.0], "steps": [8.0, 12.0, 9.0], "close": [1.0]}
-  assert summary["between"] == [0.0, 0.0, 1.0, 0.0] and summary["span_us"] == {1: 13.0, 2: 15.0, 3: 9.0}
+  assert summary["between"] == [0.0, 0.0, 1.0, 0.0] and summary["span"] == {1: 13.0, 2: 15.0, 3: 9.0}
   assert summary["sm_span"] == {1: 20.0, 2: 9.0}  # SM 1: its two warpgroups from 0 to 20
   table = phase_table(summary)
   assert "busiest span 15.0 kcyc" in table and "busiest / mean SM span 1.379" in table and "share" in table
