@@ -7,11 +7,11 @@ schedule. Each tile (one layout row) costs `--tile-cost` + `--block-cost` x its 
 the defaults are the fit to the Mosaic GPU profiler's phases on an H100 (notes_attention_mosaic_gpu.md, "The tile
 phases, profiled": 5.0 per tile for its opening, epilogue and loop switch, 2.82 per visited block). Layouts as in
 profile_attention_tiles.py (fixed density, B = 1, 32 query heads, 8 kv heads). The orders are the kernel's own
-`position_coords`; the schedulers:
+`tile_coords`; the schedulers:
 - snake: CTA c of G takes positions c, 2G - 1 - c, 2G + c, ... (static; the kernel's own `snake_position`);
-- counter: the next position goes to the CTA that finishes first (a GMEM tile counter: notes, v4 candidate 3;
-  claiming when the producer has issued the current tile's loads, about two blocks before the end, simulates the
-  same as claiming at the end).
+- counter: the next position goes to the CTA that finishes first (the kernel's GMEM tile counter; the producer
+  claims when it has issued the current tile's loads, about two blocks before the end, which simulates the same as
+  claiming at the end).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py
 
 from benchmarks.common import fixed_density_layout
 from benchmarks.result_files import csv_of
-from xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu import position_coords, snake_position
+from xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu import snake_position, tile_coords
 from xattn_jax.pallas_kernels.common import TileOrder
 
 
@@ -37,9 +37,7 @@ def ordered_counts(counts: np.ndarray, order: TileOrder, group: int) -> np.ndarr
   """counts [B, N, nQb] in the kernel's tile order (position t -> the row's block count)."""
   batch, heads, nqb = counts.shape
   t = np.arange(counts.size, dtype=np.int32)
-  b, r, n = (
-    np.asarray(x) for x in position_coords(t, order, batch=batch, num_heads=heads, num_q_blocks=nqb, group=group)
-  )
+  b, r, n = (np.asarray(x) for x in tile_coords(t, order, batch=batch, num_heads=heads, num_q_blocks=nqb, group=group))
   return counts[b, n, r]
 
 

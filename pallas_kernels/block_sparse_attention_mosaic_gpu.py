@@ -1,8 +1,11 @@
 """Block-sparse flash attention forward for Hopper (Pallas Mosaic GPU, `plgpu.kernel`, warp specialized).
 
 A tile is one row of the BlockLayout: (batch b, query head n, query block r). A persistent grid of CTAs (one per
-SM) walks the tiles in a fixed order computed from each tile's position (no table, no sort; `ForwardConfig.tile_order`):
-head by head, last query blocks first (the longest rows of a causal layout); each CTA has three warpgroups:
+SM) takes the tiles in an order computed from each tile's position (no table, no sort; `ForwardConfig.tile_order`):
+kv head by kv head, and within one the rows from the last query block (the longest rows of a causal layout), the
+query heads of the group side by side. Each CTA's producer claims its next tile from a GMEM counter when it has
+issued the current tile's loads (`ForwardConfig.tile_scheduler`), so a CTA that drew short rows takes more of them
+and the CTAs finish together. Each CTA has three warpgroups:
 
     WG0, WG1 (consumers)  rows [r*128, r*128+64) and [r*128+64, r*128+128) of the query block:
                           S = Q K^T (wgmma, f32 acc) -> online softmax (m_i, l_i in registers) -> acc += P V (wgmma)
@@ -41,15 +44,18 @@ from xattn_jax.pallas_kernels.common import (
   SUPPORTED_HEAD_DIMS,
   Operand,
   TileOrder,
+  TileScheduler,
   TMA_TILE_ROWS,
   as_enum,
   pad_tokens_to_multiple,
 )
+from xattn_jax.pallas_kernels.tile_counter_mosaic_gpu import fetch_add_to_smem
 from xattn_jax.pallas_kernels.tiles_mosaic_gpu import mask_scores
 from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
 _LOG2E = math.log2(math.e)
+TILE_SLOTS = 2  # the producer publishes claimed tiles in a ring of this many SMEM slots (a tile ahead is enough)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -63,17 +69,20 @@ class ForwardConfig:
   producer_registers: int = 40
   consumer_registers: int = 232
   num_ctas: int | None = 132  # persistent grid: one CTA per SM (the backend passes the GPU's); None: one per row
-  # The order of the tiles, taken by the CTAs in rounds of `grid` tiles, the direction alternating between rounds
-  # (a snake, which evens out the CTAs' work over a causal triangle):
-  # "head": (batch, head) major, query blocks from the last: the CTAs work on the rows of one or two heads at a time,
-  #   whose K/V (16 MiB per kv head at 32K tokens) stays in L2; the next query heads of a GQA group follow;
-  # "rows": query blocks from the last; within one, (batch, head) with heads fastest: the G query heads of a kv head
-  #   run together, but the CTAs spread over all heads. On an H200 at 32K, 32 kv heads, 100% density it read 9x the
-  #   DRAM bytes of "head" (42.7 vs 4.8 GB) and took 7% longer (benchmarks/notes_attention_mosaic_gpu.md);
-  # "kv_head": (batch, kv head) major; within one, query blocks from the last, the G query heads fastest. With the
-  #   snake it balances badly where a kv head holds few rounds (1.41 x the mean CTA's work at 8K, simulated); it is
-  #   the order for a dynamic tile counter (prepared, not yet run on a GPU: notes, v4 candidate 3).
-  tile_order: TileOrder = TileOrder.HEAD
+  # The order of the tiles:
+  # "kv_head": (batch, kv head) major; within one, query blocks from the last, the G query heads of the kv head
+  #   fastest: the CTAs work on one kv head at a time, whose K/V (16 MiB at 32K tokens) stays in L2, and rows of
+  #   like length come together (with the counter, 1.001-1.015 x the mean CTA's work at 8K-32K, simulated);
+  # "head": (batch, head) major, query blocks from the last: also one kv head's K/V at a time, but a head's short
+  #   first rows meet the next head's long last rows (1.004-1.05 with the counter, 1.03-1.07 with the snake);
+  # "rows": query blocks from the last; within one, (batch, head) with heads fastest: the CTAs spread over all
+  #   heads. On an H200 at 32K, 32 kv heads, 100% density it read 9x the DRAM bytes of "head" (42.7 vs 4.8 GB) and
+  #   took 7% longer (benchmarks/notes_attention_mosaic_gpu.md).
+  tile_order: TileOrder = TileOrder.KV_HEAD
+  # How a CTA gets its next tile: "counter" (a GMEM atomic counter: the next position of the order goes to the
+  # first CTA to ask) or "snake" (static: CTA c takes positions c, 2G - 1 - c, 2G + c, ... of G CTAs). The CPU
+  # interpreter cannot run the counter's atomic (inlined Mosaic GPU code) and takes the snake instead.
+  tile_scheduler: TileScheduler = TileScheduler.COUNTER
   # Mosaic GPU's profiler: a directory to write a Perfetto trace of each consumer's tile phases to (the named scopes
   # "open", "steps", "close"; `benchmarks/profile_attention_tiles.py --phases` reads it); "" (default): none.
   profile_dir: str = ""
@@ -83,6 +92,7 @@ class ForwardConfig:
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
     object.__setattr__(self, "tile_order", as_enum(TileOrder, self.tile_order, "tile_order"))
+    object.__setattr__(self, "tile_scheduler", as_enum(TileScheduler, self.tile_scheduler, "tile_scheduler"))
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be None or >= 1")
 
@@ -92,13 +102,13 @@ class ForwardConfig:
 
 
 def snake_position(i, cta, grid: int):
-  """Position in the tile order of CTA `cta`'s i-th tile: rounds of `grid` positions, the direction alternating
-  between rounds (c, 2G - 1 - c, 2G + c, ...), which evens out the CTAs' work over a causal triangle; int32 scalars
-  in the kernel, arrays anywhere (benchmarks/simulate_tile_schedule.py deals the same way)."""
+  """Position in the tile order of CTA `cta`'s i-th tile under TileScheduler.SNAKE: rounds of `grid` positions, the
+  direction alternating between rounds (c, 2G - 1 - c, 2G + c, ...); int32 scalars in the kernel, arrays anywhere
+  (benchmarks/simulate_tile_schedule.py deals the same way)."""
   return i * grid + jnp.where(lax.rem(i, 2) == 0, cta, grid - 1 - cta)
 
 
-def position_coords(t, order: TileOrder, *, batch: int, num_heads: int, num_q_blocks: int, group: int):
+def tile_coords(t, order: TileOrder, *, batch: int, num_heads: int, num_q_blocks: int, group: int):
   """(b, r, n): batch, query block and query head of position t of the tile order (ForwardConfig.tile_order); int32
   scalars in the kernel, arrays anywhere (benchmarks/simulate_tile_schedule.py walks the same order)."""
   if order == "rows":
@@ -123,19 +133,23 @@ def _kernel(
   q_len_ref,
   kv_len_ref,
   q_pos_ref,  # GMEM in
+  counter_ref,  # GMEM in and out: the tile counter (TileScheduler.COUNTER), 0 at the start
   out_ref,
   lse_ref,  # GMEM out
   qo_smem,
   k_smem,
   v_smem,
   p_smem,
-  lse_smem,  # scratch
+  lse_smem,
+  tile_smem,  # scratch
   k_barriers,
   v_barriers,
   q_barriers,
   k_consumed_barriers,
   v_consumed_barriers,
   schedule_barrier,
+  tile_barriers,
+  tile_consumed_barriers,
   *,
   causal: bool,
   qk_scale: float,
@@ -143,8 +157,12 @@ def _kernel(
   num_tiles: int,
   grid: int,
   config: ForwardConfig,
+  scheduler: TileScheduler,
 ):
-  """Persistent: CTA c runs the tiles at positions c, 2G - 1 - c, 2G + c, ... of the tile order (G = grid size).
+  """Persistent: the producer claims each next tile for its CTA (the tile counter, or the static snake: positions c,
+  2G - 1 - c, 2G + c, ... of the tile order for CTA c of G) when it has issued the current tile's loads, and
+  publishes it in a ring of `TILE_SLOTS` SMEM slots (tile, steps, unmasked steps); the consumers read it there.
+  A claimed position past the last tile ends the CTA.
 
   The K/V ring and its barriers run on across tiles (global step counter), so the producer prefetches the next
   tile's first blocks while the consumers finish the current one. Q/O staging is double buffered per consumer:
@@ -155,24 +173,12 @@ def _kernel(
   batch = counts_ref.shape[0]
   cta = lax.axis_index("cta")
   wg = lax.axis_index("wg")
-  full_rounds = num_tiles // grid
-  my_tiles = full_rounds + (snake_position(full_rounds, cta, grid) < num_tiles).astype(jnp.int32)
   dtype = q_ref.dtype
   head_dim = q_ref.shape[-1]
 
-  def tile_coords(i):  # (b, r, n) of this CTA's i-th tile
-    return position_coords(
-      snake_position(i, cta, grid),
-      config.tile_order,
-      batch=batch,
-      num_heads=num_heads,
-      num_q_blocks=num_q_blocks,
-      group=group,
-    )
-
-  def tile_steps(i):  # (steps, unmasked steps) of tile i, clamped to a real tile: loaded one tile ahead
-    b, r, n = tile_coords(jnp.minimum(i, my_tiles - 1))
-    return counts_ref[b, n, r], n_full_ref[b, n, r]
+  coords = functools.partial(
+    tile_coords, order=config.tile_order, batch=batch, num_heads=num_heads, num_q_blocks=num_q_blocks, group=group
+  )
 
   def schedule():  # ping-pong the two consumers so one's softmax overlaps the other's wgmma
     plgpu.barrier_arrive(schedule_barrier)
@@ -183,10 +189,16 @@ def _kernel(
     plgpu.set_max_registers(config.consumer_registers, action="increase")
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-    def run_tile(i, carry):
-      first_step, count, n_full = carry  # this tile's trip counts, loaded during the previous tile
-      b, r, n = tile_coords(i)
-      next_steps = tile_steps(i + 1)  # the next tile's, loaded now so that no GMEM latency opens the next tile
+    def read_tile(i):  # (tile, steps, unmasked steps) of this CTA's i-th tile, as the producer published them
+      slot = lax.rem(i, TILE_SLOTS)
+      plgpu.barrier_wait(tile_barriers.at[slot])
+      published = tile_smem[slot, 0], tile_smem[slot, 1], tile_smem[slot, 2]
+      plgpu.barrier_arrive(tile_consumed_barriers.at[slot])
+      return published
+
+    def run_tile(carry):
+      i, first_step, t, count, n_full = carry
+      b, r, n = coords(t)
       buffers = qo_smem.shape[1]
       buf = lax.rem(i, buffers)
       q_smem = qo_smem.at[wg, buf]
@@ -280,17 +292,38 @@ def _kernel(
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, n, pl.ds(q_base, block_q)])
-      return (first_step + count, *next_steps)
+      return (i + 1, first_step + count, *read_tile(i + 1))
 
-    lax.fori_loop(0, my_tiles, run_tile, (jnp.int32(0), *tile_steps(0)))
+    lax.while_loop(lambda carry: carry[2] < num_tiles, run_tile, (jnp.int32(0), jnp.int32(0), *read_tile(0)))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == 2)
   def _producer():
     plgpu.set_max_registers(config.producer_registers, action="decrease")
 
-    def load_tile(i, g):  # g: blocks loaded so far by this CTA (ring position)
-      b, r, n = tile_coords(i)
+    def publish(i):  # claims this CTA's i-th tile and publishes it in tile slot i % TILE_SLOTS: (tile, steps)
+      slot = lax.rem(i, TILE_SLOTS)
+
+      @pl.when(i >= TILE_SLOTS)  # both consumers must have read the slot's previous tile
+      def _():
+        plgpu.barrier_wait(tile_consumed_barriers.at[slot])
+
+      if scheduler == "counter":
+        fetch_add_to_smem(counter_ref, tile_smem.at[slot])
+        t = tile_smem[slot, 0]
+      else:  # the snake: round i of G positions, the direction alternating (evens out a causal triangle)
+        t = snake_position(i, cta, grid)
+        tile_smem[slot, 0] = t
+      b, r, n = coords(jnp.minimum(t, num_tiles - 1))
+      count = jnp.where(t < num_tiles, counts_ref[b, n, r], 0)
+      tile_smem[slot, 1] = count
+      tile_smem[slot, 2] = n_full_ref[b, n, r]
+      plgpu.barrier_arrive(tile_barriers.at[slot])
+      return t, count
+
+    def load_tile(carry):  # g: blocks loaded so far by this CTA (ring position)
+      i, g, t, count = carry
+      b, r, n = coords(t)
       kv_head = lax.div(n, group)
 
       def load(j, g):
@@ -310,9 +343,12 @@ def _kernel(
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
         return g + 1
 
-      return lax.fori_loop(0, counts_ref[b, n, r], load, g)
+      g = lax.fori_loop(0, count, load, g)
+      return (i + 1, g, *publish(i + 1))  # claimed once this tile's loads are issued: late claims balance best
 
-    total = lax.fori_loop(0, my_tiles, load_tile, jnp.int32(0))
+    tiles, total, _, _ = lax.while_loop(
+      lambda carry: carry[2] < num_tiles, load_tile, (jnp.int32(0), jnp.int32(0), *publish(jnp.int32(0)))
+    )
 
     # Observe the last consumed phases: a no-op on the GPU, required by the interpreter's barrier bookkeeping.
     @pl.loop(jnp.maximum(total - stages, 0), total)
@@ -321,6 +357,10 @@ def _kernel(
       plgpu.barrier_wait(k_consumed_barriers.at[slot])
       plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
+    @pl.loop(jnp.maximum(tiles + 1 - TILE_SLOTS, 0), tiles + 1)  # tiles + 1 published: the last one ends the CTA
+    def _(i):
+      plgpu.barrier_wait(tile_consumed_barriers.at[lax.rem(i, TILE_SLOTS)])
+
 
 def _profiler_params(config: ForwardConfig, *, tiles_per_cta: int) -> dict:
   """CompilerParams fields of the profiler: room for the three phases of every tile of a CTA (two events each),
@@ -328,6 +368,13 @@ def _profiler_params(config: ForwardConfig, *, tiles_per_cta: int) -> dict:
   if not config.profile_dir:
     return {}
   return dict(profile_space=6 * tiles_per_cta + 16, profile_dir=config.profile_dir, profile_bounds_check=True)
+
+
+def _most_tiles_per_cta(num_tiles: int, grid: int, scheduler: TileScheduler) -> int:
+  """A bound on one CTA's tiles for the profiler's buffer: the snake's exact share; with the counter a CTA that
+  draws short rows takes more (twice the mean at most in the cases profiled; events past the buffer are dropped)."""
+  share = cdiv(num_tiles, grid)
+  return share if scheduler == "snake" else min(num_tiles, 2 * share)
 
 
 def smem_bytes(config: ForwardConfig, head_dim: int, dtype, *, q_buffers: int) -> int:
@@ -343,7 +390,8 @@ def smem_bytes(config: ForwardConfig, head_dim: int, dtype, *, q_buffers: int) -
   total += 2 * kib(config.num_stages * config.block_kv * head_dim * itemsize)
   if config.pv_operand == "smem":
     total += kib(2 * config.block_q * config.block_kv * itemsize)
-  total += kib(2 * q_buffers * config.block_q * 4) + 6 * 1024 + 128 * 4 * 4  # lse, barrier groups, reductions
+  total += kib(2 * q_buffers * config.block_q * 4) + 1024  # lse, the tile slots
+  total += 8 * 1024 + 128 * 4 * 4  # barrier groups, reductions
   return total
 
 
@@ -419,15 +467,26 @@ def block_sparse_attention(
     v_smem=plgpu.SMEM((stages, blk, H), dtype),
     p_smem=plgpu.SMEM((2, block_q, blk), dtype) if config.pv_operand == "smem" else None,
     lse_smem=plgpu.SMEM((2, buffers, block_q), jnp.float32),
+    tile_smem=plgpu.SMEM((TILE_SLOTS, 4), jnp.int32),  # (tile, steps, unmasked steps, unused) per slot
     k_barriers=plgpu.Barrier(num_barriers=stages),
     v_barriers=plgpu.Barrier(num_barriers=stages),
     q_barriers=plgpu.Barrier(num_barriers=2 * buffers),
     k_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     v_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     schedule_barrier=plgpu.Barrier(num_arrivals=2),
+    tile_barriers=plgpu.Barrier(num_barriers=TILE_SLOTS),
+    tile_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=TILE_SLOTS),
   )
+  scheduler = TileScheduler.SNAKE if interpret else config.tile_scheduler  # the interpreter runs no atomics
   kernel = functools.partial(
-    _kernel, causal=causal, qk_scale=scale * _LOG2E, group=N // K, num_tiles=num_tiles, grid=grid, config=config
+    _kernel,
+    causal=causal,
+    qk_scale=scale * _LOG2E,
+    group=N // K,
+    num_tiles=num_tiles,
+    grid=grid,
+    config=config,
+    scheduler=scheduler,
   )
   out, lse = plgpu.kernel(
     kernel,
@@ -440,7 +499,7 @@ def block_sparse_attention(
     compiler_params=plgpu.CompilerParams(
       approx_math=True,
       lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-      **_profiler_params(config, tiles_per_cta=cdiv(num_tiles, grid)),
+      **_profiler_params(config, tiles_per_cta=_most_tiles_per_cta(num_tiles, grid, scheduler)),
     ),
     interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
   )(
@@ -453,5 +512,6 @@ def block_sparse_attention(
     geometry.q_lengths,
     geometry.kv_lengths,
     geometry.q_positions,
+    jax.new_ref(jnp.zeros((1,), jnp.int32)),  # the tile counter: XLA aliases it to an extra output
   )
   return (out if rows == T else out[:, :T]), lse[:, :, :T]

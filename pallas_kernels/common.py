@@ -32,6 +32,13 @@ class TileOrder(str, enum.Enum):
   KV_HEAD = "kv_head"
 
 
+class TileScheduler(str, enum.Enum):
+  """How a persistent kernel's CTA gets its next tile: a GMEM atomic counter (dynamic) or a static snake."""
+
+  COUNTER = "counter"
+  SNAKE = "snake"
+
+
 def as_enum(cls: type[enum.Enum], value, name: str):
   """value (a member or its string) as a member of cls; ValueError naming the field and the choices."""
   try:

@@ -209,6 +209,23 @@ def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_ope
   assert "mosaic_gpu" in _cuda_lowering(length, 32, kv_heads, head_dim, config)[:200000]
 
 
+@pytest.mark.parametrize("scheduler", ["counter", "snake"])
+def test_tile_counter_is_a_fresh_zero_aliased_to_an_output(scheduler):
+  """With the counter, the kernel's module holds the atomic add, and the call takes an int32[1] zero that XLA
+  aliases to an extra output (so every call starts from 0, also when a jit chains calls); the snake has neither."""
+  text = _cuda_lowering(8192, 32, 8, 128, attention_kernel.ForwardConfig(tile_scheduler=scheduler))
+  (call,) = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
+  assert ("llvm.atomicrmw" in call) == (scheduler == "counter")
+  assert ("output_operand_aliases = [#stablehlo.output_operand_alias<output_tuple_indices = [2]" in call) == (
+    scheduler == "counter"
+  )
+  counter = re.search(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", call).group(1).split(", ")[-1]  # the last operand
+  zero = re.search(
+    rf"{counter} = stablehlo.broadcast_in_dim (%\w+), dims = \[\] : \(tensor<i32>\) -> tensor<1xi32>", text
+  )
+  assert zero and re.search(rf"{zero.group(1)} = stablehlo.constant dense<0> : tensor<i32>", text), counter
+
+
 def test_attention_kernel_reads_a_ragged_prompt_without_copying_it():
   """T = 8000 (not a multiple of the 128-token block): the boxes past the end of q, k and v read zeros (TMA), so the
   cuda-lowered call pads none of them (before: a padded copy of each). The output has q's rows (its tiled stores past
@@ -228,8 +245,9 @@ def test_attention_kernel_reads_a_ragged_prompt_without_copying_it():
   [(1, "rows"), (3, "rows"), (None, "rows"), (3, "head"), (4, "head"), (1, "kv_head"), (3, "kv_head")],
 )
 def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
-  """Rows of different lengths (and empty padding rows) walked by few CTAs in each tile order: the K/V ring
-  crosses tiles."""
+  """Rows of different lengths (and empty padding rows) walked by few CTAs in each tile order: the K/V ring crosses
+  tiles, and the producer publishes each claimed tile through the ring of tile slots (the interpreter claims by the
+  static snake; the counter's atomic runs on the GPU only)."""
   from xattn_jax import attention_xla
 
   B, T, S, N, K, H = 2, 300, 400, 2, 1, 64
@@ -266,8 +284,7 @@ def test_each_tile_order_visits_every_tile_once(order):
   B, N, nqb, group = 2, 6, 5, 3
   t = jnp.arange(B * N * nqb, dtype=jnp.int32)
   b, r, n = (
-    np.asarray(x)
-    for x in attention_kernel.position_coords(t, order, batch=B, num_heads=N, num_q_blocks=nqb, group=group)
+    np.asarray(x) for x in attention_kernel.tile_coords(t, order, batch=B, num_heads=N, num_q_blocks=nqb, group=group)
   )
   assert sorted(zip(b, r, n)) == [(i, j, k) for i in range(B) for j in range(nqb) for k in range(N)]
   assert r[0] == nqb - 1

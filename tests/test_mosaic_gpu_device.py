@@ -41,23 +41,24 @@ def _lengths(B: int, T: int, S: int, with_lengths: bool):
 
 
 @pytest.mark.parametrize(
-  "pv_operand,num_ctas,tile_order",
+  "pv_operand,num_ctas,tile_order,tile_scheduler",
   [
-    ("registers", 132, "head"),
-    ("smem", 132, "head"),
-    ("registers", None, "head"),
-    ("registers", 5, "head"),
-    ("registers", 5, "rows"),
+    ("registers", 132, "kv_head", "counter"),
+    ("smem", 132, "kv_head", "counter"),
+    ("registers", None, "kv_head", "counter"),
+    ("registers", 5, "kv_head", "counter"),
+    ("registers", 5, "head", "snake"),
+    ("registers", 5, "rows", "counter"),
   ],
 )
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}T{s[1]}S{s[2]}N{s[3]}K{s[4]}H{s[5]}" for s in SHAPES])
-def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas, tile_order):
+def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas, tile_order, tile_scheduler):
   from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 
   B, T, S, N, K, H, with_lengths = shape
-  seed = hash((shape, causal, str(dtype), pv_operand, num_ctas, tile_order)) % 2**31
+  seed = hash((shape, causal, str(dtype), pv_operand, num_ctas, tile_order, tile_scheduler)) % 2**31
   q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
   lens = _lengths(B, T, S, with_lengths)
   geometry = Geometry.from_lengths(*lens)
@@ -71,7 +72,9 @@ def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas
     geometry,
     causal=causal,
     scale=scale,
-    config=kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=num_ctas, tile_order=tile_order),
+    config=kernel.ForwardConfig(
+      pv_operand=pv_operand, num_ctas=num_ctas, tile_order=tile_order, tile_scheduler=tile_scheduler
+    ),
   )
   want, want_lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -84,6 +87,40 @@ def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas
   np.testing.assert_array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
   live = np.isfinite(want_lse)
   np.testing.assert_allclose(got_lse[live], want_lse[live], atol=2e-2, rtol=1e-3)
+
+
+def test_tile_counter_starts_from_zero_in_every_call():
+  """Calls chained in one jit and a compiled call run again: each must claim every tile (a counter left at the
+  previous call's count would skip them all, leaving the output unwritten). Several tiles per CTA (num_ctas=7),
+  empty padding rows, two sequences of different lengths."""
+  from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
+
+  B, T, N, K, H = 2, 1900, 8, 2, 128
+  q, k, v = random_qkv(91, B=B, T=T, S=T, N=N, K=K, H=H, dtype=jnp.bfloat16)
+  lens = (jnp.array([1900, 1000], jnp.int32), jnp.array([1900, 1000], jnp.int32))
+  geometry = Geometry.from_lengths(*lens)
+  layout, _ = random_layout(92, B=B, N=N, T=T, S=T, blk=128, causal=True, lens=lens, density=0.5)
+  call = functools.partial(
+    kernel.block_sparse_attention,
+    layout=layout,
+    geometry=geometry,
+    causal=True,
+    scale=H**-0.5,
+    config=kernel.ForwardConfig(num_ctas=7),
+  )
+
+  @jax.jit
+  def chained(q, k, v):
+    first, _ = call(q, k, v)
+    second, _ = call(first, k, v)  # depends on the first: the two calls cannot merge
+    return first, second
+
+  want_first, _ = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=True, scale=H**-0.5)
+  want_second, _ = attention_xla.block_sparse_attention(want_first, k, v, layout, geometry, causal=True, scale=H**-0.5)
+  for _ in range(2):  # the compiled program twice
+    first, second = chained(q, k, v)
+    for got, want in ((first, want_first), (second, want_second)):
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("causal", [True, False])
