@@ -6,7 +6,8 @@
 For each (length, kv heads, density) case, on the fixed-density layouts of `benchmarks.common` (B=1, 32 query heads,
 head dim 128, bf16, causal): dense cuDNN, the public op, and the kernel called directly with each --variants
 ForwardConfig (default; snake = the static head-major snake, the default before the tile counter; head, rows = that
-tile_order; per-row = one CTA per layout row; smem = P through SMEM), timed in
+tile_order; per-row = one CTA per layout row; smem = P through SMEM), with --other-module the same variants of
+a second kernel module ("other <variant>": an earlier or candidate version), timed in
 `--rounds` interleaved rounds (a slow drift of the card's clock shows as a spread between rounds, not as a
 difference between variants). Each timing is `benchmarks.common.timed` at every --pipeline value.
 
@@ -133,17 +134,20 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--trace", action="store_true")
   parser.add_argument("--module", default="xattn_jax.pallas_kernels.block_sparse_attention_mosaic_gpu")
+  parser.add_argument("--other-module", default="", help="a second kernel module: its --variants too, as 'other <v>'")
   add_output_args(parser, tag="variants")
   args = parser.parse_args(argv)
   unknown = set(args.variants) - set(VARIANTS)
   if unknown:
     parser.error(f"--variants {sorted(unknown)} not in {sorted(VARIANTS)}")
   kernel = importlib.import_module(args.module)
+  modules = {"kernel": kernel, **({"other": importlib.import_module(args.other_module)} if args.other_module else {})}
   heads, head_dim = 32, 128
   rows = []
   result = dict(
     metadata(SCRIPT, argv),
     module=args.module,
+    other_module=args.other_module,
     repeats=args.repeats,
     rounds=args.rounds,
     pipeline=args.pipeline,
@@ -178,13 +182,14 @@ def main(argv=None) -> int:
             (q, k, v, layout),
           ),
         }
-        for name in args.variants:
-          config = kernel.ForwardConfig(**VARIANTS[name])
-          calls[f"kernel {name}"] = (
-            jax.jit(direct_call(kernel.block_sparse_attention, geometry, config)),
-            (q, k, v, layout),
-          )
-        outputs = {name: fn(*fn_args) for name, (fn, fn_args) in calls.items() if name.startswith("kernel")}
+        for prefix, module in modules.items():
+          for name in args.variants:
+            config = module.ForwardConfig(**VARIANTS[name])
+            calls[f"{prefix} {name}"] = (
+              jax.jit(direct_call(module.block_sparse_attention, geometry, config)),
+              (q, k, v, layout),
+            )
+        outputs = {name: fn(*fn_args) for name, (fn, fn_args) in calls.items() if name.split()[0] in modules}
         reference = outputs.get("kernel default")  # without the default variant there is nothing to compare to
         errors = {} if reference is None else {name: rel_err(out, reference) for name, out in outputs.items()}
         if args.in_jit > 1:
