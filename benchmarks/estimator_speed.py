@@ -4,7 +4,9 @@
 
 B = 1, 32 query / 8 kv heads, head dim 128, bf16, causal, random normal inputs, the default backend (Mosaic GPU on a
 Hopper GPU). Each row: `xa.antidiagonal_scores` in ms (median of --repeats waited-for calls), its ratio to cuDNN and
-to the paper's estimator at the same stride and length.
+to the paper's estimator at the same stride and length. --profile adds where one call's device time goes
+(`benchmarks.common.device_op_times`: the Mosaic GPU kernel against the XLA ops around it, such as the combine of the
+kernel's per-row partial sums).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import xattn_jax as xa
-from benchmarks.common import timed, without_traced_checks
+from benchmarks.common import device_op_times, timed, without_traced_checks
 from benchmarks.result_files import add_output_args, csv_of, write_result
 
 SCRIPT = "estimator_speed"
@@ -61,6 +63,11 @@ def run(args) -> dict:
           f"({dense_ms:.2f} ms)  {t['ms'] / paper_ms:5.2f}x the paper's",
           flush=True,
         )
+        if args.profile:
+          ops = [op for op in device_op_times(fn, q, k, top=8) if op["line"] != "stream"]
+          rows[-1]["profile"] = ops
+          for op in ops:
+            print(f"{'':>10} {op['line']:<10} {op['ms']:8.3f} ms x{op['count']:g}  {op['name'][:90]}", flush=True)
   return dict(
     shape=dict(B=1, N=args.heads, K=args.kv_heads, H=args.head_dim, dtype="bfloat16", causal=True),
     repeats=args.repeats,
@@ -86,6 +93,18 @@ def to_markdown(result: dict) -> str:
       f"| {r['length']} | {r['stride']} | {r['estimator']} | {r['ms']:.3f} | {r['of_dense']:.1%} | "
       f"{r['of_paper']:.2f}x |"
     )
+  profiled = [r for r in result["rows"] if r.get("profile")]
+  if profiled:
+    lines += [
+      "",
+      "One traced call per row, its device ops (ms):",
+      "",
+      "| T | stride | estimator | op | ms |",
+      "|---|---|---|---|---|",
+    ]
+    for r in profiled:
+      for op in r["profile"]:
+        lines.append(f"| {r['length']} | {r['stride']} | {r['estimator']} | {op['name'][:80]} | {op['ms']:.3f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -97,6 +116,7 @@ def main(argv=None) -> int:
   p.add_argument("--kv-heads", type=int, default=8)
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--profile", action="store_true", help="also trace one call: the device time of each op")
   p.add_argument("--dense-implementation", default="cudnn", help="jax.nn.dot_product_attention's (None: XLA)")
   add_output_args(p, tag="estimators")
   args = p.parse_args(argv)
