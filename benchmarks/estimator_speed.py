@@ -64,7 +64,7 @@ def run(args) -> dict:
           flush=True,
         )
         if args.profile:
-          ops = [op for op in device_op_times(fn, q, k, top=8) if op["line"] != "stream"]
+          ops = device_op_times(fn, q, k, top=8)
           rows[-1]["profile"] = ops
           for op in ops:
             print(f"{'':>10} {op['line']:<10} {op['ms']:8.3f} ms x{op['count']:g}  {op['name'][:90]}", flush=True)

@@ -113,9 +113,11 @@ def tile_phases(trace: dict) -> dict:
   return {"phases": dict(phases), "between": between, "span": span, "sm_span": sm_span}
 
 
-def phase_table(summary: dict) -> str:
+def phase_table(summary: dict, tiles: int | None = None) -> str:
   """The busiest warpgroup's span and the busiest / mean SM span, then per phase: ranges, median and mean kcyc, and
-  their sum over all warpgroups as a share of the summed spans (where the warpgroups' time goes)."""
+  their sum over all warpgroups as a share of the summed spans (where the warpgroups' time goes). Given the case's
+  `tiles`, a first line says when the trace holds fewer "close" ranges than 2 per tile (one per consumer): the
+  profiler's SMEM buffer was too small and dropped the rest, so spans and the tail undercount."""
   total_span = sum(summary["span"].values())
   rows = [*summary["phases"].items(), ("(between ranges)", summary["between"])]
   sm_span = list(summary["sm_span"].values())
@@ -123,6 +125,9 @@ def phase_table(summary: dict) -> str:
     f"warpgroups {len(summary['span'])}, busiest span {max(summary['span'].values()):.1f} kcyc; "
     f"SMs {len(sm_span)}, busiest / mean SM span {max(sm_span) / statistics.mean(sm_span):.3f}"
   ]
+  closes = len(summary["phases"].get("close", []))
+  if tiles is not None and closes < 2 * tiles:
+    lines.insert(0, f"TRACE CUT SHORT: {closes} of {2 * tiles} tile closes recorded (profiler buffer full)")
   for name, durations in rows:
     if durations:
       lines.append(
@@ -170,7 +175,7 @@ def main():
     if phases_dir:
       trace_file = sorted(glob.glob(os.path.join(case_dir, "*-trace.json")))[-1]  # <time_ns>-trace.json per call
       with open(trace_file) as f:
-        print(phase_table(tile_phases(json.load(f))), flush=True)
+        print(phase_table(tile_phases(json.load(f)), tiles=tiles), flush=True)
 
 
 if __name__ == "__main__":

@@ -362,12 +362,21 @@ def _kernel(
       plgpu.barrier_wait(tile_consumed_barriers.at[lax.rem(i, TILE_SLOTS)])
 
 
-def _profiler_params(config: ForwardConfig, *, tiles_per_cta: int) -> dict:
-  """CompilerParams fields of the profiler: room for the three phases of every tile of a CTA (two events each),
-  events past it dropped rather than written past the buffer."""
+# One unit of the profiler's `profile_space`: a range's 2 events x 2 int32 entries in SMEM, in each of the 3
+# warpgroups' traces (jax.experimental.mosaic.gpu.profiler.ProfilerSpec; its buffer follows the kernel's SMEM).
+_PROFILE_UNIT_BYTES = 2 * 2 * 4 * 3
+
+
+def _profiler_params(config: ForwardConfig, *, tiles_per_cta: int, smem_free: int) -> dict:
+  """CompilerParams fields of the profiler: room for the three phases of every tile of a CTA (two events each), as
+  far as the SMEM left beside the kernel's (`smem_free`, from the conservative `smem_bytes`) holds it; events past
+  the buffer are dropped rather than written past it (benchmarks/profile_attention_tiles.py says when a trace was
+  cut short). E.g. 63 tiles per CTA (32K tokens, 32 heads, snake share) need 394 units = 18.5 KiB; twice that did
+  not fit beside the counter kernel's 196 KiB on an H100."""
   if not config.profile_dir:
     return {}
-  return dict(profile_space=6 * tiles_per_cta + 16, profile_dir=config.profile_dir, profile_bounds_check=True)
+  space = min(6 * tiles_per_cta + 16, smem_free // _PROFILE_UNIT_BYTES)
+  return dict(profile_space=space, profile_dir=config.profile_dir, profile_bounds_check=True)
 
 
 def _most_tiles_per_cta(num_tiles: int, grid: int, scheduler: TileScheduler) -> int:
@@ -499,7 +508,11 @@ def block_sparse_attention(
     compiler_params=plgpu.CompilerParams(
       approx_math=True,
       lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-      **_profiler_params(config, tiles_per_cta=_most_tiles_per_cta(num_tiles, grid, scheduler)),
+      **_profiler_params(
+        config,
+        tiles_per_cta=_most_tiles_per_cta(num_tiles, grid, scheduler),
+        smem_free=SM90_SMEM_BYTES - smem_bytes(config, H, dtype, q_buffers=buffers),
+      ),
     ),
     interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
   )(

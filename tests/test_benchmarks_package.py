@@ -253,6 +253,8 @@ def test_tile_phases_of_a_mosaic_gpu_profiler_trace():
   assert summary["sm_span"] == {1: 20.0, 2: 9.0}  # SM 1: its two warpgroups from 0 to 20
   table = phase_table(summary)
   assert "busiest span 15.0 kcyc" in table and "busiest / mean SM span 1.379" in table and "share" in table
+  assert "CUT SHORT" not in table and "CUT SHORT" not in phase_table(summary, tiles=0)
+  assert "TRACE CUT SHORT: 1 of 2 tile closes" in phase_table(summary, tiles=1)  # one close of a tile's two
 
 
 def test_tile_schedule_simulation():
