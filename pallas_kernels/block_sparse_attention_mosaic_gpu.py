@@ -196,17 +196,25 @@ def _kernel(
       plgpu.barrier_arrive(tile_consumed_barriers.at[slot])
       return published
 
+    buffers = qo_smem.shape[1]
+    q_ahead = buffers > 1  # the next tile's Q is requested before this tile's epilogue, into the other buffer
+
+    def load_q(i, t):  # this warpgroup's Q rows of tile t (its i-th) into Q/O buffer i % buffers
+      b, r, n = coords(t)
+      buf = lax.rem(i, buffers)
+      rows = pl.ds(r * block_kv + wg * block_q, block_q)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], qo_smem.at[wg, buf], q_barriers.at[wg * buffers + buf])
+
     def run_tile(carry):
       i, first_step, t, count, n_full = carry
       b, r, n = coords(t)
-      buffers = qo_smem.shape[1]
       buf = lax.rem(i, buffers)
       q_smem = qo_smem.at[wg, buf]
       q_base = r * block_kv + wg * block_q
-      with jax.named_scope("open"):  # Q load, first K, the ping-pong handoff
-        # The stores (O, lse: two groups per tile) of the tile that last used this buffer must have read it.
-        plgpu.wait_smem_to_gmem(2 * (buffers - 1), wait_read_only=True)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), n], q_smem, q_barriers.at[wg * buffers + buf])
+      with jax.named_scope("open"):  # Q load (unless requested during the previous tile), first K, the handoff
+        if not q_ahead:  # the one buffer: the previous tile's stores (O, lse: two groups) must have read it
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          load_q(i, t)
         kv_len = kv_len_ref[b]
         q_position = q_pos_ref[b] + q_base  # position of this warpgroup's first query
         m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
@@ -279,7 +287,13 @@ def _kernel(
       with jax.named_scope("steps"):
         carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
         acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
-      with jax.named_scope("close"):  # epilogue: normalize, stage and store O and the lse
+      with jax.named_scope("close"):  # epilogue: next tile's Q; normalize, stage and store O and the lse
+        following = read_tile(i + 1)
+        if q_ahead:
+          # The other buffer was last staged by the previous tile's stores (all that is in flight): once they have
+          # read it, the next tile's Q goes there and arrives while this epilogue runs.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          pl.when(following[0] < num_tiles)(lambda: load_q(i + 1, following[0]))
         pl.when(wg == 0)(schedule)
 
         rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=row_layout) + q_base
@@ -292,9 +306,12 @@ def _kernel(
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, n, pl.ds(q_base, block_q)])
-      return (i + 1, first_step + count, *read_tile(i + 1))
+      return (i + 1, first_step + count, *following)
 
-    lax.while_loop(lambda carry: carry[2] < num_tiles, run_tile, (jnp.int32(0), jnp.int32(0), *read_tile(0)))
+    first = read_tile(0)
+    if q_ahead:
+      pl.when(first[0] < num_tiles)(lambda: load_q(0, first[0]))
+    lax.while_loop(lambda carry: carry[2] < num_tiles, run_tile, (jnp.int32(0), jnp.int32(0), *first))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == 2)
