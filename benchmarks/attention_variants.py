@@ -95,7 +95,9 @@ def to_markdown(result: dict) -> str:
       if result.get("in_jit", 1) > 1
       else ""
     )
-    + " rel err: the output's relative error to the default kernel's on the same input.",
+    + " rel err: the output's relative error to the default kernel's on the same input."
+    + (f" Rows 'other <variant>': module {result['other_module']}." if result.get("other_module") else "")
+    + (f" Note: {result['note']}" if result.get("note") else ""),
     "",
     "| T | K | density | what | "
     + " | ".join(f"pipeline {p}: ms per round" for p in pipeline)
