@@ -327,6 +327,50 @@ def test_profiler_buffer_fits_beside_the_kernel():
   assert spec.smem_bytes(block=(3 * 128,)) <= free
 
 
+def _copy_loop_depths(jaxpr, source_shape) -> list[int]:
+  """For each GMEM -> SMEM copy in the jaxpr (kernel bodies included) whose source has `source_shape`: how many
+  while loops enclose it."""
+  from jax.extend import core as jex_core
+
+  depths = []
+
+  def walk(jaxpr, loops):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "copy_gmem_to_smem" and tuple(eqn.invars[0].aval.shape) == source_shape:
+        depths.append(loops)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else [param]:
+          if isinstance(sub, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+            walk(getattr(sub, "jaxpr", sub), loops + (eqn.primitive.name == "while"))
+
+  walk(jaxpr.jaxpr, 0)
+  return sorted(depths)
+
+
+@pytest.mark.parametrize("pv_operand,q_buffers", [("registers", 2), ("smem", 1)])
+def test_next_tiles_q_is_requested_before_the_tile_opens(pv_operand, q_buffers):
+  """Issue #19 (v4, Q ahead): with two Q buffers (the GPU's config at head dim 128) the first tile's Q is requested
+  before the tile loop (depth 0) and every next tile's in the current tile's epilogue (depth 1, outside the step
+  loops), so no tile opens on a Q load's round trip; with one buffer (P through SMEM) Q loads as its tile opens
+  (depth 1 only). A build that loads every Q as its tile opens has depth 1 only with two buffers too and fails here;
+  the ordering (the previous output's stores must have read the buffer) is the interpreter tests' (their race
+  detector fails a build without the wait)."""
+  heads, length, head_dim = 4, 1024, 128
+  nb = length // 128
+  sds = jax.ShapeDtypeStruct
+  layout = BlockLayout(
+    counts=sds((1, heads, nb), jnp.int32),
+    indices=sds((1, heads, nb, nb), jnp.int32),
+    num_allowed=sds((1, heads, nb), jnp.int32),
+  )
+  config = attention_kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=4)
+  f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=head_dim**-0.5, config=config)
+  q_shape = (1, length, heads, head_dim)
+  kv = sds((1, length, 2, head_dim), jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(f)(sds(q_shape, jnp.bfloat16), kv, kv, layout, Geometry(*(sds((1,), jnp.int32),) * 3))
+  assert _copy_loop_depths(jaxpr, q_shape) == ([0, 1] if q_buffers == 2 else [1])
+
+
 def test_tuning_config_validation():
   with pytest.raises(ValueError, match="tile_order='work'"):
     attention_kernel.ForwardConfig(tile_order="work")
