@@ -454,6 +454,17 @@ def decode_section(args, model, result, write):
     del cache, gen
 
 
+def bandwidth_words(result: dict) -> str:
+  """The bandwidths a result measured for its decode roofline, in words (runs before the read kernel have the copy
+  only)."""
+  copy, read = result.get("copy_bandwidth_tb_s"), result.get("read_bandwidth_tb_s")
+  if copy is not None and read is not None:
+    return f"the larger of a copy's {copy:.2f} TB/s and a max's {read:.2f} TB/s"
+  if copy is not None:
+    return f"a copy's {copy:.2f} TB/s"
+  return "none recorded"
+
+
 def to_markdown(result: dict) -> str:
   lines = [
     f"# Model prefill and decode: {result['card']}, jax {result['jax']}, {result['date']}",
@@ -505,10 +516,8 @@ def to_markdown(result: dict) -> str:
       "",
       "## Decode",
       "",
-      f"Roofline: bytes read per step (weights, and the KV cache of the context) over the HBM bandwidth "
-      f"measured here (the larger of a copy's {result.get('copy_bandwidth_tb_s', float('nan')):.2f} TB/s and a "
-      f"max's {result.get('read_bandwidth_tb_s', float('nan')):.2f} TB/s); the datasheet's "
-      "4.8 TB/s in the last column.",
+      "Roofline: bytes read per step (weights, and the KV cache of the context) over the HBM bandwidth "
+      f"measured here ({bandwidth_words(result)}); the datasheet's 4.8 TB/s in the last column.",
       "",
       "| context | batch | ms/step | tokens/s | roofline ms | of roofline | of datasheet roofline | GB/step | note |",
       "|---|---|---|---|---|---|---|---|---|",

@@ -274,3 +274,13 @@ def test_tile_schedule_simulation():
   snake = sim.cta_work(5.0 + 2.82 * sim.ordered_counts(counts, "head", 4), 10, "snake")
   counter = sim.cta_work(5.0 + 2.82 * sim.ordered_counts(counts, "kv_head", 4), 10, "counter")
   assert counter.max() / counter.mean() < snake.max() / snake.mean()
+
+
+def test_decode_roofline_names_the_bandwidths_a_result_measured():
+  """Results from before the read kernel have a copy bandwidth only: the markdown says so instead of printing nan."""
+  from benchmarks.model_prefill import bandwidth_words
+
+  assert bandwidth_words({"copy_bandwidth_tb_s": 2.95}) == "a copy's 2.95 TB/s"
+  both = bandwidth_words({"copy_bandwidth_tb_s": 2.95, "read_bandwidth_tb_s": 3.6})
+  assert both == "the larger of a copy's 2.95 TB/s and a max's 3.60 TB/s"
+  assert bandwidth_words({}) == "none recorded"
