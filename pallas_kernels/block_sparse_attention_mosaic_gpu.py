@@ -300,8 +300,8 @@ def _kernel(
         carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
         acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
       with jax.named_scope("close"):  # epilogue: next tile's Q; normalize, stage and store O and the lse
-        following = read_tile(i + 1)
         if q_ahead:
+          following = read_tile(i + 1)
           # The other buffer was last staged by the previous tile's stores (all that is in flight): once they have
           # read it, the next tile's Q goes there and arrives while this epilogue runs.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -318,6 +318,8 @@ def _kernel(
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, n, pl.ds(q_base, block_q)])
+      if not q_ahead:  # one buffer: the next tile is only needed once this one's stores are issued
+        following = read_tile(i + 1)
       return (i + 1, first_step + count, *following)
 
     first = read_tile(0)
@@ -498,10 +500,10 @@ def block_sparse_attention(
   num_tiles = B * N * nqb
   grid = num_tiles if config.num_ctas is None else min(config.num_ctas, num_tiles)
   buffers = 2 if smem_bytes(config, H, dtype, q_buffers=2) <= SM90_SMEM_BYTES else 1
-  if smem_bytes(config, H, dtype, q_buffers=buffers) > SM90_SMEM_BYTES:
+  kernel_smem = smem_bytes(config, H, dtype, q_buffers=buffers)
+  if kernel_smem > SM90_SMEM_BYTES:
     raise NotImplementedError(
-      f"{config} needs {smem_bytes(config, H, dtype, q_buffers=1)} bytes of SMEM at head dim "
-      f"{H} (the budget is {SM90_SMEM_BYTES})"
+      f"{config} needs {kernel_smem} bytes of SMEM at head dim {H} (the budget is {SM90_SMEM_BYTES})"
     )
   scratch = dict(
     qo_smem=plgpu.SMEM((2, buffers, block_q, H), dtype),  # [consumer, buffer]
@@ -542,9 +544,7 @@ def block_sparse_attention(
       approx_math=True,
       lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
       **_profiler_params(
-        config,
-        tiles_per_cta=_most_tiles_per_cta(num_tiles, grid, scheduler),
-        smem_free=SM90_SMEM_BYTES - smem_bytes(config, H, dtype, q_buffers=buffers),
+        config, tiles_per_cta=_most_tiles_per_cta(num_tiles, grid, scheduler), smem_free=SM90_SMEM_BYTES - kernel_smem
       ),
     ),
     interpret=plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise") if interpret else None,
