@@ -75,12 +75,14 @@ class ScoresConfig:
   reduction_scratch_bytes: int = 0
   # 2: a cluster of the two query heads 2p, 2p+1 (same kv head, needs G even) shares every K chunk by TMA multicast,
   # halving the K bytes each SM pulls from L2 (48 -> 32 bytes per 1024-cycle step); the "consumed" barrier becomes a
-  # cluster barrier. 1: no cluster.
-  cluster_heads: int = 1
+  # cluster barrier. 1: no cluster. None (the default): 2 where the GQA group is even, else 1.
+  cluster_heads: int | None = None
   # P > 1 splits each row block's key tiles into P contiguous ranges handled by P CTAs that run side by side (the
   # grid's fastest axis): they read the same Q chunks at the same time (Q stays in L2), and causal work is spread
   # more evenly. Each split writes its own (m, l); the epilogue merges them (m_tile already makes tiles independent).
-  key_splits: int = 1
+  # The default pair (2-CTA clusters where G is even, 2 splits) measured 0.85-0.92x the time of (1, 1) at 16K-128K,
+  # both strides, 32/8 heads, on an H100 (benchmarks/notes_antidiagonal_mosaic_gpu.md, 2026-12-07).
+  key_splits: int = 2
 
   def __post_init__(self):
     object.__setattr__(self, "p_operand", as_enum(Operand, self.p_operand, "p_operand"))
@@ -88,6 +90,17 @@ class ScoresConfig:
   @property
   def cta_rows(self) -> int:
     return _NUM_CONSUMERS * _ROWS_PER_WG
+
+  def for_group(self, group: int) -> ScoresConfig:
+    """cluster_heads=None resolved for a GQA group of `group` query heads per kv head."""
+    if self.cluster_heads is not None:
+      return self
+    return dataclasses.replace(self, cluster_heads=2 if group % 2 == 0 else 1)
+
+
+# The interpreter's default: P through SMEM (it cannot take a register LHS), a 2-deep ring, one CTA per row block
+# and head (its threads per CTA make clusters and key splits slow to simulate; the test suites cover both).
+INTERPRETER_CONFIG = ScoresConfig(p_operand="smem", num_stages=2, cluster_heads=1, key_splits=1)
 
 
 def _kernel(
@@ -321,6 +334,7 @@ def supports(q, k, *, stride: int, block_size: int, config: ScoresConfig = Score
     return f"head dim {q.shape[-1]} (multiple of {config.chunk})"
   if block_size % stride or config.cta_rows % (block_size // stride) or config.block_n % (block_size // stride):
     return f"block_size={block_size}, stride={stride}"
+  config = config.for_group(q.shape[2] // k.shape[2])
   if config.cluster_heads not in (1, 2) or (q.shape[2] // k.shape[2]) % config.cluster_heads:
     return f"cluster_heads={config.cluster_heads} with G={q.shape[2] // k.shape[2]} (needs 1, or 2 with G even)"
   return None
@@ -359,7 +373,8 @@ def antidiagonal_scores(
   `padding_zeroed`: the caller zeroed the padding tokens that share a stride group with real ones
   (`geometry.zero_straddling_tokens`, as `xattention` does), so no conditional pass over q and K is staged here."""
   if config is None:
-    config = ScoresConfig(p_operand="smem" if interpret else "registers", num_stages=2 if interpret else 4)
+    config = INTERPRETER_CONFIG if interpret else ScoresConfig()
+  config = config.for_group(q.shape[2] // k.shape[2])
   reason = supports(q, k, stride=stride, block_size=block_size, config=config)
   if reason is not None:
     raise NotImplementedError(f"antidiagonal_scores (mosaic gpu) does not support {reason}")

@@ -95,6 +95,25 @@ def test_scores_kernel_lowers_for_cuda_at_production_shapes(length, stride, esti
   assert "mosaic_gpu" in lowered.as_text()[:200000]
 
 
+@pytest.mark.parametrize("heads,kv_heads,cluster", [(32, 8, 2), (28, 4, 1), (6, 6, 1)])
+def test_scores_default_clusters_query_heads_only_where_the_gqa_group_is_even(heads, kv_heads, cluster):
+  """The GPU default (2-CTA clusters sharing K, 2 key splits) must not turn an odd GQA group away from the kernel
+  (the backend would fall back to XLA): there it runs without clusters."""
+  from xattn_jax.pallas_kernels import antidiagonal_mosaic_gpu as scores_kernel
+
+  config = scores_kernel.ScoresConfig().for_group(heads // kv_heads)
+  assert (config.cluster_heads, config.key_splits) == (cluster, 2)
+  sds = jax.ShapeDtypeStruct
+  q, k = sds((1, 2048, heads, 128), jnp.bfloat16), sds((1, 2048, kv_heads, 128), jnp.bfloat16)
+  assert scores_kernel.supports(q, k, stride=8, block_size=128) is None
+  f = functools.partial(scores_kernel.antidiagonal_scores, stride=8, block_size=128, causal=True, scale=128**-0.5)
+  lowered = jax.jit(f).trace(q, k, Geometry(*(sds((1,), jnp.int32),) * 3)).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()[:200000]
+  if cluster == 1:  # asked for explicitly, a cluster is still refused with the reason
+    reason = scores_kernel.supports(q, k, stride=8, block_size=128, config=scores_kernel.ScoresConfig(cluster_heads=2))
+    assert "cluster_heads=2" in reason
+
+
 @pytest.mark.parametrize("stride", [8, 16])
 def test_scores_kernel_reads_a_bucketed_prompt_without_copying_it(stride):
   """A real prompt is bucketed to a multiple of 128 tokens, not of the scorer's CTA rows (1024 / 2048 tokens) or key

@@ -158,8 +158,14 @@ SCORE_CASES = [  # B, T, S, N, K, H, stride, causal, with_lengths
 
 @pytest.mark.parametrize(
   "options",
-  [{}, {"cluster_heads": 2}, {"key_splits": 2}, {"p_operand": "smem", "num_stages": 2}],
-  ids=["default", "cluster2", "split2", "smemP"],
+  [
+    {},
+    {"cluster_heads": 1, "key_splits": 1},
+    {"cluster_heads": 2, "key_splits": 1},
+    {"cluster_heads": 1, "key_splits": 2},
+    {"p_operand": "smem", "num_stages": 2},
+  ],
+  ids=["default", "single", "cluster2", "split2", "smemP"],
 )
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(
