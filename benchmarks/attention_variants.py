@@ -6,10 +6,10 @@
 For each (length, kv heads, density) case, on the fixed-density layouts of `benchmarks.common` (B=1, 32 query heads,
 head dim 128, bf16, causal): dense cuDNN, the public op, and the kernel called directly with each --variants
 ForwardConfig (default; snake = the static head-major snake, the default before the tile counter; head, rows = that
-tile_order; claim-ahead = ForwardConfig.claim_ahead; per-row = one CTA per layout row; smem = P through SMEM), with
---other-module the same variants of a second kernel module ("other <variant>": an earlier or candidate version),
-timed in `--rounds` interleaved rounds (a slow drift of the card's clock shows as a spread between rounds, not as a
-difference between variants). Each timing is `benchmarks.common.timed` at every --pipeline value.
+tile_order; per-row = one CTA per layout row; smem = P through SMEM), with --other-module the same variants of a
+second kernel module ("other <variant>": an earlier or candidate version), timed in `--rounds` interleaved rounds
+(a slow drift of the card's clock shows as a spread between rounds, not as a difference between variants). Each
+timing is `benchmarks.common.timed` at every --pipeline value.
 
 --trace adds, per case, a profiler trace of 5 calls of the public op: every device kernel's name and mean duration,
 and the device span per call (first kernel start to last kernel end), so that the XLA prologue around the Mosaic
@@ -44,7 +44,6 @@ SCRIPT = "attention_variants"
 VARIANTS = {
   "default": {},
   "snake": {"tile_order": "head", "tile_scheduler": "snake"},  # the default before the tile counter (v4)
-  "claim-ahead": {"claim_ahead": True},
   "head": {"tile_order": "head"},
   "rows": {"tile_order": "rows"},
   "per-row": {"num_ctas": None},

@@ -33,7 +33,7 @@ ESTIMATORS = [e.value for e in xa.Estimator]
 CONFIGS = {  # ScoresConfig fields of the Mosaic GPU kernel per --configs name
   "default": {},  # 2-CTA clusters where the GQA group is even, 2 key splits
   "single": {"cluster_heads": 1, "key_splits": 1},  # the default before 2026-12-07: one CTA per row block and head
-  "cluster-heads-2": {"cluster_heads": 2, "key_splits": 1},  # the two query heads of a cluster share each K chunk (TMA multicast)
+  "cluster-heads-2": {"cluster_heads": 2, "key_splits": 1},  # two query heads' CTAs share each K chunk (multicast)
   "key-splits-2": {"cluster_heads": 1, "key_splits": 2},
   "cluster-2-splits-2": {"cluster_heads": 2, "key_splits": 2},
   "stages-3": {"num_stages": 3},

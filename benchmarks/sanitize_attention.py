@@ -58,16 +58,14 @@ def main(parts=("forward", "estimator", "backward")):
         interpret=interpret,
         config=kernel.ForwardConfig(pv_operand=operands[0]),
       )
-    # num_ctas 2: each CTA of the persistent grid runs several tiles (the next tile's Q loads during this one's);
-    # claim ahead: the producer claims each next tile before the current one's loads (a third tile slot)
-    runs = [(pv, ctas, False) for pv, ctas in itertools.product(operands, (132, 2))] + [(operands[0], 2, True)]
-    for pv, ctas, ahead in runs if "forward" in parts else ():
-      config = kernel.ForwardConfig(pv_operand=pv, num_ctas=ctas, claim_ahead=ahead)
+    # num_ctas 2: each CTA of the persistent grid runs several tiles (the next tile's Q loads during this one's)
+    for pv, ctas in itertools.product(operands if "forward" in parts else (), (132, 2)):
+      config = kernel.ForwardConfig(pv_operand=pv, num_ctas=ctas)
       out, _ = kernel.block_sparse_attention(
         q, k, v, layout, geometry, causal=causal, **kw, config=config, interpret=interpret
       )
       print(
-        f"forward causal={causal} pv={pv} num_ctas={ctas} claim_ahead={ahead}: max error {_err(out, want):.3e}"
+        f"forward causal={causal} pv={pv} num_ctas={ctas}: max error {_err(out, want):.3e}"
         + ("" if reference else " (vs the kernel's own default run)"),
         flush=True,
       )

@@ -55,6 +55,7 @@ from xattn_jax.geometry import Geometry, cdiv
 from xattn_jax.layout import BlockLayout
 
 _LOG2E = math.log2(math.e)
+TILE_SLOTS = 2  # the producer publishes claimed tiles in a ring of this many SMEM slots (a tile ahead is enough)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -82,11 +83,6 @@ class ForwardConfig:
   # first CTA to ask) or "snake" (static: CTA c takes positions c, 2G - 1 - c, 2G + c, ... of G CTAs). The CPU
   # interpreter cannot run the counter's atomic (inlined Mosaic GPU code) and takes the snake instead.
   tile_scheduler: TileScheduler = TileScheduler.COUNTER
-  # When the producer claims tile i + 1: False (default) once it has issued tile i's loads (the latest claim, best
-  # balanced); True before them, so that the claim's GMEM round trips (the atomic, the trip counts) overlap tile
-  # i's loads instead of sitting between its last load and tile i + 1's first, which short rows cannot hide
-  # (the suspected cause of the counter's 8K loss: notes, v4). Needs a third tile slot. Prepared, not yet timed.
-  claim_ahead: bool = False
   # Mosaic GPU's profiler: a directory to write a Perfetto trace of each consumer's tile phases to (the named scopes
   # "open", "steps", "close"; `benchmarks/profile_attention_tiles.py --phases` reads it); "" (default): none.
   profile_dir: str = ""
@@ -99,10 +95,6 @@ class ForwardConfig:
     object.__setattr__(self, "tile_scheduler", as_enum(TileScheduler, self.tile_scheduler, "tile_scheduler"))
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be None or >= 1")
-
-  @property
-  def tile_slots(self) -> int:  # SMEM slots of published tiles: the consumers' tile, and one or two claimed ahead
-    return 3 if self.claim_ahead else 2
 
   @property
   def block_q(self) -> int:  # rows per consumer warpgroup
@@ -169,8 +161,7 @@ def _kernel(
 ):
   """Persistent: the producer claims each next tile for its CTA (the tile counter, or the static snake: positions c,
   2G - 1 - c, 2G + c, ... of the tile order for CTA c of G) when it has issued the current tile's loads, and
-  publishes it in a ring of `config.tile_slots` SMEM slots (tile, steps, unmasked steps); the consumers read it
-  there. With `config.claim_ahead` it claims tile i + 1 before issuing tile i's loads instead.
+  publishes it in a ring of `TILE_SLOTS` SMEM slots (tile, steps, unmasked steps); the consumers read it there.
   A claimed position past the last tile ends the CTA.
 
   The K/V ring and its barriers run on across tiles (global step counter), so the producer prefetches the next
@@ -180,7 +171,6 @@ def _kernel(
   next tile on a full HBM round trip (~2 kcyc per tile measured; notes, "v4").
   """
   block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
-  slots = config.tile_slots
   num_heads, num_q_blocks = counts_ref.shape[1], counts_ref.shape[2]
   batch = counts_ref.shape[0]
   cta = lax.axis_index("cta")
@@ -202,7 +192,7 @@ def _kernel(
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
     def read_tile(i):  # (tile, steps, unmasked steps) of this CTA's i-th tile, as the producer published them
-      slot = lax.rem(i, slots)
+      slot = lax.rem(i, TILE_SLOTS)
       plgpu.barrier_wait(tile_barriers.at[slot])
       published = tile_smem[slot, 0], tile_smem[slot, 1], tile_smem[slot, 2]
       plgpu.barrier_arrive(tile_consumed_barriers.at[slot])
@@ -332,10 +322,10 @@ def _kernel(
   def _producer():
     plgpu.set_max_registers(config.producer_registers, action="decrease")
 
-    def publish(i):  # claims this CTA's i-th tile and publishes it in tile slot i % slots: (tile, steps)
-      slot = lax.rem(i, slots)
+    def publish(i):  # claims this CTA's i-th tile and publishes it in tile slot i % TILE_SLOTS: (tile, steps)
+      slot = lax.rem(i, TILE_SLOTS)
 
-      @pl.when(i >= slots)  # both consumers must have read the slot's previous tile
+      @pl.when(i >= TILE_SLOTS)  # both consumers must have read the slot's previous tile
       def _():
         plgpu.barrier_wait(tile_consumed_barriers.at[slot])
 
@@ -354,8 +344,6 @@ def _kernel(
 
     def load_tile(carry):  # g: blocks loaded so far by this CTA (ring position)
       i, g, t, count = carry
-      if config.claim_ahead:  # the next tile's claim overlaps this tile's loads
-        following = publish(i + 1)
       b, r, n = coords(t)
       kv_head = lax.div(n, group)
 
@@ -377,9 +365,7 @@ def _kernel(
         return g + 1
 
       g = lax.fori_loop(0, count, load, g)
-      if not config.claim_ahead:  # claimed once this tile's loads are issued: late claims balance best
-        following = publish(i + 1)
-      return (i + 1, g, *following)
+      return (i + 1, g, *publish(i + 1))  # claimed once this tile's loads are issued: late claims balance best
 
     tiles, total, _, _ = lax.while_loop(
       lambda carry: carry[2] < num_tiles, load_tile, (jnp.int32(0), jnp.int32(0), *publish(jnp.int32(0)))
@@ -392,9 +378,9 @@ def _kernel(
       plgpu.barrier_wait(k_consumed_barriers.at[slot])
       plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
-    @pl.loop(jnp.maximum(tiles + 1 - slots, 0), tiles + 1)  # tiles + 1 published: the last one ends the CTA
+    @pl.loop(jnp.maximum(tiles + 1 - TILE_SLOTS, 0), tiles + 1)  # tiles + 1 published: the last one ends the CTA
     def _(i):
-      plgpu.barrier_wait(tile_consumed_barriers.at[lax.rem(i, slots)])
+      plgpu.barrier_wait(tile_consumed_barriers.at[lax.rem(i, TILE_SLOTS)])
 
 
 # One unit of the profiler's `profile_space`: a range's 2 events x 2 int32 entries in SMEM, in each of the 3
@@ -511,15 +497,15 @@ def block_sparse_attention(
     v_smem=plgpu.SMEM((stages, blk, H), dtype),
     p_smem=plgpu.SMEM((2, block_q, blk), dtype) if config.pv_operand == "smem" else None,
     lse_smem=plgpu.SMEM((2, buffers, block_q), jnp.float32),
-    tile_smem=plgpu.SMEM((config.tile_slots, 4), jnp.int32),  # (tile, steps, unmasked steps, unused) per slot
+    tile_smem=plgpu.SMEM((TILE_SLOTS, 4), jnp.int32),  # (tile, steps, unmasked steps, unused) per slot
     k_barriers=plgpu.Barrier(num_barriers=stages),
     v_barriers=plgpu.Barrier(num_barriers=stages),
     q_barriers=plgpu.Barrier(num_barriers=2 * buffers),
     k_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     v_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     schedule_barrier=plgpu.Barrier(num_arrivals=2),
-    tile_barriers=plgpu.Barrier(num_barriers=config.tile_slots),
-    tile_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=config.tile_slots),
+    tile_barriers=plgpu.Barrier(num_barriers=TILE_SLOTS),
+    tile_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=TILE_SLOTS),
   )
   scheduler = TileScheduler.SNAKE if interpret else config.tile_scheduler  # the interpreter runs no atomics
   kernel = functools.partial(

@@ -228,13 +228,11 @@ def test_lowers_for_cuda_at_production_shapes(length, kv_heads, head_dim, pv_ope
   assert "mosaic_gpu" in _cuda_lowering(length, 32, kv_heads, head_dim, config)[:200000]
 
 
-@pytest.mark.parametrize("scheduler,claim_ahead", [("counter", False), ("snake", False), ("counter", True)])
-def test_tile_counter_is_a_fresh_zero_aliased_to_an_output(scheduler, claim_ahead):
+@pytest.mark.parametrize("scheduler", ["counter", "snake"])
+def test_tile_counter_is_a_fresh_zero_aliased_to_an_output(scheduler):
   """With the counter, the kernel's module holds the atomic add, and the call takes an int32[1] zero that XLA
-  aliases to an extra output (so every call starts from 0, also when a jit chains calls); the snake has neither.
-  Claiming ahead (a third tile slot) lowers the same way."""
-  config = attention_kernel.ForwardConfig(tile_scheduler=scheduler, claim_ahead=claim_ahead)
-  text = _cuda_lowering(8192, 32, 8, 128, config)
+  aliases to an extra output (so every call starts from 0, also when a jit chains calls); the snake has neither."""
+  text = _cuda_lowering(8192, 32, 8, 128, attention_kernel.ForwardConfig(tile_scheduler=scheduler))
   (call,) = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
   assert ("llvm.atomicrmw" in call) == (scheduler == "counter")
   assert ("output_operand_aliases = [#stablehlo.output_operand_alias<output_tuple_indices = [2]" in call) == (
@@ -262,21 +260,10 @@ def test_attention_kernel_reads_a_ragged_prompt_without_copying_it():
 
 
 @pytest.mark.parametrize(
-  "num_ctas,tile_order,claim_ahead",
-  [
-    (1, "rows", False),
-    (3, "rows", False),
-    (None, "rows", False),
-    (3, "head", False),
-    (4, "head", False),
-    (1, "kv_head", False),
-    (3, "kv_head", False),
-    (1, "kv_head", True),
-    (3, "kv_head", True),
-    (4, "head", True),
-  ],
+  "num_ctas,tile_order",
+  [(1, "rows"), (3, "rows"), (None, "rows"), (3, "head"), (4, "head"), (1, "kv_head"), (3, "kv_head")],
 )
-def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order, claim_ahead):
+def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order):
   """Rows of different lengths (and empty padding rows) walked by few CTAs in each tile order: the K/V ring crosses
   tiles, and the producer publishes each claimed tile through the ring of tile slots (the interpreter claims by the
   static snake; the counter's atomic runs on the GPU only)."""
@@ -288,9 +275,7 @@ def test_persistent_grid_runs_several_tiles_per_cta(num_ctas, tile_order, claim_
   geometry = Geometry.from_lengths(*lens)
   layout, _ = suites.random_layout(65, B=B, N=N, T=T, S=S, blk=128, causal=True, lens=lens, density=0.7)
   assert int(jnp.min(layout.counts)) == 0 and int(jnp.max(layout.counts)) >= 3
-  config = attention_kernel.ForwardConfig(
-    pv_operand="smem", num_ctas=num_ctas, tile_order=tile_order, claim_ahead=claim_ahead
-  )
+  config = attention_kernel.ForwardConfig(pv_operand="smem", num_ctas=num_ctas, tile_order=tile_order)
   out, lse = run_checked(
     attention_kernel.block_sparse_attention,
     q,

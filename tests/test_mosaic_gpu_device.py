@@ -41,28 +41,24 @@ def _lengths(B: int, T: int, S: int, with_lengths: bool):
 
 
 @pytest.mark.parametrize(
-  "pv_operand,num_ctas,tile_order,tile_scheduler,claim_ahead",
+  "pv_operand,num_ctas,tile_order,tile_scheduler",
   [
-    ("registers", 132, "kv_head", "counter", False),
-    ("smem", 132, "kv_head", "counter", False),
-    ("registers", None, "kv_head", "counter", False),
-    ("registers", 5, "kv_head", "counter", False),
-    ("registers", 5, "head", "snake", False),
-    ("registers", 5, "rows", "counter", False),
-    ("registers", 132, "kv_head", "counter", True),
-    ("registers", 5, "kv_head", "counter", True),
+    ("registers", 132, "kv_head", "counter"),
+    ("smem", 132, "kv_head", "counter"),
+    ("registers", None, "kv_head", "counter"),
+    ("registers", 5, "kv_head", "counter"),
+    ("registers", 5, "head", "snake"),
+    ("registers", 5, "rows", "counter"),
   ],
 )
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}T{s[1]}S{s[2]}N{s[3]}K{s[4]}H{s[5]}" for s in SHAPES])
-def test_attention_kernel_matches_xla(
-  shape, causal, dtype, pv_operand, num_ctas, tile_order, tile_scheduler, claim_ahead
-):
+def test_attention_kernel_matches_xla(shape, causal, dtype, pv_operand, num_ctas, tile_order, tile_scheduler):
   from xattn_jax.pallas_kernels import block_sparse_attention_mosaic_gpu as kernel
 
   B, T, S, N, K, H, with_lengths = shape
-  seed = hash((shape, causal, str(dtype), pv_operand, num_ctas, tile_order, tile_scheduler, claim_ahead)) % 2**31
+  seed = hash((shape, causal, str(dtype), pv_operand, num_ctas, tile_order, tile_scheduler)) % 2**31
   q, k, v = random_qkv(seed, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
   lens = _lengths(B, T, S, with_lengths)
   geometry = Geometry.from_lengths(*lens)
@@ -77,11 +73,7 @@ def test_attention_kernel_matches_xla(
     causal=causal,
     scale=scale,
     config=kernel.ForwardConfig(
-      pv_operand=pv_operand,
-      num_ctas=num_ctas,
-      tile_order=tile_order,
-      tile_scheduler=tile_scheduler,
-      claim_ahead=claim_ahead,
+      pv_operand=pv_operand, num_ctas=num_ctas, tile_order=tile_order, tile_scheduler=tile_scheduler
     ),
   )
   want, want_lse = attention_xla.block_sparse_attention(q, k, v, layout, geometry, causal=causal, scale=scale)
