@@ -132,17 +132,20 @@ def test_scores_kernel_reads_a_bucketed_prompt_without_copying_it(stride):
 
 
 ALTERNATING_CASES = [  # B, T, S, N, K, H, stride, causal, config options
-  (2, 1100, 1300, 4, 2, 64, 8, True, {}),  # two CTA row blocks (1024 tokens each at s = 8)
-  (2, 1100, 1300, 4, 2, 64, 8, False, {"key_splits": 2}),
-  (1, 2100, 2300, 2, 1, 64, 16, True, {"cluster_heads": 2}),  # two row blocks of 2048 tokens, two key tiles
-  (2, 700, 900, 2, 2, 64, 16, False, {}),
+  (2, 1100, 1300, 4, 2, 64, 8, True, {"cluster_heads": 1, "key_splits": 1}),  # two CTA row blocks (1024 tokens)
+  (2, 1100, 1300, 4, 2, 64, 8, False, {"cluster_heads": 1, "key_splits": 2}),
+  (1, 2100, 2300, 2, 1, 64, 16, True, {"cluster_heads": 2, "key_splits": 1}),  # two row blocks, two key tiles
+  (2, 700, 900, 2, 2, 64, 16, False, {}),  # the GPU default: an odd group (1), so no cluster; 2 key splits
 ]
 
 
 @pytest.mark.parametrize(
   "case",
   ALTERNATING_CASES,
-  ids=[f"T{c[1]}S{c[2]}s{c[6]}{'c' if c[7] else 'nc'}{''.join(c[8])}" for c in ALTERNATING_CASES],
+  ids=[
+    f"T{c[1]}S{c[2]}s{c[6]}{'c' if c[7] else 'nc'}" + "".join(f"-{k}{v}" for k, v in c[8].items())
+    for c in ALTERNATING_CASES
+  ],
 )
 def test_alternating_scores_kernel_matches_oracle(case):
   """SPEC §1.7 in the kernel: the two row parities are two TMA boxes, one per consumer warpgroup, and the combine

@@ -168,7 +168,7 @@ def test_scores_kernel_matches_xla(case, dtype, options):
   from xattn_jax import scoring_xla
 
   B, T, S, N, K, H, stride, causal, with_lengths = case
-  if options.get("cluster_heads") and (N // K) % 2:
+  if options.get("cluster_heads") == 2 and (N // K) % 2:
     pytest.skip("cluster_heads=2 needs an even GQA group")
   q, k, _ = random_qkv(hash((case, str(dtype), str(options))) % 2**31, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
   lens = _lengths(B, T, S, with_lengths)
@@ -182,7 +182,9 @@ def test_scores_kernel_matches_xla(case, dtype, options):
 
 
 @pytest.mark.parametrize(
-  "options", [{}, {"cluster_heads": 2}, {"key_splits": 2}], ids=["default", "cluster2", "split2"]
+  "options",
+  [{}, {"cluster_heads": 1, "key_splits": 1}, {"cluster_heads": 2, "key_splits": 1}],
+  ids=["default", "single", "cluster2"],
 )
 @pytest.mark.parametrize(
   "case", SCORE_CASES, ids=[f"B{c[0]}T{c[1]}S{c[2]}N{c[3]}K{c[4]}H{c[5]}s{c[6]}" for c in SCORE_CASES]
@@ -194,7 +196,7 @@ def test_alternating_estimator_matches_xla(case, options):
   from xattn_jax import scoring_xla
 
   B, T, S, N, K, H, stride, causal, with_lengths = case
-  if options.get("cluster_heads") and (N // K) % 2:
+  if options.get("cluster_heads") == 2 and (N // K) % 2:
     pytest.skip("cluster_heads=2 needs an even GQA group")
   q, k, _ = random_qkv(hash(case) % 2**31, B=B, T=T, S=S, N=N, K=K, H=H, dtype=jnp.bfloat16)
   geometry = Geometry.from_lengths(*_lengths(B, T, S, with_lengths))
