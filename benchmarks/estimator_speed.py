@@ -49,6 +49,19 @@ def per_call(fn, *args, repeats: int, in_jit: int) -> dict:
   return {name: value / in_jit for name, value in t.items()}
 
 
+def timing_row(length: int, stride: int, t: dict, dense_ms: float, **fields) -> dict:
+  """One result row: the case, `per_call`'s times and their share of dense, then the row kind's own fields."""
+  return dict(
+    length=length,
+    stride=stride,
+    ms=t["ms"],
+    min_ms=t["min_ms"],
+    dense_ms=dense_ms,
+    of_dense=t["ms"] / dense_ms,
+    **fields,
+  )
+
+
 def config_rows(
   q, k, *, length: int, stride: int, dense_ms: float, names: list[str], repeats: int, in_jit: int = 1
 ) -> list[dict]:
@@ -68,19 +81,8 @@ def config_rows(
     base = scores if base is None else base
     t = per_call(fn, q, k, repeats=repeats, in_jit=in_jit)
     diff = float(jnp.max(jnp.abs(scores - base)))
-    rows.append(
-      dict(
-        length=length,
-        stride=stride,
-        config=name,
-        ms=t["ms"],
-        min_ms=t["min_ms"],
-        dense_ms=dense_ms,
-        of_dense=t["ms"] / dense_ms,
-        of_default=t["ms"] / rows[0]["ms"] if rows else 1.0,
-        max_diff=diff,
-      )
-    )
+    of_default = t["ms"] / rows[0]["ms"] if rows else 1.0
+    rows.append(timing_row(length, stride, t, dense_ms, config=name, of_default=of_default, max_diff=diff))
     print(
       f"{length:>7} s={stride:<2} config {name:<16} {t['ms']:8.3f} ms  {t['ms'] / dense_ms:6.1%} of cuDNN  "
       f"{rows[-1]['of_default']:5.2f}x the default  max |diff| {diff:.1e}",
@@ -106,18 +108,7 @@ def run(args) -> dict:
         fn = jax.jit(lambda q, k, s=stride, e=estimator: xa.antidiagonal_scores(q, k, stride=s, estimator=e))
         t = per_call(fn, q, k, repeats=args.repeats, in_jit=args.in_jit)
         paper_ms = paper_ms or t["ms"]
-        rows.append(
-          dict(
-            length=length,
-            stride=stride,
-            estimator=estimator,
-            ms=t["ms"],
-            min_ms=t["min_ms"],
-            dense_ms=dense_ms,
-            of_dense=t["ms"] / dense_ms,
-            of_paper=t["ms"] / paper_ms,
-          )
-        )
+        rows.append(timing_row(length, stride, t, dense_ms, estimator=estimator, of_paper=t["ms"] / paper_ms))
         print(
           f"{length:>7} s={stride:<2} {estimator:<12} {t['ms']:8.3f} ms  {t['ms'] / dense_ms:6.1%} of cuDNN "
           f"({dense_ms:.2f} ms)  {t['ms'] / paper_ms:5.2f}x the paper's",
