@@ -284,3 +284,26 @@ def test_decode_roofline_names_the_bandwidths_a_result_measured():
   both = bandwidth_words({"copy_bandwidth_tb_s": 2.95, "read_bandwidth_tb_s": 3.6})
   assert both == "the larger of a copy's 2.95 TB/s and a max's 3.60 TB/s"
   assert bandwidth_words({}) == "none recorded"
+
+
+def test_estimator_speed_in_one_jit_at_a_toy_size(tmp_path):
+  """Both estimators timed as 2 calls chained in one program, on the CPU's XLA backend against XLA attention (the
+  GPU run: the Mosaic GPU kernel against cuDNN); a --configs name that does not exist is refused before any run."""
+  from benchmarks import estimator_speed
+
+  args = ["--lengths", "256", "--strides", "8,16", "--heads", "4", "--kv-heads", "2", "--head-dim", "64"]
+  args += ["--repeats", "2", "--in-jit", "2", "--dense-implementation", "None", "--out-dir", str(tmp_path)]
+  assert estimator_speed.main(args + ["--tag", "toy"]) == 0
+  (result_file,) = tmp_path.glob("estimator_speed/*/*-toy.json")
+  result = json.loads(result_file.read_text())
+  assert result["in_jit"] == 2 and result["configs"] == []
+  assert [(r["stride"], r["estimator"]) for r in result["rows"]] == [
+    (8, "antidiagonal"),
+    (8, "alternating"),
+    (16, "antidiagonal"),
+    (16, "alternating"),
+  ]
+  assert all(r["ms"] > 0 and r["of_dense"] == r["ms"] / r["dense_ms"] for r in result["rows"])
+  assert "chained in one jitted program" in result_file.with_suffix(".md").read_text()
+  with pytest.raises(SystemExit):
+    estimator_speed.main(args + ["--configs", "default,cluster-heads-8"])
