@@ -27,7 +27,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import xattn_jax as xa
-from benchmarks.common import BLOCK, block_mask_of, chained_in_one_jit, fixed_density_layout, rel_err, timed
+from benchmarks.common import BLOCK, block_mask_of, fixed_density_layout, rel_err, timed_per_call
 from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
 from xattn_jax.synthetic import llm_like_qkv
 
@@ -65,11 +65,7 @@ def run(args, argv=None) -> dict:
     return peers.timed(fn, device=device, repeats=args.repeats, pipeline=args.pipeline)
 
   def measure(fn, *fn_args):
-    """Per call: `timed` on one call, or with --in-jit N on N chained calls in one program (divided by N)."""
-    if args.in_jit == 1:
-      return timed(fn, *fn_args, repeats=args.repeats, pipeline=args.pipeline)
-    t = timed(chained_in_one_jit(fn, args.in_jit), *fn_args, repeats=args.repeats, pipeline=args.pipeline)
-    return {name: value / args.in_jit for name, value in t.items()}
+    return timed_per_call(fn, *fn_args, repeats=args.repeats, in_jit=args.in_jit, pipeline=args.pipeline)
 
   key = jax.random.key(args.seed)
   for length in args.lengths:

@@ -52,6 +52,15 @@ def chained_in_one_jit(fn, calls: int):
   return jax.jit(run)
 
 
+def timed_per_call(fn, *args, repeats: int, in_jit: int = 1, pipeline: int = 1) -> dict:
+  """`timed` per call: on one call, or on `in_jit` calls chained in one program (`chained_in_one_jit`: a model's
+  layers, without the host's dispatch of each) with every time divided by in_jit."""
+  if in_jit == 1:
+    return timed(fn, *args, repeats=repeats, pipeline=pipeline)
+  t = timed(chained_in_one_jit(fn, in_jit), *args, repeats=repeats, pipeline=pipeline)
+  return {name: value / in_jit for name, value in t.items()}
+
+
 def device_op_times(fn, *args, divide_by: int = 1, top: int = 15, warmup: bool = True) -> list[dict]:
   """Where one call's device time goes: `fn(*args)` run once under `jax.profiler.trace`, the events of the
   accelerator's planes (or the host's XLA threads where there is none) summed by name. On a GPU the "XLA Ops" line

@@ -24,7 +24,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import xattn_jax as xa
-from benchmarks.common import BLOCK, chained_in_one_jit, device_op_times, timed, without_traced_checks
+from benchmarks.common import BLOCK, device_op_times, timed_per_call, without_traced_checks
 from benchmarks.result_files import add_output_args, csv_of, write_result
 from xattn_jax.geometry import Geometry
 
@@ -41,16 +41,8 @@ CONFIGS = {  # ScoresConfig fields of the Mosaic GPU kernel per --configs name
 }
 
 
-def per_call(fn, *args, repeats: int, in_jit: int) -> dict:
-  """`timed` on one call, or on `in_jit` chained calls in one program (a model's layers), divided by in_jit."""
-  if in_jit == 1:
-    return timed(fn, *args, repeats=repeats)
-  t = timed(chained_in_one_jit(fn, in_jit), *args, repeats=repeats)
-  return {name: value / in_jit for name, value in t.items()}
-
-
 def timing_row(length: int, stride: int, t: dict, dense_ms: float, **fields) -> dict:
-  """One result row: the case, `per_call`'s times and their share of dense, then the row kind's own fields."""
+  """One result row: the case, `timed_per_call`'s times and their share of dense, then the row kind's own fields."""
   return dict(
     length=length,
     stride=stride,
@@ -79,7 +71,7 @@ def config_rows(
     )
     scores = fn(q, k)
     base = scores if base is None else base
-    t = per_call(fn, q, k, repeats=repeats, in_jit=in_jit)
+    t = timed_per_call(fn, q, k, repeats=repeats, in_jit=in_jit)
     diff = float(jnp.max(jnp.abs(scores - base)))
     of_default = t["ms"] / rows[0]["ms"] if rows else 1.0
     rows.append(timing_row(length, stride, t, dense_ms, config=name, of_default=of_default, max_diff=diff))
@@ -101,12 +93,12 @@ def run(args) -> dict:
     dense = jax.jit(
       lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=args.dense_implementation)
     )
-    dense_ms = per_call(dense, q, k, v, repeats=args.repeats, in_jit=args.in_jit)["ms"]
+    dense_ms = timed_per_call(dense, q, k, v, repeats=args.repeats, in_jit=args.in_jit)["ms"]
     for stride in args.strides:
       paper_ms = None
       for estimator in ESTIMATORS:
         fn = jax.jit(lambda q, k, s=stride, e=estimator: xa.antidiagonal_scores(q, k, stride=s, estimator=e))
-        t = per_call(fn, q, k, repeats=args.repeats, in_jit=args.in_jit)
+        t = timed_per_call(fn, q, k, repeats=args.repeats, in_jit=args.in_jit)
         paper_ms = paper_ms or t["ms"]
         rows.append(timing_row(length, stride, t, dense_ms, estimator=estimator, of_paper=t["ms"] / paper_ms))
         print(
