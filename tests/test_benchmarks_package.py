@@ -152,6 +152,30 @@ def test_model_decode_section_at_a_toy_size(tmp_path):
   assert "cache of 512 tokens" in result_file.with_suffix(".md").read_text()
 
 
+def test_sharded_model_prefill_at_a_toy_size(tmp_path):
+  """model_prefill_sharded.py on CPU devices: one GPU's row, then sequence- and head-split rows per kind, whose
+  logits match the one-device row's and whose XAttention selects the same density; a batch-split mesh is refused."""
+  from benchmarks import model_prefill_sharded
+
+  args = ["--shape", "tiny", "--layers", "2", "--length", "512", "--meshes", "1x2x1,1x1x2", "--repeats", "1"]
+  assert model_prefill_sharded.main(args + ["--out-dir", str(tmp_path), "--tag", "toy"]) == 0
+  (result_file,) = tmp_path.glob("model_prefill_sharded/*/*-toy.json")
+  rows = json.loads(result_file.read_text())["rows"]
+  assert [(r["kind"], r["mesh"], r["devices"]) for r in rows] == [
+    (kind, mesh, devices)
+    for kind in ("dense", "xattention")
+    for mesh, devices in (("1x1x1", 1), ("1x2x1", 2), ("1x1x2", 2))
+  ]
+  for base, *sharded in (rows[:3], rows[3:]):
+    for r in sharded:
+      assert r["rel_err_vs_1gpu"] < 3e-2 and r["same_argmax"] and r["finite"], r
+      assert r["scaling_efficiency"] == pytest.approx(base["ttft_s"] / r["ttft_s"] / r["devices"])
+  assert {r["density"] for r in rows[3:]} == {rows[3]["density"]} and 0 < rows[3]["density"] < 1
+  assert "| xattention | 1x2x1 | 2 |" in result_file.with_suffix(".md").read_text()
+  with pytest.raises(SystemExit):  # one prompt: the data axis must be 1
+    model_prefill_sharded.main(args[:-4] + ["--meshes", "2x1x1", "--out-dir", str(tmp_path)])
+
+
 def test_model_prefill_section_at_a_toy_size(tmp_path):
   """model_prefill.py's prefill section on the tiny shape: dense and XAttention rows in both modes, the extra stride
   in both modes with its own estimator time and prediction, chunked equal to one-shot, --prefill-profile's rows."""
