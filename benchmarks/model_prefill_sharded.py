@@ -34,7 +34,7 @@ from benchmarks.common import without_traced_checks
 from benchmarks.model_prefill import SHAPES, make_model, time_prefill
 from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
 from xattn_jax.models import AttentionConfig, Generator
-from xattn_jax.models.sharding import make_mesh
+from xattn_jax.models.sharding import check_divisible, make_mesh
 
 SCRIPT = "model_prefill_sharded"
 GiB = 2**30
@@ -80,10 +80,15 @@ def compare(logits: np.ndarray, base: np.ndarray) -> dict:
   )
 
 
-def run_row(model, prompt, args, *, kind: str, mesh_dims, base: dict | None) -> dict:
-  """One prefill configuration: TTFT and memory, and the logits against the one-GPU row `base`."""
-  data, seq, tensor = mesh_dims
-  mesh = None if mesh_dims == (1, 1, 1) else make_mesh(data, tensor, jax.devices()[: data * seq * tensor], seq=seq)
+def build_mesh(dims: tuple[int, int, int]):
+  """The (data, seq, tensor) mesh on the first data * seq * tensor devices."""
+  data, seq, tensor = dims
+  return make_mesh(data, tensor, jax.devices()[: data * seq * tensor], seq=seq)
+
+
+def run_row(model, prompt, args, *, kind: str, dims, mesh, base: dict | None) -> dict:
+  """One prefill configuration (`mesh` None: one GPU): TTFT and memory, and the logits against the one-GPU `base`."""
+  data, seq, tensor = dims
   chunk = args.chunk_size or args.length
   gen = Generator(model.with_attention(attention_config(kind, args)), max_len=args.length, chunk_size=chunk, mesh=mesh)
   timing = time_prefill(gen, prompt, args.repeats)
@@ -170,6 +175,13 @@ def main(argv=None) -> int:
       seed=args.seed,
     )
   )
+  built = {}
+  for dims in meshes:
+    built[dims] = build_mesh(dims)
+    try:  # before anything is timed: heads, kv heads and the MLP split by "tensor", the prompt by "seq"
+      check_divisible(model.config, built[dims], batch=1, max_len=args.length)
+    except ValueError as e:
+      parser.error(f"--meshes {'x'.join(map(str, dims))}: {e}")
   prompt = np.random.default_rng(args.seed).integers(0, model.config.vocab_size, size=args.length).tolist()
   result = dict(
     metadata(SCRIPT, argv),
@@ -188,11 +200,11 @@ def main(argv=None) -> int:
     )
 
   for kind in args.kinds:
-    base = run_row(model, prompt, args, kind=kind, mesh_dims=(1, 1, 1), base=None)
+    base = run_row(model, prompt, args, kind=kind, dims=(1, 1, 1), mesh=None, base=None)
     result["rows"].append(base)
     write()
     for dims in meshes:
-      result["rows"].append(run_row(model, prompt, args, kind=kind, mesh_dims=dims, base=base))
+      result["rows"].append(run_row(model, prompt, args, kind=kind, dims=dims, mesh=built[dims], base=base))
       write()
     base.pop("logits")
   stem = write()

@@ -154,7 +154,8 @@ def test_model_decode_section_at_a_toy_size(tmp_path):
 
 def test_sharded_model_prefill_at_a_toy_size(tmp_path):
   """model_prefill_sharded.py on CPU devices: one GPU's row, then sequence- and head-split rows per kind, whose
-  logits match the one-device row's and whose XAttention selects the same density; a batch-split mesh is refused."""
+    logits match the one-device row's and whose XAttention selects the same density; meshes that cannot hold the model
+  or the one prompt are refused before anything runs."""
   from benchmarks import model_prefill_sharded
 
   args = ["--shape", "tiny", "--layers", "2", "--length", "512", "--meshes", "1x2x1,1x1x2", "--repeats", "1"]
@@ -172,8 +173,9 @@ def test_sharded_model_prefill_at_a_toy_size(tmp_path):
       assert r["scaling_efficiency"] == pytest.approx(base["ttft_s"] / r["ttft_s"] / r["devices"])
   assert {r["density"] for r in rows[3:]} == {rows[3]["density"]} and 0 < rows[3]["density"] < 1
   assert "| xattention | 1x2x1 | 2 |" in result_file.with_suffix(".md").read_text()
-  with pytest.raises(SystemExit):  # one prompt: the data axis must be 1
-    model_prefill_sharded.main(args[:-4] + ["--meshes", "2x1x1", "--out-dir", str(tmp_path)])
+  for mesh in ("2x1x1", "1x1x4"):  # one prompt: data must be 1; the tiny shape's 2 kv heads do not split 4 ways
+    with pytest.raises(SystemExit):
+      model_prefill_sharded.main(args[:-4] + ["--meshes", mesh, "--out-dir", str(tmp_path)])
 
 
 def test_model_prefill_section_at_a_toy_size(tmp_path):
