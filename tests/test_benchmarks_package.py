@@ -154,7 +154,7 @@ def test_model_decode_section_at_a_toy_size(tmp_path):
 
 def test_sharded_model_prefill_at_a_toy_size(tmp_path):
   """model_prefill_sharded.py on CPU devices: one GPU's row, then sequence- and head-split rows per kind, whose
-    logits match the one-device row's and whose XAttention selects the same density; meshes that cannot hold the model
+  logits match the one-device row's and whose XAttention selects the same density; meshes that cannot hold the model
   or the one prompt are refused before anything runs."""
   from benchmarks import model_prefill_sharded
 
