@@ -75,9 +75,9 @@ def make_model(args) -> Transformer:
   return create()
 
 
-def memory_peak() -> float:
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use", -1) / GiB
+def memory_peak(devices=None) -> float:
+  """The largest allocator peak (GiB) over `devices` (default: the first device); negative without statistics."""
+  return max((d.memory_stats() or {}).get("peak_bytes_in_use", -1) for d in devices or jax.devices()[:1]) / GiB
 
 
 def xattention_config(args, threshold: float, stride: int | None = None) -> AttentionConfig:

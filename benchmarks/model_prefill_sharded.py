@@ -29,15 +29,13 @@ import numpy as np
 if __name__ == "__main__" and not __package__:  # `python benchmarks/<script>.py`: the package from the repository root
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import xattn_jax as xa
-from benchmarks.common import without_traced_checks
-from benchmarks.model_prefill import SHAPES, make_model, time_prefill
+from benchmarks.common import rel_err, without_traced_checks
+from benchmarks.model_prefill import SHAPES, make_model, memory_peak, time_prefill, xattention_config
 from benchmarks.result_files import add_output_args, csv_of, metadata, write_result
 from xattn_jax.models import AttentionConfig, Generator
 from xattn_jax.models.sharding import check_divisible, make_mesh
 
 SCRIPT = "model_prefill_sharded"
-GiB = 2**30
 KINDS = ("dense", "xattention")
 
 
@@ -59,22 +57,13 @@ def default_meshes(n: int) -> list[tuple[int, int, int]]:
   return meshes
 
 
-def peak_gib(devices) -> float:
-  """The largest allocator peak over `devices` (-1 where the backend keeps no statistics)."""
-  return max((d.memory_stats() or {}).get("peak_bytes_in_use", -GiB) for d in devices) / GiB
-
-
 def attention_config(kind: str, args) -> AttentionConfig:
-  if kind == "dense":
-    return AttentionConfig()
-  return AttentionConfig(
-    kind="xattention", xattention=xa.XAttentionConfig(threshold=args.threshold, stride=args.stride)
-  )
+  return AttentionConfig() if kind == "dense" else xattention_config(args, args.threshold)
 
 
 def compare(logits: np.ndarray, base: np.ndarray) -> dict:
   return dict(
-    rel_err_vs_1gpu=float(np.linalg.norm(logits - base) / np.linalg.norm(base)),
+    rel_err_vs_1gpu=rel_err(logits, base),
     max_logit_diff_vs_1gpu=float(np.abs(logits - base).max()),
     same_argmax=bool(logits.argmax() == base.argmax()),
   )
@@ -100,7 +89,7 @@ def run_row(model, prompt, args, *, kind: str, dims, mesh, base: dict | None) ->
     mesh=f"{data}x{seq}x{tensor}",
     devices=len(devices),
     chunk=chunk,
-    peak_gib=peak_gib(devices),
+    peak_gib=memory_peak(devices),
     **{k: v for k, v in timing.items() if k != "peak_gib"},
   )
   if kind == "dense":
@@ -153,6 +142,9 @@ def main(argv=None) -> int:
   parser.add_argument("--threshold", type=float, default=0.53)
   parser.add_argument("--stride", type=int, default=8)
   parser.add_argument("--chunk-size", type=int, default=None, help="default: the whole prompt in one chunk")
+  parser.add_argument(
+    "--query-chunk-size", type=int, default=None, help="XAttention's query chunk (as model_prefill.py's option)"
+  )
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
   add_output_args(parser)
