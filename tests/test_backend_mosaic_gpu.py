@@ -205,8 +205,8 @@ def test_alternating_scores_read_q_where_it_lies(stride, causal):
   assert not extra, f"q-sized XLA ops only the alternating program has: {dict(extra)}"
 
 
-def _cuda_lowering(length, heads, kv_heads, head_dim, config=attention_kernel.ForwardConfig()) -> str:
-  """The forward kernel's call lowered for cuda from this host (abstract inputs, causal, one sequence): its text."""
+def _abstract_forward(length, heads, kv_heads, head_dim, config):
+  """The forward kernel's call on abstract inputs (causal, one sequence): (function, arguments)."""
   nb = -(-length // 128)
   sds = jax.ShapeDtypeStruct
   layout = BlockLayout(
@@ -218,7 +218,13 @@ def _cuda_lowering(length, heads, kv_heads, head_dim, config=attention_kernel.Fo
   geometry = Geometry(*(sds((1,), jnp.int32),) * 3)
   f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=head_dim**-0.5, config=config)
   qkv = [sds((1, length, n, head_dim), jnp.bfloat16) for n in (heads, kv_heads, kv_heads)]
-  return jax.jit(f).trace(*qkv, layout, geometry).lower(lowering_platforms=("cuda",)).as_text()
+  return f, (*qkv, layout, geometry)
+
+
+def _cuda_lowering(length, heads, kv_heads, head_dim, config=attention_kernel.ForwardConfig()) -> str:
+  """The forward kernel's call lowered for cuda from this host: its text."""
+  f, args = _abstract_forward(length, heads, kv_heads, head_dim, config)
+  return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize(
@@ -349,24 +355,44 @@ def test_profiler_buffer_fits_beside_the_kernel():
   assert spec.smem_bytes(block=(3 * 128,)) <= free
 
 
-def _copy_loop_depths(jaxpr, source_shape) -> list[int]:
-  """For each GMEM -> SMEM copy in the jaxpr (kernel bodies included) whose source has `source_shape`: how many
-  while loops enclose it."""
+def _equations(jaxpr, loops: int = 0):
+  """(equation, how many while loops enclose it) for every equation of the jaxpr, kernel bodies included."""
   from jax.extend import core as jex_core
 
-  depths = []
+  for eqn in jaxpr.eqns:
+    yield eqn, loops
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        if isinstance(sub, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+          yield from _equations(getattr(sub, "jaxpr", sub), loops + (eqn.primitive.name == "while"))
 
-  def walk(jaxpr, loops):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "copy_gmem_to_smem" and tuple(eqn.invars[0].aval.shape) == source_shape:
-        depths.append(loops)
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (list, tuple)) else [param]:
-          if isinstance(sub, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
-            walk(getattr(sub, "jaxpr", sub), loops + (eqn.primitive.name == "while"))
 
-  walk(jaxpr.jaxpr, 0)
-  return sorted(depths)
+def _copy_loop_depths(jaxpr, source_shape) -> list[int]:
+  """For each GMEM -> SMEM copy in the jaxpr whose source has `source_shape`: how many while loops enclose it."""
+  return sorted(
+    loops
+    for eqn, loops in _equations(jaxpr.jaxpr)
+    if eqn.primitive.name == "copy_gmem_to_smem" and tuple(eqn.invars[0].aval.shape) == source_shape
+  )
+
+
+def _forward_jaxpr(config):
+  """The forward kernel's call traced at 1024 tokens, 4 query / 2 kv heads of 128."""
+  f, args = _abstract_forward(1024, 4, 2, 128, config)
+  return jax.make_jaxpr(f)(*args)
+
+
+def test_epilogue_divides_once_per_row():
+  """Issue #19: the output is normalized by one division per query row and multiplies. Mosaic GPU lowers a float
+  division to an IEEE `arith.divf` per element (no fast-math flag), so `acc / l` cost 64 divisions per thread in
+  every tile's epilogue."""
+  jaxpr = _forward_jaxpr(attention_kernel.ForwardConfig())
+  float_divisions = [
+    eqn.outvars[0].aval.shape
+    for eqn, _ in _equations(jaxpr.jaxpr)
+    if eqn.primitive.name == "div" and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating)
+  ]
+  assert float_divisions and all(len(shape) <= 1 for shape in float_divisions), float_divisions
 
 
 @pytest.mark.parametrize("pv_operand,q_buffers", [("registers", 2), ("smem", 1)])
@@ -377,20 +403,8 @@ def test_next_tiles_q_is_requested_before_the_tile_opens(pv_operand, q_buffers):
   (depth 1 only). A build that loads every Q as its tile opens has depth 1 only with two buffers too and fails here;
   the ordering (the previous output's stores must have read the buffer) is the interpreter tests' (their race
   detector fails a build without the wait)."""
-  heads, length, head_dim = 4, 1024, 128
-  nb = length // 128
-  sds = jax.ShapeDtypeStruct
-  layout = BlockLayout(
-    counts=sds((1, heads, nb), jnp.int32),
-    indices=sds((1, heads, nb, nb), jnp.int32),
-    num_allowed=sds((1, heads, nb), jnp.int32),
-  )
-  config = attention_kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=4)
-  f = functools.partial(attention_kernel.block_sparse_attention, causal=True, scale=head_dim**-0.5, config=config)
-  q_shape = (1, length, heads, head_dim)
-  kv = sds((1, length, 2, head_dim), jnp.bfloat16)
-  jaxpr = jax.make_jaxpr(f)(sds(q_shape, jnp.bfloat16), kv, kv, layout, Geometry(*(sds((1,), jnp.int32),) * 3))
-  assert _copy_loop_depths(jaxpr, q_shape) == ([0, 1] if q_buffers == 2 else [1])
+  jaxpr = _forward_jaxpr(attention_kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=4))
+  assert _copy_loop_depths(jaxpr, (1, 1024, 4, 128)) == ([0, 1] if q_buffers == 2 else [1])
 
 
 def test_tuning_config_validation():
