@@ -24,7 +24,9 @@ a mask and [n_full, count) with the iota mask.
 Two P @ V variants: "registers" keeps P in registers as the wgmma A operand (FA3; GPU only), "smem" stores P to
 SMEM first (about 5% slower on an H200, and the variant the CPU interpreter can run).
 
-Numerics: logits are scaled by scale * log2(e) and exponentiated with exp2; the lse is returned in natural log.
+Numerics: logits are scaled by scale * log2(e) and exponentiated with exp2; the lse is returned in natural log. The
+epilogue normalizes with one reciprocal per row (`acc * (1 / l)`): a float division of a tile lowers to an IEEE
+division per element.
 """
 
 from __future__ import annotations
