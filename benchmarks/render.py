@@ -4,7 +4,9 @@
     python -m benchmarks.render --check benchmarks/results/*/*/*.json   # compare only; exit 1 if an .md differs
 
 The script whose `to_markdown(result)` renders a file is named by the json's "script" field, else by the folder the
-file sits in (<script>/<card>/<date>-<tag>.json: results written before the field existed).
+file sits in (<script>/<card>/<date>-<tag>.json: results written before the field existed). A json with neither a
+"script" field nor an .md beside it is a run's side file (niah.py's RUN-fidelity.json and calibrated thresholds), not a
+result: it is skipped, with a line saying so.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def markdown_path(path) -> pathlib.Path:
   return path.with_name(path.name.removesuffix(".json") + ".md")
 
 
+def is_side_file(path) -> bool:
+  """A json that no script renders: no "script" field and no .md beside it (see the module docstring)."""
+  path = pathlib.Path(path)
+  result = json.loads(path.read_text())
+  return not (isinstance(result, dict) and "script" in result) and not markdown_path(path).exists()
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("files", nargs="+", type=pathlib.Path, help="result json files")
@@ -50,6 +59,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   differ = []
   for path in args.files:
+    if is_side_file(path):
+      print(f"skipped: {path} (a side file: no 'script' field and no .md)")
+      continue
     text, md = render(path), markdown_path(path)
     if args.check:
       if not md.exists() or md.read_text() != text:

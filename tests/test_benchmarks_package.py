@@ -81,6 +81,24 @@ def test_render_names_the_script_by_folder_for_old_files(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_every_result_in_the_repository_matches_its_markdown():
+  """Each benchmarks/results json renders to the .md beside it (no hand edit of a table, no stale renderer); a run's
+  side files (niah.py's fidelity and thresholds json: no "script" field, no .md) are skipped, not rendered."""
+  files = sorted((ROOT / "benchmarks" / "results").glob("*/*/*.json"))
+  assert len(files) > 50 and any(render.is_side_file(f) for f in files)
+  assert render.main(["--check", *map(str, files)]) == 0
+
+
+def test_render_skips_side_files(tmp_path, capsys):
+  side = tmp_path / "niah" / "cpu" / "2026-12-07-run-fidelity.json"
+  side.parent.mkdir(parents=True)
+  side.write_text(json.dumps({"prompts": 1, "configs": {}}))
+  assert render.main(["--check", str(side)]) == 0 and "skipped" in capsys.readouterr().out
+  assert not side.with_suffix(".md").exists()
+  side.with_suffix(".md").write_text("")  # with an .md beside it, it is a result again
+  assert not render.is_side_file(side)
+
+
 TOY = ["--lengths", "256", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--implementation", "xla"]
 TOY += ["--dense-implementation", "xla", "--repeats", "2"]
 
