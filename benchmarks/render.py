@@ -48,8 +48,10 @@ def markdown_path(path) -> pathlib.Path:
 def is_side_file(path) -> bool:
   """A json that no script renders: no "script" field and no .md beside it (see the module docstring)."""
   path = pathlib.Path(path)
+  if markdown_path(path).exists():  # a result: the json is read once, by `render`
+    return False
   result = json.loads(path.read_text())
-  return not (isinstance(result, dict) and "script" in result) and not markdown_path(path).exists()
+  return not (isinstance(result, dict) and "script" in result)
 
 
 def main(argv=None) -> int:
