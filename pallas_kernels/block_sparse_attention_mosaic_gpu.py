@@ -203,6 +203,19 @@ def _kernel(
     buffers = qo_smem.shape[1]
     q_ahead = buffers > 1  # the next tile's Q is requested before this tile's epilogue, into the other buffer
 
+    def arrive_for(next_tile):
+      """WG1's half of the ping-pong turn that opens the next tile, taken as soon as it knows there is one.
+
+      Within a tile each consumer arrives at the schedule barrier and waits for that phase before its next arrival
+      (schedule()). The turn at a tile boundary is split instead: WG0 arrives as its epilogue begins (WG1's last
+      P V may go) and waits for that phase when it opens the next tile; WG1 arrives for the next tile's first phase
+      here and waits for it when it opens that tile. So WG0 normalizes and stores while WG1 runs its last softmax,
+      and WG0's first softmax of the next tile runs under WG1's epilogue, instead of each epilogue waiting for the
+      other consumer (notes, "split handoff"). Each consumer still waits for every phase once, before its next
+      arrival: WG1 waited for its last one before its last P V, and it arrives only if a next tile will wait.
+      """
+      pl.when((wg == 1) & (next_tile < num_tiles))(lambda: plgpu.barrier_arrive(schedule_barrier))
+
     def load_q(i, t):  # this warpgroup's Q rows of tile t (its i-th) into Q/O buffer i % buffers
       b, r, n = coords(t)
       buf = lax.rem(i, buffers)
@@ -230,7 +243,9 @@ def _kernel(
         def _():
           plgpu.barrier_wait(k_barriers.at[lax.rem(first_step, stages)])
 
-        pl.when(wg == 1)(schedule)
+        # The second half of the tile boundary's turn (arrive_for): WG0 waits for the phase it arrived at as its
+        # previous epilogue began, WG1 for the one it arrived at as it learned of this tile.
+        pl.when((wg == 1) | (i > 0))(lambda: plgpu.barrier_wait(schedule_barrier))
 
       def step(j, carry, *, masked: bool):
         acc, m_i, l_i = carry
@@ -292,13 +307,14 @@ def _kernel(
         carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
         acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
       with jax.named_scope("close"):  # epilogue: next tile's Q; normalize, stage and store O and the lse
+        pl.when(wg == 0)(lambda: plgpu.barrier_arrive(schedule_barrier))  # WG1's last P V may go (arrive_for)
+        following = read_tile(i + 1)
+        arrive_for(following[0])
         if q_ahead:
-          following = read_tile(i + 1)
           # The other buffer was last staged by the previous tile's stores (all that is in flight): once they have
           # read it, the next tile's Q goes there and arrives while this epilogue runs.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           pl.when(following[0] < num_tiles)(lambda: load_q(i + 1, following[0]))
-        pl.when(wg == 0)(schedule)
 
         rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=row_layout) + q_base
         live = (l_i > 0) & (rows < q_len_ref[b])  # padding queries and queries that attend to nothing
@@ -312,14 +328,14 @@ def _kernel(
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_base, block_q), n])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, n, pl.ds(q_base, block_q)])
-      if not q_ahead:  # one buffer: the next tile is only needed once this one's stores are issued
-        following = read_tile(i + 1)
       return (i + 1, first_step + count, *following)
 
     first = read_tile(0)
+    arrive_for(first[0])
     if q_ahead:
       pl.when(first[0] < num_tiles)(lambda: load_q(0, first[0]))
-    lax.while_loop(lambda carry: carry[2] < num_tiles, run_tile, (jnp.int32(0), jnp.int32(0), *first))
+    tiles = lax.while_loop(lambda carry: carry[2] < num_tiles, run_tile, (jnp.int32(0), jnp.int32(0), *first))[0]
+    pl.when((wg == 0) & (tiles > 0))(lambda: plgpu.barrier_wait(schedule_barrier))  # the last epilogue's turn
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == 2)
