@@ -3,6 +3,7 @@ real Mosaic GPU lowering ("cuda") at production shapes. The GPU itself: tests/te
 
 from __future__ import annotations
 
+import collections
 import functools
 import re
 
@@ -405,6 +406,28 @@ def test_next_tiles_q_is_requested_before_the_tile_opens(pv_operand, q_buffers):
   detector fails a build without the wait)."""
   jaxpr = _forward_jaxpr(attention_kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=4))
   assert _copy_loop_depths(jaxpr, (1, 1024, 4, 128)) == ([0, 1] if q_buffers == 2 else [1])
+
+
+def _schedule_barrier_ops(jaxpr) -> collections.Counter:
+  """(primitive, while-loop depth) counts of the consumers' ping-pong barrier, the kernel's only unindexed one."""
+  return collections.Counter(
+    (eqn.primitive.name, loops)
+    for eqn, loops in _equations(jaxpr.jaxpr)
+    if eqn.primitive.name in ("barrier_arrive", "barrier_wait") and str(eqn.invars[0].aval).endswith("barrier[]}")
+  )
+
+
+@pytest.mark.parametrize("pv_operand", ["registers", "smem"])
+def test_tile_boundary_turn_is_split_into_arrival_and_wait(pv_operand):
+  """Issue #19 (split handoff): inside the steps (depth 2) every turn is an arrival and its wait; at the tile
+  boundary (depth 1) each consumer arrives in the epilogue and waits at the next open, so the tile loop holds two
+  arrivals (WG0's and WG1's, under pl.when) and one wait. v4 took the whole turn at the boundary (two arrivals, two
+  waits: WG0's epilogue waited for WG1's last softmax) and fails here. The protocol's correctness (every phase
+  observed before the next arrival) is the interpreter's check in the persistent-grid tests."""
+  ops = _schedule_barrier_ops(_forward_jaxpr(attention_kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=4)))
+  assert ops[("barrier_arrive", 1)] == 2 and ops[("barrier_wait", 1)] == 1, ops
+  assert ops[("barrier_arrive", 2)] == ops[("barrier_wait", 2)] > 0, ops
+  assert ops[("barrier_arrive", 0)] == ops[("barrier_wait", 0)] == 1, ops  # WG1 before the first tile, WG0 after
 
 
 def test_tuning_config_validation():
