@@ -9,16 +9,19 @@ the k-th case. Then, for the hottest SASS lines of each launch:
     ncu --import $OUT/tiles.ncu-rep --page source --csv --print-source sass > sass.csv
     python3 benchmarks/profile_attention_tiles.py --sass-top sass.csv
 
-Without Nsight, Mosaic GPU's own profiler times each consumer warpgroup's tile phases ("open": Q load, first K,
-the ping-pong handoff; "steps"; "close": the epilogue and stores) and the gaps between tiles, per CTA:
+Without Nsight, Mosaic GPU's own profiler times each consumer warpgroup's tile phases ("open": the Q load's wait;
+"open_first_k": the first K's; "open_turn": the ping-pong turn's; "steps"; "close": the epilogue and stores) and
+the gaps between tiles, per CTA:
 
     python3 benchmarks/profile_attention_tiles.py 8192:10,32768:10 --phases $OUT/phases
 
 It writes the kernel's Perfetto trace under that directory and prints, per case, the busiest warpgroup's span (the
 kernel's time), how much longer the busiest CTA (SM) ran than the mean one (the schedule's tail), and each phase's
-median and mean time per tile and its share of all warpgroups' time. Units: the profiler stamps events with the
-SM's cycle counter and writes ts = cycles / 1000 after a start in ns, so its "us" are thousands of cycles (kcyc;
-divide by the clock in GHz: an H100 under this load runs at ~1.5 GHz). Its event writes cost ~12 cycles each, so
+median and mean time per tile and its share of all warpgroups' time, for both consumers and for each (wg0, wg1).
+The five ranges per tile fill the profiler's SMEM buffer at 32K (the script says when a trace is cut short); profile
+8K and 16K whole. Units: the profiler stamps events with the SM's cycle counter and writes ts = cycles / 1000
+after a start in ns, so its "us" are thousands of cycles (kcyc; divide by the clock in GHz: an H100 under this load
+runs at ~1.5 GHz). Its event writes cost ~12 cycles each, so
 the phases are slightly longer than without it.
 
 A case is T:percent[:kv heads[:variant]] (8 kv heads and the default ForwardConfig if left out; variants as in
@@ -83,16 +86,21 @@ def sass_top(path: str, lines: int = 40) -> None:
       )
 
 
+WARPGROUPS = 3  # the kernel's: two consumers, one producer (one profiler trace each)
+
+
 def tile_phases(trace: dict) -> dict:
   """A Mosaic GPU profiler trace (Perfetto JSON: "B" / "E" events with name, ts in kcyc, pid = SM, tid = one
   warpgroup of one CTA) summarized: {"phases": {name: [durations of its outermost ranges]}, "between": [gaps from
   one range's end to the next range's begin on a warpgroup], "span": {tid: last end - first begin}, "sm_span":
-  {pid: the SM's last end - its first begin}}. Ranges nested inside another (a scope re-entered in a loop body)
-  count toward the outer one only."""
+  {pid: the SM's last end - its first begin}, "by_warpgroup": {name: {warpgroup: durations}}}. Ranges nested inside
+  another (a scope re-entered in a loop body) count toward the outer one only. The dump numbers the traces
+  1 + warpgroup + WARPGROUPS x CTA, so a range's warpgroup is (tid - 1) % WARPGROUPS."""
   by_tid = collections.defaultdict(list)
   for event in trace["traceEvents"]:
     by_tid[event["tid"]].append(event)
   phases, between, span, sm_bounds = collections.defaultdict(list), [], {}, {}
+  by_warpgroup = collections.defaultdict(lambda: collections.defaultdict(list))
   for tid, events in by_tid.items():
     events.sort(key=lambda e: e["ts"])  # per warpgroup the clock is monotone (the dump enforces it)
     stack, last_end = [], None
@@ -105,12 +113,14 @@ def tile_phases(trace: dict) -> dict:
         begin = stack.pop()
         if not stack:
           phases[begin["name"]].append(event["ts"] - begin["ts"])
+          by_warpgroup[begin["name"]][(tid - 1) % WARPGROUPS].append(event["ts"] - begin["ts"])
           last_end = event["ts"]
     span[tid] = events[-1]["ts"] - events[0]["ts"]
     lo, hi = sm_bounds.get(events[0]["pid"], (events[0]["ts"], events[-1]["ts"]))
     sm_bounds[events[0]["pid"]] = min(lo, events[0]["ts"]), max(hi, events[-1]["ts"])
   sm_span = {pid: hi - lo for pid, (lo, hi) in sm_bounds.items()}
-  return {"phases": dict(phases), "between": between, "span": span, "sm_span": sm_span}
+  by_warpgroup = {name: dict(sorted(per.items())) for name, per in by_warpgroup.items()}
+  return {"phases": dict(phases), "between": between, "span": span, "sm_span": sm_span, "by_warpgroup": by_warpgroup}
 
 
 def phase_table(summary: dict, tiles: int | None = None) -> str:
@@ -128,12 +138,19 @@ def phase_table(summary: dict, tiles: int | None = None) -> str:
   closes = len(summary["phases"].get("close", []))
   if tiles is not None and closes < 2 * tiles:
     lines.insert(0, f"TRACE CUT SHORT: {closes} of {2 * tiles} tile closes recorded (profiler buffer full)")
+
+  def line(label, durations):
+    return (
+      f"  {label:18s} n={len(durations):6d}  median {statistics.median(durations):7.2f} kcyc  "
+      f"mean {statistics.mean(durations):7.2f} kcyc  share {sum(durations) / max(total_span, 1e-9):6.1%}"
+    )
+
   for name, durations in rows:
     if durations:
-      lines.append(
-        f"  {name:18s} n={len(durations):6d}  median {statistics.median(durations):7.2f} kcyc  "
-        f"mean {statistics.mean(durations):7.2f} kcyc  share {sum(durations) / max(total_span, 1e-9):6.1%}"
-      )
+      lines.append(line(name, durations))
+      per_warpgroup = summary.get("by_warpgroup", {}).get(name, {})
+      if len(per_warpgroup) > 1:  # each consumer's own: the two differ where one waits for the other
+        lines += [line(f"  wg{wg}", d) for wg, d in per_warpgroup.items()]
   return "\n".join(lines)
 
 

@@ -228,7 +228,9 @@ def _kernel(
       buf = lax.rem(i, buffers)
       q_smem = qo_smem.at[wg, buf]
       q_base = r * block_kv + wg * block_q
-      with jax.named_scope("open"):  # Q load (unless requested during the previous tile), first K, the handoff
+      # Profiled ranges (ForwardConfig.profile_dir): "open" (Q: loaded here unless requested during the previous
+      # tile), "open_first_k" (the tile's first K block), "open_turn" (the boundary turn's wait), "steps", "close".
+      with jax.named_scope("open"):
         if not q_ahead:  # the one buffer: the previous tile's stores (O, lse: two groups) must have read it
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           load_q(i, t)
@@ -238,11 +240,13 @@ def _kernel(
         l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row_layout)
         acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(q_barriers.at[wg * buffers + buf])
+      with jax.named_scope("open_first_k"):
 
         @pl.when(count > 0)
         def _():
           plgpu.barrier_wait(k_barriers.at[lax.rem(first_step, stages)])
 
+      with jax.named_scope("open_turn"):
         # The second half of the tile boundary's turn (arrive_for): WG0 waits for the phase it arrived at as its
         # previous epilogue began, WG1 for the one it arrived at as it learned of this tile.
         pl.when((wg == 1) | (i > 0))(lambda: plgpu.barrier_wait(schedule_barrier))
@@ -406,17 +410,19 @@ def _kernel(
 # One unit of the profiler's `profile_space`: a range's 2 events x 2 int32 entries in SMEM, in each of the 3
 # warpgroups' traces (jax.experimental.mosaic.gpu.profiler.ProfilerSpec; its buffer follows the kernel's SMEM).
 _PROFILE_UNIT_BYTES = 2 * 2 * 4 * 3
+_PROFILED_RANGES_PER_TILE = 5  # open, open_first_k, open_turn, steps, close
 
 
 def _profiler_params(config: ForwardConfig, *, tiles_per_cta: int, smem_free: int) -> dict:
-  """CompilerParams fields of the profiler: room for the three phases of every tile of a CTA (two events each), as
+  """CompilerParams fields of the profiler: room for the five ranges of every tile of a CTA (two events each), as
   far as the SMEM left beside the kernel's (`smem_free`, from the conservative `smem_bytes`) holds it; events past
   the buffer are dropped rather than written past it (benchmarks/profile_attention_tiles.py says when a trace was
-  cut short). E.g. 63 tiles per CTA (32K tokens, 32 heads, snake share) need 394 units = 18.5 KiB; twice that did
-  not fit beside the counter kernel's 196 KiB on an H100."""
+  cut short). Beside the GPU's configuration (204 KiB by `smem_bytes`) 490 units fit (23 KiB): the counter's bound
+  at 8K (32 tiles per CTA, 336 units) whole, 16K's mean share (31 tiles) whole, 32K's (63 tiles, 646 units) not:
+  profile 32K's tile phases from a shorter trace or with fewer ranges."""
   if not config.profile_dir:
     return {}
-  space = min(6 * tiles_per_cta + 16, smem_free // _PROFILE_UNIT_BYTES)
+  space = min(2 * _PROFILED_RANGES_PER_TILE * tiles_per_cta + 16, smem_free // _PROFILE_UNIT_BYTES)
   return dict(profile_space=space, profile_dir=config.profile_dir, profile_bounds_check=True)
 
 

@@ -295,7 +295,11 @@ def test_tile_phases_of_a_mosaic_gpu_profiler_trace():
   assert summary["phases"] == {"open": [2.0, 1.0, 3.0], "steps": [8.0, 12.0, 9.0], "close": [1.0]}
   assert summary["between"] == [0.0, 0.0, 1.0, 0.0] and summary["span"] == {1: 13.0, 2: 15.0, 3: 9.0}
   assert summary["sm_span"] == {1: 20.0, 2: 9.0}  # SM 1: its two warpgroups from 0 to 20
+  assert summary["by_warpgroup"]["open"] == {0: [2.0, 1.0], 1: [3.0]}  # tids 1, 2: warpgroups 0, 1 of CTA 0
+  assert summary["by_warpgroup"]["steps"] == {0: [8.0], 1: [12.0], 2: [9.0]}  # tid 3: warpgroup 2
   table = phase_table(summary)
+  assert "    wg1              n=     1  median    3.00 kcyc" in table  # each consumer's own line under "open"
+  assert "wg" not in table.split("close")[1]  # a phase only one warpgroup has gets no per-warpgroup lines
   assert "busiest span 15.0 kcyc" in table and "busiest / mean SM span 1.379" in table and "share" in table
   assert "CUT SHORT" not in table and "CUT SHORT" not in phase_table(summary, tiles=0)
   assert "TRACE CUT SHORT: 1 of 2 tile closes" in phase_table(summary, tiles=1)  # one close of a tile's two
