@@ -21,8 +21,7 @@ median and mean time per tile and its share of all warpgroups' time, for both co
 The five ranges per tile fill the profiler's SMEM buffer at 32K (the script says when a trace is cut short); profile
 8K and 16K whole. Units: the profiler stamps events with the SM's cycle counter and writes ts = cycles / 1000
 after a start in ns, so its "us" are thousands of cycles (kcyc; divide by the clock in GHz: an H100 under this load
-runs at ~1.5 GHz). Its event writes cost ~12 cycles each, so
-the phases are slightly longer than without it.
+runs at ~1.5 GHz). Its event writes cost ~12 cycles each, so the phases are slightly longer than without it.
 
 A case is T:percent[:kv heads[:variant]] (8 kv heads and the default ForwardConfig if left out; variants as in
 attention_variants.py). Shapes as in attention_speed.py: B=1, 32 query heads, head dim 128, bf16, causal,
@@ -112,8 +111,9 @@ def tile_phases(trace: dict) -> dict:
       else:
         begin = stack.pop()
         if not stack:
-          phases[begin["name"]].append(event["ts"] - begin["ts"])
-          by_warpgroup[begin["name"]][(tid - 1) % WARPGROUPS].append(event["ts"] - begin["ts"])
+          duration = event["ts"] - begin["ts"]
+          phases[begin["name"]].append(duration)
+          by_warpgroup[begin["name"]][(tid - 1) % WARPGROUPS].append(duration)
           last_end = event["ts"]
     span[tid] = events[-1]["ts"] - events[0]["ts"]
     lo, hi = sm_bounds.get(events[0]["pid"], (events[0]["ts"], events[-1]["ts"]))
@@ -148,7 +148,7 @@ def phase_table(summary: dict, tiles: int | None = None) -> str:
   for name, durations in rows:
     if durations:
       lines.append(line(name, durations))
-      per_warpgroup = summary.get("by_warpgroup", {}).get(name, {})
+      per_warpgroup = summary["by_warpgroup"].get(name, {})  # "(between ranges)" has none
       if len(per_warpgroup) > 1:  # each consumer's own: the two differ where one waits for the other
         lines += [line(f"  wg{wg}", d) for wg, d in per_warpgroup.items()]
   return "\n".join(lines)
