@@ -147,6 +147,7 @@ def _kernel(
   k_barriers,
   v_barriers,
   q_barriers,
+  q_free_barriers,  # two Q buffers: a consumer arrives once its previous output's stores have read the buffer
   k_consumed_barriers,
   v_consumed_barriers,
   schedule_barrier,
@@ -201,7 +202,7 @@ def _kernel(
       return published
 
     buffers = qo_smem.shape[1]
-    q_ahead = buffers > 1  # the next tile's Q is requested before this tile's epilogue, into the other buffer
+    q_ahead = buffers > 1  # the producer loads each next tile's Q into the other buffer as soon as it claims the tile
 
     def arrive_for(next_tile):
       """WG1's half of the ping-pong turn that opens the next tile, taken as soon as it knows there is one.
@@ -216,11 +217,10 @@ def _kernel(
       """
       pl.when((wg == 1) & (next_tile < num_tiles))(lambda: plgpu.barrier_arrive(schedule_barrier))
 
-    def load_q(i, t):  # this warpgroup's Q rows of tile t (its i-th) into Q/O buffer i % buffers
+    def load_q(t):  # one buffer: this warpgroup's Q rows of tile t
       b, r, n = coords(t)
-      buf = lax.rem(i, buffers)
       rows = pl.ds(r * block_kv + wg * block_q, block_q)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], qo_smem.at[wg, buf], q_barriers.at[wg * buffers + buf])
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], qo_smem.at[wg, 0], q_barriers.at[wg])
 
     def run_tile(carry):
       i, first_step, t, count, n_full = carry
@@ -233,13 +233,21 @@ def _kernel(
       with jax.named_scope("open"):
         if not q_ahead:  # the one buffer: the previous tile's stores (O, lse: two groups) must have read it
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          load_q(i, t)
+          load_q(t)
         kv_len = kv_len_ref[b]
         q_position = q_pos_ref[b] + q_base  # position of this warpgroup's first query
         m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
         l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row_layout)
         acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(q_barriers.at[wg * buffers + buf])
+        if q_ahead:  # the other buffer is free once the previous tile's stores have read it: the producer loads the
+          # next tile's Q there (it waits for both consumers)
+
+          @pl.when(i > 0)
+          def _():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(q_free_barriers.at[lax.rem(i + 1, buffers)])
+
       with jax.named_scope("open_first_k"):
 
         @pl.when(count > 0)
@@ -314,11 +322,6 @@ def _kernel(
         pl.when(wg == 0)(lambda: plgpu.barrier_arrive(schedule_barrier))  # WG1's last P V may go (arrive_for)
         following = read_tile(i + 1)
         arrive_for(following[0])
-        if q_ahead:
-          # The other buffer was last staged by the previous tile's stores (all that is in flight): once they have
-          # read it, the next tile's Q goes there and arrives while this epilogue runs.
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          pl.when(following[0] < num_tiles)(lambda: load_q(i + 1, following[0]))
 
         rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=row_layout) + q_base
         live = (l_i > 0) & (rows < q_len_ref[b])  # padding queries and queries that attend to nothing
@@ -336,8 +339,6 @@ def _kernel(
 
     first = read_tile(0)
     arrive_for(first[0])
-    if q_ahead:
-      pl.when(first[0] < num_tiles)(lambda: load_q(0, first[0]))
     tiles = lax.while_loop(lambda carry: carry[2] < num_tiles, run_tile, (jnp.int32(0), jnp.int32(0), *first))[0]
     pl.when((wg == 0) & (tiles > 0))(lambda: plgpu.barrier_wait(schedule_barrier))  # the last epilogue's turn
     plgpu.wait_smem_to_gmem(0)
@@ -345,6 +346,7 @@ def _kernel(
   @pl.when(wg == 2)
   def _producer():
     plgpu.set_max_registers(config.producer_registers, action="decrease")
+    q_buffers = qo_smem.shape[1]
 
     def publish(i):  # claims this CTA's i-th tile and publishes it in tile slot i % TILE_SLOTS: (tile, steps)
       slot = lax.rem(i, TILE_SLOTS)
@@ -364,7 +366,24 @@ def _kernel(
       tile_smem[slot, 1] = count
       tile_smem[slot, 2] = n_full_ref[b, n, r]
       plgpu.barrier_arrive(tile_barriers.at[slot])
+      if q_buffers > 1:
+        pl.when(t < num_tiles)(lambda: load_q_of_both(i, b, r, n))
       return t, count
+
+    def load_q_of_both(i, b, r, n):
+      """Two Q buffers: both consumers' Q rows of this CTA's i-th tile, into buffer i % 2, as soon as the tile is
+      claimed (a tile or more ahead of its open: v4 requested it at the start of the previous tile's epilogue, and
+      the open still waited for it). Buffer i % 2 last held tile i - 2, whose output stores must have read it: both
+      consumers say so at tile i - 1's open."""
+      buf = lax.rem(i, q_buffers)
+
+      @pl.when(i >= q_buffers)
+      def _():
+        plgpu.barrier_wait(q_free_barriers.at[buf])
+
+      for w in range(2):
+        rows = pl.ds(r * block_kv + w * block_q, block_q)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], qo_smem.at[w, buf], q_barriers.at[w * q_buffers + buf])
 
     def load_tile(carry):  # g: blocks loaded so far by this CTA (ring position)
       i, g, t, count = carry
@@ -405,6 +424,12 @@ def _kernel(
     @pl.loop(jnp.maximum(tiles + 1 - TILE_SLOTS, 0), tiles + 1)  # tiles + 1 published: the last one ends the CTA
     def _(i):
       plgpu.barrier_wait(tile_consumed_barriers.at[lax.rem(i, TILE_SLOTS)])
+
+    if q_buffers > 1:  # the last tile's open freed the buffer of the tile before it; no Q load waited for that
+
+      @pl.when(tiles >= 2)
+      def _():
+        plgpu.barrier_wait(q_free_barriers.at[lax.rem(tiles, q_buffers)])
 
 
 # One unit of the profiler's `profile_space`: a range's 2 events x 2 int32 entries in SMEM, in each of the 3
@@ -527,6 +552,7 @@ def block_sparse_attention(
     k_barriers=plgpu.Barrier(num_barriers=stages),
     v_barriers=plgpu.Barrier(num_barriers=stages),
     q_barriers=plgpu.Barrier(num_barriers=2 * buffers),
+    q_free_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=2) if buffers > 1 else None,
     k_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     v_consumed_barriers=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     schedule_barrier=plgpu.Barrier(num_arrivals=2),

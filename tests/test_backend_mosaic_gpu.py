@@ -400,14 +400,14 @@ def test_epilogue_divides_once_per_row():
 
 @pytest.mark.parametrize("pv_operand,q_buffers", [("registers", 2), ("smem", 1)])
 def test_next_tiles_q_is_requested_before_the_tile_opens(pv_operand, q_buffers):
-  """Issue #19 (v4, Q ahead): with two Q buffers (the GPU's config at head dim 128) the first tile's Q is requested
-  before the tile loop (depth 0) and every next tile's in the current tile's epilogue (depth 1, outside the step
-  loops), so no tile opens on a Q load's round trip; with one buffer (P through SMEM) Q loads as its tile opens
-  (depth 1 only). A build that loads every Q as its tile opens has depth 1 only with two buffers too and fails here;
-  the ordering (the previous output's stores must have read the buffer) is the interpreter tests' (their race
-  detector fails a build without the wait)."""
+  """Issue #19 (producer Q): with two Q buffers (the GPU's config at head dim 128) the producer loads both consumers'
+  Q rows of a tile as soon as it claims the tile (two copies: the first tile's before its tile loop, depth 0, every
+  next one's in that loop, depth 1), a tile or more ahead of its open; with one buffer (P through SMEM) each consumer
+  loads its Q as its tile opens (depth 1 only). v4 had each consumer request the next tile's Q in its epilogue (one
+  copy at each depth) and fails here; the ordering (the previous output's stores must have read the buffer) is the
+  interpreter tests' (their race detector fails a build without the wait)."""
   jaxpr = _forward_jaxpr(attention_kernel.ForwardConfig(pv_operand=pv_operand, num_ctas=4))
-  assert _copy_loop_depths(jaxpr, (1, 1024, 4, 128)) == ([0, 1] if q_buffers == 2 else [1])
+  assert _copy_loop_depths(jaxpr, (1, 1024, 4, 128)) == ([0, 0, 1, 1] if q_buffers == 2 else [1])
 
 
 def _schedule_barrier_ops(jaxpr) -> collections.Counter:
