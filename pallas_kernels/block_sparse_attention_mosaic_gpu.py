@@ -169,9 +169,10 @@ def _kernel(
 
   The K/V ring and its barriers run on across tiles (global step counter), so the producer prefetches the next
   tile's first blocks while the consumers finish the current one. Q/O staging is double buffered per consumer
-  (where SMEM holds two buffers: P in registers): tile i's output store drains while tile i+1 computes, and tile
-  i+1's Q is requested as tile i's epilogue starts, so that it arrives during the epilogue instead of opening the
-  next tile on a full HBM round trip (~2 kcyc per tile measured; notes, "v4").
+  (where SMEM holds two buffers: P in registers): tile i's output store drains while tile i+1 computes, and the
+  producer loads tile i+1's Q rows of both consumers as soon as it claims that tile, about a tile ahead, so that no
+  tile opens on a full HBM round trip (~2 kcyc per tile measured; notes, "v4" and "Producer Q"). With one buffer
+  each consumer loads its Q at the open, once its previous stores have read the buffer.
   """
   block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
   num_heads, num_q_blocks = counts_ref.shape[1], counts_ref.shape[2]
