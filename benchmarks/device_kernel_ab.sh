@@ -18,8 +18,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import jax; print('jax', jax.__version__)" | tee -a "$OUT/env.txt"
 step "${TTEST:-150}" && timeout ${TTEST:-150} python3 -m pytest -q -p no:cacheprovider tests/test_mosaic_gpu_device.py \
   -k "${TESTS:-attention_kernel_matches_xla}" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -4
+# KILL: on 2026-12-07 a racecheck run ignored timeout's TERM and held the pipe until the call's limit.
 for tool in ${TOOLS-racecheck memcheck}; do
-  step "${TSAN:-90}" && XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${TSAN:-90} \
+  step "${TSAN:-90}" && XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 timeout -s KILL ${TSAN:-90} \
     compute-sanitizer --tool $tool python3 benchmarks/sanitize_attention.py forward,noref 2>&1 \
     | tee "$OUT/sanitizer-$tool.txt" | grep -E 'forward|ERROR SUMMARY|RACECHECK SUMMARY|Error' | tail -6
 done
