@@ -11,7 +11,8 @@ and the CTAs finish together. Each CTA has three warpgroups:
                           S = Q K^T (wgmma, f32 acc) -> online softmax (m_i, l_i in registers) -> acc += P V (wgmma)
     WG2 (producer)        TMA copies of the selected K and V blocks, read from the layout's index row, into a ring
                           of `num_stages` SMEM slots; k/v barriers say "loaded", k/v consumed barriers say "free".
-                          The ring runs on across tiles, so the next tile's first blocks arrive early.
+                          The ring runs on across tiles, so the next tile's first blocks arrive early. With two
+                          Q/O buffers it also loads both consumers' Q rows of each tile it claims.
 
 Every warpgroup reads the same trip count `counts[b, n, r]`, so producer and consumers agree on the number of
 steps (a row may have 0 steps: padding query blocks; the output is then 0 and the lse -inf).
@@ -229,8 +230,9 @@ def _kernel(
       buf = lax.rem(i, buffers)
       q_smem = qo_smem.at[wg, buf]
       q_base = r * block_kv + wg * block_q
-      # Profiled ranges (ForwardConfig.profile_dir): "open" (Q: loaded here unless requested during the previous
-      # tile), "open_first_k" (the tile's first K block), "open_turn" (the boundary turn's wait), "steps", "close".
+      # Profiled ranges (ForwardConfig.profile_dir): "open" (the Q wait, loaded here with one buffer; with two the
+      # producer loaded it ahead, and the other buffer is freed here), "open_first_k" (the tile's first K block),
+      # "open_turn" (the boundary turn's wait), "steps", "close".
       with jax.named_scope("open"):
         if not q_ahead:  # the one buffer: the previous tile's stores (O, lse: two groups) must have read it
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -319,7 +321,7 @@ def _kernel(
       with jax.named_scope("steps"):
         carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
         acc, m_i, l_i = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
-      with jax.named_scope("close"):  # epilogue: next tile's Q; normalize, stage and store O and the lse
+      with jax.named_scope("close"):  # epilogue: the turn, the next tile's slot; normalize, stage and store O and lse
         pl.when(wg == 0)(lambda: plgpu.barrier_arrive(schedule_barrier))  # WG1's last P V may go (arrive_for)
         following = read_tile(i + 1)
         arrive_for(following[0])
