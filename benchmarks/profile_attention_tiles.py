@@ -85,16 +85,13 @@ def sass_top(path: str, lines: int = 40) -> None:
       )
 
 
-WARPGROUPS = 3  # the kernel's: two consumers, one producer (one profiler trace each)
-
-
 def tile_phases(trace: dict) -> dict:
   """A Mosaic GPU profiler trace (Perfetto JSON: "B" / "E" events with name, ts in kcyc, pid = SM, tid = one
   warpgroup of one CTA) summarized: {"phases": {name: [durations of its outermost ranges]}, "between": [gaps from
   one range's end to the next range's begin on a warpgroup], "span": {tid: last end - first begin}, "sm_span":
   {pid: the SM's last end - its first begin}, "by_warpgroup": {name: {warpgroup: durations}}}. Ranges nested inside
   another (a scope re-entered in a loop body) count toward the outer one only. The dump numbers the traces
-  1 + warpgroup + WARPGROUPS x CTA, so a range's warpgroup is (tid - 1) % WARPGROUPS."""
+  1 + warpgroup + kernel.WARPGROUPS x CTA, so a range's warpgroup is (tid - 1) % kernel.WARPGROUPS."""
   by_tid = collections.defaultdict(list)
   for event in trace["traceEvents"]:
     by_tid[event["tid"]].append(event)
@@ -113,7 +110,7 @@ def tile_phases(trace: dict) -> dict:
         if not stack:
           duration = event["ts"] - begin["ts"]
           phases[begin["name"]].append(duration)
-          by_warpgroup[begin["name"]][(tid - 1) % WARPGROUPS].append(duration)
+          by_warpgroup[begin["name"]][(tid - 1) % kernel.WARPGROUPS].append(duration)
           last_end = event["ts"]
     span[tid] = events[-1]["ts"] - events[0]["ts"]
     lo, hi = sm_bounds.get(events[0]["pid"], (events[0]["ts"], events[-1]["ts"]))

@@ -59,6 +59,7 @@ from xattn_jax.layout import BlockLayout
 
 _LOG2E = math.log2(math.e)
 TILE_SLOTS = 2  # the producer publishes claimed tiles in a ring of this many SMEM slots (a tile ahead is enough)
+WARPGROUPS = 3  # two consumers and the producer (the profiler writes one trace per warpgroup)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -435,9 +436,9 @@ def _kernel(
         plgpu.barrier_wait(q_free_barriers.at[lax.rem(tiles, q_buffers)])
 
 
-# One unit of the profiler's `profile_space`: a range's 2 events x 2 int32 entries in SMEM, in each of the 3
-# warpgroups' traces (jax.experimental.mosaic.gpu.profiler.ProfilerSpec; its buffer follows the kernel's SMEM).
-_PROFILE_UNIT_BYTES = 2 * 2 * 4 * 3
+# One unit of the profiler's `profile_space`: a range's 2 events x 2 int32 entries in SMEM, in each warpgroup's
+# trace (jax.experimental.mosaic.gpu.profiler.ProfilerSpec; its buffer follows the kernel's SMEM).
+_PROFILE_UNIT_BYTES = 2 * 2 * 4 * WARPGROUPS
 _PROFILED_RANGES_PER_TILE = 5  # open, open_first_k, open_turn, steps, close
 
 
@@ -579,7 +580,7 @@ def block_sparse_attention(
     scratch_types=list(scratch.values()),
     grid=(grid,),
     grid_names=("cta",),
-    num_threads=3,
+    num_threads=WARPGROUPS,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(
       approx_math=True,
