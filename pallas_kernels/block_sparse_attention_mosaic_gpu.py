@@ -187,6 +187,11 @@ def _kernel(
   coords = functools.partial(
     tile_coords, order=config.tile_order, batch=batch, num_heads=num_heads, num_q_blocks=num_q_blocks, group=group
   )
+  buffers = qo_smem.shape[1]  # Q/O buffers per consumer: two where SMEM holds them (P in registers), else one
+
+  def copy_q(b, r, n, w, buf):  # consumer w's Q rows of tile (b, r, n) into its Q/O buffer buf
+    rows = pl.ds(r * block_kv + w * block_q, block_q)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], qo_smem.at[w, buf], q_barriers.at[w * buffers + buf])
 
   def schedule():  # ping-pong the two consumers so one's softmax overlaps the other's wgmma
     plgpu.barrier_arrive(schedule_barrier)
@@ -204,7 +209,6 @@ def _kernel(
       plgpu.barrier_arrive(tile_consumed_barriers.at[slot])
       return published
 
-    buffers = qo_smem.shape[1]
     q_ahead = buffers > 1  # the producer loads each next tile's Q into the other buffer as soon as it claims the tile
 
     def arrive_for(next_tile):
@@ -220,11 +224,6 @@ def _kernel(
       """
       pl.when((wg == 1) & (next_tile < num_tiles))(lambda: plgpu.barrier_arrive(schedule_barrier))
 
-    def load_q(t):  # one buffer: this warpgroup's Q rows of tile t
-      b, r, n = coords(t)
-      rows = pl.ds(r * block_kv + wg * block_q, block_q)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], qo_smem.at[wg, 0], q_barriers.at[wg])
-
     def run_tile(carry):
       i, first_step, t, count, n_full = carry
       b, r, n = coords(t)
@@ -237,7 +236,7 @@ def _kernel(
       with jax.named_scope("open"):
         if not q_ahead:  # the one buffer: the previous tile's stores (O, lse: two groups) must have read it
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          load_q(t)
+          copy_q(b, r, n, wg, 0)
         kv_len = kv_len_ref[b]
         q_position = q_pos_ref[b] + q_base  # position of this warpgroup's first query
         m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
@@ -350,7 +349,6 @@ def _kernel(
   @pl.when(wg == 2)
   def _producer():
     plgpu.set_max_registers(config.producer_registers, action="decrease")
-    q_buffers = qo_smem.shape[1]
 
     def publish(i):  # claims this CTA's i-th tile and publishes it in tile slot i % TILE_SLOTS: (tile, steps)
       slot = lax.rem(i, TILE_SLOTS)
@@ -370,7 +368,7 @@ def _kernel(
       tile_smem[slot, 1] = count
       tile_smem[slot, 2] = n_full_ref[b, n, r]
       plgpu.barrier_arrive(tile_barriers.at[slot])
-      if q_buffers > 1:
+      if buffers > 1:
         pl.when(t < num_tiles)(lambda: load_q_of_both(i, b, r, n))
       return t, count
 
@@ -379,15 +377,14 @@ def _kernel(
       claimed (a tile or more ahead of its open: v4 requested it at the start of the previous tile's epilogue, and
       the open still waited for it). Buffer i % 2 last held tile i - 2, whose output stores must have read it: both
       consumers say so at tile i - 1's open."""
-      buf = lax.rem(i, q_buffers)
+      buf = lax.rem(i, buffers)
 
-      @pl.when(i >= q_buffers)
+      @pl.when(i >= buffers)
       def _():
         plgpu.barrier_wait(q_free_barriers.at[buf])
 
       for w in range(2):
-        rows = pl.ds(r * block_kv + w * block_q, block_q)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], qo_smem.at[w, buf], q_barriers.at[w * q_buffers + buf])
+        copy_q(b, r, n, w, buf)
 
     def load_tile(carry):  # g: blocks loaded so far by this CTA (ring position)
       i, g, t, count = carry
@@ -429,11 +426,11 @@ def _kernel(
     def _(i):
       plgpu.barrier_wait(tile_consumed_barriers.at[lax.rem(i, TILE_SLOTS)])
 
-    if q_buffers > 1:  # the last tile's open freed the buffer of the tile before it; no Q load waited for that
+    if buffers > 1:  # the last tile's open freed the buffer of the tile before it; no Q load waited for that
 
       @pl.when(tiles >= 2)
       def _():
-        plgpu.barrier_wait(q_free_barriers.at[lax.rem(tiles, q_buffers)])
+        plgpu.barrier_wait(q_free_barriers.at[lax.rem(tiles, buffers)])
 
 
 # One unit of the profiler's `profile_space`: a range's 2 events x 2 int32 entries in SMEM, in each warpgroup's
